@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-fast demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	$(PY) -m goose_jax.cli.demo
+
+bench: $(STAMP)
+	$(PY) bench/t5_forward.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check goose_jax tests bench
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,31 @@
+"""goose-jax: route among an ocean of LoRA experts on a frozen T5 (PHATGOOSE) in JAX/Flax.
+
+The public surface most users need::
+
+    import goose_jax as gj
+    cfg, params = gj.load_hf_t5(path)
+    logits_BTV = gj.t5_logits(cfg, params, input_ids_BL, decoder_input_ids_BT)
+    tokens_BN = gj.generate_greedy(cfg, params, input_ids_BL, max_new_tokens=32)
+
+Importing goose_jax imports neither TensorFlow nor torch.
+"""
+
+from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.t5 import T5, generate_greedy, init_params, param_logical_axes, t5_logits
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The HF interop module is loaded on first use so that `import goose_jax` stays light.
+    if name in ("load_hf_t5", "save_hf_t5"):
+        from goose_jax.interop import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'goose_jax' has no attribute {name!r}")
+
+
+__all__ = [
+    "DTypePolicy", "T5", "T5Config", "generate_greedy", "init_params", "load_hf_t5",
+    "param_logical_axes", "save_hf_t5", "t5_logits",
+]

@@ -1,0 +1,95 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Every parameter carries logical axis names (t5x's T5 vocabulary plus ``expert`` and
+``lora_rank``); this module alone decides which mesh axis, if any, each name is split over.
+A mesh always has the three axes ``data``, ``model`` and ``expert`` (any may have size 1), so a
+rules table never names an axis that does not exist.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model", "expert")
+
+# logical name -> mesh axis (None = replicated). Activations use the same names.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", "data"),
+    ("length", None),
+    ("vocab", "model"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("joined_kv", "model"),
+    ("relpos_buckets", None),
+    ("expert", "expert"),
+    ("lora_rank", None),
+)
+
+
+def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model, expert) mesh over ``devices`` (default: all global devices).
+
+    One size may be -1 and takes what is left. Raises ValueError if the sizes do not multiply to
+    the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, model, expert]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices cannot be split into "
+                             f"{dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"make_mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need "
+                         f"{math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_sharding(specs: Any, mesh: Mesh, rules=RULES) -> Any:
+    """Maps a pytree of logical ``PartitionSpec`` onto ``NamedSharding`` for ``mesh``.
+
+    A logical axis whose mesh axis does not divide the array is still legal for jit; shapes that
+    cannot be split evenly are replicated by ``shard_params`` instead of failing.
+    """
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def _fits(shape: tuple[int, ...], sharding: NamedSharding) -> bool:
+    mesh_shape = sharding.mesh.shape
+    for dim, axes in zip(shape, sharding.spec):
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else axes
+        if dim % math.prod(mesh_shape[a] for a in axes):
+            return False
+    return True
+
+
+def param_shardings(params: Any, specs: Any, mesh: Mesh, rules=RULES) -> Any:
+    """NamedShardings for ``params``; a leaf whose dims do not divide evenly is replicated."""
+    shardings = logical_to_sharding(specs, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda x, s: s if _fits(np.shape(x), s) else replicated, params, shardings)
+
+
+def shard_params(params: Any, specs: Any, mesh: Mesh, rules=RULES) -> Any:
+    """Places ``params`` on ``mesh`` according to their logical specs and the rules table."""
+    return jax.device_put(params, param_shardings(params, specs, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a (B, ...) batch array: batch over ``data``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))

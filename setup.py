@@ -1,0 +1,36 @@
+"""goose-jax: PHATGOOSE routing among LoRA experts on a frozen T5, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="goose-jax",
+    version="0.1.0",
+    description="Route every token at every layer among an ocean of LoRA experts on T5 (PHATGOOSE)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["goose_jax", "goose_jax.*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "transformers>=5.0,<6",
+        "datasets>=4.0,<6",
+        "tensorflow-datasets>=4.9.9,<5",
+        "seqio>=0.0.20,<0.1",
+        "safetensors>=0.6,<1",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26,<3",
+        "tqdm>=4.66",
+        "ml_collections>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "goose-convert=goose_jax.cli.convert:main",
+        ],
+    },
+)
