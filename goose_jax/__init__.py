@@ -11,7 +11,14 @@ Importing goose_jax imports neither TensorFlow nor torch.
 """
 
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.t5 import T5, generate_greedy, init_params, param_logical_axes, t5_logits
+from goose_jax.t5 import (
+    T5,
+    generate_greedy,
+    init_params,
+    param_logical_axes,
+    site_shapes,
+    t5_logits,
+)
 
 __version__ = "0.1.0"
 
@@ -27,5 +34,5 @@ def __getattr__(name):
 
 __all__ = [
     "DTypePolicy", "T5", "T5Config", "generate_greedy", "init_params", "load_hf_t5",
-    "param_logical_axes", "save_hf_t5", "t5_logits",
+    "param_logical_axes", "save_hf_t5", "site_shapes", "t5_logits",
 ]

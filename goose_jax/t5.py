@@ -386,6 +386,32 @@ def param_logical_axes(cfg: T5Config) -> dict:
     return nn.get_partition_spec(abstract)["params"]
 
 
+def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
+    """Every adapter site of the model, ``{"encoder/block_0/self_attn/q": (d_in, d_out), ...}``.
+
+    Ordered encoder first, then decoder, blocks ascending, as the model calls them. Computed from
+    abstract shapes, so it costs nothing even for XL.
+    """
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]:
+        names = [k.key for k in path]
+        if names[-1] == "kernel" and names[0] in ("encoder", "decoder"):
+            out["/".join(names[:-1])] = tuple(leaf.shape)
+
+    def order(name):
+        parts = name.split("/")
+        block = int(parts[1].split("_")[1])
+        return (parts[0] != "encoder", block, _SITE_ORDER.index("/".join(parts[2:])))
+
+    return {k: out[k] for k in sorted(out, key=order)}
+
+
+_SITE_ORDER = tuple(f"{a}/{p}" for a in ("self_attn", "cross_attn") for p in "qkvo") + tuple(
+    f"ffn/{p}" for p in ("wi", "wi_0", "wi_1", "wo"))
+
+
 def _variables(params, collections):
     return {"params": params, **(collections or {})}
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Hugging Face T5 checkpoints built locally (no network)."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GOOSE_QUIET", "1")
+
+TINY = dict(vocab_size=101, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_layers=2,
+            num_decoder_layers=3, relative_attention_num_buckets=8,
+            relative_attention_max_distance=20, decoder_start_token_id=0)
+
+# name -> (feed_forward_proj, tie_word_embeddings as HF reads it, untie the head after building)
+VARIANTS = {
+    "v1_0": ("relu", True, False),             # ReLU FFN, tied head, d_model**-0.5 scaling
+    "v1_1": ("gated-gelu", False, True),        # gated-GELU, separate lm_head, no scaling
+    "v1_1_tied": ("gated-gelu", False, False),  # how transformers 5 builds a fresh v1.1
+}
+
+
+def build_hf_t5(variant: str, seed: int = 0, **overrides):
+    """A random ``T5ForConditionalGeneration`` for one of ``VARIANTS``, in eval mode."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    ffp, tie, untie = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(
+        T5Config(**{**TINY, **overrides}, feed_forward_proj=ffp, tie_word_embeddings=tie)).eval()
+    if untie:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def hf_variant(request):
+    return request.param
+
+
+@pytest.fixture
+def hf_t5_dir(tmp_path, hf_variant):
+    """(HF model, directory it was saved to) for each variant."""
+    model = build_hf_t5(hf_variant)
+    path = tmp_path / f"hf_{hf_variant}"
+    model.save_pretrained(path)
+    return model, path
+
+
+def random_batch(rng: np.random.Generator, batch: int, enc_len: int, dec_len: int, vocab: int):
+    """Encoder ids with ragged padding, its mask, and decoder ids starting with 0."""
+    ids = rng.integers(2, vocab, (batch, enc_len))
+    mask = np.ones_like(ids)
+    for b in range(1, batch):
+        keep = max(1, enc_len - 7 * b)
+        mask[b, keep:] = 0
+        ids[b, keep:] = 0
+    dec = rng.integers(2, vocab, (batch, dec_len))
+    dec[:, 0] = 0
+    return ids, mask, dec
