@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "goose-convert=goose_jax.cli.convert:main",
+            "goose-demo=goose_jax.cli.demo:main",
         ],
     },
 )

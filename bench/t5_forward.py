@@ -1,0 +1,102 @@
+"""Encoder+decoder forward throughput: goose-jax against transformers' PyTorch T5, one process.
+
+Both run the same random weights on the same CPU, teacher-forced, float32, batch B with L encoder
+and T decoder tokens. Runs alternate between the two implementations so that machine noise hits
+both alike. The last line printed is the goose-jax / PyTorch throughput ratio of the last size.
+
+    python bench/t5_forward.py                      # t5-small and t5-base, 8 x 128
+    python bench/t5_forward.py --sizes t5-small --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import goose_jax as gj
+from goose_jax.interop.hf import hf_state_dict_to_params
+
+
+def forward_flops(cfg: gj.T5Config, B: int, L: int, T: int) -> float:
+    """Multiply-add FLOPs (x2) of one teacher-forced forward, matmuls and attention."""
+    D, F, E, V = cfg.d_model, cfg.d_ff, cfg.inner_dim, cfg.vocab_size
+    ffn = (3 if cfg.is_gated else 2) * D * F
+    enc = cfg.num_encoder_layers * (L * (4 * D * E + ffn) + 2 * L * L * E)
+    dec = cfg.num_decoder_layers * (T * (4 * D * E + 2 * D * E + ffn) + 2 * L * D * E
+                                    + 2 * T * T * E + 2 * T * L * E)
+    return 2.0 * B * (enc + dec + T * D * V)
+
+
+def build(preset: str, seed: int = 0):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = gj.T5Config.preset(preset)
+    hf = T5Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",)})
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(hf).eval()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return cfg, hf_state_dict_to_params(cfg, state), model
+
+
+def time_call(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["t5-small", "t5-base"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--enc-len", type=int, default=128)
+    ap.add_argument("--dec-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    B, L, T = args.batch, args.enc_len, args.dec_len
+    print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); batch {B}, encoder {L}, decoder {T} tokens, fp32")
+    ratio = None
+    for preset in args.sizes:
+        cfg, params, model = build(preset)
+        rng = np.random.default_rng(0)
+        ids = rng.integers(2, cfg.vocab_size, (B, L)).astype(np.int32)
+        dec = rng.integers(2, cfg.vocab_size, (B, T)).astype(np.int32)
+        mask = np.ones_like(ids)
+        ids_j, dec_j, mask_j = (jax.device_put(a) for a in (ids, dec, mask))
+        ids_t, dec_t, mask_t = (torch.from_numpy(a.astype(np.int64)) for a in (ids, dec, mask))
+
+        def run_jax():
+            gj.t5_logits(cfg, params, ids_j, dec_j, mask_j).block_until_ready()
+
+        def run_torch():
+            with torch.inference_mode():
+                model(input_ids=ids_t, attention_mask=mask_t, decoder_input_ids=dec_t)
+
+        run_jax(), run_torch()  # compile / warm up
+        t_jax, t_torch = [], []
+        for _ in range(args.repeats):
+            t_jax += time_call(run_jax, 1)
+            t_torch += time_call(run_torch, 1)
+        flops = forward_flops(cfg, B, L, T)
+        mj, mt = statistics.median(t_jax), statistics.median(t_torch)
+        tokens = B * (L + T)
+        print(f"{preset:10s} goose-jax {mj * 1e3:8.1f} ms  {tokens / mj:9.0f} tok/s "
+              f"{flops / mj / 1e9:6.1f} GFLOP/s | torch {mt * 1e3:8.1f} ms  {tokens / mt:9.0f} "
+              f"tok/s {flops / mt / 1e9:6.1f} GFLOP/s | ratio {mt / mj:.2f}")
+        ratio = mt / mj
+    print(f"goose-jax / torch throughput ratio ({args.sizes[-1]}): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
