@@ -1,0 +1,195 @@
+"""LoRA experts and PHATGOOSE gates at the model's named sites, stacked on an expert axis.
+
+Shape legend: B batch, L length, D d_in of a site, O d_out, E experts, R LoRA rank.
+
+Trees. Expert weights and gates are their own pytrees (Flax variable collections), nested exactly
+like the base ``params`` down to the site, so a site finds its own weights at its own path:
+
+    experts: {"encoder": {"block_0": {"self_attn": {"q": {"lora_a": (E, D, R),
+                                                          "lora_b": (E, R, O)}}}}}
+    gates:   {... same path ...: {"gate": (E, D)}}
+
+The base ``params`` tree is never touched. A site without an entry simply has no expert.
+
+``LoRAAdapter`` is the site adapter for training and for fixed mixtures:
+  - ``mode="sum"``: ``y + sum_e (x A_e) B_e * scale`` (one expert when E = 1: expert training);
+  - ``mode="mean"``: the same with weight 1/E per expert (the "uniform" baseline);
+  - ``mode="gated"``: ``y + sum_e sigmoid(x . g_e) * (x A_e) B_e * scale`` (gate training).
+Routing among experts is a different adapter (``goose_jax.routing``) over the same trees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from goose_jax.config import T5Config
+from goose_jax.t5 import site_shapes
+
+Array = jax.Array
+
+EXPERTS = "experts"
+GATES = "gates"
+
+# Every attention projection (self and cross) and every FFN matrix, encoder and decoder: the
+# paper's 432 sites on T5-XL.
+DEFAULT_SITES = r"(encoder|decoder)/block_\d+/(self_attn|cross_attn)/[qkvo]|" \
+                r"(encoder|decoder)/block_\d+/ffn/(wi|wi_0|wi_1|wo)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Where experts go and how they are shaped.
+
+    Attributes:
+      rank: R.
+      sites: regular expression, full-matched against site names (``gj.site_shapes``).
+      scale: multiplier on ``(x A) B``. The paper uses 1/r; PEFT adapters use alpha/r or
+        alpha/sqrt(r) (see ``peft_scale``). None means 1/rank.
+      init_std: A ~ N(0, init_std^2); B = 0.
+    """
+
+    rank: int = 16
+    sites: str = DEFAULT_SITES
+    scale: float | None = None
+    init_std: float = 0.01
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
+        try:
+            re.compile(self.sites)
+        except re.error as e:
+            raise ValueError(f"LoRAConfig.sites is not a valid regular expression: {e}") from None
+        if self.init_std < 0:
+            raise ValueError(f"LoRAConfig.init_std must be >= 0, got {self.init_std}")
+
+    @property
+    def lora_scale(self) -> float:
+        return 1.0 / self.rank if self.scale is None else float(self.scale)
+
+
+def peft_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (rank**0.5 if use_rslora else rank)
+
+
+def select_sites(cfg: T5Config, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
+    """The sites (name -> (d_in, d_out)) that ``lora.sites`` selects, in model order."""
+    pattern = re.compile(lora.sites)
+    chosen = {name: shape for name, shape in site_shapes(cfg).items() if pattern.fullmatch(name)}
+    if not chosen:
+        raise ValueError(f"LoRAConfig.sites {lora.sites!r} matches no site of this model; "
+                         f"sites look like {next(iter(site_shapes(cfg)))!r}")
+    return chosen
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for name, leaf in flat.items():
+        node = tree
+        parts = name.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaf
+    return tree
+
+
+def nest_sites(flat: dict[str, Any]) -> dict:
+    """``{"encoder/block_0/ffn/wo": leaf}`` -> nested dict following the site path."""
+    return _nest(flat)
+
+
+def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
+    """Inverse of ``nest_sites`` for expert / gate trees: site name -> its leaf dict."""
+    out: dict[str, dict[str, Array]] = {}
+
+    def walk(node, prefix):
+        if any(not isinstance(v, dict) for v in node.values()):
+            out["/".join(prefix)] = node
+            return
+        for k, v in node.items():
+            walk(v, prefix + (k,))
+
+    walk(tree, ())
+    return out
+
+
+def init_experts(cfg: T5Config, lora: LoRAConfig, num_experts: int, rng: Array | int = 0,
+                 dtype=jnp.float32) -> dict:
+    """Fresh experts: A ~ N(0, init_std^2) of shape (E, D, R), B = 0 of shape (E, R, O)."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    sites = select_sites(cfg, lora)
+    keys = jax.random.split(rng, len(sites))
+    flat = {}
+    for key, (name, (d_in, d_out)) in zip(keys, sites.items()):
+        flat[name] = {
+            "lora_a": (lora.init_std * jax.random.normal(key, (num_experts, d_in, lora.rank))
+                       ).astype(dtype),
+            "lora_b": jnp.zeros((num_experts, lora.rank, d_out), dtype),
+        }
+    return nest_sites(flat)
+
+
+def init_gates(experts: dict, dtype=jnp.float32) -> dict:
+    """Zero gate vectors (E, D) for every site of ``experts`` (sigmoid starts at 0.5)."""
+    flat = flatten_sites(experts)
+    return nest_sites({name: {"gate": jnp.zeros(leaf["lora_a"].shape[:2], dtype)}
+                       for name, leaf in flat.items()})
+
+
+def lora_delta(x_D: Array, lora_a_EDR: Array, lora_b_ERO: Array, weights_E: Array | None,
+               scale: float) -> Array:
+    """``sum_e w_e (x A_e) B_e * scale`` over any leading axes of x, accumulated in float32.
+
+    ``weights_E`` may also carry the token axes (``(..., E)``) for per-token weights (gates).
+    """
+    compute = x_D.dtype
+    h_ER = jnp.einsum("...d,edr->...er", x_D, lora_a_EDR.astype(compute),
+                      preferred_element_type=jnp.float32)
+    if weights_E is not None:
+        h_ER = h_ER * weights_E[..., None].astype(jnp.float32)
+    out = jnp.einsum("...er,ero->...o", h_ER.astype(compute), lora_b_ERO.astype(compute),
+                     preferred_element_type=jnp.float32)
+    return out * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAAdapter:
+    """Site adapter for expert training, gate training and fixed mixtures (see module doc)."""
+
+    scale: float
+    mode: str = "sum"
+
+    def __post_init__(self):
+        if self.mode not in ("sum", "mean", "gated"):
+            raise ValueError(f"LoRAAdapter.mode must be 'sum', 'mean' or 'gated', got {self.mode!r}")
+
+    def __call__(self, module, x: Array, y: Array) -> Array:
+        if not module.has_variable(EXPERTS, "lora_a"):
+            return y
+        a_EDR = module.get_variable(EXPERTS, "lora_a")
+        b_ERO = module.get_variable(EXPERTS, "lora_b")
+        E = a_EDR.shape[0]
+        if self.mode == "gated":
+            g_ED = module.get_variable(GATES, "gate")
+            logits = jnp.einsum("...d,ed->...e", x.astype(jnp.float32), g_ED.astype(jnp.float32))
+            weights = jax.nn.sigmoid(logits)
+        elif self.mode == "mean":
+            weights = jnp.full((E,), 1.0 / E, jnp.float32)
+        else:
+            weights = None
+        delta = lora_delta(x.astype(y.dtype), a_EDR, b_ERO, weights, self.scale)
+        return y + delta.astype(y.dtype)
+
+
+def dense_delta(lora_a_EDR: Array, lora_b_ERO: Array, scale: float) -> Array:
+    """The dense weight update of each expert, ``A_e B_e * scale``: (E, D, O)."""
+    return jnp.einsum("edr,ero->edo", lora_a_EDR, lora_b_ERO) * scale
