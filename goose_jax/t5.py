@@ -425,8 +425,17 @@ def _logits(cfg, variables, input_ids_BL, decoder_ids_BT, mask_BL, adapter=None)
     return T5(cfg, adapter).apply(variables, input_ids_BL, decoder_ids_BT, mask_BL)
 
 
+def _resolve(adapter, collections, routing):
+    if routing is None:
+        return adapter, collections
+    if adapter is not None or collections is not None:
+        raise ValueError("pass either routing= or adapter= / collections=, not both")
+    return routing.adapter, routing.collections
+
+
 def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attention_mask_BL=None,
-              *, adapter: Adapter | None = None, collections: dict | None = None) -> Array:
+              *, routing=None, adapter: Adapter | None = None,
+              collections: dict | None = None) -> Array:
     """Teacher-forced logits, equal to HF ``T5ForConditionalGeneration(...).logits``.
 
     Args:
@@ -435,12 +444,14 @@ def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attenti
       input_ids_BL: int encoder tokens.
       decoder_input_ids_BT: int decoder inputs (starting with the decoder start token).
       attention_mask_BL: 1 for real encoder tokens, 0 for padding; None means all real (as HF).
+      routing: a ``goose_jax.routers.Routed`` (any routing method over an expert library).
       adapter: optional site adapter (LoRA, gates, routing).
       collections: extra variable collections the adapter reads (e.g. ``{"lora": ...}``).
 
     Returns:
       float32 logits (B, T, V).
     """
+    adapter, collections = _resolve(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     decoder_input_ids_BT = jnp.asarray(decoder_input_ids_BT, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
@@ -482,7 +493,7 @@ def _generate(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapter=Non
 
 
 def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
-                    attention_mask_BL=None, *, adapter: Adapter | None = None,
+                    attention_mask_BL=None, *, routing=None, adapter: Adapter | None = None,
                     collections: dict | None = None) -> Array:
     """Greedy decoding with a key/value cache, jitted with static shapes.
 
@@ -493,6 +504,7 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    adapter, collections = _resolve(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
     return _generate(cfg, _variables(params, collections), input_ids_BL, mask,

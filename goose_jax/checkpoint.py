@@ -1,0 +1,243 @@
+"""The one Orbax wrapper: parameter pytrees on disk.
+
+A goose-jax checkpoint is a directory::
+
+    path/
+      goose_meta.json   {"format": "goose-jax", "format_version": 1, "tree": "params",
+                         "metadata": {...}}   written last: its presence marks a complete save
+      params/           an Orbax checkpoint (StandardCheckpointHandler) of the pytree
+
+The named sub-directory is the layout Orbax's ``CheckpointManager`` gives each item of a
+composite checkpoint, so training can later keep base params, experts and gates as separate
+items of one step without changing how a single tree is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.errors import CheckpointError
+
+META_NAME = "goose_meta.json"
+TREE_DIR = "params"
+FORMAT = "goose-jax"
+FORMAT_VERSION = 1
+
+
+def _abs(path: str | os.PathLike) -> str:
+    # Orbax resolves relative paths against its own notion of the working directory; give it none.
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete goose-jax checkpoint."""
+    return os.path.isfile(os.path.join(_abs(path), META_NAME))
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not a goose-jax checkpoint (no {META_NAME}; an "
+                              "interrupted save, or a different format?)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: cannot read as JSON: {_one_line(e)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a goose-jax checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: written by a newer goose-jax (format version "
+                              f"{meta['format_version']}, this one reads {FORMAT_VERSION})")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` dict that was passed to ``save_tree``.
+
+    Raises:
+      CheckpointError: ``path`` is missing or not a goose-jax checkpoint.
+    """
+    return dict(_read_meta(_abs(path)).get("metadata") or {})
+
+
+def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | None = None,
+              overwrite: bool = False) -> str:
+    """Saves a pytree of arrays (jax or NumPy, any dtype including bfloat16) with Orbax.
+
+    Args:
+      path: checkpoint directory; created with its parents.
+      tree: the pytree, e.g. a params dict.
+      metadata: JSON-serializable facts stored beside the tree (``read_metadata`` returns them).
+      overwrite: replace an existing goose-jax checkpoint at ``path``. A non-empty directory
+        that is not one is never overwritten.
+
+    Returns:
+      The absolute checkpoint path.
+
+    Raises:
+      CheckpointError: ``path`` exists (without ``overwrite``), or metadata is not JSON.
+    """
+    import orbax.checkpoint as ocp
+
+    path = _abs(path)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tree": TREE_DIR,
+            "metadata": metadata or {}}
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not JSON-serializable: "
+                              f"{_one_line(e)}") from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        if not is_checkpoint(path):
+            raise CheckpointError(f"{path}: exists, is not empty and is not a goose-jax "
+                                  "checkpoint; refusing to write into it")
+        if not overwrite:
+            raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True, or "
+                                  "--overwrite on the command line, to replace it)")
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(path, exist_ok=True)
+        # Removed first: a crash during the save leaves "incomplete", never old meta on new data.
+        if os.path.exists(os.path.join(path, META_NAME)):
+            os.remove(os.path.join(path, META_NAME))
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(os.path.join(path, TREE_DIR), args=ocp.args.StandardSave(tree), force=True)
+    if primary:
+        tmp = os.path.join(path, META_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(meta_text + "\n")
+        os.replace(tmp, os.path.join(path, META_NAME))
+    return path
+
+
+def _abstract(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
+
+
+def restore_tree(path: str | os.PathLike, *, target: Any = None, shardings: Any = None) -> Any:
+    """Restores a pytree saved by ``save_tree`` as jax arrays.
+
+    Args:
+      path: checkpoint directory.
+      target: optional pytree of arrays or ``jax.ShapeDtypeStruct`` with the saved structure;
+        gives each leaf's dtype (a cast on restore) and, unless ``shardings`` is given, its
+        sharding. Default: the saved shapes and dtypes.
+      shardings: a ``jax.sharding.Sharding`` for every leaf, or a pytree of them matching the
+        saved tree. Default: the target's shardings, else the first local device.
+
+    Returns:
+      The pytree (nested dicts stay dicts) of jax arrays.
+
+    Raises:
+      CheckpointError: missing path, not a goose-jax checkpoint, or a structure that does not
+        match ``target`` / ``shardings``.
+    """
+    import orbax.checkpoint as ocp
+
+    path = _abs(path)
+    meta = _read_meta(path)
+    tree_dir = os.path.join(path, meta.get("tree", TREE_DIR))
+    if not os.path.isdir(tree_dir):
+        raise CheckpointError(f"{tree_dir}: checkpoint data is missing")
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            if target is None:
+                # Built from the saved metadata so that a tree written on a mesh of 8 devices
+                # restores on 1, instead of Orbax trying to recreate the saved shardings.
+                saved = ckptr.metadata(tree_dir).item_metadata.tree
+                target = jax.tree.map(lambda m: _abstract(m, None), saved)
+            if shardings is None:
+                shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, target)
+            elif isinstance(shardings, jax.sharding.Sharding):
+                shardings = jax.tree.map(lambda _: shardings, target)
+            abstract = jax.tree.map(_abstract, target, shardings)
+            return ckptr.restore(tree_dir, args=ocp.args.StandardRestore(abstract))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{tree_dir}: cannot restore the tree (does the target or the "
+                              f"shardings match what was saved?): {_one_line(e)}") from None
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def save_model(path: str | os.PathLike, cfg: T5Config, params: Any, *,
+               overwrite: bool = False) -> str:
+    """Saves a T5 (config + params) as a goose-jax checkpoint.
+
+    The config is stored as its Hugging Face dict, plus the two facts that dict cannot carry
+    exactly: whether the head is tied, and the dtype policy.
+
+    Args:
+      path: checkpoint directory.
+      cfg: the model's config.
+      params: its params pytree (checked against ``cfg`` first).
+      overwrite: replace an existing goose-jax checkpoint.
+
+    Returns:
+      The absolute checkpoint path.
+
+    Raises:
+      CheckpointError: params do not fit ``cfg``, or ``path`` exists.
+    """
+    from goose_jax.interop.hf import validate_params
+
+    validate_params(cfg, params)
+    metadata = {
+        "kind": "t5",
+        "t5_config": cfg.to_hf_dict(),
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype_policy": {"param_dtype": cfg.dtype.param_dtype,
+                         "compute_dtype": cfg.dtype.compute_dtype},
+    }
+    return save_tree(path, params, metadata=metadata, overwrite=overwrite)
+
+
+def load_model(path: str | os.PathLike, *, shardings: Any = None) -> tuple[T5Config, Any]:
+    """Loads a T5 saved by ``save_model``.
+
+    Args:
+      path: checkpoint directory.
+      shardings: see ``restore_tree``.
+
+    Returns:
+      (cfg, params): equal to what was saved; params as jax arrays in their saved dtypes.
+
+    Raises:
+      CheckpointError: missing path, not a goose-jax T5 checkpoint, or params that do not fit
+        the stored config.
+    """
+    from goose_jax.interop.hf import validate_params
+
+    path = _abs(path)
+    metadata = _read_meta(path).get("metadata") or {}
+    meta_path = os.path.join(path, META_NAME)
+    if metadata.get("kind") != "t5":
+        raise CheckpointError(f"{meta_path}: not a T5 model checkpoint (kind "
+                              f"{metadata.get('kind')!r}); use restore_tree for other trees")
+    try:
+        cfg = T5Config.from_hf_dict(metadata["t5_config"], source=meta_path)
+        cfg = cfg.replace(tie_word_embeddings=bool(metadata["tie_word_embeddings"]),
+                          dtype=DTypePolicy(**metadata["dtype_policy"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: invalid model metadata: {_one_line(e)}") from None
+    params = restore_tree(path, shardings=shardings)
+    validate_params(cfg, params, source=os.path.join(path, TREE_DIR))
+    return cfg, params

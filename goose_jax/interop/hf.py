@@ -1,0 +1,617 @@
+"""Hugging Face T5 checkpoints <-> goose-jax parameter pytrees.
+
+Reads a local Hugging Face T5 directory (``config.json`` plus ``model.safetensors``, sharded
+safetensors with an index, or ``pytorch_model.bin``) into a plain nested dict of jax arrays, and
+writes one back in the layout transformers itself writes. Never touches the network.
+
+Legend: V vocab, D d_model, F d_ff, H heads, K head dim (H*K = inner dim), NB position buckets.
+Kernels are stored (d_in, d_out), the transpose of a PyTorch ``nn.Linear.weight`` (out, in).
+
+Tying. transformers 5 writes ``tie_word_embeddings: true`` into every T5 config and records the
+v1.0 / v1.1 difference as ``scale_decoder_outputs``, so the config cannot tell whether the output
+head is tied. The weights can: a checkpoint is untied iff it holds an ``lm_head.weight`` that is
+not exactly equal to the shared embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# Present in checkpoints written by older transformers (or by torch.save of a state dict) and
+# never used: the per-stack embeddings are the shared one, and this relative bias was created but
+# never applied in cross attention.
+_HARMLESS_KEYS = frozenset({
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+})
+_LM_HEAD = "lm_head.weight"
+_SHARED = "shared.weight"
+_NAMES_SHOWN = 5
+
+Params = dict[str, Any]
+
+
+def progress_enabled() -> bool:
+    """Whether long loops draw a tqdm bar: only on a terminal, and never with GOOSE_QUIET=1."""
+    if os.environ.get("GOOSE_QUIET", "") == "1":
+        return False
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm  # Imported late: most calls run with the bar off.
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False)
+
+
+def _one_line(e: BaseException) -> str:
+    # Library messages can span lines; ours stay on one so a CLI can print them as they are.
+    return " ".join(str(e).split())
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_NAMES_SHOWN])
+    return shown + (f" (and {len(keys) - _NAMES_SHOWN} more)" if len(keys) > _NAMES_SHOWN else "")
+
+
+# --- the name table -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor and the parameter it becomes.
+
+    Attributes:
+      hf_key: name in the Hugging Face state dict,
+        e.g. ``encoder.block.0.layer.0.SelfAttention.q.weight``.
+      path: key path in our params pytree,
+        e.g. ``("encoder", "block_0", "self_attn", "q", "kernel")``.
+      hf_shape: shape of the Hugging Face tensor.
+      transpose: whether the parameter is the transpose of the tensor (linear kernels).
+    """
+
+    hf_key: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    transpose: bool
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return self.hf_shape[::-1] if self.transpose else self.hf_shape
+
+    @property
+    def param_name(self) -> str:
+        return "/".join(self.path)
+
+
+def tensor_specs(cfg: T5Config) -> list[TensorSpec]:
+    """Every tensor of a T5 with config ``cfg``, in checkpoint order; ``lm_head`` if untied."""
+    D, F, V, HK = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.inner_dim
+    specs = [TensorSpec(_SHARED, ("shared", "embedding"), (V, D), False)]
+
+    def linear(hf: str, path: tuple[str, ...], d_in: int, d_out: int):
+        specs.append(TensorSpec(f"{hf}.weight", (*path, "kernel"), (d_out, d_in), True))
+
+    def norm(hf: str, path: tuple[str, ...]):
+        specs.append(TensorSpec(f"{hf}.weight", (*path, "scale"), (D,), False))
+
+    def attention(hf: str, path: tuple[str, ...]):
+        for name in ("q", "k", "v"):
+            linear(f"{hf}.{name}", (*path, name), D, HK)
+        linear(f"{hf}.o", (*path, "o"), HK, D)
+
+    def ffn(hf: str, path: tuple[str, ...]):
+        for name in (("wi_0", "wi_1") if cfg.is_gated else ("wi",)):
+            linear(f"{hf}.{name}", (*path, name), D, F)
+        linear(f"{hf}.wo", (*path, "wo"), F, D)
+
+    for stack, n_layers in (("encoder", cfg.num_encoder_layers),
+                            ("decoder", cfg.num_decoder_layers)):
+        # T5 shares one relative-position table per stack; HF keeps it in block 0.
+        specs.append(TensorSpec(
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            (stack, "relpos_bias", "embedding"),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), False))
+        for i in range(n_layers):
+            hf, ours = f"{stack}.block.{i}.layer", (stack, f"block_{i}")
+            attention(f"{hf}.0.SelfAttention", (*ours, "self_attn"))
+            norm(f"{hf}.0.layer_norm", (*ours, "self_attn_norm"))
+            ffn_layer = 1
+            if stack == "decoder":
+                attention(f"{hf}.1.EncDecAttention", (*ours, "cross_attn"))
+                norm(f"{hf}.1.layer_norm", (*ours, "cross_attn_norm"))
+                ffn_layer = 2
+            ffn(f"{hf}.{ffn_layer}.DenseReluDense", (*ours, "ffn"))
+            norm(f"{hf}.{ffn_layer}.layer_norm", (*ours, "ffn_norm"))
+        norm(f"{stack}.final_layer_norm", (stack, "final_norm"))
+    if not cfg.tie_word_embeddings:
+        specs.append(TensorSpec(_LM_HEAD, ("lm_head", "kernel"), (V, D), True))
+    return specs
+
+
+# --- pure mapping -------------------------------------------------------------------------------
+
+
+def _where(state: Mapping[str, Any], key: str, source: str) -> str:
+    file_of = getattr(state, "file_of", None)
+    return file_of(key) if file_of is not None else source
+
+
+def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    # Lazy states answer from the file header instead of reading the tensor.
+    shape_of = getattr(state, "shape_of", None)
+    return tuple(shape_of(key) if shape_of is not None else np.shape(state[key]))
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    # Exact equality of the stored bits: the tie decision must not depend on float tolerance.
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        return bool(np.array_equal(a.astype(np.float32), b.astype(np.float32)))
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                               np.ascontiguousarray(b).view(np.uint8)))
+
+
+def _shared_key(state: Mapping[str, Any]) -> str | None:
+    for key in (_SHARED, "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if key in state:
+            return key
+    return None
+
+
+def infer_tie_word_embeddings(state: Mapping[str, Any]) -> bool:
+    """Whether a Hugging Face T5 state dict has a tied output head.
+
+    Untied iff ``lm_head.weight`` is present and not bit-for-bit equal to the shared embedding
+    (``torch.save`` of a tied model stores both, equal).
+    """
+    if _LM_HEAD not in state:
+        return True
+    shared = _shared_key(state)
+    return shared is not None and _bits_equal(state[_LM_HEAD], state[shared])
+
+
+def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
+                            source: str = "state dict", progress: bool = False) -> Params:
+    """Maps a Hugging Face T5 state dict onto our params pytree.
+
+    Args:
+      cfg: the model's config; ``cfg.tie_word_embeddings`` decides whether ``lm_head`` is read and
+        ``cfg.dtype.param`` is the dtype of the result.
+      state: tensor name -> array (NumPy, including ``ml_dtypes.bfloat16``); may be a lazy mapping.
+        ``shared.weight`` may be absent if ``encoder.embed_tokens.weight`` is present.
+      source: the file the state came from, named in error messages.
+      progress: draw a tqdm bar over the tensors.
+
+    Returns:
+      Nested dict of jax arrays in ``cfg.dtype.param``; see ``tensor_specs`` for names and shapes,
+      e.g. ``params["encoder"]["block_0"]["self_attn"]["q"]["kernel"]`` of shape (D, H*K).
+
+    Raises:
+      CheckpointError: tensors missing, unexpected, of the wrong shape or not floating point, or
+        an ``lm_head.weight`` different from the embedding while ``cfg`` ties them.
+    """
+    specs = tensor_specs(cfg)
+    lookup = {s.hf_key: s.hf_key for s in specs}
+    if _SHARED not in state and _shared_key(state) is not None:
+        lookup[_SHARED] = _shared_key(state)
+    missing = [s.hf_key for s in specs if lookup[s.hf_key] not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensor(s) that the config requires are missing: "
+            f"{_names(missing)}; does {CONFIG_NAME} match these weights?")
+    allowed = set(lookup.values()) | _HARMLESS_KEYS
+    if cfg.tie_word_embeddings and _LM_HEAD in state:
+        if not infer_tie_word_embeddings(state):
+            raise CheckpointError(
+                f"{_where(state, _LM_HEAD, source)}: {_LM_HEAD} differs from the shared embedding "
+                "but the config ties them; load with tie_word_embeddings=False")
+        allowed.add(_LM_HEAD)
+    unexpected = [k for k in state.keys() if k not in allowed]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} unexpected tensor(s) that a T5 with this config does "
+            f"not have: {_names(unexpected)}; does {CONFIG_NAME} match these weights?")
+
+    mismatched = [(s.hf_key, _shape(state, lookup[s.hf_key]), s.hf_shape) for s in specs]
+    mismatched = [m for m in mismatched if m[1] != m[2]]
+    if mismatched:
+        shown = "; ".join(f"{key} has shape {found}, expected {want}"
+                          for key, found, want in mismatched[:3])
+        more = f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
+        raise CheckpointError(f"{_where(state, lookup[mismatched[0][0]], source)}: tensor shape "
+                              f"does not match {CONFIG_NAME}: {shown}{more}")
+
+    param_dtype = np.dtype(cfg.dtype.param)
+    params: Params = {}
+    for s in _progress(specs, "reading tensors", progress):
+        value = np.asarray(state[lookup[s.hf_key]])
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise CheckpointError(f"{_where(state, lookup[s.hf_key], source)}: tensor {s.hf_key} "
+                                  f"has dtype {value.dtype}, expected a floating-point type")
+        if s.transpose:
+            value = value.T
+        node = params
+        for key in s.path[:-1]:
+            node = node.setdefault(key, {})
+        # Cast on the host (exact for widening, round-to-nearest-even for narrowing) so that one
+        # tensor at a time, not the whole float32 model, passes through device memory.
+        node[s.path[-1]] = jnp.asarray(np.ascontiguousarray(value.astype(param_dtype, copy=False)))
+    return params
+
+
+def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, Mapping):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, (*prefix, str(key))))
+        return flat
+    return {prefix: tree}
+
+
+def validate_params(cfg: T5Config, params: Params, *, source: str = "params") -> None:
+    """Checks that ``params`` has exactly the names and shapes a T5 with ``cfg`` needs.
+
+    Raises:
+      CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
+    """
+    flat = _flatten(params)
+    specs = tensor_specs(cfg)
+    missing = [s.param_name for s in specs if s.path not in flat]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} parameter(s) missing for this config: "
+                              f"{_names(missing)}")
+    expected = {s.path for s in specs}
+    unexpected = ["/".join(p) for p in flat if p not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected parameter(s) for this "
+                              f"config: {_names(unexpected)}")
+    for s in specs:
+        shape = tuple(np.shape(flat[s.path]))
+        if shape != s.param_shape:
+            raise CheckpointError(f"{source}: parameter {s.param_name} has shape {shape}, "
+                                  f"expected {s.param_shape} from the config")
+
+
+def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
+                            progress: bool = False) -> dict[str, np.ndarray]:
+    """Maps our params pytree onto the Hugging Face T5 state dict that transformers writes.
+
+    The key set is what ``T5ForConditionalGeneration.save_pretrained`` (transformers 5) writes:
+    ``shared.weight``, every block, the final norms, and ``lm_head.weight`` when untied; no
+    ``encoder/decoder.embed_tokens.weight``. One addition: a tied model without output scaling
+    also gets ``lm_head.weight`` (equal to ``shared.weight``), because transformers 4 ties and
+    scales from one flag and can only load that model untied (see ``save_hf_t5``).
+
+    Args:
+      cfg: the model's config.
+      params: our params pytree (see ``tensor_specs``); arrays keep their dtype.
+      progress: draw a tqdm bar over the tensors.
+
+    Returns:
+      Tensor name -> C-contiguous NumPy array (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+      CheckpointError: ``params`` does not fit ``cfg``.
+    """
+    validate_params(cfg, params)
+    flat = _flatten(params)
+    state = {}
+    for s in _progress(tensor_specs(cfg), "converting tensors", progress):
+        value = np.asarray(flat[s.path])
+        state[s.hf_key] = np.ascontiguousarray(value.T if s.transpose else value)
+    if cfg.tie_word_embeddings and not cfg.scale_decoder_outputs:
+        state[_LM_HEAD] = state[_SHARED].copy()
+    return state
+
+
+# --- reading files ------------------------------------------------------------------------------
+
+
+class _SafetensorsState(Mapping):
+    """A lazy state dict over one or more safetensors files: a tensor is read when asked for."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
+        for path in files:
+            try:
+                handle = safe_open(path, framework="np")
+                keys = list(handle.keys())
+            except Exception as e:  # The Rust extension raises its own SafetensorError type.
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or "
+                                      f"corrupt?): {_one_line(e)}") from None
+            self._handles[path] = handle
+            for key in keys:
+                self._file_of[key] = path
+
+    def file_of(self, key: str) -> str:
+        return self._file_of[key]
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path = self._file_of[key]
+        try:
+            return self._handles[path].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key} (corrupt file?): "
+                                  f"{_one_line(e)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._file_of
+
+
+class _TorchState(Mapping):
+    """A state dict of torch tensors seen as NumPy arrays, converted one tensor at a time."""
+
+    def __init__(self, tensors: dict[str, Any], file_of: dict[str, str]):
+        self._tensors, self._file_of = tensors, file_of
+
+    def file_of(self, key: str) -> str:
+        return self._file_of[key]
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        import torch  # Already imported by _read_torch when this object exists.
+
+        t = self._tensors[key].detach().cpu()
+        if t.dtype == torch.bfloat16:
+            # NumPy has no bfloat16 of its own: reinterpret the bits as ml_dtypes.bfloat16.
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _read_torch(files: list[str]) -> _TorchState:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{files[0]}: reading a PyTorch .bin checkpoint needs torch, which is not installed; "
+            "install torch or convert the checkpoint to safetensors") from None
+    tensors: dict[str, Any] = {}
+    file_of: dict[str, str] = {}
+    for path in files:
+        try:
+            # weights_only: a .bin file is a pickle, and we never execute code from a checkpoint.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or not "
+                f"weights-only?): {type(e).__name__}: {_one_line(e)}") from None
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, "
+                                      "not a tensor")
+            tensors[key] = value
+            file_of[key] = path
+    return _TorchState(tensors, file_of)
+
+
+def _read_index(index_path: str) -> list[str]:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{index_path}: not a valid checkpoint index (needs a 'weight_map' of tensor name -> "
+            f"shard file): {_one_line(e)}") from None
+    folder = os.path.dirname(index_path)
+    shards = [os.path.join(folder, name) for name in shard_names]
+    absent = [name for name in shard_names if not os.path.isfile(os.path.join(folder, name))]
+    if absent:
+        raise CheckpointError(f"{index_path}: names shard file(s) that are missing: "
+                              f"{_names(absent)}")
+    return shards
+
+
+def resolve_hf_dir(path: str | os.PathLike) -> str:
+    """A local checkpoint directory, following a Hugging Face cache entry to its snapshot.
+
+    Given ``.../models--org--name`` (the cache layout), returns the snapshot that ``refs/main``
+    names, or else the most recently modified one.
+
+    Raises:
+      CheckpointError: the directory does not exist.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory does not exist (goose-jax reads only "
+                              "local directories and never downloads)")
+    snapshots = os.path.join(path, "snapshots")
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)) or not os.path.isdir(snapshots):
+        return path
+    ref = os.path.join(path, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            candidate = os.path.join(snapshots, f.read().strip())
+        if os.path.isdir(candidate):
+            return candidate
+    entries = [os.path.join(snapshots, e) for e in os.listdir(snapshots)]
+    entries = [e for e in entries if os.path.isdir(e)]
+    if not entries:
+        raise CheckpointError(f"{snapshots}: Hugging Face cache entry has no snapshot")
+    return max(entries, key=os.path.getmtime)
+
+
+def read_hf_config(path: str | os.PathLike) -> T5Config:
+    """Reads ``config.json`` from a checkpoint directory (tying still as the file states it).
+
+    Raises:
+      CheckpointError: the file is missing, not JSON, or not a T5 config.
+    """
+    config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
+                              f"a {CONFIG_NAME}")
+    try:
+        with open(config_path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: cannot read the config as JSON: "
+                              f"{_one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
+    try:
+        return T5Config.from_hf_dict(d, source=config_path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], str]:
+    """Opens the weights of a checkpoint directory as a lazy state dict.
+
+    Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (sharded),
+    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``.
+
+    Returns:
+      (state, source): tensor name -> NumPy array, read on access; the file (or index) it came from.
+
+    Raises:
+      CheckpointError: no weights file, a missing shard, a corrupt file, or a .bin without torch.
+    """
+    folder = resolve_hf_dir(path)
+    candidate = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(candidate):
+        return _SafetensorsState([candidate]), candidate
+    candidate = os.path.join(folder, SAFE_INDEX_NAME)
+    if os.path.isfile(candidate):
+        return _SafetensorsState(_read_index(candidate)), candidate
+    candidate = os.path.join(folder, TORCH_WEIGHTS_NAME)
+    if os.path.isfile(candidate):
+        return _read_torch([candidate]), candidate
+    candidate = os.path.join(folder, TORCH_INDEX_NAME)
+    if os.path.isfile(candidate):
+        return _read_torch(_read_index(candidate)), candidate
+    others = [n for n in ("flax_model.msgpack", "tf_model.h5") if os.path.isfile(
+        os.path.join(folder, n))]
+    hint = (f"; found {_names(others)}, which goose-jax does not read: re-save it with "
+            "transformers' save_pretrained") if others else ""
+    raise CheckpointError(f"{folder}: no weights file (looked for {SAFE_WEIGHTS_NAME}, "
+                          f"{SAFE_INDEX_NAME}, {TORCH_WEIGHTS_NAME}, {TORCH_INDEX_NAME}){hint}")
+
+
+def load_hf_t5(path: str | os.PathLike, *,
+               dtype: DTypePolicy | None = None) -> tuple[T5Config, Params]:
+    """Loads a local Hugging Face T5 checkpoint directory.
+
+    Args:
+      path: a directory with ``config.json`` and weights (see ``read_hf_state``), or a Hugging
+        Face cache entry ``models--org--name`` (its ``refs/main`` snapshot is used).
+      dtype: dtype policy of the returned config; parameters are cast to ``dtype.param``.
+        Default: float32 parameters and compute, whatever the file stores.
+
+    Returns:
+      (cfg, params): ``cfg.tie_word_embeddings`` is decided from the weights (see module doc);
+      params is a nested dict of jax arrays, e.g. ``shared/embedding`` (V, D),
+      ``encoder/block_0/self_attn/q/kernel`` (D, H*K), ``lm_head/kernel`` (D, V) when untied.
+
+    Raises:
+      CheckpointError: naming the file and the problem, for any bad input.
+    """
+    cfg = read_hf_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    state, source = read_hf_state(path)
+    cfg = cfg.replace(tie_word_embeddings=infer_tie_word_embeddings(state))
+    params = hf_state_dict_to_params(cfg, state, source=source, progress=progress_enabled())
+    return cfg, params
+
+
+def _write_atomic(path: str, write) -> None:
+    # A crash mid-write must not leave a truncated file under the final name.
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike) -> list[str]:
+    """Writes a Hugging Face T5 checkpoint directory: ``config.json`` + ``model.safetensors``.
+
+    transformers 4 and 5 both load the result as this model. ``config.json`` is
+    ``cfg.to_hf_dict()``, whose ``tie_word_embeddings`` equals ``scale_decoder_outputs`` because
+    transformers 4 derives both tying and output scaling from that one flag (transformers 5 reads
+    ``scale_decoder_outputs`` and unties whenever ``lm_head.weight`` differs from the embedding).
+    Consequences: a tied model without scaling is written with an explicit ``lm_head.weight``
+    equal to the embedding (it loads tied in transformers 5, untied-but-equal in 4); an untied
+    model *with* scaling cannot be expressed for transformers 4 (it loads correctly in 5).
+
+    Args:
+      cfg: the model's config.
+      params: our params pytree; tensors are written in their own dtype.
+      path: output directory, created if needed; existing files of the same names are replaced.
+
+    Returns:
+      The paths written.
+
+    Raises:
+      CheckpointError: ``params`` does not fit ``cfg``.
+    """
+    from safetensors.numpy import save_file
+
+    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    state = params_to_hf_state_dict(cfg, params, progress=progress_enabled())
+    os.makedirs(folder, exist_ok=True)
+    weights_path = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    _write_atomic(weights_path, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    config_path = os.path.join(folder, CONFIG_NAME)
+
+    def write_config(p: str) -> None:
+        with open(p, "w") as f:
+            json.dump(cfg.to_hf_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _write_atomic(config_path, write_config)
+    return [config_path, weights_path]

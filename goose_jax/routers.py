@@ -1,0 +1,334 @@
+"""Whole-model routing: every method of the paper as a site adapter plus its variable trees.
+
+Shape legend: B batch, L length, D d_in of a site, O d_out, E experts, R LoRA rank, k top-k.
+
+A ``Routed`` bundles what ``gj.t5_logits`` / ``gj.generate_greedy`` need to run the base model
+under a method: a hashable ``adapter`` (static under jit) and the variable ``collections`` it
+reads (the expert library, router vectors). Build one with ``build_routed``:
+
+    routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2, scale=1 / 16)
+    logits = gj.t5_logits(cfg, params, ids, dec, mask, routing=routed)
+
+Methods (PHATGOOSE.md sections 5-6):
+  ``phatgoose``           per-token top-k against standardized trained gates;
+  ``average_activation``  the same scoring against each expert's mean site input (prototypes);
+  ``arrow``               per-token top-k of ``|x . u|``, u the top singular vector of A B;
+  ``merged``              one LoRA equal to the average of the experts' products (rank E*R);
+  ``merged_factors``      A and B averaged separately (the original release's weaker variant);
+  ``uniform``             every expert with weight 1/E;
+  ``single``              one expert everywhere (oracle / best-individual tables);
+  ``example``             one expert per example at every site (retrieval), chosen by the caller;
+  ``base``                no experts.
+
+All validation (k against E, an empty library, non-finite router vectors, a library whose site
+shapes disagree with the model) happens here, eagerly, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from goose_jax import routing
+from goose_jax.config import T5Config
+from goose_jax.errors import GooseError
+from goose_jax.experts import EXPERTS, LoRAAdapter, flatten_sites, lora_delta, nest_sites
+from goose_jax.t5 import site_shapes
+
+Array = jax.Array
+
+ROUTER = "router"
+METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
+           "single", "example", "base")
+
+
+class LibraryMismatchError(GooseError, ValueError):
+    """An expert library that does not fit the base model or the routing request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedAdapter:
+    """Site adapter that routes every token among the experts of its site.
+
+    Reads ``experts/<site>/lora_a, lora_b`` and ``router/<site>/vectors`` (E, D). For
+    ``scoring="standardized"`` the vectors are already standardized (``routing.prepare_router``);
+    for ``scoring="abs_dot"`` they are Arrow's unit vectors. For ``scoring="example"`` the
+    router entry is ``router/<site>/example_index`` (B,) and each example uses one expert.
+    With ``telemetry`` each site sows per-expert counts of its top-1 choices, the mean top-1
+    weight and the mean routing entropy into the ``intermediates`` collection.
+    """
+
+    scale: float
+    top_k: int = 2
+    scoring: str = "standardized"
+    backend: str = "auto"
+    telemetry: bool = False
+
+    def __call__(self, module, x: Array, y: Array) -> Array:
+        if not module.has_variable(EXPERTS, "lora_a"):
+            return y
+        a_EDR = module.get_variable(EXPERTS, "lora_a")
+        b_ERO = module.get_variable(EXPERTS, "lora_b")
+        if self.scoring == "example":
+            idx_B = module.get_variable(ROUTER, "example_index")
+            # One expert per example: gather its factors, then a batched rank-R product.
+            h = jnp.einsum("bld,bdr->blr", x, a_EDR[idx_B].astype(x.dtype),
+                           preferred_element_type=jnp.float32)
+            out = jnp.einsum("blr,bro->blo", h.astype(x.dtype), b_ERO[idx_B].astype(x.dtype),
+                             preferred_element_type=jnp.float32)
+            return y + (out * self.scale).astype(y.dtype)
+        vectors_ED = module.get_variable(ROUTER, "vectors")
+        if self.scoring == "standardized":
+            scores = routing.phatgoose_scores(x, vectors_ED, gates_normed=True)
+        else:
+            scores = routing.arrow_scores(x, vectors_ED)
+        route = routing.topk_softmax(scores, self.top_k)
+        delta = routing.combine_lora(x, a_EDR, b_ERO, route.weights, route.index, self.scale,
+                                     backend=self.backend)
+        if self.telemetry:
+            _sow_stats(module, route, a_EDR.shape[0])
+        return y + delta.astype(y.dtype)
+
+
+def _sow_stats(module, route, num_experts: int) -> None:
+    w = route.weights.reshape(-1, route.weights.shape[-1])
+    top1 = route.index.reshape(-1, route.index.shape[-1])[:, 0]
+    counts_E = jnp.zeros((num_experts,), jnp.float32).at[top1].add(1.0)
+    entropy = -jnp.sum(w * jnp.log(jnp.clip(w, 1e-12)), axis=-1)
+    module.sow("intermediates", "top1_counts", counts_E)
+    module.sow("intermediates", "mean_top1_weight", jnp.mean(w[:, 0]))
+    module.sow("intermediates", "mean_entropy", jnp.mean(entropy))
+
+
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """An adapter and the variable trees it reads; pass as ``routing=`` to the model API."""
+
+    method: str
+    adapter: Any
+    collections: dict
+
+    def with_example_index(self, index_B) -> "Routed":
+        """For ``example`` routing: the expert each example of the next batch uses."""
+        if self.method != "example":
+            raise LibraryMismatchError(f"with_example_index is for method 'example', not "
+                                       f"{self.method!r}")
+        index_B = jnp.asarray(index_B, jnp.int32)
+        router = nest_sites({name: {"example_index": index_B}
+                             for name in flatten_sites(self.collections[EXPERTS])})
+        return dataclasses.replace(self, collections={**self.collections, ROUTER: router})
+
+
+def _num_experts(experts: dict) -> int:
+    flat = flatten_sites(experts)
+    if not flat:
+        raise LibraryMismatchError("the expert library is empty: no site has experts")
+    sizes = {np.shape(leaf["lora_a"])[0] for leaf in flat.values()}
+    if len(sizes) != 1:
+        raise LibraryMismatchError(f"sites disagree on the number of experts: {sorted(sizes)}")
+    (E,) = sizes
+    if E == 0:
+        raise LibraryMismatchError("the expert library is empty (E = 0)")
+    return E
+
+
+def check_library(cfg: T5Config, experts: dict) -> int:
+    """Checks every site's A and B against the model's site shapes; returns E."""
+    shapes = site_shapes(cfg)
+    for name, leaf in flatten_sites(experts).items():
+        if name not in shapes:
+            raise LibraryMismatchError(
+                f"expert site {name!r} does not exist in this base model (a library for a "
+                f"different architecture?); the model has e.g. {next(iter(shapes))!r}")
+        d_in, d_out = shapes[name]
+        a, b = np.shape(leaf["lora_a"]), np.shape(leaf["lora_b"])
+        if len(a) != 3 or len(b) != 3 or a[1] != d_in or b[2] != d_out or a[2] != b[1] \
+                or a[0] != b[0]:
+            raise LibraryMismatchError(
+                f"site {name}: expected lora_a (E, {d_in}, R) and lora_b (E, R, {d_out}) for this "
+                f"base model; found {a} and {b} (a library for a different base model?)")
+    return _num_experts(experts)
+
+
+def _check_vectors(name: str, vectors, E: int, d_in: int, what: str) -> None:
+    arr = np.asarray(vectors)
+    if arr.shape != (E, d_in):
+        raise LibraryMismatchError(f"site {name}: {what} must have shape ({E}, {d_in}); "
+                                   f"found {arr.shape}")
+    if not np.isfinite(arr.astype(np.float32)).all():
+        bad = np.flatnonzero(~np.isfinite(arr.astype(np.float32)).all(axis=1))
+        raise LibraryMismatchError(f"site {name}: {what} contain NaN or inf (experts "
+                                   f"{bad.tolist()[:10]})")
+
+
+def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
+                 gates: dict | None = None, prototypes: dict | None = None, top_k: int = 2,
+                 scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
+                 telemetry: bool = False) -> Routed:
+    """Everything ``gj.t5_logits(..., routing=...)`` needs to run ``method``.
+
+    Args:
+      method: one of ``METHODS``.
+      cfg: the base model config (the library is checked against its site shapes).
+      experts: stacked expert tree (per site ``lora_a`` (E, D, R), ``lora_b`` (E, R, O)).
+      gates: per-site ``gate`` (E, D), for ``phatgoose``.
+      prototypes: per-site ``gate`` (E, D) mean activations, for ``average_activation``
+        (``compute_average_activations``).
+      top_k: experts per token for the per-token methods.
+      scale: the LoRA scale of the library (1/r for PHATGOOSE experts).
+      expert: the expert index, for ``single``.
+      backend: combination backend of ``routing.combine_lora``.
+      telemetry: sow routing statistics (per-token methods).
+
+    Raises:
+      LibraryMismatchError: unknown method, bad k, empty or mismatched library, NaN vectors.
+    """
+    if method not in METHODS:
+        raise LibraryMismatchError(f"unknown routing method {method!r}; expected one of "
+                                   f"{list(METHODS)}")
+    if method == "base":
+        return Routed("base", None, {})
+    if experts is None:
+        raise LibraryMismatchError(f"method {method!r} needs an expert library")
+    E = check_library(cfg, experts)
+    flat = flatten_sites(experts)
+    if method in ("phatgoose", "average_activation", "arrow"):
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+            raise LibraryMismatchError(f"top_k must be an integer in [1, E={E}]; found {top_k!r}")
+    if method in ("phatgoose", "average_activation"):
+        source = gates if method == "phatgoose" else prototypes
+        what = "gate vectors" if method == "phatgoose" else "average activations"
+        if source is None:
+            raise LibraryMismatchError(f"method {method!r} needs {what} for every site")
+        src = flatten_sites(source)
+        vectors = {}
+        for name, leaf in flat.items():
+            if name not in src:
+                raise LibraryMismatchError(f"site {name}: the library has experts but no {what}")
+            _check_vectors(name, src[name]["gate"], E, np.shape(leaf["lora_a"])[1], what)
+            vectors[name] = {"vectors": routing.prepare_router(jnp.asarray(src[name]["gate"]))}
+        adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry)
+        return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
+    if method == "arrow":
+        vectors = {name: {"vectors": routing.arrow_vectors(leaf["lora_a"], leaf["lora_b"])}
+                   for name, leaf in flat.items()}
+        adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry)
+        return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
+    if method == "merged":
+        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: merge_products(experts)})
+    if method == "merged_factors":
+        merged = {name: {k: jnp.mean(v, axis=0, keepdims=True) for k, v in leaf.items()
+                         if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
+        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(merged)})
+    if method == "uniform":
+        return Routed(method, LoRAAdapter(scale, "mean"), {EXPERTS: experts})
+    if method == "single":
+        if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < E:
+            raise LibraryMismatchError(f"method 'single' needs expert in [0, {E}); found {expert!r}")
+        one = {name: {k: v[expert:expert + 1] for k, v in leaf.items()
+                      if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
+        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)})
+    # "example": the caller supplies the per-example choice with Routed.with_example_index.
+    return Routed(method, RoutedAdapter(scale, 1, "example", backend), {EXPERTS: experts})
+
+
+def merge_products(experts: dict) -> dict:
+    """The exact average of the experts' products as one rank-E*R expert.
+
+    ``mean_e A_e B_e = [A_1 ... A_E] [B_1; ...; B_E] / E``: concatenate A along the rank axis and
+    B along the rank axis divided by E. Returns a tree with E = 1.
+    """
+    out = {}
+    for name, leaf in flatten_sites(experts).items():
+        a_EDR, b_ERO = jnp.asarray(leaf["lora_a"]), jnp.asarray(leaf["lora_b"])
+        E, D, R = a_EDR.shape
+        a_cat = jnp.transpose(a_EDR, (1, 0, 2)).reshape(1, D, E * R)
+        b_cat = (b_ERO / E).reshape(1, E * R, b_ERO.shape[-1])
+        out[name] = {"lora_a": a_cat, "lora_b": b_cat}
+    return nest_sites(out)
+
+
+# --- average activation -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _CaptureAdapter:
+    """Applies the active expert's LoRA and sows each site's masked input sum and token count.
+
+    Each site's ``capture/<site>/mask`` (B, L) says which of its tokens count (encoder tokens for
+    encoder sites and cross-attention k / v, target tokens for other decoder sites).
+    """
+
+    scale: float
+
+    def __call__(self, module, x, y):
+        if not module.has_variable(EXPERTS, "lora_a"):
+            return y
+        y = y + lora_delta(x.astype(y.dtype), module.get_variable(EXPERTS, "lora_a"),
+                           module.get_variable(EXPERTS, "lora_b"), None, self.scale).astype(y.dtype)
+        mask_BL = module.get_variable("capture", "mask").astype(jnp.float32)
+        module.sow("intermediates", "sum", jnp.einsum("bl,bld->d", mask_BL, x.astype(jnp.float32)))
+        module.sow("intermediates", "count", jnp.sum(mask_BL))
+        return y
+
+
+def _uses_encoder_tokens(site: str) -> bool:
+    return site.startswith("encoder/") or site.endswith(("cross_attn/k", "cross_attn/v"))
+
+
+def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batches, *,
+                                scale: float = 1 / 16) -> dict:
+    """Average-activation router vectors: per expert and site, the masked mean site input.
+
+    Expert n's prototypes are computed with expert n's LoRA active, over its own examples;
+    decoder sites are teacher-forced and averaged over non-pad target tokens.
+
+    Args:
+      cfg: base model config; params: base parameters; experts: stacked library (E experts).
+      batches: a sequence of length E; ``batches[n]`` is an iterable of
+        ``(input_ids_BL, enc_mask_BL, decoder_input_ids_BT, dec_mask_BT)`` for expert n.
+      scale: LoRA scale.
+
+    Returns:
+      per-site ``{"gate": (E, D)}`` float32 tree, ready for ``build_routed("average_activation",
+      ..., prototypes=...)``.
+    """
+    from goose_jax.t5 import T5
+
+    E = check_library(cfg, experts)
+    if len(batches) != E:
+        raise LibraryMismatchError(f"need one batch source per expert ({E}); found {len(batches)}")
+    flat = flatten_sites(experts)
+    model = T5(cfg, _CaptureAdapter(float(scale)))
+
+    @jax.jit
+    def sums(params, one, ids, enc_mask, dec, dec_mask):
+        masks = nest_sites({name: {"mask": enc_mask if _uses_encoder_tokens(name) else dec_mask}
+                            for name in flat})
+        _, state = model.apply({"params": params, EXPERTS: one, "capture": masks}, ids, dec,
+                               enc_mask, mutable=["intermediates"])
+        inter = flatten_sites(state["intermediates"])
+        return {name: (inter[name]["sum"][0], inter[name]["count"][0]) for name in flat}
+
+    out = {name: np.zeros((E, np.shape(leaf["lora_a"])[1]), np.float32)
+           for name, leaf in flat.items()}
+    for n in range(E):
+        one = nest_sites({name: {k: leaf[k][n:n + 1] for k in ("lora_a", "lora_b")}
+                          for name, leaf in flat.items()})
+        total = {name: 0.0 for name in flat}
+        count = {name: 0.0 for name in flat}
+        for ids, enc_mask, dec, dec_mask in batches[n]:
+            res = sums(params, one, jnp.asarray(ids, jnp.int32), jnp.asarray(enc_mask),
+                       jnp.asarray(dec, jnp.int32), jnp.asarray(dec_mask))
+            for name, (s, c) in res.items():
+                total[name] = total[name] + np.asarray(s)
+                count[name] += float(c)
+        for name in flat:
+            if count[name] == 0:
+                raise LibraryMismatchError(f"expert {n}: no tokens to average (empty batches?)")
+            out[name][n] = total[name] / count[name]
+    return nest_sites({name: {"gate": jnp.asarray(v)} for name, v in out.items()})
