@@ -11,7 +11,8 @@ compute in bfloat16 or float32, and logits, softmaxes and routing scores always 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -39,7 +40,8 @@ class DTypePolicy:
         for name in ("param_dtype", "compute_dtype"):
             value = getattr(self, name)
             if value not in _DTYPES:
-                raise ValueError(f"DTypePolicy.{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+                raise ValueError(
+                    f"DTypePolicy.{name} must be one of {sorted(_DTYPES)}, got {value!r}")
 
     @property
     def param(self) -> Any:
@@ -98,11 +100,14 @@ class T5Config:
             raise ValueError(f"T5Config.feed_forward_proj: unsupported activation "
                              f"{parts[-1]!r}; supported: {list(_ACTIVATIONS)}")
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise ValueError(
+                f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+            raise ValueError(
+                f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
         if not isinstance(self.dtype, DTypePolicy):
-            raise ValueError(f"T5Config.dtype must be a DTypePolicy, got {type(self.dtype).__name__}")
+            raise ValueError(
+                f"T5Config.dtype must be a DTypePolicy, got {type(self.dtype).__name__}")
 
     @property
     def is_gated(self) -> bool:
@@ -118,16 +123,16 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
-    def replace(self, **changes) -> "T5Config":
+    def replace(self, **changes) -> T5Config:
         return dataclasses.replace(self, **changes)
 
-    def with_dtypes(self, param_dtype: str = "float32", compute_dtype: str = "float32") -> "T5Config":
+    def with_dtypes(self, param_dtype: str = "float32", compute_dtype: str = "float32") -> T5Config:
         return self.replace(dtype=DTypePolicy(param_dtype, compute_dtype))
 
     # --- Hugging Face config.json --------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> "T5Config":
+    def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> T5Config:
         """Builds a config from a Hugging Face T5 ``config.json`` dictionary.
 
         Raises:
@@ -202,7 +207,7 @@ class T5Config:
     # --- presets -------------------------------------------------------------------------------
 
     @classmethod
-    def preset(cls, name: str) -> "T5Config":
+    def preset(cls, name: str) -> T5Config:
         """Published sizes: ``t5-small``, ``t5-base``, ``t5-v1_1-{small,base,large,xl}``,
         ``t5-xl-lm-adapt`` (the PHATGOOSE base) and ``tiny`` (for tests)."""
         try:

@@ -170,7 +170,8 @@ class LoRAAdapter:
 
     def __post_init__(self):
         if self.mode not in ("sum", "mean", "gated"):
-            raise ValueError(f"LoRAAdapter.mode must be 'sum', 'mean' or 'gated', got {self.mode!r}")
+            raise ValueError(
+                f"LoRAAdapter.mode must be 'sum', 'mean' or 'gated', got {self.mode!r}")
 
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):

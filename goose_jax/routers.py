@@ -112,7 +112,7 @@ class Routed:
     adapter: Any
     collections: dict
 
-    def with_example_index(self, index_B) -> "Routed":
+    def with_example_index(self, index_B) -> Routed:
         """For ``example`` routing: the expert each example of the next batch uses."""
         if self.method != "example":
             raise LibraryMismatchError(f"with_example_index is for method 'example', not "
@@ -228,7 +228,8 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         return Routed(method, LoRAAdapter(scale, "mean"), {EXPERTS: experts})
     if method == "single":
         if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < E:
-            raise LibraryMismatchError(f"method 'single' needs expert in [0, {E}); found {expert!r}")
+            raise LibraryMismatchError(
+                f"method 'single' needs expert in [0, {E}); found {expert!r}")
         one = {name: {k: v[expert:expert + 1] for k, v in leaf.items()
                       if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
         return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)})

@@ -9,7 +9,8 @@ rules table never names an axis that does not exist.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,7 +45,8 @@ def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, model, expert]
     if sizes.count(-1) > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(
+            f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if known <= 0 or len(devices) % known:

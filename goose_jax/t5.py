@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ class Adapter(Protocol):
     variables of its own collections there (``module.get_variable('lora', 'a')``).
     """
 
-    def __call__(self, module: "Linear", x: Array, y: Array) -> Array: ...
+    def __call__(self, module: Linear, x: Array, y: Array) -> Array: ...
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -85,7 +86,8 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         d_in = x.shape[-1]
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(_normal(self.init_scale * d_in**-0.5), self.axes),
+            "kernel",
+            nn.with_logical_partitioning(_normal(self.init_scale * d_in**-0.5), self.axes),
             (d_in, self.features), self.cfg.dtype.param)
         compute = self.cfg.dtype.compute
         y = jnp.dot(x.astype(compute), kernel.astype(compute))
@@ -101,8 +103,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: Array) -> Array:
-        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                             (x_BLD.shape[-1],), self.cfg.dtype.param)
+        scale_D = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x_BLD.shape[-1],), self.cfg.dtype.param)
         x32 = x_BLD.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.cfg.layer_norm_epsilon)
@@ -136,7 +139,8 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
         kernel_DV = self.param(
-            "kernel", nn.with_logical_partitioning(_normal(self.cfg.d_model**-0.5), ("embed", "vocab")),
+            "kernel",
+            nn.with_logical_partitioning(_normal(self.cfg.d_model**-0.5), ("embed", "vocab")),
             (self.cfg.d_model, self.cfg.vocab_size), self.cfg.dtype.param)
         compute = self.cfg.dtype.compute
         return jnp.dot(x_BTD.astype(compute), kernel_DV.astype(compute),

@@ -157,7 +157,7 @@ def test_average_activation_first_site_matches_numpy(world):
     params, lib, _, _ = world
     rng = np.random.default_rng(5)
     batches = []
-    for n in range(E):
+    for _ in range(E):
         ids, mask, dec = random_batch(rng, 2, 9, 4, CFG.vocab_size)
         batches.append([(ids, mask, dec, np.ones_like(dec))])
     protos = routers.compute_average_activations(CFG, params, lib, batches, scale=SCALE)
