@@ -214,7 +214,7 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry)
         return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
     if method == "arrow":
-        vectors = {name: {"vectors": routing.arrow_vectors(leaf["lora_a"], leaf["lora_b"])}
+        vectors = {name: {"vectors": _arrow_vectors(leaf["lora_a"], leaf["lora_b"])}
                    for name, leaf in flat.items()}
         adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry)
         return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
@@ -235,6 +235,16 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)})
     # "example": the caller supplies the per-example choice with Routed.with_example_index.
     return Routed(method, RoutedAdapter(scale, 1, "example", backend), {EXPERTS: experts})
+
+
+def _arrow_vectors(a_EDR, b_ERO) -> Array:
+    """Arrow vectors with zero rows for experts absent at a site (all-zero A or B).
+
+    An imported adapter that does not cover a site holds zeros there; its singular vector would
+    be an arbitrary direction that still wins tokens. A zero row scores 0, the lowest possible.
+    """
+    present_E = (jnp.abs(a_EDR).max(axis=(1, 2)) > 0) & (jnp.abs(b_ERO).max(axis=(1, 2)) > 0)
+    return routing.arrow_vectors(a_EDR, b_ERO) * present_E[:, None]
 
 
 def merge_products(experts: dict) -> dict:

@@ -153,6 +153,16 @@ def test_arrow_vectors_match_numpy_svd(world):
             np.testing.assert_allclose(np.abs(v[e] @ u), 1.0, atol=1e-4)
 
 
+def test_arrow_ignores_experts_absent_at_a_site(world):
+    _, lib, _, _ = world
+    site = "encoder/block_1/ffn/wo"
+    flat = ex.flatten_sites(lib)
+    flat[site] = {k: v.at[2].set(0.0) for k, v in flat[site].items()}
+    routed = build_routed("arrow", CFG, ex.nest_sites(flat), scale=SCALE)
+    v = np.asarray(ex.flatten_sites(routed.collections[routers.ROUTER])[site]["vectors"])
+    assert np.all(v[2] == 0) and np.all(np.abs(np.linalg.norm(v[[0, 1, 3, 4]], axis=1) - 1) < 1e-4)
+
+
 def test_average_activation_first_site_matches_numpy(world):
     params, lib, _, _ = world
     rng = np.random.default_rng(5)
