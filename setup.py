@@ -24,14 +24,18 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.66",
         "ml_collections>=1.0",
+        "rouge-score>=0.1.2",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "ruff>=0.6"],
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [
             "goose-convert=goose_jax.cli.convert:main",
             "goose-demo=goose_jax.cli.demo:main",
+            "goose-train=goose_jax.cli.train:main",
+            "goose-eval=goose_jax.cli.eval:main",
         ],
     },
 )

@@ -241,3 +241,110 @@ def load_model(path: str | os.PathLike, *, shardings: Any = None) -> tuple[T5Con
     params = restore_tree(path, shardings=shardings)
     validate_params(cfg, params, source=os.path.join(path, TREE_DIR))
     return cfg, params
+
+
+# --- training state ------------------------------------------------------------------------------
+
+STATE_ITEM = "state"
+META_ITEM = "meta"
+
+
+class TrainCheckpointer:
+    """Training-state checkpoints of one work directory, through Orbax's ``CheckpointManager``.
+
+    Each step is a directory ``<directory>/<step>/`` with two items: ``state``, a pytree of
+    arrays saved with ``ocp.args.StandardSave`` (the caller passes only what changes during
+    training: trainable trees, optimiser state, step, RNG; never a frozen base), and ``meta``,
+    JSON (data positions, config). The last ``keep`` steps are kept. Saves are asynchronous:
+    ``wait``/``close`` block until they are on disk; an interrupted save is never restored
+    (Orbax finalises a step directory atomically).
+
+    Usage::
+
+        with TrainCheckpointer(workdir / "checkpoints", keep=2) as ckpt:
+            if ckpt.latest_step() is not None:
+                tree, meta = ckpt.restore(target_tree)
+            ckpt.save(step, tree, {"positions": [...]})
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.directory = _abs(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory}: exists and is not a directory")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+                    META_ITEM: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step on disk, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, tree: Any, meta: dict[str, Any] | None = None) -> None:
+        """Starts saving ``tree`` (arrays) and ``meta`` (JSON) as ``step``; returns at once."""
+        import orbax.checkpoint as ocp
+
+        try:
+            json.dumps(meta or {})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.directory}: training metadata is not "
+                                  f"JSON-serializable: {_one_line(e)}") from None
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
+                                     META_ITEM: ocp.args.JsonSave(meta or {})})
+        self._manager.save(int(step), args=args, force=True)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores ``(tree, meta)`` of ``step`` (default: the latest).
+
+        Args:
+          target: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like the saved tree;
+            each leaf's dtype and sharding are those of the restored leaf.
+          step: which step; default the latest.
+
+        Raises:
+          CheckpointError: no checkpoint, or one that does not match ``target``.
+        """
+        import orbax.checkpoint as ocp
+
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no training checkpoint to restore")
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda x: _abstract(x, getattr(x, "sharding", None) or default), target)
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
+                                     META_ITEM: ocp.args.JsonRestore()})
+        try:
+            restored = self._manager.restore(int(step), args=args)
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
+                                  f"(was it written by a different config?): "
+                                  f"{_one_line(e)}") from None
+        return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
+
+    def saved_leaf_paths(self, step: int | None = None) -> list[str]:
+        """Slash-joined paths of every array saved in ``step``'s state (for audits and tests)."""
+        step = self.latest_step() if step is None else step
+        metadata = self._manager.item_metadata(int(step))[STATE_ITEM]
+        paths = jax.tree_util.tree_flatten_with_path(metadata)[0]
+        return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                for path, _ in paths]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -25,3 +25,12 @@ class DataError(GooseError, ValueError):
 
 class TrainConfigError(GooseError, ValueError):
     """A training config file, override or value that cannot be used."""
+
+
+class AdapterError(GooseError, ValueError):
+    """An adapter or expert checkpoint to import that does not fit: another architecture, other
+    shapes, an adapter type other than LoRA, options goose-jax cannot represent."""
+
+
+class UnsafeCheckpointError(AdapterError):
+    """A pickled checkpoint that would need to execute code to load (not weights-only)."""

@@ -198,7 +198,11 @@ def test_config_rejects_bad_values():
 
 
 def test_import_is_light():
-    code = ("import sys, goose_jax, goose_jax.interop.hf, goose_jax.data.tokenizers; "
+    modules = ("goose_jax", "goose_jax.interop.hf", "goose_jax.interop.peft",
+               "goose_jax.interop.release", "goose_jax.data.tokenizers", "goose_jax.data.tasks",
+               "goose_jax.experts", "goose_jax.routing", "goose_jax.routers", "goose_jax.library",
+               "goose_jax.training", "goose_jax.evaluation", "goose_jax.checkpoint")
+    code = (f"import sys, {', '.join(modules)}; "
             "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

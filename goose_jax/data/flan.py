@@ -1,0 +1,133 @@
+"""FLAN in the Open-Orca/FLAN layout, read from local disk, grouped into experts by task name.
+
+The release is a tree of ``.parquet`` (or ``.jsonl``) files with the columns ``inputs``,
+``targets``, ``_task_name``, ``_template_type`` (and ``_task_source``, ``_template_kwargs``).
+As the original processing: only zero-shot templates (``zs_opt``, ``zs_noopt``) are kept, rows
+with an empty input or target are dropped, each expert's rows are shuffled with
+``RandomState(1234)``, the first min(10%, 10k) form the validation split and the rest (at most
+500k) the training split. An expert is one ``_task_name`` unless a grouping maps several task
+names onto one expert (NIv2 task categories).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from goose_jax.errors import DataError
+from goose_jax.evaluation import Example
+
+ZERO_SHOT = ("zs_opt", "zs_noopt")
+COLUMNS = ("inputs", "targets", "_task_name", "_template_type")
+SEED = 1234
+MAX_VALIDATION = 10_000
+MAX_TRAIN = 500_000
+
+
+def data_files(root: str | os.PathLike) -> list[str]:
+    """Every ``.parquet`` / ``.jsonl`` file under ``root``, sorted."""
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: FLAN directory does not exist (expected the Open-Orca/FLAN "
+                        "release: parquet or jsonl files with inputs, targets, _task_name, "
+                        "_template_type)")
+    files = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True)
+                   + glob.glob(os.path.join(root, "**", "*.jsonl"), recursive=True))
+    if not files:
+        raise DataError(f"{root}: no .parquet or .jsonl files found")
+    return files
+
+
+def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
+               template_types: Sequence[str]) -> dict[str, list]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        filters = [("_template_type", "in", list(template_types))]
+        if tasks is not None:
+            filters.append(("_task_name", "in", sorted(tasks)))
+        try:
+            return pq.read_table(path, columns=list(columns), filters=filters).to_pydict()
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path}: cannot read FLAN rows ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())})") from None
+    out: dict[str, list] = {c: [] for c in columns}
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                lineno += 1
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if row.get("_template_type") not in template_types:
+                    continue
+                if tasks is not None and row.get("_task_name") not in tasks:
+                    continue
+                for c in columns:
+                    out[c].append(row.get(c))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: line {lineno}: unreadable FLAN data ({e})") from None
+    return out
+
+
+def _expert_of(task: str, grouping: Mapping[str, str] | None) -> str | None:
+    if grouping is None:
+        return task
+    return grouping.get(task)
+
+
+def task_names(root: str | os.PathLike,
+               template_types: Sequence[str] = ZERO_SHOT) -> dict[str, int]:
+    """``{task name: zero-shot rows}`` over the whole release (reads two columns only)."""
+    counts: dict[str, int] = {}
+    for f in data_files(root):
+        cols = _read_file(f, ("_task_name", "_template_type"), None, template_types)
+        for name in cols["_task_name"]:
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def experts(root: str | os.PathLike, grouping: Mapping[str, str] | None = None,
+            template_types: Sequence[str] = ZERO_SHOT) -> list[str]:
+    """The expert names: the task names, or the values of ``grouping`` that have data."""
+    names = {_expert_of(t, grouping) for t in task_names(root, template_types)}
+    return sorted(n for n in names if n is not None)
+
+
+def rows(root: str | os.PathLike, expert: str, *, grouping: Mapping[str, str] | None = None,
+         template_types: Sequence[str] = ZERO_SHOT) -> list[tuple[str, str, str]]:
+    """``(inputs, targets, template_type)`` of one expert, in file order, empty rows dropped."""
+    tasks = {expert} if grouping is None else {t for t, e in grouping.items() if e == expert}
+    if not tasks:
+        raise DataError(f"FLAN expert {expert!r} has no task in the grouping")
+    out = []
+    for f in data_files(root):
+        cols = _read_file(f, COLUMNS, tasks, template_types)
+        for inp, tgt, _, tt in zip(*(cols[c] for c in COLUMNS)):
+            if inp and tgt and str(inp).strip() and str(tgt).strip():
+                out.append((str(inp), str(tgt), str(tt)))
+    return out
+
+
+def split_rows(items: list, split: str, seed: int = SEED) -> list:
+    """The original split: shuffle, first min(10%, 10k) validation, rest train (<= 500k)."""
+    if split not in ("train", "validation"):
+        raise DataError(f"FLAN split must be 'train' or 'validation', got {split!r}")
+    order = np.random.RandomState(seed).permutation(len(items))
+    n_val = min(int(0.1 * len(items)), MAX_VALIDATION)
+    picked = order[:n_val] if split == "validation" else order[n_val:n_val + MAX_TRAIN]
+    return [items[i] for i in picked]
+
+
+def examples(root: str | os.PathLike, expert: str, split: str = "validation", *,
+             grouping: Mapping[str, str] | None = None, dataset: str | None = None
+             ) -> list[Example]:
+    """One expert's examples as generation ``Example`` s (the target is the reference)."""
+    picked = split_rows(rows(root, expert, grouping=grouping), split)
+    return [Example(inp, None, (), (tgt,), dataset or expert, tt, str(i))
+            for i, (inp, tgt, tt) in enumerate(picked)]

@@ -1,0 +1,627 @@
+"""Zero-shot evaluation: rank classification, greedy generation, metrics and aggregation.
+
+Shape legend: B examples, C answer choices, N = B*C rows, L encoder length, T choice (target)
+length, D d_model, V vocab, E experts.
+
+Protocol (PHATGOOSE.md section 7):
+  - Rank classification: every choice ends with EOS and is scored by teacher forcing; the score
+    is the mean token NLL over the choice's tokens (``length_normalize=False``: the sum); the
+    prediction is the argmin; an example is correct if the prediction is any correct choice.
+  - Generation: greedy decoding with a per-task maximum length; exact match, any-of-references
+    exact match or ROUGE-L (``rouge-score``).
+  - Per dataset, the mean over all its (example, template) pairs; a benchmark is the unweighted
+    mean over its datasets. Scores are reported in percent.
+
+The encoder runs once per example: its output is repeated along the choice axis inside one
+jitted call, and the decoder scores all B*C rows at once. Batch size, number of choices, encoder
+length and choice length are rounded up to powers of two (capped by the configured maxima), so a
+benchmark compiles a handful of shapes. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from goose_jax.config import T5Config
+from goose_jax.errors import DataError, GooseError
+from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
+from goose_jax.routers import ROUTER
+from goose_jax.routing import arrow_scores, phatgoose_scores
+from goose_jax.t5 import T5, generate_greedy
+
+Array = jax.Array
+KINDS = ("rank", "generate")
+METRICS = ("accuracy", "exact_match", "exact_match_any", "rouge_l")
+TELEMETRY = "telemetry"
+
+
+class EvalError(GooseError, ValueError):
+    """An evaluation request that cannot run (bad settings, an unknown metric)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompted example.
+
+    Attributes:
+      input: the prompt fed to the encoder.
+      choices: answer choices for rank classification; None for generation.
+      answers: indices of the correct choices (several allowed).
+      references: reference strings for generation (any-of for exact match, max for ROUGE-L).
+      dataset: the dataset the example's score is pooled into (``rte``, ``bbh_navigate``).
+      template: the prompt template (P3) or ``""``.
+      example_id: an identifier unique within (dataset, template).
+    """
+
+    input: str
+    choices: tuple[str, ...] | None = None
+    answers: tuple[int, ...] = ()
+    references: tuple[str, ...] = ()
+    dataset: str = ""
+    template: str = ""
+    example_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """A named source of examples and how to score them.
+
+    Attributes:
+      name: the task name (``t0_heldout/rte``, ``bbh/navigate``).
+      dataset: the dataset its examples are pooled into.
+      kind: ``"rank"`` or ``"generate"``.
+      metric: one of ``METRICS``.
+      load: returns the task's examples (called once, before the model runs).
+      max_new_tokens: generation length for ``kind="generate"``.
+      source: where the data lives, for messages.
+    """
+
+    name: str
+    dataset: str
+    kind: str
+    metric: str
+    load: Callable[[], Iterable[Example]]
+    max_new_tokens: int = 64
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise EvalError(f"task {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise EvalError(f"task {self.name}: metric must be one of {METRICS}, "
+                            f"got {self.metric!r}")
+        if (self.kind == "rank") != (self.metric == "accuracy"):
+            raise EvalError(f"task {self.name}: metric {self.metric!r} does not fit kind "
+                            f"{self.kind!r}")
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the strings are equal after stripping surrounding whitespace, else 0.0."""
+    return float(prediction.strip() == reference.strip())
+
+
+def exact_match_any(prediction: str, references: Sequence[str]) -> float:
+    """1.0 if the prediction exactly matches any reference (``exact_match``)."""
+    return float(any(exact_match(prediction, r) for r in references))
+
+
+@functools.lru_cache(maxsize=2)
+def _rouge_scorer(use_stemmer: bool):
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise EvalError("ROUGE-L needs the rouge-score package (pip install rouge-score)") from None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+
+
+def rouge_l(prediction: str, references: Sequence[str] | str, use_stemmer: bool = False) -> float:
+    """ROUGE-L F-measure in [0, 1] from ``rouge-score``; the best over several references."""
+    refs = [references] if isinstance(references, str) else list(references)
+    if not refs:
+        raise EvalError("rouge_l needs at least one reference")
+    return float(_rouge_scorer(use_stemmer).score_multi(refs, prediction)["rougeL"].fmeasure)
+
+
+def rank_prediction(scores_C: np.ndarray) -> int:
+    """The argmin of the choice scores (ties: the lowest index)."""
+    return int(np.argmin(np.asarray(scores_C)))
+
+
+def generation_score(metric: str, prediction: str, references: Sequence[str]) -> float:
+    """The per-example value of a generation metric, in [0, 1]."""
+    if metric == "exact_match":
+        return exact_match(prediction, references[0])
+    if metric == "exact_match_any":
+        return exact_match_any(prediction, references)
+    if metric == "rouge_l":
+        return rouge_l(prediction, references)
+    raise EvalError(f"unknown generation metric {metric!r}; expected one of {METRICS[1:]}")
+
+
+# --- shapes -------------------------------------------------------------------------------------
+
+
+def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """``n`` rounded up to a power of two, at least ``minimum``, at most ``maximum``."""
+    b = max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return b if maximum is None else max(n, min(b, maximum))
+
+
+def _truncate(ids: list[int], max_len: int, eos: int) -> list[int]:
+    # Keep EOS last, as the tokenizers do, so a truncated text still ends like a sentence.
+    return ids if len(ids) <= max_len else ids[:max_len - 1] + [eos]
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], n_rows: int, length: int) -> tuple[np.ndarray, ...]:
+    ids = np.zeros((n_rows, length), np.int32)
+    mask = np.zeros((n_rows, length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+# --- telemetry ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryAdapter:
+    """Wraps a per-token routing adapter and counts each site's top-1 expert over real tokens.
+
+    The wrapped ``RoutedAdapter`` does the routing; this adds ``top1_counts`` (E,) to the
+    ``intermediates`` collection, counting only tokens whose ``telemetry/<site>/mask`` is 1, so
+    padding (rows, encoder positions, choice positions) never enters the counts. The top-1 expert
+    is the argmax of the router scores, which is what ``topk_softmax`` puts first.
+    """
+
+    inner: Any
+
+    def __call__(self, module, x: Array, y: Array) -> Array:
+        out = self.inner(module, x, y)
+        if not (module.has_variable(ROUTER, "vectors") and module.has_variable(EXPERTS, "lora_a")
+                and module.has_variable(TELEMETRY, "mask")):
+            return out
+        vectors_ED = module.get_variable(ROUTER, "vectors")
+        if self.inner.scoring == "standardized":
+            scores = phatgoose_scores(x, vectors_ED, gates_normed=True)
+        else:
+            scores = arrow_scores(x, vectors_ED)
+        top1 = jnp.argmax(scores, axis=-1).reshape(-1)
+        mask = module.get_variable(TELEMETRY, "mask").astype(jnp.float32).reshape(-1)
+        counts_E = jnp.zeros((vectors_ED.shape[0],), jnp.float32).at[top1].add(mask)
+        module.sow("intermediates", "top1_counts", counts_E)
+        return out
+
+
+def _telemetry_masks(sites: Sequence[str], enc_mask, dec_mask, cross_mask) -> dict:
+    def pick(site):  # cross-attention k and v read encoder tokens
+        if site.startswith("encoder/"):
+            return enc_mask
+        return cross_mask if site.endswith(("cross_attn/k", "cross_attn/v")) else dec_mask
+
+    return nest_sites({s: {"mask": pick(s)} for s in sites})
+
+
+def _collect_counts(state) -> dict[str, Array]:
+    inter = state.get("intermediates", {}) if state else {}
+    if not inter:
+        return {}
+    return {name: sum(leaf["top1_counts"]) for name, leaf in flatten_sites(inter).items()
+            if "top1_counts" in leaf}
+
+
+# --- the jitted scorers -------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "adapter", "naive", "sites"))
+def _choice_nll(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT,
+                naive: bool = False, sites: tuple[str, ...] = ()):
+    """Summed NLL (B, C) of every choice, plus per-site top-1 counts when ``sites`` is given.
+
+    ``naive`` repeats the input per choice and runs the whole model on every (input, choice) row;
+    otherwise the encoder runs once per example and its output is repeated along C.
+    """
+    model = T5(cfg, adapter)
+    B, C, T = tgt_BCT.shape
+    tgt_NT = tgt_BCT.reshape(B * C, T)
+    tmask_NT = tmask_BCT.reshape(B * C, T)
+    mask_NL = jnp.repeat(mask_BL, C, axis=0)
+    enc_rows = mask_NL if naive else mask_BL
+    mutable = ["intermediates"] if sites else False
+    if sites:
+        # Padded choice rows (C rounded up) hold real encoder tokens but are no real input.
+        real_N = (jnp.sum(tmask_NT, axis=-1, keepdims=True) > 0).astype(mask_NL.dtype)
+        enc_real = mask_NL * real_N if naive else mask_BL
+        masks = {TELEMETRY: _telemetry_masks(sites, enc_real, tmask_NT, mask_NL * real_N)}
+        enc_vars, dec_vars = {**enc_vars, **masks}, {**dec_vars, **masks}
+    enc_ids = jnp.repeat(ids_BL, C, axis=0) if naive else ids_BL
+    res = model.apply(enc_vars, enc_ids, enc_rows, method=T5.encode, mutable=mutable)
+    enc_XLD, enc_state = res if sites else (res, None)
+    enc_NLD = enc_XLD if naive else jnp.repeat(enc_XLD, C, axis=0)
+    start_N1 = jnp.full_like(tgt_NT[:, :1], cfg.decoder_start_token_id)
+    dec_NT = jnp.concatenate([start_N1, tgt_NT[:, :-1]], axis=1)   # teacher forcing
+    res = model.apply(dec_vars, dec_NT, enc_NLD, mask_NL, method=T5.decode, mutable=mutable)
+    logits_NTV, dec_state = res if sites else (res, None)
+    gold_NT = jnp.take_along_axis(logits_NTV, tgt_NT[..., None], axis=-1)[..., 0]
+    nll_NT = (jax.nn.logsumexp(logits_NTV, axis=-1) - gold_NT) * tmask_NT
+    nll_BC = jnp.sum(nll_NT, axis=-1).reshape(B, C)
+    counts = {**_collect_counts(enc_state), **_collect_counts(dec_state)}
+    return nll_BC, counts
+
+
+# --- the evaluator ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DatasetResult:
+    """Everything measured for one dataset (all its templates pooled)."""
+
+    dataset: str
+    metric: str
+    values: list[float] = dataclasses.field(default_factory=list)
+    templates: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    skipped: Counter = dataclasses.field(default_factory=Counter)
+    predictions: list[dict] = dataclasses.field(default_factory=list)
+    telemetry: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float | None:
+        return 100.0 * float(np.mean(self.values)) if self.values else None
+
+
+class Evaluator:
+    """Runs a T5 (with any routing method) over evaluation tasks.
+
+    Args:
+      cfg: the base model config.
+      params: base parameters.
+      tokenizer: anything with ``encode(text, add_eos)``, ``decode(ids)``, ``eos_id``.
+      routed: a ``goose_jax.routers.Routed`` (None: the base model).
+      batch_size: examples per batch; a batch holds at most ``4 * batch_size`` choice rows and
+        ``256 * batch_size`` choice tokens (examples with long choices go in smaller batches).
+      max_input_length: encoder tokens per example (truncated, EOS kept).
+      max_target_length: tokens per answer choice (truncated, EOS kept).
+      length_normalize: mean NLL over the choice's tokens (the paper); False: summed NLL.
+      encoder_once: score choices with one encoder pass per example (False: the naive way).
+      telemetry: count top-1 experts per site (per-token routing methods only).
+      choose_experts: for method ``example``, maps a list of examples to one expert index each.
+      mesh: optional device mesh with a ``data`` axis; batches are split over it.
+    """
+
+    def __init__(self, cfg: T5Config, params, tokenizer, routed=None, *, batch_size: int = 16,
+                 max_input_length: int = 512, max_target_length: int = 512,
+                 length_normalize: bool = True, encoder_once: bool = True,
+                 telemetry: bool = False, choose_experts: Callable | None = None, mesh=None):
+        if batch_size < 1 or max_input_length < 2 or max_target_length < 1:
+            raise EvalError(f"need batch_size >= 1, max_input_length >= 2, max_target_length "
+                            f">= 1; got {batch_size}, {max_input_length}, {max_target_length}")
+        self.cfg, self.params, self.tok, self.routed = cfg, params, tokenizer, routed
+        self.batch_size, self.max_rows = batch_size, 4 * batch_size
+        self.max_input_length, self.max_target_length = max_input_length, max_target_length
+        self.length_normalize, self.encoder_once = length_normalize, encoder_once
+        self.mesh, self.choose_experts = mesh, choose_experts
+        method = getattr(routed, "method", "base")
+        if method == "example" and choose_experts is None:
+            raise EvalError("method 'example' needs choose_experts (one expert per example)")
+        adapter = getattr(routed, "adapter", None)
+        per_token = getattr(adapter, "scoring", None) in ("standardized", "abs_dot")
+        if per_token and adapter.telemetry:
+            adapter = dataclasses.replace(adapter, telemetry=False)  # we count, masked
+        self.plain_adapter = adapter
+        self.telemetry = bool(telemetry and per_token)
+        self.adapter = TelemetryAdapter(adapter) if self.telemetry else adapter
+        self.collections = dict(getattr(routed, "collections", None) or {})
+        self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
+        self.compiled_shapes: set[tuple] = set()
+        self.last_counts: dict[str, np.ndarray] = {}
+
+    # -- helpers --
+
+    def _rows(self, n: int) -> int:
+        div = self.mesh.shape["data"] if self.mesh is not None else 1
+        b = bucket(n, 1, self.batch_size)
+        return -(-b // div) * div
+
+    def _put(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from goose_jax.sharding import batch_sharding
+
+        return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
+
+    def _variables(self, experts_B: np.ndarray | None, repeat: int = 1) -> dict:
+        if experts_B is None:
+            return {"params": self.params, **self.collections}
+        routed = self.routed.with_example_index(np.repeat(experts_B, repeat))
+        return {"params": self.params, **routed.collections}
+
+    def _experts(self, batch: Sequence[Example], rows: int) -> np.ndarray | None:
+        if self.choose_experts is None:
+            return None
+        idx = np.zeros((rows,), np.int32)
+        idx[:len(batch)] = np.asarray(self.choose_experts(list(batch)), np.int32)
+        return idx
+
+    def _encode_input(self, text: str) -> list[int]:
+        return _truncate(self.tok.encode(text, add_eos=True), self.max_input_length,
+                         self.tok.eos_id)
+
+    # -- rank classification --
+
+    def score_choices(self, examples: Sequence[Example], progress=None) -> list[np.ndarray]:
+        """Per example, the (C,) choice scores (mean or summed token NLL); lower is better.
+
+        Returns:
+          One float64 array per example; its telemetry counts are added to ``self.last_counts``.
+        """
+        if any(not ex.choices for ex in examples):
+            raise EvalError("score_choices: every example needs at least one choice")
+        enc = [self._encode_input(ex.input) for ex in examples]
+        chs = [[_truncate(self.tok.encode(c, add_eos=True), self.max_target_length,
+                          self.tok.eos_id) for c in ex.choices] for ex in examples]
+        # Group equal choice buckets, then sort by input length to keep padding small.
+        order = sorted(range(len(examples)), key=lambda i: (bucket(len(chs[i])), len(enc[i])))
+        out: list[np.ndarray | None] = [None] * len(examples)
+        self.last_counts = {}
+        pos = 0
+        while pos < len(order):
+            C = bucket(len(chs[order[pos]]))
+            per_batch = max(1, min(self.batch_size, self.max_rows // C))
+            idx = [i for i in order[pos:pos + per_batch] if bucket(len(chs[i])) == C]
+            while True:  # long choices: fewer examples, so the (N, T, V) logits stay bounded
+                T = bucket(max(len(c) for i in idx for c in chs[i]), 4, self.max_target_length)
+                if len(idx) == 1 or len(idx) * C * T <= self.max_rows * 64:
+                    break
+                idx = idx[:len(idx) // 2]
+            pos += len(idx)
+            B = self._rows(len(idx))
+            L = bucket(max(len(enc[i]) for i in idx), 8, self.max_input_length)
+            ids, mask = _pad_rows([enc[i] for i in idx], B, L)
+            tgt = np.zeros((B, C, T), np.int32)
+            tmask = np.zeros((B, C, T), np.int32)
+            for b, i in enumerate(idx):
+                for c, ch in enumerate(chs[i]):
+                    tgt[b, c, :len(ch)] = ch
+                    tmask[b, c, :len(ch)] = 1
+            naive = not self.encoder_once
+            experts = self._experts([examples[i] for i in idx], B)
+            enc_vars = self._variables(experts, C if naive else 1)
+            dec_vars = self._variables(experts, C) if experts is not None else enc_vars
+            self.compiled_shapes.add(("rank", B, C, L, T))
+            nll, counts = _choice_nll(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
+                                      self._put(mask), self._put(tgt), self._put(tmask),
+                                      naive=naive, sites=self.sites)
+            nll = np.asarray(nll, np.float64)
+            ntok = tmask.sum(-1)
+            for b, i in enumerate(idx):
+                n_c = len(chs[i])
+                s = nll[b, :n_c]
+                out[i] = s / ntok[b, :n_c] if self.length_normalize else s
+            self._add_counts(counts)
+            if progress is not None:
+                progress.update(len(idx))
+        return out  # type: ignore[return-value]
+
+    def _add_counts(self, counts) -> None:
+        for site, c in counts.items():
+            c = np.asarray(c, np.float64)
+            self.last_counts[site] = self.last_counts.get(site, 0.0) + c
+
+    # -- generation --
+
+    def generate(self, examples: Sequence[Example], max_new_tokens: int,
+                 progress=None) -> list[str]:
+        """Greedy continuations, decoded to text (stopping at EOS)."""
+        enc = [self._encode_input(ex.input) for ex in examples]
+        order = sorted(range(len(examples)), key=lambda i: len(enc[i]))
+        out: list[str] = [""] * len(examples)
+        self.last_counts = {}
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            B = self._rows(len(idx))
+            L = bucket(max(len(enc[i]) for i in idx), 8, self.max_input_length)
+            ids, mask = _pad_rows([enc[i] for i in idx], B, L)
+            variables = self._variables(self._experts([examples[i] for i in idx], B))
+            self.compiled_shapes.add(("generate", B, L, max_new_tokens))
+            coll = {k: v for k, v in variables.items() if k != "params"}
+            toks = np.asarray(generate_greedy(self.cfg, self.params, self._put(ids),
+                                              max_new_tokens, self._put(mask),
+                                              adapter=self.plain_adapter, collections=coll or None))
+            for b, i in enumerate(idx):
+                out[i] = self.tok.decode(toks[b].tolist())
+            if self.telemetry:
+                self._generation_counts(ids, mask, toks, len(idx), variables)
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+    def _generation_counts(self, ids, mask, toks, n_real: int, variables) -> None:
+        # Teacher forcing the generated tokens reproduces every decoding step's activations, so
+        # the routing counted here is the routing that greedy decoding used.
+        eos = self.cfg.eos_token_id
+        rows = [r[:r.index(eos) + 1] if eos in r else r for r in toks.tolist()]
+        tgt, tmask = _pad_rows(rows, toks.shape[0], bucket(toks.shape[1], 4))
+        tmask[n_real:] = 0
+        _, counts = _choice_nll(self.cfg, self.adapter, variables, variables, self._put(ids),
+                                self._put(mask), self._put(tgt[:, None]),
+                                self._put(tmask[:, None]), sites=self.sites)
+        self._add_counts(counts)
+
+    # -- tasks --
+
+    def evaluate_task(self, task: EvalTask, examples: Sequence[Example] | None = None,
+                      progress=None, result: DatasetResult | None = None) -> DatasetResult:
+        """Scores one task; skipped examples are counted by reason, never fatal."""
+        examples = list(task.load()) if examples is None else list(examples)
+        res = result or DatasetResult(task.dataset, task.metric)
+        usable = []
+        for ex in examples:
+            reason = skip_reason(task, ex)
+            if reason:
+                res.skipped[reason] += 1
+                if progress is not None:
+                    progress.update(1)
+            else:
+                usable.append(ex)
+        if not usable:
+            return res
+        t0 = time.perf_counter()
+        if task.kind == "rank":
+            scores = self.score_choices(usable, progress)
+            for ex, s in zip(usable, scores):
+                pred = rank_prediction(s)
+                self._record(res, ex, float(pred in ex.answers),
+                             {"prediction": pred, "answers": list(ex.answers),
+                              "scores": [round(float(v), 5) for v in s]})
+        else:
+            texts = self.generate(usable, task.max_new_tokens, progress)
+            for ex, text in zip(usable, texts):
+                self._record(res, ex, generation_score(task.metric, text, ex.references),
+                             {"prediction": text, "references": list(ex.references)})
+        res.seconds += time.perf_counter() - t0
+        for site, c in self.last_counts.items():
+            res.telemetry[site] = res.telemetry.get(site, 0.0) + c
+        return res
+
+    @staticmethod
+    def _record(res: DatasetResult, ex: Example, value: float, extra: dict) -> None:
+        res.values.append(value)
+        res.templates.setdefault(ex.template, []).append(value)
+        res.predictions.append({"dataset": ex.dataset, "template": ex.template,
+                                "id": ex.example_id, "value": value, **extra})
+
+
+def skip_reason(task: EvalTask, ex: Example) -> str | None:
+    """Why ``ex`` cannot be scored under ``task`` (counted and reported), or None."""
+    if not ex.input or not ex.input.strip():
+        return "empty input"
+    if task.kind == "rank":
+        if not ex.choices:
+            return "no answer choices"
+        if not ex.answers:
+            return "no correct choice"
+        if any(not 0 <= a < len(ex.choices) for a in ex.answers):
+            return "answer index out of range"
+    elif not ex.references:
+        return "no reference"
+    return None
+
+
+def load_all(tasks: Sequence[EvalTask]) -> dict[str, list[Example]]:
+    """Loads every task before any model work, so a missing or empty one fails fast.
+
+    Raises:
+      DataError: a task yields no examples (naming the task and its source).
+    """
+    loaded = {}
+    for task in tasks:
+        examples = list(task.load())
+        if not examples:
+            raise DataError(f"task {task.name}: no examples found in {task.source or 'its source'}"
+                            " (missing, empty or filtered out; list the other tasks with --tasks "
+                            "to run without it)")
+        loaded[task.name] = examples
+    return loaded
+
+
+def evaluate(evaluator: Evaluator, tasks: Sequence[EvalTask], *, progress: bool = True,
+             examples: dict[str, list[Example]] | None = None) -> dict[str, DatasetResult]:
+    """Runs every task, pooling tasks that share a dataset; returns results by dataset."""
+    examples = load_all(tasks) if examples is None else examples
+    total = sum(len(v) for v in examples.values())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="ex", desc="goose-eval", dynamic_ncols=True)
+    results: dict[str, DatasetResult] = {}
+    try:
+        for task in tasks:
+            if bar is not None:
+                bar.set_postfix_str(task.name)
+            prev = results.get(task.dataset)
+            if prev is not None and prev.metric != task.metric:
+                raise EvalError(f"dataset {task.dataset}: tasks disagree on the metric "
+                                f"({prev.metric} and {task.metric})")
+            results[task.dataset] = evaluator.evaluate_task(task, examples[task.name], bar, prev)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+# --- aggregation and output ---------------------------------------------------------------------
+
+
+def _family(name: str, benchmark: str) -> str:
+    return name.split("/")[0] if "/" in name else (benchmark or "all")
+
+
+def summarize(results: dict[str, DatasetResult], *, benchmark: str = "",
+              meta: dict | None = None) -> dict:
+    """The run's JSON: per-dataset scores (percent) and unweighted means over datasets.
+
+    ``benchmarks`` holds one mean per benchmark (the dataset name's prefix before ``/``, else
+    ``benchmark``); ``score`` is the mean over all datasets. Datasets with no scored example are
+    listed with ``score: null`` and left out of the means.
+    """
+    datasets = {}
+    for name, r in results.items():
+        datasets[name] = {
+            "metric": r.metric, "score": r.score, "examples": len(r.values),
+            "skipped": sum(r.skipped.values()), "skip_reasons": dict(r.skipped),
+            "templates": {t: {"score": 100.0 * float(np.mean(v)), "examples": len(v)}
+                          for t, v in sorted(r.templates.items())},
+            "seconds": round(r.seconds, 3),
+        }
+    groups: dict[str, list[float]] = {}
+    for name, d in datasets.items():
+        if d["score"] is not None:
+            groups.setdefault(_family(name, benchmark), []).append(d["score"])
+    scored = [v for g in groups.values() for v in g]
+    return {"benchmark": benchmark, "score": float(np.mean(scored)) if scored else None,
+            "num_datasets": len(scored),
+            "benchmarks": {k: {"score": float(np.mean(v)), "num_datasets": len(v)}
+                           for k, v in groups.items()},
+            "datasets": datasets, **(meta or {})}
+
+
+def markdown_table(summary: dict) -> str:
+    """A markdown table of a ``summarize`` result: one row per dataset, then the means."""
+    lines = ["| dataset | metric | score | examples | skipped |", "|---|---|---:|---:|---:|"]
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    for name, d in summary["datasets"].items():
+        lines.append(f"| {name} | {d['metric']} | {fmt(d['score'])} | {d['examples']} | "
+                     f"{d['skipped']} |")
+    means = [(k, v["score"], v["num_datasets"]) for k, v in summary["benchmarks"].items()]
+    if len(means) != 1:
+        means.append(("all", summary["score"], summary["num_datasets"]))
+    for label, score, n in means:
+        lines.append(f"| **{label} (mean of {n})** | | **{fmt(score)}** | | |")
+    return "\n".join(lines) + "\n"
+
+
+def telemetry_table(results: dict[str, DatasetResult]) -> dict[str, dict[str, list[float]]]:
+    """``{site: {dataset: top-1 counts per expert}}`` over all datasets with telemetry."""
+    table: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for name, r in results.items():
+        for site, counts in r.telemetry.items():
+            table[site][name] = np.asarray(counts).tolist()
+    return dict(table)

@@ -1,0 +1,111 @@
+"""`goose-eval` end to end on a tiny random T5, a tiny expert library and BBH fixture files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import goose_jax as gj
+from goose_jax.cli import eval as cli
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from datasets import Dataset, DatasetDict
+
+    from goose_jax.experts import LoRAConfig, nest_sites
+    from goose_jax.library import ExpertLibrary
+
+    root = tmp_path_factory.mktemp("world")
+    cfg = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40,
+                      num_encoder_layers=1, num_decoder_layers=1,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    params = gj.init_params(cfg, 5)
+    gj.save_hf_t5(cfg, params, root / "base")
+    # Experts at three sites only (compiles stay short); one per layer for the heatmaps.
+    sites = r"encoder/block_0/self_attn/q|decoder/block_0/(cross_attn/k|ffn/wo)"
+    lib = ExpertLibrary.create(root / "lib", cfg, params, LoRAConfig(rank=2, sites=sites))
+    rng = np.random.default_rng(0)
+    for name in ("alpha", "beta", "gamma"):
+        experts, gates = {}, {}
+        for site, (d_in, d_out) in lib.sites.items():
+            experts[site] = {"lora_a": rng.standard_normal((d_in, 2), np.float32),
+                             "lora_b": rng.standard_normal((2, d_out), np.float32)}
+            gates[site] = {"gate": rng.standard_normal((d_in,), np.float32)}
+        lib.add(name, nest_sites(experts), nest_sites(gates))
+    bbh = root / "bbh"
+    DatasetDict({"test": Dataset.from_list(
+        [{"input": f"{a} and {b}", "target": str(a and b)}
+         for a in (True, False) for b in (True, False)])}).save_to_disk(
+        str(bbh / "boolean_expressions"))
+    DatasetDict({"train": Dataset.from_list(
+        [{"idx": i, "inputs": f"count {i}", "targets": [str(i)], "multiple_choice_targets": [],
+          "multiple_choice_scores": []} for i in range(3)])}).save_to_disk(
+        str(bbh / "object_counting"))
+    return root
+
+
+def _args(world, out, *extra):
+    return ["--base", str(world / "base"), "--byte-tokenizer", "--bbh-root", str(world / "bbh"),
+            "--out", str(out), "--no-progress", "--batch-size", "4", *extra]
+
+
+def test_goose_eval_phatgoose_run(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(_args(world, out, "--library", str(world / "lib"), "--method", "phatgoose",
+                        "--top-k", "2", "--tasks",
+                        "bbh/boolean_expressions,bbh/object_counting"))
+    assert rc == 0
+    summary = json.loads((out / "results.json").read_text())
+    ds = summary["datasets"]
+    assert set(ds) == {"bbh/boolean_expressions", "bbh/object_counting"}
+    assert ds["bbh/boolean_expressions"]["examples"] == 4
+    assert ds["bbh/object_counting"]["metric"] == "exact_match_any"
+    assert summary["method"] == "phatgoose" and summary["experts"] == ["alpha", "beta", "gamma"]
+    assert summary["score"] == pytest.approx(np.mean([d["score"] for d in ds.values()]))
+    assert summary["examples_per_second"] > 0
+    assert summary["devices"] == __import__("jax").device_count()   # batches split over all
+    assert "| **bbh (mean of 2)** |" in (out / "results.md").read_text()
+    assert "examples/s" in capsys.readouterr().out
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 7 and {p["dataset"] for p in preds} == set(ds)
+    tele = json.loads((out / "telemetry.json").read_text())
+    assert tele["experts"] == ["alpha", "beta", "gamma"]
+    counts = tele["top1_counts"]["encoder/block_0/self_attn/q"]
+    assert set(counts) == set(ds) and all(len(c) == 3 for c in counts.values())
+    assert sorted(os.listdir(out / "telemetry")) == ["decoder_block_0.png", "encoder_block_0.png"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "bbh/navigat"], "unknown task 'bbh/navigat'.*did you mean bbh/navigate"),
+    (["--tasks", "bbh/navigate"], "navigate: BIG-bench task directory does not exist"),
+    (["--tasks", "t0_heldout/rte"], "t0_heldout/rte needs its data directory \\(--p3-root\\)"),
+    (["--benchmark", "bbx"], "unknown benchmark 'bbx'.*did you mean.*bbh"),
+    (["--tasks", "bbh/boolean_expressions", "--method", "arrow"], "--method arrow needs --library"),
+    (["--tasks", "bbh/boolean_expressions", "--library", "nowhere"], "not an expert library"),
+    ([], "give --benchmark or --tasks"),
+])
+def test_goose_eval_errors(world, tmp_path, capsys, extra, message):
+    import re
+
+    assert cli.main(_args(world, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("goose-eval: error:") and "\n" not in err
+    assert re.search(message, err), err
+
+
+def test_example_routing_equals_single_expert(world, tmp_path):
+    """--method example with every example mapped to one expert is --method single."""
+    (tmp_path / "map.json").write_text(json.dumps({"bbh/boolean_expressions": "beta"}))
+    scores = {}
+    for method, extra in (("single", ["--expert", "beta"]),
+                          ("example", ["--expert-map", str(tmp_path / "map.json")])):
+        out = tmp_path / method
+        assert cli.main(_args(world, out, "--library", str(world / "lib"), "--method", method,
+                              "--tasks", "bbh/boolean_expressions", *extra)) == 0
+        lines = (out / "predictions.jsonl").read_text().splitlines()
+        scores[method] = [json.loads(line)["scores"] for line in lines]
+        assert not (out / "telemetry.json").exists()   # no per-token routing to count
+    np.testing.assert_allclose(scores["single"], scores["example"], atol=1e-4)
