@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from goose_jax import distributed
 from goose_jax.errors import DataError, GooseError
 
 _METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-telemetry", action="store_true", help="skip routing telemetry")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--out", required=True, help="output directory")
+    distributed.add_arguments(ap)
     return ap
 
 
@@ -308,6 +310,7 @@ def main(argv=None) -> int:
         print("goose-eval: error: give --benchmark or --tasks", file=sys.stderr)
         return 2
     try:
+        distributed.maybe_initialize(args)
         run(args)
     except GooseError as e:
         print(f"goose-eval: error: {' '.join(str(e).split())}", file=sys.stderr)

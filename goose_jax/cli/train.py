@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from goose_jax import distributed
 from goose_jax.errors import DataError, GooseError, TrainConfigError
 
 PROG = "goose-train"
@@ -583,6 +584,7 @@ def _common(p: argparse.ArgumentParser, many: bool) -> None:
                    help="replace experts (or a model) that already exist in the output")
     p.add_argument("--mesh", help="device mesh sizes, e.g. data=2,expert=4 (experts are split "
                                   "over the expert axis)")
+    distributed.add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -624,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.names = [args.name] if args.name else None
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
+        distributed.maybe_initialize(args)
         return args.run(args)
     except (GooseError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
