@@ -390,21 +390,25 @@ class _TorchState(Mapping):
         return key in self._tensors
 
     def __getitem__(self, key: str) -> np.ndarray:
-        import torch  # Already imported by _read_torch when this object exists.
-
-        t = self._tensors[key].detach().cpu()
-        if t.dtype == torch.bfloat16:
-            # NumPy has no bfloat16 of its own: reinterpret the bits as ml_dtypes.bfloat16.
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+        return torch_to_numpy(self._tensors[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU NumPy view of a torch tensor; bfloat16 becomes ml_dtypes.bfloat16 (NumPy has none)."""
+    import torch
+
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _read_torch(files: list[str]) -> _TorchState:

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import sys
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -47,7 +46,13 @@ import numpy as np
 from goose_jax.config import T5Config
 from goose_jax.errors import AdapterError, UnsafeCheckpointError
 from goose_jax.experts import DEFAULT_SITES, LoRAConfig, nest_sites, peft_scale
-from goose_jax.interop.hf import resolve_hf_dir, tensor_specs
+from goose_jax.interop.hf import (
+    _one_line,
+    progress_enabled,
+    resolve_hf_dir,
+    tensor_specs,
+    torch_to_numpy,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -72,10 +77,6 @@ _UNSUPPORTED = {
 _SHOWN = 4
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 def _show(items: Iterable[str]) -> str:
     items = list(items)
     text = ", ".join(repr(x) for x in items[:_SHOWN])
@@ -85,8 +86,7 @@ def _show(items: Iterable[str]) -> str:
 def progress_bar(items, desc: str, unit: str, enabled: bool | None = None):
     """``items`` wrapped in a tqdm bar when drawing one makes sense (a terminal, not quiet)."""
     if enabled is None:
-        enabled = os.environ.get("GOOSE_QUIET", "") != "1" and bool(
-            getattr(sys.stderr, "isatty", lambda: False)())
+        enabled = progress_enabled()
     if not enabled:
         return items
     from tqdm.auto import tqdm
@@ -217,13 +217,7 @@ def read_torch_weights(path: str) -> dict[str, np.ndarray]:
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[key] = value.numpy()
+        out[key] = torch_to_numpy(value)
     return out
 
 
