@@ -305,7 +305,9 @@ class TrainCheckpointer:
 
         Args:
           target: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like the saved tree;
-            each leaf's dtype and sharding are those of the restored leaf.
+            each leaf's dtype and sharding are those of the restored leaf. Its mesh may differ
+            from the one the checkpoint was written from (other device or process counts,
+            other axis sizes; see ``saved_shapes``).
           step: which step; default the latest.
 
         Raises:
@@ -328,6 +330,30 @@ class TrainCheckpointer:
                                   f"(was it written by a different config?): "
                                   f"{_one_line(e)}") from None
         return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
+
+    def saved_shapes(self, step: int | None = None, sharding: Any = None) -> Any:
+        """The saved state's structure as ``jax.ShapeDtypeStruct`` leaves, a restore target.
+
+        A checkpoint does not depend on the mesh it was written from (several processes write
+        one checkpoint together): give each leaf the ``sharding`` it should be restored onto,
+        e.g. one device, or a ``NamedSharding`` of any mesh; or map over the result to choose
+        per leaf.
+
+        Args:
+          step: which step; default the latest.
+          sharding: a ``jax.sharding.Sharding`` for every leaf (default: the first local
+            device).
+
+        Raises:
+          CheckpointError: there is no such step.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or int(step) not in self.all_steps():
+            raise CheckpointError(f"{self.directory}: no training checkpoint for step {step} "
+                                  f"(found {self.all_steps()})")
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = self._manager.item_metadata(int(step))[STATE_ITEM]
+        return jax.tree.map(lambda m: _abstract(m, sharding), metadata)
 
     def saved_leaf_paths(self, step: int | None = None) -> list[str]:
         """Slash-joined paths of every array saved in ``step``'s state (for audits and tests)."""

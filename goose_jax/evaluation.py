@@ -35,7 +35,7 @@ import numpy as np
 from goose_jax.config import T5Config
 from goose_jax.errors import DataError, GooseError
 from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
-from goose_jax.routers import ROUTER
+from goose_jax.routers import PER_EXAMPLE, ROUTER
 from goose_jax.routing import arrow_scores, phatgoose_scores
 from goose_jax.t5 import T5, generate_greedy
 
@@ -315,8 +315,8 @@ class Evaluator:
         self.length_normalize, self.encoder_once = length_normalize, encoder_once
         self.mesh, self.choose_experts = mesh, choose_experts
         method = getattr(routed, "method", "base")
-        if method == "example" and choose_experts is None:
-            raise EvalError("method 'example' needs choose_experts (one expert per example)")
+        if method in PER_EXAMPLE and choose_experts is None:
+            raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")
         adapter = getattr(routed, "adapter", None)
         per_token = getattr(adapter, "scoring", None) in ("standardized", "abs_dot")
         if per_token and adapter.telemetry:
@@ -337,11 +337,19 @@ class Evaluator:
         return -(-b // div) * div
 
     def _put(self, x):
+        # Every process builds the same host batch and places the rows its devices hold.
         if self.mesh is None:
             return jnp.asarray(x)
-        from goose_jax.sharding import batch_sharding
+        from goose_jax.sharding import batch_sharding, put_global
 
-        return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
+        return put_global(np.asarray(x), batch_sharding(self.mesh, np.ndim(x)))
+
+    @staticmethod
+    def _get(tree):
+        # Outputs split over the devices of several processes are gathered on every process.
+        from goose_jax.distributed import fetch
+
+        return fetch(tree)
 
     def _variables(self, experts_B: np.ndarray | None, repeat: int = 1) -> dict:
         if experts_B is None:
@@ -405,6 +413,7 @@ class Evaluator:
             nll, counts = _choice_nll(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
                                       self._put(mask), self._put(tgt), self._put(tmask),
                                       naive=naive, sites=self.sites)
+            nll, counts = self._get((nll, counts))
             nll = np.asarray(nll, np.float64)
             ntok = tmask.sum(-1)
             for b, i in enumerate(idx):
@@ -438,9 +447,9 @@ class Evaluator:
             variables = self._variables(self._experts([examples[i] for i in idx], B))
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
-            toks = np.asarray(generate_greedy(self.cfg, self.params, self._put(ids),
-                                              max_new_tokens, self._put(mask),
-                                              adapter=self.plain_adapter, collections=coll or None))
+            toks = self._get(generate_greedy(self.cfg, self.params, self._put(ids),
+                                             max_new_tokens, self._put(mask),
+                                             adapter=self.plain_adapter, collections=coll or None))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
             if self.telemetry:
@@ -459,7 +468,7 @@ class Evaluator:
         _, counts = _choice_nll(self.cfg, self.adapter, variables, variables, self._put(ids),
                                 self._put(mask), self._put(tgt[:, None]),
                                 self._put(tmask[:, None]), sites=self.sites)
-        self._add_counts(counts)
+        self._add_counts(self._get(counts))
 
     # -- tasks --
 

@@ -59,6 +59,22 @@ def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,expert=4"`` -> ``{"data": 2, "expert": 4}`` (the ``make_mesh`` arguments).
+
+    Raises:
+      ValueError: an axis that is not one of ``MESH_AXES``, or a size that is not an integer.
+    """
+    sizes = {}
+    for part in text.split(","):
+        key, _, value = (x.strip() for x in part.partition("="))
+        if key not in MESH_AXES or not value.lstrip("-").isdigit():
+            raise ValueError(f"mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4 "
+                             f"with AXIS one of {MESH_AXES}")
+        sizes[key] = int(value)
+    return sizes
+
+
 def logical_to_sharding(specs: Any, mesh: Mesh, rules=RULES) -> Any:
     """Maps a pytree of logical ``PartitionSpec`` onto ``NamedSharding`` for ``mesh``.
 
@@ -87,9 +103,39 @@ def param_shardings(params: Any, specs: Any, mesh: Mesh, rules=RULES) -> Any:
         lambda x, s: s if _fits(np.shape(x), s) else replicated, params, shardings)
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Places host values (the same on every process) as global arrays with ``shardings``.
+
+    Each process copies only the slices its own devices hold, so this works whether the mesh
+    spans one process or several (``jax.device_put`` of a host value onto devices of other
+    processes does not). Leaves already laid out as asked are returned unchanged.
+
+    Args:
+      tree: a pytree of arrays (NumPy, or jax arrays whose values this process can read).
+      shardings: one ``jax.sharding.Sharding``, or a pytree of them matching ``tree``.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def shard_params(params: Any, specs: Any, mesh: Mesh, rules=RULES) -> Any:
     """Places ``params`` on ``mesh`` according to their logical specs and the rules table."""
-    return jax.device_put(params, param_shardings(params, specs, mesh, rules))
+    return put_global(params, param_shardings(params, specs, mesh, rules))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` whole on every device of ``mesh`` (routing collections, small trees)."""
+    return put_global(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

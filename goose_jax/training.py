@@ -103,6 +103,10 @@ class TrainConfig:
       expert_names: default expert names, in data-file order.
       fast_compile: compile the steps with XLA's backend optimisation off: several times
         faster to compile on CPU, up to 2x slower to run (tests, smoke runs).
+      mesh: device mesh sizes, e.g. ``"data=2,expert=4"`` (``goose-train --mesh`` overrides);
+        empty: one device on a single process, and in a process group all global devices with
+        the expert axis as large as the expert and device counts allow. Not part of a run's
+        identity: a run may resume on another mesh.
     """
 
     steps: int = 1000
@@ -136,6 +140,7 @@ class TrainConfig:
     num_experts: int = 0
     expert_names: tuple[str, ...] = ()
     fast_compile: bool = False
+    mesh: str = ""
 
     def __post_init__(self):
         def fail(name, want):
@@ -166,6 +171,11 @@ class TrainConfig:
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):
                 fail(name, want)
+        if self.mesh:
+            try:
+                sharding.parse_mesh(self.mesh)
+            except ValueError as e:
+                raise TrainConfigError(f"TrainConfig.mesh: {e}") from None
         for name in ("lora_sites", "freeze"):
             try:
                 re.compile(getattr(self, name))
@@ -495,6 +505,66 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     return _shard_leading(batch, mesh, (None, "batch"))
 
 
+def _batch_shardings(shapes: dict, mesh: jax.sharding.Mesh, many: bool) -> dict:
+    logical = ("expert", None, "batch") if many else (None, "batch")
+    specs = {k: jax.sharding.PartitionSpec(*logical) for k in shapes}
+    return sharding.param_shardings(shapes, specs, mesh)
+
+
+def global_batch(batchers: Sequence[Batcher], positions: Sequence[int],
+                 mesh: jax.sharding.Mesh | None = None, *, many: bool = True) -> dict:
+    """One step's batch, built where it is needed.
+
+    Without a mesh: NumPy arrays, ``stack_batches`` of every batcher's batch (``many``) or the
+    one batcher's batch. With a mesh (of one process or several): global arrays laid out as
+    ``shard_batch`` lays them out, each process reading and tokenising only the experts and
+    microbatch rows its own devices hold. The values are those of the single-process batch,
+    whatever the mesh or the number of processes, since a batch is a pure function of
+    (seed, stream, position).
+
+    Args:
+      batchers: one per expert (``many``), or one.
+      positions: each batcher's stream position.
+      mesh: the device mesh, or None.
+      many: the batch has a leading expert axis E.
+
+    Returns:
+      ``inputs`` / ``input_mask`` [E, A, M, L] and ``targets`` [E, A, M, T] (no E without
+      ``many``), int32.
+    """
+    if mesh is None:
+        parts = [b.batch(p) for b, p in zip(batchers, positions)]
+        return stack_batches(parts) if many else parts[0]
+    b0 = batchers[0]
+    lengths = {"inputs": b0.lengths[0], "input_mask": b0.lengths[0], "targets": b0.lengths[1]}
+    lead = (len(batchers),) if many else ()
+    shapes = {k: jax.ShapeDtypeStruct(lead + (b0.grad_accum, b0.micro_batch, n), np.int32)
+              for k, n in lengths.items()}
+    shardings = _batch_shardings(shapes, mesh, many)
+    cache: dict = {}
+
+    def block(experts: range, rows: slice) -> dict:
+        # Devices that hold the same block (replicas over "model") share one build.
+        key = (experts.start, experts.stop, rows.start, rows.stop)
+        if key not in cache:
+            parts = [batchers[e].batch(positions[e], rows) for e in experts]
+            cache[key] = stack_batches(parts) if many else parts[0]
+        return cache[key]
+
+    def build(name):
+        def callback(index):
+            index = tuple(index) + (slice(None),) * (len(shapes[name].shape) - len(index))
+            if many:
+                experts = range(len(batchers))[index[0]]
+                rows = slice(*index[2].indices(b0.micro_batch))
+                return block(experts, rows)[name][:, index[1], :, index[3]]
+            rows = slice(*index[1].indices(b0.micro_batch))
+            return block(range(1), rows)[name][index[0], :, index[2]]
+        return jax.make_array_from_callback(shapes[name].shape, shardings[name], callback)
+
+    return {name: build(name) for name in shapes}
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
@@ -635,12 +705,21 @@ class Batcher:
                             "tokenizer for this model?")
         return ids, mask
 
-    def batch(self, position: int) -> dict[str, np.ndarray]:
-        """``inputs`` / ``input_mask`` (A, M, L) and ``targets`` (A, M, T), int32."""
-        examples = [self.source[int(i)] for i in self.indices(position)]
+    def batch(self, position: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """``inputs`` / ``input_mask`` (A, M, L) and ``targets`` (A, M, T), int32.
+
+        Args:
+          position: the stream position of the batch's first example.
+          rows: only these microbatch rows (a slice of M), e.g. the rows one host's devices
+            hold; only their examples are read and tokenised. Default: all M.
+        """
+        picked = self.indices(position).reshape(self.grad_accum, self.micro_batch)
+        if rows is not None:
+            picked = picked[:, rows]
+        examples = [self.source[int(i)] for i in picked.reshape(-1)]
         inputs, input_mask = self._encode([e[0] for e in examples], self.lengths[0])
         targets, _ = self._encode([e[1] for e in examples], self.lengths[1])
-        shape = (self.grad_accum, self.micro_batch)
+        shape = (self.grad_accum, picked.shape[1])
         return {"inputs": inputs.reshape(shape + (-1,)),
                 "input_mask": input_mask.reshape(shape + (-1,)),
                 "targets": targets.reshape(shape + (-1,))}

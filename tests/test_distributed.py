@@ -49,7 +49,32 @@ def test_maybe_initialize_calls_jax_once(monkeypatch):
     env = {"GOOSE_COORDINATOR": "c:9", "GOOSE_NUM_PROCESSES": "2", "GOOSE_PROCESS_ID": "0"}
     assert distributed.maybe_initialize(environ=env)
     assert distributed.maybe_initialize(environ=env)
-    assert calls == [{"coordinator_address": "c:9", "num_processes": 2, "process_id": 0}]
+    assert calls == [{"coordinator_address": "c:9", "num_processes": 2, "process_id": 0,
+                      **distributed.DEFAULT_TIMEOUTS}]
+
+
+def test_timeouts_are_bounded_and_configurable():
+    assert distributed.timeouts(environ={}) == distributed.DEFAULT_TIMEOUTS
+    assert all(0 < v <= 300 for v in distributed.timeouts(environ={}).values())
+    env = {"GOOSE_HEARTBEAT_TIMEOUT": "7", "GOOSE_INIT_TIMEOUT": "11"}
+    got = distributed.timeouts(environ=env)
+    assert (got["heartbeat_timeout_seconds"], got["initialization_timeout"]) == (7, 11)
+    with pytest.raises(DistributedError, match="GOOSE_SHUTDOWN_TIMEOUT"):
+        distributed.timeouts(environ={"GOOSE_SHUTDOWN_TIMEOUT": "0"})
+    with pytest.raises(DistributedError, match="integer"):
+        distributed.timeouts(environ={"GOOSE_HEARTBEAT_TIMEOUT": "soon"})
+
+
+def test_single_process_helpers_are_plain():
+    import numpy as np
+
+    assert distributed.is_primary() and not distributed.is_multiprocess()
+    distributed.barrier("nothing to wait for")
+    tree = {"a": jax.numpy.arange(3), "b": np.ones(2)}
+    got = distributed.fetch(tree)
+    assert isinstance(got["a"], np.ndarray) and got["a"].tolist() == [0, 1, 2]
+    # Not a runtime failure, or not in a process group: nothing happens, the caller re-raises.
+    distributed.exit_on_peer_failure(ValueError("x"))
 
 
 def test_tools_accept_the_flags():

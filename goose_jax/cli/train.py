@@ -32,6 +32,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -187,8 +188,10 @@ def _tensorboard(workdir: str):
 
 
 def _to_json(metrics: dict) -> dict:
+    # On a mesh that spans processes, per-expert metrics live on several hosts: every process
+    # gathers them (a collective), and only process 0 writes them.
     out = {}
-    for k, v in jax.device_get(metrics).items():
+    for k, v in distributed.fetch(metrics).items():
         v = np.asarray(v)
         out[k] = v.tolist() if v.ndim else float(v)
     return out
@@ -226,18 +229,26 @@ def train_loop(program, base, frozen, trainable, batchers, workdir: str, *,
       mesh: optional mesh; the expert axis is split over its ``expert`` axis.
       desc: progress-bar label.
       seed_key: the run's RNG (saved with the state; kept for dropout and sampling to come).
+
+    In a process group every process runs this with the same arguments over one global mesh;
+    each builds only its devices' share of every batch, all of them save and restore the
+    checkpoints together, and only process 0 prints, draws the progress bar and writes metrics.
     """
-    from goose_jax import training
+    from goose_jax import sharding, training
     from goose_jax.checkpoint import TrainCheckpointer
 
     tcfg = program.train
+    primary = distributed.is_primary()
     state = program.init(trainable)
     rng = jax.random.key_data(seed_key if seed_key is not None else jax.random.key(tcfg.seed))
     if mesh is not None:
-        state = training.shard_state(state, mesh)
+        # Many experts: their axis over "expert". One model: whole on every device.
+        state = (training.shard_state(state, mesh) if program.many
+                 else sharding.replicate(state, mesh))
+        rng = sharding.replicate(rng, mesh)
     positions = [0] * len(batchers)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    tb = _tensorboard(workdir)
+    tb = _tensorboard(workdir) if primary else None
     history: dict = {}
     with TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                            keep=tcfg.keep_checkpoints) as ckpt:
@@ -248,8 +259,13 @@ def train_loop(program, base, frozen, trainable, batchers, workdir: str, *,
             state = training.TrainState(tree["step"], tree["trainable"], tree["opt_state"])
             rng, positions = tree["rng"], list(meta["positions"])
             history = meta.get("last_metrics", {})
-        start = int(state.step)
-        _truncate_metrics(metrics_path, start)
+        start = int(distributed.fetch(state.step))
+        if start and primary:
+            print(f"{workdir}: resuming from step {start} of {program.steps}", flush=True)
+        if primary:
+            _truncate_metrics(metrics_path, start)
+        hint = ("Rerun the same command on every host to resume from the last checkpoint "
+                f"in {ckpt.directory}.")
 
         def save(step):
             tree = {"step": state.step, "trainable": state.trainable,
@@ -257,56 +273,54 @@ def train_loop(program, base, frozen, trainable, batchers, workdir: str, *,
             ckpt.save(step, tree, {"positions": positions, "last_metrics": history})
 
         def evaluate(step):
-            batch = [b.batch(0) for b in eval_batchers]
-            batch = training.stack_batches(batch) if program.many else batch[0]
-            if mesh is not None:
-                batch = training.shard_batch(batch, mesh)
+            batch = training.global_batch(eval_batchers, [0] * len(eval_batchers), mesh,
+                                          many=program.many)
             m = _to_json(program.evaluate(base, frozen, state.trainable, batch))
             line = {"step": step, "eval_loss": m["loss"], "eval_tokens": m["tokens"]}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+            if primary:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
             return m["loss"]
 
-        if eval_batchers and start == 0:
-            history["eval_loss"] = evaluate(0)
         bar = None
-        if _progress_enabled():
+        if _progress_enabled() and primary:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=program.steps, initial=start, desc=desc, unit="step")
         donate = jax.default_backend() != "cpu"  # CPU arrays may alias the async save's copy
         t_last = time.perf_counter()
         try:
-            for step in range(start, program.steps):
-                batch = [b.batch(p) for b, p in zip(batchers, positions)]
-                batch = training.stack_batches(batch) if program.many else batch[0]
-                if mesh is not None:
-                    batch = training.shard_batch(batch, mesh)
-                step_fn = program.step_donating if donate else program.step
-                state, metrics = step_fn(base, frozen, state, batch)
-                positions = [p + b.batch_size for p, b in zip(positions, batchers)]
-                done = step + 1
-                if done % tcfg.log_every == 0 or done == program.steps:
-                    m = _to_json(metrics)
-                    now = time.perf_counter()
-                    m.update(step=done, seconds=now - t_last)
-                    t_last = now
-                    history.update(loss=m["loss"], grad_norm=m["grad_norm"])
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                    if tb is not None:
-                        tb.add_scalar("loss", _mean(m["loss"]), done)
-                        tb.add_scalar("lr", m["lr"], done)
+            with distributed.peer_failure_guard(hint):
+                if eval_batchers and start == 0:
+                    history["eval_loss"] = evaluate(0)
+                for step in range(start, program.steps):
+                    batch = training.global_batch(batchers, positions, mesh, many=program.many)
+                    step_fn = program.step_donating if donate else program.step
+                    state, metrics = step_fn(base, frozen, state, batch)
+                    positions = [p + b.batch_size for p, b in zip(positions, batchers)]
+                    done = step + 1
+                    if done % tcfg.log_every == 0 or done == program.steps:
+                        m = _to_json(metrics)
+                        now = time.perf_counter()
+                        m.update(step=done, seconds=now - t_last)
+                        t_last = now
+                        history.update(loss=m["loss"], grad_norm=m["grad_norm"])
+                        if primary:
+                            with open(metrics_path, "a") as f:
+                                f.write(json.dumps(m) + "\n")
+                        if tb is not None:
+                            tb.add_scalar("loss", _mean(m["loss"]), done)
+                            tb.add_scalar("lr", m["lr"], done)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{_mean(m['loss']):.4f}")
+                    if eval_batchers and tcfg.eval_every and (done % tcfg.eval_every == 0
+                                                              or done == program.steps):
+                        history["eval_loss"] = evaluate(done)
+                    if done == program.steps or (tcfg.checkpoint_every
+                                                 and done % tcfg.checkpoint_every == 0):
+                        save(done)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{_mean(m['loss']):.4f}")
-                if eval_batchers and tcfg.eval_every and (done % tcfg.eval_every == 0
-                                                          or done == program.steps):
-                    history["eval_loss"] = evaluate(done)
-                if done == program.steps or (tcfg.checkpoint_every
-                                             and done % tcfg.checkpoint_every == 0):
-                    save(done)
-                if bar is not None:
-                    bar.update(1)
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
@@ -322,11 +336,16 @@ def train_loop(program, base, frozen, trainable, batchers, workdir: str, *,
 def _check_run(workdir: str, identity: dict) -> bool:
     """Records the run in ``run.json``; returns whether this is a resumed run.
 
-    Raises ``TrainConfigError`` if the work directory holds a different run."""
+    Raises ``TrainConfigError`` if the work directory holds a different run. In a process group
+    every process checks, and process 0 writes once all have looked (so all agree on whether
+    this is a resumed run)."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "run.json")
     identity = json.loads(json.dumps(identity))
-    if os.path.exists(path):
+    identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
+    found = os.path.exists(path)
+    distributed.barrier("goose-train: run.json read")
+    if found:
         with open(path) as f:
             old = json.load(f)
         for key in sorted(set(old) | set(identity)):
@@ -340,8 +359,9 @@ def _check_run(workdir: str, identity: dict) -> bool:
         return True
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise TrainConfigError(f"{workdir}: has checkpoints but no run.json; use a new --workdir")
-    with open(path, "w") as f:
-        json.dump(identity, f, indent=1)
+    if distributed.is_primary():
+        with open(path, "w") as f:
+            json.dump(identity, f, indent=1)
     return False
 
 
@@ -349,19 +369,20 @@ def _stream_id(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def _parse_mesh(text: str | None):
-    if not text:
-        return None
-    from goose_jax.sharding import make_mesh
+def _parse_mesh(text: str | None, num_experts: int = 1):
+    """The mesh of ``--mesh`` / ``TrainConfig.mesh``; without one, None on a single process
+    and, in a process group, a mesh over all global devices whose ``expert`` axis is as large
+    as both the expert count and the device count allow (the rest is ``data``)."""
+    from goose_jax.sharding import make_mesh, parse_mesh
 
-    sizes = {}
-    for part in text.split(","):
-        key, _, value = (x.strip() for x in part.partition("="))
-        if key not in ("data", "model", "expert") or not value.lstrip("-").isdigit():
-            raise TrainConfigError(f"--mesh {text!r}: expected e.g. data=2,expert=4")
-        sizes[key] = int(value)
+    if not text:
+        if not distributed.is_multiprocess():
+            return None
+        n = jax.device_count()
+        experts = math.gcd(max(num_experts, 1), n)
+        return make_mesh(data=n // experts, expert=experts)
     try:
-        return make_mesh(**sizes)
+        return make_mesh(**parse_mesh(text))
     except ValueError as e:
         raise TrainConfigError(f"--mesh {text!r}: {e}") from None
 
@@ -380,11 +401,13 @@ class _Setup:
             raise DataError(f"{args.command}: needs at least {min_files} --data file(s)")
         self.sources = [training.JsonlSource(p) for p in args.data]
         self.eval_sources = [training.JsonlSource(p) for p in (args.eval_data or [])]
-        self.mesh = _parse_mesh(getattr(args, "mesh", None))
+        experts = len(self.sources) if args.command in ("experts", "gate") else 1
+        self.mesh = _parse_mesh(getattr(args, "mesh", None) or tcfg.mesh, experts)
         self.base_spec = args.base or tcfg.base_model
         cfg, params, self.tokenizer = load_base(self.base_spec, tcfg)
         self.full_cfg = cfg
         self.cfg = cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype)
+        self.host_params = params  # this process's own copy: libraries fingerprint it
         self.params = params
         if self.mesh is not None:
             from goose_jax.sharding import shard_params
@@ -429,9 +452,32 @@ def _already_written(ran: int, lib, names, workdir: str, gates: bool = False) ->
     # Rerunning a finished command must not rewrite its outputs: gates trained since then
     # (or other later edits) would be lost. Outputs missing from the library are written.
     done = ran == 0 and all(n in lib and (not gates or lib.info(n)["has_gate"]) for n in names)
-    if done:
+    if done and distributed.is_primary():
         print(f"{workdir}: this run had already finished; {lib.path} is unchanged")
     return done
+
+
+def _create_library(path: str, setup, lora):
+    # Process 0 creates (or checks) the library; the others open it once it exists.
+    from goose_jax.library import ExpertLibrary
+
+    lib = None
+    if distributed.is_primary():
+        lib = ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
+    distributed.barrier("goose-train: library created")
+    if lib is None:
+        lib = ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
+    return lib
+
+
+def _write_experts(lib, entries) -> None:
+    """Writes ``(name, experts, gates, index, info, message)`` entries from process 0, after
+    every process has gathered the trained trees; the others wait until they are on disk."""
+    for name, experts, gates, index, info, message in entries:
+        if distributed.is_primary():
+            lib.add(name, experts, gates, index=index, info=info, overwrite=True)
+            print(message)
+    distributed.barrier("goose-train: library written")
 
 
 def _eval_batchers(setup, names):
@@ -444,7 +490,6 @@ def _eval_batchers(setup, names):
 
 def _run_experts(args: argparse.Namespace) -> int:
     from goose_jax import training
-    from goose_jax.library import ExpertLibrary
 
     if args.command == "expert" and len(args.data) != 1:
         raise TrainConfigError("expert trains one expert from one --data file (use `experts` "
@@ -452,7 +497,7 @@ def _run_experts(args: argparse.Namespace) -> int:
     setup = _Setup(args)
     tcfg, lora = setup.tcfg, setup.tcfg.lora
     names = _names(args, tcfg, len(setup.sources))
-    lib = ExpertLibrary.create(args.library, setup.full_cfg, setup.params, lora, exist_ok=True)
+    lib = _create_library(args.library, setup, lora)
     resumed = _check_run(args.workdir, setup.identity(names=names))
     clash = [n for n in names if n in lib]
     if clash and not resumed and not args.overwrite:
@@ -470,12 +515,15 @@ def _run_experts(args: argparse.Namespace) -> int:
                                      seed_key=root)
     if _already_written(ran, lib, names, args.workdir):
         return 0
+    trained = distributed.fetch(state.trainable)
+    entries = []
     for i, (name, path) in enumerate(zip(names, args.data)):
         metrics = {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
-        lib.add(name, state.trainable, index=i, overwrite=True, info={
-            "data": args.description or os.path.abspath(path), "steps": tcfg.steps,
-            "metrics": metrics, "train_config": tcfg.to_dict()})
-        print(f"{name}: loss {metrics.get('loss', float('nan')):.4f} -> {lib.path}")
+        info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
+                "metrics": metrics, "train_config": tcfg.to_dict()}
+        entries.append((name, trained, None, i, info,
+                        f"{name}: loss {metrics.get('loss', float('nan')):.4f} -> {lib.path}"))
+    _write_experts(lib, entries)
     return 0
 
 
@@ -486,7 +534,7 @@ def _run_gate(args: argparse.Namespace) -> int:
 
     setup = _Setup(args)
     tcfg = setup.tcfg
-    lib = ExpertLibrary.open(args.library, setup.full_cfg, setup.params)
+    lib = ExpertLibrary.open(args.library, setup.full_cfg, setup.host_params)
     names = _names(args, tcfg, len(setup.sources))
     experts, _ = lib.load(names, dtype=None, gates=False)
     _check_run(args.workdir, setup.identity(names=names, library=lib.path))
@@ -502,6 +550,8 @@ def _run_gate(args: argparse.Namespace) -> int:
                                      seed_key=jax.random.key(tcfg.seed))
     if _already_written(ran, lib, names, args.workdir, gates=True):
         return 0
+    gates = distributed.fetch(state.trainable)
+    entries = []
     for i, name in enumerate(names):
         info = lib.info(name)
         metrics = {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
@@ -509,14 +559,15 @@ def _run_gate(args: argparse.Namespace) -> int:
                         "metrics": metrics}
         for key in ("name", "file", "has_gate", "bytes", "sha256"):
             info.pop(key)
-        lib.add(name, experts, state.trainable, index=i, info=info, overwrite=True)
-        print(f"{name}: gate loss {metrics.get('loss', float('nan')):.4f} -> {lib.path}")
+        entries.append((name, experts, gates, i, info,
+                        f"{name}: gate loss {metrics.get('loss', float('nan')):.4f} -> "
+                        f"{lib.path}"))
+    _write_experts(lib, entries)
     return 0
 
 
 def _run_multitask(args: argparse.Namespace) -> int:
     from goose_jax import checkpoint, training
-    from goose_jax.library import ExpertLibrary
 
     setup = _Setup(args)
     tcfg = setup.tcfg
@@ -536,15 +587,17 @@ def _run_multitask(args: argparse.Namespace) -> int:
         program = training.Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype),
                                    tcfg, tcfg.steps, many=False)
         state, history, _ = train_loop(program, None, None, setup.params, batchers,
-                                       args.workdir, eval_batchers=evals,
+                                       args.workdir, eval_batchers=evals, mesh=setup.mesh,
                                        desc="multitask (full)", seed_key=key)
         written = checkpoint.save_model(args.out, setup.full_cfg.with_dtypes(
             "float32", setup.full_cfg.dtype.compute_dtype), state.trainable,
             overwrite=resumed or args.overwrite)
-        print(f"multitask model: loss {_mean(history.get('loss', np.nan)):.4f} -> {written}")
+        if distributed.is_primary():
+            print(f"multitask model: loss {_mean(history.get('loss', np.nan)):.4f} -> "
+                  f"{written}")
         return 0
     lora = tcfg.lora
-    lib = ExpertLibrary.create(args.library, setup.full_cfg, setup.params, lora, exist_ok=True)
+    lib = _create_library(args.library, setup, lora)
     if args.name in lib and not resumed and not args.overwrite:
         raise TrainConfigError(f"{lib.path}: already has {args.name!r}; pass --overwrite")
     trainable = training.init_expert_stack(setup.cfg, lora,
@@ -553,14 +606,16 @@ def _run_multitask(args: argparse.Namespace) -> int:
     program = training.Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale,
                                many=False)
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
-                                     args.workdir, eval_batchers=evals,
+                                     args.workdir, eval_batchers=evals, mesh=setup.mesh,
                                      desc="multitask (lora)", seed_key=key)
     if _already_written(ran, lib, [args.name], args.workdir):
         return 0
-    lib.add(args.name, state.trainable, overwrite=True, info={
-        "data": args.description or "mixture of " + ", ".join(map(os.path.abspath, args.data)),
-        "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()})
-    print(f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> {lib.path}")
+    info = {"data": args.description or "mixture of " + ", ".join(map(os.path.abspath,
+                                                                      args.data)),
+            "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()}
+    _write_experts(lib, [(args.name, distributed.fetch(state.trainable), None, None, info,
+                          f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> "
+                          f"{lib.path}")])
     return 0
 
 
@@ -626,8 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.names = [args.name] if args.name else None
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        distributed.maybe_initialize(args)
+        distributed.maybe_initialize(args, prog=PROG)
         return args.run(args)
+    except jax.errors.JaxRuntimeError as e:
+        distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
+        raise
     except (GooseError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
