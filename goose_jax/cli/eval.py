@@ -18,11 +18,13 @@ import os
 import sys
 import time
 
+import jax
+
 from goose_jax import distributed
 from goose_jax.errors import DataError, GooseError
 
 _METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
-            "single", "example", "base")
+            "single", "example", "retrieval", "base")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--experts", help="comma-separated expert names to load (default: all)")
     ap.add_argument("--expert-map", help="for --method example: a JSON file mapping a dataset "
                     "name, or '<dataset>/<template>/<example id>', to an expert name")
+    ap.add_argument("--retrieval-index", help="for --method retrieval: the .npz written by "
+                    "goose_jax.retrieval.RetrievalIndex.save (default: <library>/"
+                    "retrieval_index.npz)")
+    ap.add_argument("--embedder", help="for --method retrieval: a local sentence-transformers "
+                    "model directory (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--prototypes", help="average_activation router vectors: a safetensors file "
                     "with '<site>/gate' tensors (E, d_in), experts in library order")
     ap.add_argument("--benchmark", help="comma-separated: t0_heldout, t0_heldin, bbh, bbl, flan")
@@ -145,7 +152,7 @@ def _routing(args, cfg, params):
 def _expert_chooser(path: str | None, names: list[str]):
     """For method ``example``: examples -> expert indices, from a JSON map (see --expert-map)."""
     if not path:
-        raise GooseError("--method example needs --expert-map (goose-eval has no retriever)")
+        raise GooseError("--method example needs --expert-map (or use --method retrieval)")
     try:
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
@@ -166,6 +173,15 @@ def _expert_chooser(path: str | None, names: list[str]):
         return out
 
     return choose
+
+
+def _retrieval_chooser(args, names: list[str], examples: dict):
+    """For method ``retrieval``: embeds every example once and picks its nearest expert."""
+    from goose_jax import retrieval
+
+    index = retrieval.RetrievalIndex.load(args.retrieval_index or args.library).select(names)
+    embedder = retrieval.SentenceEmbedder.load(args.embedder)
+    return retrieval.expert_chooser(index, embedder, [ex for v in examples.values() for ex in v])
 
 
 def _cap(examples: list, n: int | None) -> list:
@@ -248,17 +264,18 @@ def run(args) -> dict:
     routed, names = _routing(args, cfg, params)
     mesh = None
     if jax.device_count() > 1:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from goose_jax.sharding import make_mesh
+        # All global devices, batches split over them; in a process group every process scores
+        # the same batches in step and process 0 alone writes the results.
+        from goose_jax.sharding import make_mesh, replicate
 
         mesh = make_mesh(data=-1)
-        replicate = NamedSharding(mesh, PartitionSpec())
-        params = jax.device_put(params, replicate)
+        params = replicate(params, mesh)
         routed = type(routed)(routed.method, routed.adapter,
-                              jax.device_put(routed.collections, replicate))
+                              replicate(routed.collections, mesh))
         args.batch_size = -(-args.batch_size // jax.device_count()) * jax.device_count()
     chooser = _expert_chooser(args.expert_map, names) if routed.method == "example" else None
+    if routed.method == "retrieval":
+        chooser = _retrieval_chooser(args, names, examples)
     evaluator = ev.Evaluator(cfg, params, tok, routed, batch_size=args.batch_size,
                              max_input_length=args.max_input_length,
                              max_target_length=args.max_target_length,
@@ -266,8 +283,9 @@ def run(args) -> dict:
                              telemetry=not args.no_telemetry, choose_experts=chooser,
                              mesh=mesh)
     t0 = time.perf_counter()
+    primary = jax.process_index() == 0
     results = ev.evaluate(evaluator, tasks, examples=examples,
-                          progress=progress_enabled() and not args.no_progress)
+                          progress=progress_enabled() and not args.no_progress and primary)
     seconds = time.perf_counter() - t0
     n = sum(len(r.values) for r in results.values())
     meta = {"method": routed.method, "top_k": args.top_k, "base": os.path.abspath(args.base),
@@ -278,7 +296,9 @@ def run(args) -> dict:
             "examples_per_second": round(n / max(seconds, 1e-9), 2),
             "compiled_shapes": len(evaluator.compiled_shapes)}
     summary = ev.summarize(results, benchmark=",".join(benchmarks), meta=meta)
-    _write(args.out, summary, results, names)
+    if primary:
+        _write(args.out, summary, results, names)
+    distributed.barrier("goose-eval: results written")
     return summary
 
 
@@ -310,8 +330,11 @@ def main(argv=None) -> int:
         print("goose-eval: error: give --benchmark or --tasks", file=sys.stderr)
         return 2
     try:
-        distributed.maybe_initialize(args)
+        distributed.maybe_initialize(args, prog="goose-eval")
         run(args)
+    except jax.errors.JaxRuntimeError as e:
+        distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
+        raise
     except GooseError as e:
         print(f"goose-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
