@@ -20,8 +20,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests
 
-demo: $(STAMP)
-	$(PY) -m goose_jax.cli.demo
+# The time printed last includes the install when the environment had to be built.
+demo:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory $(STAMP) && \
+	$(PY) -m goose_jax.cli.demo $(DEMO_ARGS) && \
+	echo "make demo: $$(( $$(date +%s) - start ))s in all, environment set-up included"
 
 bench: $(STAMP)
 	$(PY) bench/t5_forward.py

@@ -37,7 +37,7 @@ from goose_jax.errors import DataError, GooseError
 from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
 from goose_jax.routers import PER_EXAMPLE, ROUTER
 from goose_jax.routing import arrow_scores, phatgoose_scores
-from goose_jax.t5 import T5, generate_greedy
+from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5, generate_greedy
 
 Array = jax.Array
 KINDS = ("rank", "generate")
@@ -226,9 +226,8 @@ def _collect_counts(state) -> dict[str, Array]:
 # --- the jitted scorers -------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "adapter", "naive", "sites"))
-def _choice_nll(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT,
-                naive: bool = False, sites: tuple[str, ...] = ()):
+def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL, tgt_BCT,
+                     tmask_BCT, naive: bool = False, sites: tuple[str, ...] = ()):
     """Summed NLL (B, C) of every choice, plus per-site top-1 counts when ``sites`` is given.
 
     ``naive`` repeats the input per choice and runs the whole model on every (input, choice) row;
@@ -260,6 +259,12 @@ def _choice_nll(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL, tgt
     nll_BC = jnp.sum(nll_NT, axis=-1).reshape(B, C)
     counts = {**_collect_counts(enc_state), **_collect_counts(dec_state)}
     return nll_BC, counts
+
+
+_NLL_STATIC = ("cfg", "adapter", "naive", "sites")
+_CHOICE_NLL = {False: jax.jit(_choice_nll_impl, static_argnames=_NLL_STATIC),
+               True: jax.jit(_choice_nll_impl, static_argnames=_NLL_STATIC,
+                             compiler_options=FAST_COMPILE_OPTIONS)}
 
 
 # --- the evaluator ------------------------------------------------------------------------------
@@ -300,12 +305,18 @@ class Evaluator:
       telemetry: count top-1 experts per site (per-token routing methods only).
       choose_experts: for method ``example``, maps a list of examples to one expert index each.
       mesh: optional device mesh with a ``data`` axis; batches are split over it.
+      fixed_shapes: pad every batch to ``batch_size`` rows, at least 4 choices and the maximum
+        lengths, so each method compiles one rank-classification and one generation shape (for
+        short inputs and many methods, e.g. the miniature world, compiling dominates).
+      fast_compile: compile with XLA's CPU optimisations off (``t5.FAST_COMPILE_OPTIONS``):
+        several times faster to compile, slower to run; for small models.
     """
 
     def __init__(self, cfg: T5Config, params, tokenizer, routed=None, *, batch_size: int = 16,
                  max_input_length: int = 512, max_target_length: int = 512,
                  length_normalize: bool = True, encoder_once: bool = True,
-                 telemetry: bool = False, choose_experts: Callable | None = None, mesh=None):
+                 telemetry: bool = False, choose_experts: Callable | None = None, mesh=None,
+                 fixed_shapes: bool = False, fast_compile: bool = False):
         if batch_size < 1 or max_input_length < 2 or max_target_length < 1:
             raise EvalError(f"need batch_size >= 1, max_input_length >= 2, max_target_length "
                             f">= 1; got {batch_size}, {max_input_length}, {max_target_length}")
@@ -314,6 +325,9 @@ class Evaluator:
         self.max_input_length, self.max_target_length = max_input_length, max_target_length
         self.length_normalize, self.encoder_once = length_normalize, encoder_once
         self.mesh, self.choose_experts = mesh, choose_experts
+        self.fixed_shapes = fixed_shapes
+        self._choice_nll = _CHOICE_NLL[bool(fast_compile)]
+        self.fast_compile = bool(fast_compile)
         method = getattr(routed, "method", "base")
         if method in PER_EXAMPLE and choose_experts is None:
             raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")
@@ -333,8 +347,14 @@ class Evaluator:
 
     def _rows(self, n: int) -> int:
         div = self.mesh.shape["data"] if self.mesh is not None else 1
-        b = bucket(n, 1, self.batch_size)
+        b = self.batch_size if self.fixed_shapes else bucket(n, 1, self.batch_size)
         return -(-b // div) * div
+
+    def _choices(self, n: int) -> int:
+        return max(4, bucket(n)) if self.fixed_shapes else bucket(n)
+
+    def _length(self, n: int, minimum: int, maximum: int) -> int:
+        return maximum if self.fixed_shapes else bucket(n, minimum, maximum)
 
     def _put(self, x):
         # Every process builds the same host batch and places the rows its devices hold.
@@ -382,22 +402,24 @@ class Evaluator:
         chs = [[_truncate(self.tok.encode(c, add_eos=True), self.max_target_length,
                           self.tok.eos_id) for c in ex.choices] for ex in examples]
         # Group equal choice buckets, then sort by input length to keep padding small.
-        order = sorted(range(len(examples)), key=lambda i: (bucket(len(chs[i])), len(enc[i])))
+        order = sorted(range(len(examples)), key=lambda i: (self._choices(len(chs[i])),
+                                                             len(enc[i])))
         out: list[np.ndarray | None] = [None] * len(examples)
         self.last_counts = {}
         pos = 0
         while pos < len(order):
-            C = bucket(len(chs[order[pos]]))
+            C = self._choices(len(chs[order[pos]]))
             per_batch = max(1, min(self.batch_size, self.max_rows // C))
-            idx = [i for i in order[pos:pos + per_batch] if bucket(len(chs[i])) == C]
+            idx = [i for i in order[pos:pos + per_batch] if self._choices(len(chs[i])) == C]
             while True:  # long choices: fewer examples, so the (N, T, V) logits stay bounded
-                T = bucket(max(len(c) for i in idx for c in chs[i]), 4, self.max_target_length)
+                T = self._length(max(len(c) for i in idx for c in chs[i]), 4,
+                                 self.max_target_length)
                 if len(idx) == 1 or len(idx) * C * T <= self.max_rows * 64:
                     break
                 idx = idx[:len(idx) // 2]
             pos += len(idx)
             B = self._rows(len(idx))
-            L = bucket(max(len(enc[i]) for i in idx), 8, self.max_input_length)
+            L = self._length(max(len(enc[i]) for i in idx), 8, self.max_input_length)
             ids, mask = _pad_rows([enc[i] for i in idx], B, L)
             tgt = np.zeros((B, C, T), np.int32)
             tmask = np.zeros((B, C, T), np.int32)
@@ -410,9 +432,9 @@ class Evaluator:
             enc_vars = self._variables(experts, C if naive else 1)
             dec_vars = self._variables(experts, C) if experts is not None else enc_vars
             self.compiled_shapes.add(("rank", B, C, L, T))
-            nll, counts = _choice_nll(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
-                                      self._put(mask), self._put(tgt), self._put(tmask),
-                                      naive=naive, sites=self.sites)
+            nll, counts = self._choice_nll(self.cfg, self.adapter, enc_vars, dec_vars,
+                                           self._put(ids), self._put(mask), self._put(tgt),
+                                           self._put(tmask), naive=naive, sites=self.sites)
             nll, counts = self._get((nll, counts))
             nll = np.asarray(nll, np.float64)
             ntok = tmask.sum(-1)
@@ -442,14 +464,15 @@ class Evaluator:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             B = self._rows(len(idx))
-            L = bucket(max(len(enc[i]) for i in idx), 8, self.max_input_length)
+            L = self._length(max(len(enc[i]) for i in idx), 8, self.max_input_length)
             ids, mask = _pad_rows([enc[i] for i in idx], B, L)
             variables = self._variables(self._experts([examples[i] for i in idx], B))
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
             toks = self._get(generate_greedy(self.cfg, self.params, self._put(ids),
                                              max_new_tokens, self._put(mask),
-                                             adapter=self.plain_adapter, collections=coll or None))
+                                             adapter=self.plain_adapter, collections=coll or None,
+                                             fast_compile=self.fast_compile))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
             if self.telemetry:
@@ -465,9 +488,9 @@ class Evaluator:
         rows = [r[:r.index(eos) + 1] if eos in r else r for r in toks.tolist()]
         tgt, tmask = _pad_rows(rows, toks.shape[0], bucket(toks.shape[1], 4))
         tmask[n_real:] = 0
-        _, counts = _choice_nll(self.cfg, self.adapter, variables, variables, self._put(ids),
-                                self._put(mask), self._put(tgt[:, None]),
-                                self._put(tmask[:, None]), sites=self.sites)
+        _, counts = self._choice_nll(self.cfg, self.adapter, variables, variables,
+                                     self._put(ids), self._put(mask), self._put(tgt[:, None]),
+                                     self._put(tmask[:, None]), sites=self.sites)
         self._add_counts(self._get(counts))
 
     # -- tasks --
