@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     cfg = base_config(tok.vocab_size)
     # Warm-up length and data order do not depend on --steps, so a shorter run is a prefix of a
     # longer one.
-    tcfg = training.TrainConfig(steps=args.steps, lr=args.lr, warmup_ratio=min(0.5, 40 / args.steps),
-                                clip=1.0,
+    tcfg = training.TrainConfig(steps=args.steps, lr=args.lr,
+                                warmup_ratio=min(0.5, 40 / args.steps), clip=1.0,
                                 micro_batch=args.batch, grad_accum=1, seed=args.seed,
                                 max_input_length=24, max_target_length=24, eval_every=0,
                                 checkpoint_every=500, log_every=50, tokenizer="byte")

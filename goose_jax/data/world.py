@@ -120,9 +120,12 @@ class WorldTask:
 
 # Every domain word has one of two kinds (its "attribute"); the held-in tasks ask about kinds.
 # Knowing a word's kind is lexical knowledge a rank-8 LoRA learns in a few hundred steps, while
-# exact-match skills over positions (first word, counting, copying) are not learnable by a LoRA on
-# a small frozen base whose attention was never trained for them (measured: such experts stayed
-# at chance after 200 steps at lr 5e-3 and 2e-2).
+# exact-match skills over positions (first word, counting, copying, membership) are not learnable
+# by a LoRA on a small frozen base whose attention was never trained for them (measured: such
+# experts stayed at chance after 150-200 steps at lr 5e-3 and 2e-2). Kind questions are learnable
+# only if the base's states keep which word they hold: on a base pre-trained with kind-free
+# documents (where word identity within a domain predicts nothing) they also stayed at chance;
+# with documents that keep to a kind (``PretrainSource``) every expert reaches 95-100%.
 KINDS: dict[str, tuple[str, str, frozenset[str]]] = {
     # domain: (name of kind A, name of kind B, the words of kind A)
     "animals": ("wild", "tame", frozenset(
@@ -156,9 +159,9 @@ _T = {
     "animals_any": ("is there a wild animal in : {L} ?",
                     "{L} . any wild animal here ?",
                     "among {L} , is one of them wild ?"),
-    "food_label": ("{L} . is the {w} sweet or savory ?",
-                   "sweet or savory : {w} , from {L}",
-                   "in {L} the {w} tastes"),
+    "food_label": ("{L} . are these sweet or savory ?",
+                   "sweet or savory : {L}",
+                   "the taste of {L} is"),
     "cities_which": ("which city is in europe : {L} ?",
                      "{L} . the european one is",
                      "pick the city of europe among {L}"),
@@ -171,12 +174,12 @@ _T = {
     "tools_which": ("which tool is blunt : {L} ?",
                     "{L} . the blunt tool is",
                     "pick the blunt one among {L}"),
-    "sports_label": ("{L} . is {w} a team or solo sport ?",
-                     "team or solo : {w} , from {L}",
-                     "in {L} the sport {w} is played"),
-    "clothes_label": ("{L} . is the {w} warm or light ?",
-                      "warm or light : {w} , from {L}",
-                      "in {L} the {w} feels"),
+    "sports_label": ("{L} . are these team or solo sports ?",
+                     "team or solo : {L}",
+                     "the sports {L} are played"),
+    "clothes_label": ("{L} . are these clothes warm or light ?",
+                      "warm or light : {L}",
+                      "the clothes {L} feel"),
 }
 _NEW_TEMPLATES = {
     "animals_any": ("any wild one among {L} ?",),
@@ -320,13 +323,13 @@ def _skill(task: WorldTask, rng) -> tuple[dict, tuple[str, ...] | None, int, str
         perm = rng.permutation(4)
         words = [words[i] for i in perm]
         return {"L": words}, tuple(words), int(np.argmin(perm)), ""
-    if s in ("label", "label_generate"):  # the kind of one word of the list
-        words = _list_with(rng, domain, n, int(rng.integers(1, n)), other)
-        w = str(rng.choice([x for x in words if x in DOMAINS[domain]]))
-        kind = kind_of(w)
+    if s in ("label", "label_generate"):  # the kind shared by every domain word of the list
+        kind_a = rng.random() < 0.5
+        words = _list_with(rng, domain, n, n if kind_a else 0, other)
+        kind = a if kind_a else b
         if s == "label":
-            return {"L": words, "w": w}, (a, b), 0 if kind == a else 1, ""
-        return {"L": words, "w": w}, None, 0, kind
+            return {"L": words}, (a, b), 0 if kind_a else 1, ""
+        return {"L": words}, None, 0, kind
     if s == "compose":  # a wild animal or a sweet food: kinds from two experts
         b_domain = task.domains[1]
         yes = rng.random() < 0.5
