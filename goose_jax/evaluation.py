@@ -486,11 +486,19 @@ class Evaluator:
         # the routing counted here is the routing that greedy decoding used.
         eos = self.cfg.eos_token_id
         rows = [r[:r.index(eos) + 1] if eos in r else r for r in toks.tolist()]
-        tgt, tmask = _pad_rows(rows, toks.shape[0], bucket(toks.shape[1], 4))
+        T, C = bucket(toks.shape[1], 4), 1
+        if self.fixed_shapes and toks.shape[1] <= self.max_target_length:
+            # The rank-classification shape, empty choice rows and all: no second compile.
+            T, C = self.max_target_length, self._choices(1)
+        tgt, tmask = _pad_rows(rows, toks.shape[0], T)
         tmask[n_real:] = 0
+        tgt_BCT = np.zeros((tgt.shape[0], C, T), np.int32)
+        tmask_BCT = np.zeros_like(tgt_BCT)
+        tgt_BCT[:, 0], tmask_BCT[:, 0] = tgt, tmask
+        # Telemetry runs only for per-token routing, whose variables do not depend on the rows.
         _, counts = self._choice_nll(self.cfg, self.adapter, variables, variables,
-                                     self._put(ids), self._put(mask), self._put(tgt[:, None]),
-                                     self._put(tmask[:, None]), sites=self.sites)
+                                     self._put(ids), self._put(mask), self._put(tgt_BCT),
+                                     self._put(tmask_BCT), sites=self.sites)
         self._add_counts(self._get(counts))
 
     # -- tasks --

@@ -234,3 +234,29 @@ def test_bucket():
     assert [ev.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert ev.bucket(3, 8) == 8 and ev.bucket(300, 8, 256) == 300 and ev.bucket(200, 8, 256) == 256
     assert ev.bucket(100, 8, 120) == 120
+
+
+def test_fixed_shapes_and_fast_compile_change_nothing(small):
+    """One compiled shape per method (padding rows, choices and lengths) and XLA's CPU
+    optimisations off give the same scores, generations and routing counts."""
+    cfg, params = small
+    routed = _routed(cfg)
+    exs = [ev.Example(t, references=("abc",)) for t in ("copy: abc", "hello there", "third")]
+    runs = []
+    for fixed in (False, True):
+        e = ev.Evaluator(cfg, params, TOK, routed, batch_size=4, telemetry=True,
+                         max_input_length=64, max_target_length=32, fixed_shapes=fixed,
+                         fast_compile=fixed)
+        scores = e.score_choices(EXAMPLES)
+        rank_counts = dict(e.last_counts)
+        texts = e.generate(exs, max_new_tokens=6)
+        runs.append((scores, rank_counts, texts, dict(e.last_counts), set(e.compiled_shapes)))
+    (s0, r0, t0, g0, _), (s1, r1, t1, g1, shapes1) = runs
+    np.testing.assert_allclose(np.concatenate(s0), np.concatenate(s1), atol=1e-5)
+    assert t0 == t1
+    for a, b in ((r0, r1), (g0, g1)):
+        assert a.keys() == b.keys()
+        for site in a:
+            np.testing.assert_array_equal(a[site], b[site])
+    # One rank and one generation shape, each at the maximum sizes.
+    assert shapes1 == {("rank", 4, 4, 64, 32), ("generate", 4, 64, 6)}, shapes1

@@ -196,3 +196,22 @@ def test_seqio_registration():
     assert rows[0]["inputs_pretokenized"].decode() == want.input
     assert np.asarray(rows[0]["inputs"])[-1] == 1  # EOS
     assert "world_heldout" in seqio.MixtureRegistry.names()
+
+
+def test_shipped_base_fits_the_vocabulary():
+    import json
+    import os
+
+    from goose_jax.cli.demo import ASSET
+
+    with open(os.path.join(ASSET, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(ASSET, "world.json")) as f:
+        made = json.load(f)
+    tok = world.WorldTokenizer()
+    assert tok.vocab_size <= config["vocab_size"]
+    # The ids the base was pre-trained on are the ids the tokenizer gives today.
+    src = world.PretrainSource(size=50)
+    pretrain_ids = {i for k in range(len(src)) for text in src[k] for i in tok.encode(text)}
+    assert max(pretrain_ids) < made["vocabulary_size"] <= config["vocab_size"]
+    assert os.path.getsize(os.path.join(ASSET, "model.safetensors")) < 5e6

@@ -317,6 +317,8 @@ def run(args) -> dict:
     ev_dir = os.path.join(work, "eval")
     os.makedirs(ev_dir, exist_ok=True)
 
+    timings: dict[str, float] = {}
+
     def evaluate_all():
         res = {}
         mt, _ = mt_lib.load(["multitask"], gates=False)
@@ -343,12 +345,15 @@ def run(args) -> dict:
             plan.insert(5, ("retrieval", one_each, {"chooser": chooser}))
         for method, routed, kw in plan:
             cache = os.path.join(ev_dir, method.replace(":", "_") + ".json")
+            t = time.perf_counter()
             res[method] = _evaluate(method, cfg, params, tok, routed, tasks, examples, cache,
                                     **kw)
+            timings[method] = time.perf_counter() - t
         return res
 
     res = stages.run("evaluation", evaluate_all)
     summary = stages.run("report", report, res, names, lib, out, args, stages)
+    summary["method_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     total = time.perf_counter() - stages.t0
     summary["seconds"] = round(total, 1)
     with open(os.path.join(out, "results.json"), "w") as f:
