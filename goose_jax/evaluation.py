@@ -72,6 +72,14 @@ class Example:
     example_id: str = ""
 
 
+def example_target(ex: Example) -> str:
+    """The text an example trains towards: its first correct choice, else its first reference
+    (``""`` when it has neither)."""
+    if ex.choices and ex.answers:
+        return ex.choices[ex.answers[0]]
+    return ex.references[0] if ex.references else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
     """A named source of examples and how to score them.
@@ -326,7 +334,6 @@ class Evaluator:
         self.length_normalize, self.encoder_once = length_normalize, encoder_once
         self.mesh, self.choose_experts = mesh, choose_experts
         self.fixed_shapes = fixed_shapes
-        self._choice_nll = _CHOICE_NLL[bool(fast_compile)]
         self.fast_compile = bool(fast_compile)
         method = getattr(routed, "method", "base")
         if method in PER_EXAMPLE and choose_experts is None:
@@ -432,9 +439,10 @@ class Evaluator:
             enc_vars = self._variables(experts, C if naive else 1)
             dec_vars = self._variables(experts, C) if experts is not None else enc_vars
             self.compiled_shapes.add(("rank", B, C, L, T))
-            nll, counts = self._choice_nll(self.cfg, self.adapter, enc_vars, dec_vars,
-                                           self._put(ids), self._put(mask), self._put(tgt),
-                                           self._put(tmask), naive=naive, sites=self.sites)
+            score = _CHOICE_NLL[self.fast_compile]
+            nll, counts = score(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
+                                self._put(mask), self._put(tgt), self._put(tmask), naive=naive,
+                                sites=self.sites)
             nll, counts = self._get((nll, counts))
             nll = np.asarray(nll, np.float64)
             ntok = tmask.sum(-1)
@@ -496,9 +504,10 @@ class Evaluator:
         tmask_BCT = np.zeros_like(tgt_BCT)
         tgt_BCT[:, 0], tmask_BCT[:, 0] = tgt, tmask
         # Telemetry runs only for per-token routing, whose variables do not depend on the rows.
-        _, counts = self._choice_nll(self.cfg, self.adapter, variables, variables,
-                                     self._put(ids), self._put(mask), self._put(tgt_BCT),
-                                     self._put(tmask_BCT), sites=self.sites)
+        score = _CHOICE_NLL[self.fast_compile]
+        _, counts = score(self.cfg, self.adapter, variables, variables, self._put(ids),
+                          self._put(mask), self._put(tgt_BCT), self._put(tmask_BCT),
+                          sites=self.sites)
         self._add_counts(self._get(counts))
 
     # -- tasks --

@@ -332,7 +332,9 @@ class ExpertLibrary:
             (D, R) / (R, O), or a stacked (E, ...) tree with ``index``.
           gates: optional gates tree: leaves (1, D), (D,), or stacked with ``index``.
           info: JSON facts stored in the manifest entry: ``data`` (what it was trained on),
-            ``steps``, ``metrics``, and anything else.
+            ``steps``, ``metrics``, and anything else. The bookkeeping keys (``name``,
+            ``file``, ``has_gate``, ``bytes``, ``sha256``) are always recomputed, so an entry
+            from ``info(name)`` can be passed back as it is.
           index: which expert of stacked trees to write.
           overwrite: replace an existing expert of this name.
 

@@ -109,3 +109,21 @@ def test_example_routing_equals_single_expert(world, tmp_path):
         scores[method] = [json.loads(line)["scores"] for line in lines]
         assert not (out / "telemetry.json").exists()   # no per-token routing to count
     np.testing.assert_allclose(scores["single"], scores["example"], atol=1e-4)
+
+
+def test_prototype_file_round_trip_and_bad_file(tmp_path):
+    """The ``--prototypes`` file: ``<site>/gate`` tensors back as a nested tree; a file that is
+    not safetensors is one clear error."""
+    from safetensors.numpy import save_file
+
+    from goose_jax.cli.eval import _load_prototypes
+    from goose_jax.errors import DataError
+    from goose_jax.experts import flatten_sites
+
+    gate = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_file({"encoder/block_0/self_attn/q/gate": gate}, str(tmp_path / "p.safetensors"))
+    flat = flatten_sites(_load_prototypes(str(tmp_path / "p.safetensors")))
+    np.testing.assert_array_equal(flat["encoder/block_0/self_attn/q"]["gate"], gate)
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(DataError, match="unreadable safetensors file"):
+        _load_prototypes(str(tmp_path / "bad.safetensors"))

@@ -139,8 +139,7 @@ def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: s
                                 os.path.join(work, "gates"),
                                 desc=f"{len(names)} gates at once", seed_key=root)
     for i, n in enumerate(names):
-        info = {k: v for k, v in lib.info(n).items()
-                if k not in ("name", "file", "has_gate", "bytes", "sha256")}
+        info = lib.info(n)
         info["gate_loss"] = float(np.asarray(hist["loss"])[i])
         lib.add(n, experts, state.trainable, index=i, info=info, overwrite=True)
     return lib
@@ -177,16 +176,16 @@ def train_multitask(cfg, params, tok, p: Preset, seed: int, work: str, lib_path:
 
 def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, path: str):
     """Stage 5a: per-site mean inputs of each expert's own training examples (cached)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from goose_jax import training
+    from goose_jax.cli.eval import _load_prototypes
     from goose_jax.data import world
-    from goose_jax.experts import flatten_sites, nest_sites
+    from goose_jax.experts import flatten_sites
     from goose_jax.routers import compute_average_activations
 
-    if os.path.isfile(path):
-        flat = load_file(path)
-        return nest_sites({k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items()})
+    if os.path.isfile(path):  # the file format goose-eval --prototypes reads
+        return _load_prototypes(path)
     names = [t.name for t in world.HELDIN]
     tcfg = _train_config(p, 1, min(p.prototype_examples, 64), seed)
     batches = []
@@ -247,8 +246,7 @@ def _evaluate(name, cfg, params, tok, routed, tasks, examples, cache: str, *, ch
                              fixed_shapes=True, fast_compile=True)
     results = ev.evaluate(evaluator, tasks, examples=examples, progress=_progress())
     out = {"scores": {k.removeprefix("world/"): r.score for k, r in results.items()},
-           "telemetry": {k: v for k, v in ev.telemetry_table(results).items()} if telemetry
-           else {}}
+           "telemetry": ev.telemetry_table(results) if telemetry else {}}
     with open(cache, "w") as f:
         json.dump(out, f)
     _say(f"  {name}: " + ", ".join(f"{k.split('_')[0]} {v:.0f}"
@@ -408,11 +406,11 @@ def report(res: dict, names: list[str], lib, out: str, args, stages) -> dict:
     for n in names:
         lines.append(f"| {n} | {own[n]:.0f} | {table['base'][n]:.0f} |")
     lines += ["", "## Per-token top-1 agreement with the task's own expert (held-in tasks)", "",
-              f"Chance is {1 / len(names):.3f}.", "",
-              "| method | mean over sites | " + " | ".join(
-                  next(iter(agree_summary.values()))["by_layer"]) + " |" if agree_summary else "",
-              "|---|---:|" + "---:|" * len(next(iter(agree_summary.values()))["by_layer"])
-              if agree_summary else ""]
+              f"Chance is {1 / len(names):.3f}.", ""]
+    if agree_summary:
+        layers = list(next(iter(agree_summary.values()))["by_layer"])
+        lines += ["| method | mean over sites | " + " | ".join(layers) + " |",
+                  "|---|---:|" + "---:|" * len(layers)]
     for m, a in agree_summary.items():
         lines.append(f"| {m} | {a['mean']:.3f} | " + " | ".join(
             f"{v:.2f}" for v in a["by_layer"].values()) + " |")

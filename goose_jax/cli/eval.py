@@ -105,7 +105,7 @@ def _load_library(path: str, cfg, params, names: list[str] | None):
 
 
 def _load_prototypes(path: str) -> dict:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from goose_jax.experts import nest_sites
@@ -114,7 +114,7 @@ def _load_prototypes(path: str) -> dict:
         raise DataError(f"{path}: prototypes file does not exist")
     try:
         flat = load_file(path)
-    except (OSError, SafetensorsError) as e:
+    except (OSError, SafetensorError) as e:
         raise DataError(f"{path}: unreadable safetensors file: {e}") from None
     sites = {k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items() if k.endswith("/gate")}
     if not sites:

@@ -207,6 +207,11 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
+def _expert_metrics(history: dict, i: int) -> dict:
+    """Expert ``i`` 's share of a many-experts history (per-expert lists; scalars shared)."""
+    return {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
+
+
 def _mean(v) -> float:
     return float(np.mean(v))
 
@@ -518,7 +523,7 @@ def _run_experts(args: argparse.Namespace) -> int:
     trained = distributed.fetch(state.trainable)
     entries = []
     for i, (name, path) in enumerate(zip(names, args.data)):
-        metrics = {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
+        metrics = _expert_metrics(history, i)
         info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
                 "metrics": metrics, "train_config": tcfg.to_dict()}
         entries.append((name, trained, None, i, info,
@@ -554,11 +559,9 @@ def _run_gate(args: argparse.Namespace) -> int:
     entries = []
     for i, name in enumerate(names):
         info = lib.info(name)
-        metrics = {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
+        metrics = _expert_metrics(history, i)
         info["gate"] = {"steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
                         "metrics": metrics}
-        for key in ("name", "file", "has_gate", "bytes", "sha256"):
-            info.pop(key)
         entries.append((name, experts, gates, i, info,
                         f"{name}: gate loss {metrics.get('loss', float('nan')):.4f} -> "
                         f"{lib.path}"))

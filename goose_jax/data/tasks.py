@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from goose_jax.data import bigbench, flan, p3
 from goose_jax.errors import DataError
-from goose_jax.evaluation import EvalTask, Example
+from goose_jax.evaluation import EvalTask, Example, example_target
 
 BENCHMARKS = ("t0_heldout", "t0_heldin", "bbh", "bbl", "flan")
 FLAN_MAX_NEW_TOKENS = 64
@@ -263,9 +263,7 @@ def _example_source(load: Callable[[], list[Example]], splits: Sequence[str]):
 
         def gen():
             for ex in load(split):
-                target = (ex.choices[ex.answers[0]] if ex.choices and ex.answers
-                          else (ex.references[0] if ex.references else ""))
-                yield {"inputs": ex.input, "targets": target,
+                yield {"inputs": ex.input, "targets": example_target(ex),
                        "choices": list(ex.choices or ()), "answers": list(ex.answers)}
 
         sig = {"inputs": tf.TensorSpec([], tf.string), "targets": tf.TensorSpec([], tf.string),

@@ -39,7 +39,7 @@ import numpy as np
 
 from goose_jax.data.tokenizers import _Tokenizer
 from goose_jax.errors import DataError
-from goose_jax.evaluation import EvalTask, Example
+from goose_jax.evaluation import EvalTask, Example, example_target
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "pig", "duck", "goose", "swan",
@@ -362,8 +362,8 @@ def make_example(name: str, split: str, index: int, seed: int = 0) -> Example:
 
 
 def target_of(ex: Example) -> str:
-    """The training target of an example: its correct choice or its reference."""
-    return ex.choices[ex.answers[0]] if ex.choices else ex.references[0]
+    """The training target of a world example: its correct choice or its reference."""
+    return example_target(ex)
 
 
 def get_world_task(name: str) -> WorldTask:
@@ -395,8 +395,8 @@ class PretrainSource:
 
     def __init__(self, size: int, seed: int = 0, noise: float = 0.15, mean_span: float = 2.0):
         self.size, self.seed, self.noise, self.mean_span = size, seed, noise, mean_span
-        self.names = list(DOMAINS) + list(PRETRAIN_ONLY_DOMAINS)
-        self.domains = [({**DOMAINS, **PRETRAIN_ONLY_DOMAINS})[n] for n in self.names]
+        every = {**DOMAINS, **PRETRAIN_ONLY_DOMAINS}
+        self.names, self.domains = list(every), list(every.values())
         self.path = "world/pretrain"
 
     def __len__(self) -> int:
