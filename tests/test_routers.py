@@ -212,13 +212,16 @@ def test_sharded_expert_axis_equals_single_device(world):
     mesh = sharding.make_mesh(data=2, expert=4)
     on_expert = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
     put = lambda t: jax.device_put(t, on_expert)  # noqa: E731
-    routed = build_routed("phatgoose", CFG, put(lib), gates=put(gates), scale=SCALE)
-    leaf = ex.flatten_sites(routed.collections["experts"])["encoder/block_0/ffn/wo"]["lora_a"]
-    assert len({str(s.index) for s in leaf.addressable_shards}) == 4
     ids, dec, mask = (jax.device_put(jnp.asarray(a), sharding.batch_sharding(mesh))
                       for a in batch)
-    out = np.asarray(gj.t5_logits(CFG, params, ids, dec, mask, routing=routed))
-    np.testing.assert_allclose(out, single, atol=1e-5)
+    # auto picks dense for 8 experts; grouped (sort, scan, scatter-add) is forced as well.
+    for backend in ("auto", "grouped"):
+        routed = build_routed("phatgoose", CFG, put(lib), gates=put(gates), scale=SCALE,
+                              backend=backend)
+        leaf = ex.flatten_sites(routed.collections["experts"])["encoder/block_0/ffn/wo"]["lora_a"]
+        assert len({str(s.index) for s in leaf.addressable_shards}) == 4
+        out = np.asarray(gj.t5_logits(CFG, params, ids, dec, mask, routing=routed))
+        np.testing.assert_allclose(out, single, atol=1e-5)
 
 
 def test_bad_inputs_fail_before_compiling(world):
