@@ -23,16 +23,21 @@ for tracers.
 
 Combination backends (``combine_lora(backend=...)``, implementations in ``routing_backends``),
 measured by ``bench/routing_site.py`` on a shared 2-core CPU: one site, T = 2048, D = O = 768,
-R = 16, k = 2, float32, time over the base matmul ``x @ W`` (medians of interleaved repeats; the
-ranges span three runs on a busy machine):
+R = 16, k = 2, float32, time over the base matmul ``x @ W`` (medians of 7 interleaved repeats):
 
-    candidate               E=36         E=166
-    dense                   1.1-1.2      5.3-5.5
-    gather                  2.2-2.6      2.1-3.1
-    grouped                 0.50-0.61    0.48-0.62
-    ragged                  5.2-5.4      32-36
-    route (scores, top-k)   0.09-0.10    0.31-0.34
-    whole site, auto        1.1-1.25     1.9-2.5  (FLOP floor: about 1.3 at E=166)
+    candidate               E=36     E=166
+    dense                   1.13     5.64
+    gather                  2.87     2.94
+    grouped                 0.40     0.46
+    ragged                  5.57     33.6
+    route (scores, top-k)   0.11     0.35
+    whole site, auto        1.06     1.87
+
+Before ``grouped`` scatter-added its rows into the output inside its loop (it used to write every
+padded row out and gather each token's k rows afterwards) it measured 0.51-0.77 at E=166 on the
+same machine; in the whole model (``bench/routing.py``, README) that change took the routed /
+base forward time at E=166 from 1.83 to 1.36: the padded (rows x O) buffers cost more there than
+one site in isolation shows.
 
 ``auto`` picks ``grouped`` for these shapes; the rule and the small-T / small-E measurements
 behind it are in ``routing_backends.choose_backend``. Sharing one matmul between the router

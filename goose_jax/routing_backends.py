@@ -228,14 +228,14 @@ def choose_backend(
     time over the site's base matmul time, medians; the table is in ``goose_jax/routing.py``):
 
     - ``dense`` while E <= 8: computing every expert costs E / k times the needed LoRA work,
-      which is still small, and it is one plain matmul pair. At T = 2048 dense and grouped tie
-      at E = 8 (0.31x vs 0.32x); at E = 16 grouped wins (0.28x vs 0.68x).
+      which is still small, and it is one plain matmul pair. At T = 2048: E = 8 dense 0.35x,
+      grouped 0.46x; E = 16 grouped 0.45x, dense 0.70x.
     - ``gather`` while there are no more assignments than experts (T * k <= E, i.e. decoding a
       small batch): copying k experts per token moves less than one copy of the library, and
-      grouped's padding (up to E blocks) would dominate. T = 8, E = 166: gather 0.47x, grouped
-      0.84x, dense 8.0x; T = 64, E = 166: gather 1.27x, grouped 3.0x.
-    - otherwise ``grouped`` (T = 2048, E = 166: about 0.5x against dense 5.3x, gather 2-3x, ragged
-      32-36x), except on TPU, where ``ragged`` (``jax.lax.ragged_dot``, the grouped-matmul
+      grouped's padding (up to E blocks) would dominate. T = 8, E = 166: gather 0.66x, grouped
+      1.34x; T = 64, E = 166 (the boundary): gather 1.38x, grouped 1.35x.
+    - otherwise ``grouped`` (T = 2048, E = 166: 0.46x against dense 5.6x, gather 2.9x, ragged
+      34x), except on TPU, where ``ragged`` (``jax.lax.ragged_dot``, the grouped-matmul
       primitive with native TPU kernels) is used. TPU and GPU have not been measured; GPU
       follows the CPU rule.
     """

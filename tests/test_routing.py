@@ -296,8 +296,9 @@ def test_grouped_gradients_match_dense():
         y = routing.combine_lora(x, a, b, weights, index, 0.5, backend=backend)
         return jnp.sum(jnp.sin(y))
 
-    grads = {backend: jax.grad(functools.partial(loss, backend), argnums=(0, 1, 2))(
-        jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b)) for backend in ("dense", "grouped")}
+    args = (jnp.asarray(x), jnp.asarray(lora_a), jnp.asarray(lora_b))
+    grads = {backend: jax.grad(functools.partial(loss, backend), argnums=(0, 1, 2))(*args)
+             for backend in ("dense", "grouped")}
     for got, want in zip(grads["grouped"], grads["dense"]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
