@@ -9,6 +9,7 @@ import pytest
 
 from goose_jax.data import world
 from goose_jax.errors import DataError
+from goose_jax.evaluation import example_target
 
 
 def _parse(task: world.WorldTask, text: str) -> dict:
@@ -75,7 +76,7 @@ def test_answers_are_right_and_domains_as_declared(name):
         parsed = _parse(task, ex.input)
         templates.add(parsed["t"])
         assert ex.template == f"t{parsed['t']}"
-        assert world.target_of(ex) == _answer(task, parsed["L"], parsed["w"])
+        assert example_target(ex) == _answer(task, parsed["L"], parsed["w"])
         if ex.choices:
             assert len(set(ex.choices)) == len(ex.choices) and len(ex.answers) == 1
             if task.skill == "most":  # never a tie
@@ -135,7 +136,7 @@ def test_tokenizer_covers_the_world():
     for name in world.TASKS:
         for i in range(20):
             ex = world.make_example(name, "train", i)
-            for text in [ex.input, world.target_of(ex), *(ex.choices or ())]:
+            for text in [ex.input, example_target(ex), *(ex.choices or ())]:
                 ids = tok.encode(text)
                 assert tok.unk_id not in ids and ids[-1] == tok.eos_id
                 assert tok.decode(ids) == " ".join(re.findall(r"[\w]+|[^\w\s]", text))
@@ -178,7 +179,7 @@ def test_eval_tasks_and_errors():
     with pytest.raises(DataError, match="unknown split"):
         world.make_example("food_label", "dev", 0)
     src = world.TaskSource("sports_label", 10)
-    assert len(src) == 10 and src[3][1] == world.target_of(world.make_example(
+    assert len(src) == 10 and src[3][1] == example_target(world.make_example(
         "sports_label", "train", 3))
 
 

@@ -361,11 +361,6 @@ def make_example(name: str, split: str, index: int, seed: int = 0) -> Example:
                    f"{split}-{index}")
 
 
-def target_of(ex: Example) -> str:
-    """The training target of a world example: its correct choice or its reference."""
-    return example_target(ex)
-
-
 def get_world_task(name: str) -> WorldTask:
     name = name.removeprefix("world/")
     if name not in TASKS:
@@ -386,7 +381,7 @@ class TaskSource:
     @functools.lru_cache(maxsize=8192)  # noqa: B019 -- examples are small and re-read per epoch
     def __getitem__(self, index: int) -> tuple[str, str]:
         ex = make_example(self.name, self.split, int(index), self.seed)
-        return ex.input, target_of(ex)
+        return ex.input, example_target(ex)
 
 
 class PretrainSource:
