@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from goose_jax.errors import ConfigError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # HF spells a T5 feed-forward as "{act}" or "gated-{act}"; "gated-gelu" historically means the
@@ -40,7 +42,7 @@ class DTypePolicy:
         for name in ("param_dtype", "compute_dtype"):
             value = getattr(self, name)
             if value not in _DTYPES:
-                raise ValueError(
+                raise ConfigError(
                     f"DTypePolicy.{name} must be one of {sorted(_DTYPES)}, got {value!r}")
 
     @property
@@ -90,23 +92,23 @@ class T5Config:
                      "relative_attention_max_distance"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"T5Config.{name} must be a positive integer, got {value!r}")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ValueError(
+            raise ConfigError(
                 "T5Config.feed_forward_proj must be '{act}' or 'gated-{act}', "
                 f"got {self.feed_forward_proj!r}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"T5Config.feed_forward_proj: unsupported activation "
+            raise ConfigError(f"T5Config.feed_forward_proj: unsupported activation "
                              f"{parts[-1]!r}; supported: {list(_ACTIVATIONS)}")
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.layer_norm_epsilon <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
         if not isinstance(self.dtype, DTypePolicy):
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.dtype must be a DTypePolicy, got {type(self.dtype).__name__}")
 
     @property
@@ -141,14 +143,14 @@ class T5Config:
         model_type = d.get("model_type")
         if model_type not in ("t5", "mt5", "umt5") and "T5ForConditionalGeneration" not in (
                 d.get("architectures") or []):
-            raise ValueError(f"{source}: not a T5 config (model_type={model_type!r}, "
+            raise ConfigError(f"{source}: not a T5 config (model_type={model_type!r}, "
                              f"architectures={d.get('architectures')!r}); expected model_type 't5'")
         if model_type == "umt5":
-            raise ValueError(f"{source}: umT5 (per-layer position biases) is not supported")
+            raise ConfigError(f"{source}: umT5 (per-layer position biases) is not supported")
         missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
                    if k not in d]
         if missing:
-            raise ValueError(f"{source}: T5 config lacks required keys {missing}")
+            raise ConfigError(f"{source}: T5 config lacks required keys {missing}")
         tie = bool(d.get("tie_word_embeddings", True))
         # transformers 5 writes tie_word_embeddings=True for every T5 and records the v1.0 / v1.1
         # difference as scale_decoder_outputs; older files only have tie_word_embeddings.
@@ -175,7 +177,7 @@ class T5Config:
                 decoder_start_token_id=int(pad if start is None else start),
             )
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` dictionary transformers (4.x and 5.x) reads back as this model."""
@@ -213,7 +215,7 @@ class T5Config:
         try:
             return _PRESETS[name]
         except KeyError:
-            raise ValueError(f"unknown T5 preset {name!r}; known: {sorted(_PRESETS)}") from None
+            raise ConfigError(f"unknown T5 preset {name!r}; known: {sorted(_PRESETS)}") from None
 
 
 def _v11(d_model, d_ff, heads, layers):

@@ -35,10 +35,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from goose_jax.errors import GooseError
+from goose_jax.errors import PEER_LOST, DistributedError
 
-# EX_TEMPFAIL: the run did not fail by itself; rerunning the same command resumes it.
-PEER_LOST_EXIT = 75
+PEER_LOST_EXIT = PEER_LOST  # errors.py holds the table of exit codes
 
 DEFAULT_TIMEOUTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60,
                     "shutdown_timeout_seconds": 60}
@@ -48,9 +47,6 @@ _TIMEOUT_ENV = {"initialization_timeout": "GOOSE_INIT_TIMEOUT",
 
 _PROG = {"name": "goose-jax"}  # the tool's name in failure messages (set by maybe_initialize)
 
-
-class DistributedError(GooseError, ValueError):
-    """Inconsistent multi-process settings, or a process group that could not be joined."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import DataError, GooseError
+from goose_jax.errors import DataError, EvalError
 from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
 from goose_jax.routers import PER_EXAMPLE, ROUTER
 from goose_jax.routing import arrow_scores, phatgoose_scores
@@ -44,9 +44,6 @@ KINDS = ("rank", "generate")
 METRICS = ("accuracy", "exact_match", "exact_match_any", "rouge_l")
 TELEMETRY = "telemetry"
 
-
-class EvalError(GooseError, ValueError):
-    """An evaluation request that cannot run (bad settings, an unknown metric)."""
 
 
 @dataclasses.dataclass(frozen=True)

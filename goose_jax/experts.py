@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from goose_jax.config import T5Config
+from goose_jax.errors import ConfigError
 from goose_jax.t5 import site_shapes
 
 Array = jax.Array
@@ -60,13 +61,13 @@ class LoRAConfig:
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
+            raise ConfigError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
         try:
             re.compile(self.sites)
         except re.error as e:
-            raise ValueError(f"LoRAConfig.sites is not a valid regular expression: {e}") from None
+            raise ConfigError(f"LoRAConfig.sites is not a valid regular expression: {e}") from None
         if self.init_std < 0:
-            raise ValueError(f"LoRAConfig.init_std must be >= 0, got {self.init_std}")
+            raise ConfigError(f"LoRAConfig.init_std must be >= 0, got {self.init_std}")
 
     @property
     def lora_scale(self) -> float:
@@ -83,7 +84,7 @@ def select_sites(cfg: T5Config, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
     pattern = re.compile(lora.sites)
     chosen = {name: shape for name, shape in site_shapes(cfg).items() if pattern.fullmatch(name)}
     if not chosen:
-        raise ValueError(f"LoRAConfig.sites {lora.sites!r} matches no site of this model; "
+        raise ConfigError(f"LoRAConfig.sites {lora.sites!r} matches no site of this model; "
                          f"sites look like {next(iter(site_shapes(cfg)))!r}")
     return chosen
 
@@ -123,7 +124,7 @@ def init_experts(cfg: T5Config, lora: LoRAConfig, num_experts: int, rng: Array |
                  dtype=jnp.float32) -> dict:
     """Fresh experts: A ~ N(0, init_std^2) of shape (E, D, R), B = 0 of shape (E, R, O)."""
     if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     sites = select_sites(cfg, lora)

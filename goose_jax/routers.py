@@ -36,7 +36,7 @@ import numpy as np
 
 from goose_jax import routing
 from goose_jax.config import T5Config
-from goose_jax.errors import GooseError
+from goose_jax.errors import LibraryMismatchError
 from goose_jax.experts import EXPERTS, LoRAAdapter, flatten_sites, lora_delta, nest_sites
 from goose_jax.t5 import site_shapes
 
@@ -47,9 +47,6 @@ METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors
            "single", "example", "retrieval", "base")
 PER_EXAMPLE = ("example", "retrieval")  # methods whose caller picks one expert per example
 
-
-class LibraryMismatchError(GooseError, ValueError):
-    """An expert library that does not fit the base model or the routing request."""
 
 
 @dataclasses.dataclass(frozen=True)

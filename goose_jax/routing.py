@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax import routing_backends
-from goose_jax.errors import GooseError
+from goose_jax.errors import RoutingError
 from goose_jax.routing_backends import choose_backend
 
 Array = jax.Array
@@ -75,9 +75,6 @@ __all__ = [
     "topk_softmax",
 ]
 
-
-class RoutingError(GooseError, ValueError):
-    """Routing inputs that cannot work together (sizes, k, non-finite gates)."""
 
 
 @flax.struct.dataclass

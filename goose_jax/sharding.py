@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from goose_jax.errors import ConfigError
+
 MESH_AXES = ("data", "model", "expert")
 
 # logical name -> mesh axis (None = replicated). Activations use the same names.
@@ -45,16 +47,16 @@ def make_mesh(data: int = -1, model: int = 1, expert: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, model, expert]
     if sizes.count(-1) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"make_mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if known <= 0 or len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices cannot be split into "
+            raise ConfigError(f"make_mesh: {len(devices)} devices cannot be split into "
                              f"{dict(zip(MESH_AXES, sizes))}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"make_mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need "
+        raise ConfigError(f"make_mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need "
                          f"{math.prod(sizes)} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
@@ -69,7 +71,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in text.split(","):
         key, _, value = (x.strip() for x in part.partition("="))
         if key not in MESH_AXES or not value.lstrip("-").isdigit():
-            raise ValueError(f"mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4 "
+            raise ConfigError(f"mesh {text!r}: expected AXIS=SIZE pairs such as data=2,expert=4 "
                              f"with AXIS one of {MESH_AXES}")
         sizes[key] = int(value)
     return sizes

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
+from goose_jax.errors import ConfigError
 
 Array = jax.Array
 # Added to attention scores at masked positions. Finite so that bias + mask cannot overflow.
@@ -520,7 +521,7 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
       token through every site, so routing adapters route each generated token on its own.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter, collections = _resolve(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)

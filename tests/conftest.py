@@ -47,6 +47,15 @@ def hf_t5_dir(tmp_path, hf_variant):
     return model, path
 
 
+def tool(name: str):
+    """The console script ``name`` (goose-train, goose-eval, goose-convert, goose-demo) as the
+    package installs it: its entry point's ``main(argv) -> exit code``, called in-process."""
+    from importlib.metadata import entry_points
+
+    (ep,) = entry_points(group="console_scripts", name=name)
+    return ep.load()
+
+
 def random_batch(rng: np.random.Generator, batch: int, enc_len: int, dec_len: int, vocab: int):
     """Encoder ids with ragged padding, its mask, and decoder ids starting with 0."""
     ids = rng.integers(2, vocab, (batch, enc_len))

@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tool
 
 from goose_jax import checkpoint
-from goose_jax.cli.convert import main
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError
+
+main = tool("goose-convert")
 
 
 def _random_tree(seed=0):

@@ -6,13 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import build_hf_t5, random_batch
+from conftest import build_hf_t5, random_batch, tool
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import goose_jax as gj  # noqa: E402
-from goose_jax.cli.convert import main as convert_main  # noqa: E402
 from goose_jax.errors import AdapterError, GooseError, UnsafeCheckpointError  # noqa: E402
 from goose_jax.experts import flatten_sites  # noqa: E402
 from goose_jax.interop.peft import (  # noqa: E402
@@ -39,6 +38,8 @@ ADAPTERS = {
     "layers_bin": (dict(r=2, lora_alpha=2, target_modules=["q", "wi_1"],
                         layers_to_transform=[1], layers_pattern="block"), False),
 }
+
+convert_main = tool("goose-convert")
 
 
 class NotATensor:

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import build_hf_t5
+from conftest import build_hf_t5, tool
 
 torch = pytest.importorskip("torch")
 
 import goose_jax as gj  # noqa: E402
-from goose_jax.cli.convert import main as convert_main  # noqa: E402
 from goose_jax.errors import AdapterError, UnsafeCheckpointError  # noqa: E402
 from goose_jax.experts import flatten_sites  # noqa: E402
 from goose_jax.interop.release import (  # noqa: E402
@@ -21,6 +20,8 @@ from goose_jax.routing import combine_lora, phatgoose_route  # noqa: E402
 E, R = 5, 4
 NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
 ADAPTED = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
+
+convert_main = tool("goose-convert")
 
 
 def _release_state(model, num_experts=E, rank=R, seed=0, gates=True):

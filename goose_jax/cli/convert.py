@@ -7,21 +7,20 @@
     goose-convert to-peft LIBRARY_DIR EXPERT_NAME OUT_DIR
 
 Each subcommand is one entry of ``SUBCOMMANDS`` (name -> how to add its arguments, how to run
-it), so converters for other formats slot in without touching ``main``. A user error prints one
-line on stderr and exits 1; nothing is ever downloaded.
+it), so converters for other formats slot in without touching ``main``. Errors and exit codes
+follow the one table of every goose-jax tool (``goose_jax.errors``); nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from goose_jax.errors import GooseError
+from goose_jax.cli.tool import run_tool
 
 PROG = "goose-convert"
 
@@ -213,27 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
                                "(Orbax) formats. Reads local files only; never downloads.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in SUBCOMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-convert``; returns the process exit code (0 ok, 1 user error, 2 usage)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse has printed usage or help already.
-        return int(e.code or 0)
-    # Orbax and absl log routine steps at INFO / WARNING; a converter's output is its summary.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        return SUBCOMMANDS[args.command].run(args)
-    except (GooseError, OSError) as e:
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    """Runs ``goose-convert``; returns the exit code (the table in ``goose_jax.errors``)."""
+    return run_tool(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""The one way every goose-jax command-line tool starts, fails and exits.
+
+Each tool is an ``argparse`` parser whose (sub)commands set ``run`` (a function of the parsed
+arguments that returns ``None`` or an exit code). ``run_tool`` parses, joins a process group if
+the flags or the cluster ask for it, runs, and turns every failure a user can cause into one line
+on stderr and an exit code of the table in ``goose_jax.errors``:
+
+  0 done, 1 bad input (``GooseError``, an OS error on a user's path), 2 usage (argparse, or a
+  ``UsageError``), 75 a peer of a multi-process run died, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from goose_jax import errors
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (paths and values stay as they were)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text or type(e).__name__
+
+
+def _quiet_libraries() -> None:
+    # Orbax and absl log routine steps at INFO / WARNING, and on Ctrl-C absl's handler adds its
+    # own report; a tool's output is its own summary.
+    for name in ("absl", "orbax", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
+             interrupted_hint: str = "") -> int:
+    """Parses ``argv`` with ``parser``, runs ``args.run(args)``; returns the exit code.
+
+    Args:
+      prog: the tool's name, the first word of every message.
+      parser: the tool's parser; each (sub)command sets ``run`` with ``set_defaults``.
+      argv: the arguments (default: ``sys.argv[1:]``).
+      interrupted_hint: what to tell the user after Ctrl-C (for example how to resume).
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage (2) or the help (0) already
+        return errors.USAGE if e.code not in (0, None) else errors.OK
+    _quiet_libraries()
+
+    def fail(e: BaseException, code: int) -> int:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return code
+
+    from goose_jax import distributed
+
+    try:
+        if hasattr(args, "coordinator"):
+            distributed.maybe_initialize(args, prog=prog)
+        code = args.run(args)
+        return errors.OK if code is None else int(code)
+    except KeyboardInterrupt:
+        hint = f"; {interrupted_hint}" if interrupted_hint else ""
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+        return errors.INTERRUPTED
+    except errors.GooseError as e:
+        return fail(e, e.exit_code)
+    except OSError as e:
+        return fail(e, errors.USER_ERROR)
+    except Exception as e:
+        import jax
+
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
+        raise
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> errors.UsageError:
+    """A ``UsageError`` that names the tool's usage line (raise it from ``run``)."""
+    return errors.UsageError(f"{message} (see {parser.prog} --help)")
