@@ -21,7 +21,7 @@ import numpy as np
 
 import goose_jax as gj
 from goose_jax import training
-from goose_jax.cli.train import random_params
+from goose_jax.t5 import random_params
 
 
 def make_batches(E: int, steps: int, A: int, M: int, L: int, T: int, vocab: int, seed: int = 0):

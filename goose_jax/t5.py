@@ -528,3 +528,19 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     fn = _generate_fast if fast_compile else _generate
     return fn(cfg, _variables(params, collections), input_ids_BL, mask, int(max_new_tokens),
               adapter=adapter)
+
+
+def random_params(cfg, seed: int) -> dict:
+    """A seeded random base drawn with NumPy (no compilation): T5's init scales, for smoke runs."""
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = "/".join(str(k.key) for k in path)
+        if name.endswith("norm/scale"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        std = 1.0 if name.endswith("embedding") else leaf.shape[0] ** -0.5
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes["params"])

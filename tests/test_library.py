@@ -12,10 +12,10 @@ import pytest
 
 import goose_jax as gj
 from goose_jax import training
-from goose_jax.cli.train import random_params
 from goose_jax.errors import GooseError, LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.library import ExpertLibrary, weights_fingerprint
+from goose_jax.t5 import random_params
 
 CFG = gj.T5Config.preset("tiny")
 LORA = LoRAConfig(rank=4, sites=r".*/(self_attn/[qv]|cross_attn/k|ffn/wo)")

@@ -188,7 +188,7 @@ def _worker(argv: list[str]) -> int:
 def world(tmp_path_factory):
     import goose_jax as gj
     from goose_jax.checkpoint import save_model
-    from goose_jax.cli.train import random_params
+    from goose_jax.t5 import random_params
 
     root = tmp_path_factory.mktemp("pod")
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,

@@ -29,7 +29,7 @@ def base(tmp_path_factory):
     """A random base checkpoint: the tiny preset with one block each side, byte vocabulary."""
     import goose_jax as gj
     from goose_jax.checkpoint import save_model
-    from goose_jax.cli.train import random_params
+    from goose_jax.t5 import random_params
 
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
                                              num_decoder_layers=1)

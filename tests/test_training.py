@@ -10,7 +10,6 @@ import pytest
 
 import goose_jax as gj
 from goose_jax import training
-from goose_jax.cli.train import random_params
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.errors import DataError, TrainConfigError
 from goose_jax.experts import (
@@ -20,7 +19,7 @@ from goose_jax.experts import (
     init_gates,
     nest_sites,
 )
-from goose_jax.t5 import T5
+from goose_jax.t5 import T5, random_params
 
 # The tiny preset with 1 + 2 blocks: compiling train steps dominates this file's time.
 CFG = gj.T5Config.preset("tiny").replace(num_encoder_layers=1, num_decoder_layers=2)

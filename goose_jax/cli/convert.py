@@ -74,9 +74,9 @@ def _args_orbax_to_hf(p: argparse.ArgumentParser) -> None:
 
 
 def _load_base(path: str):
-    from goose_jax.interop.hf import load_hf_t5
+    from goose_jax.base_model import load_base
 
-    return load_hf_t5(path)
+    return load_base(path)
 
 
 def _import_into_library(args: argparse.Namespace, do_import) -> int:

@@ -78,21 +78,16 @@ def _csv(s: str | None) -> list[str]:
 
 
 def _load_base(args):
-    from goose_jax import checkpoint
-    from goose_jax.config import DTypePolicy
-    from goose_jax.interop.hf import load_hf_t5
+    from goose_jax.base_model import load_base
 
-    if checkpoint.is_checkpoint(args.base):
-        return checkpoint.load_model(args.base)
-    return load_hf_t5(args.base, dtype=DTypePolicy(args.dtype, args.dtype))
+    return load_base(args.base, dtype=args.dtype)
 
 
-def _tokenizer(args):
-    from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
+def _tokenizer(args, cfg):
+    from goose_jax.base_model import load_tokenizer
 
-    if args.byte_tokenizer:
-        return ByteTokenizer()
-    return load_hf_tokenizer(args.tokenizer or args.base)
+    return load_tokenizer(args.tokenizer or args.base, None if args.tokenizer else cfg,
+                          byte=args.byte_tokenizer)
 
 
 def _load_library(path: str, cfg, params, names: list[str] | None):
@@ -260,7 +255,7 @@ def run(args) -> dict:
     tasks = T.get_tasks(_csv(args.tasks), benchmarks, roots)
     examples = {k: _cap(v, args.max_examples) for k, v in ev.load_all(tasks).items()}
     cfg, params = _load_base(args)
-    tok = _tokenizer(args)
+    tok = _tokenizer(args, cfg)
     routed, names = _routing(args, cfg, params)
     mesh = None
     if jax.device_count() > 1:

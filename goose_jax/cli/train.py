@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from goose_jax import distributed
@@ -115,59 +114,18 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 # --- base model and tokenizer --------------------------------------------------------------------
 
 
-def random_params(cfg, seed: int) -> dict:
-    """A seeded random base drawn with NumPy (no compilation): T5's init scales, for smoke runs."""
-    import flax.linen as nn
-
-    from goose_jax.t5 import T5
-
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    shapes = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = "/".join(str(k.key) for k in path)
-        if name.endswith("norm/scale"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        std = 1.0 if name.endswith("embedding") else leaf.shape[0] ** -0.5
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(leaf.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
-
-
 def load_base(spec: str, tcfg):
     """(cfg, params, tokenizer) of ``spec`` (a directory or ``random:PRESET``)."""
-    from goose_jax import checkpoint
-    from goose_jax.config import T5Config
-    from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
+    from goose_jax.base_model import load_base as load
+    from goose_jax.base_model import load_tokenizer
+    from goose_jax.data.tokenizers import ByteTokenizer
 
-    if not spec:
-        raise TrainConfigError("no base model: pass --base DIR (or set base_model in the config)")
-    byte = ByteTokenizer() if tcfg.tokenizer == "byte" else None
-    if spec.startswith("random:"):
-        if byte is None:
-            raise TrainConfigError(f"base {spec!r} has no tokenizer: use --set tokenizer=byte")
-        try:
-            cfg = T5Config.preset(spec[len("random:"):])
-        except ValueError as e:
-            raise TrainConfigError(f"--base {spec}: {e}") from None
-        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, byte.vocab_size))
-        return cfg, random_params(cfg, tcfg.seed), byte
-    if not os.path.isdir(spec):
-        raise TrainConfigError(f"base model {spec!r} is not a local directory; pass --base DIR "
-                               "(a Hugging Face T5 or goose-jax checkpoint; nothing is "
-                               "downloaded)")
-    if checkpoint.is_checkpoint(spec):
-        cfg, params = checkpoint.load_model(spec)
-    else:
-        import goose_jax as gj
-
-        cfg, params = gj.load_hf_t5(spec)
-    tok = byte or load_hf_tokenizer(spec)
-    if tok.pad_id != cfg.pad_token_id:
-        raise TrainConfigError(f"{spec}: tokenizer pad id {tok.pad_id} differs from the "
-                               f"model's pad_token_id {cfg.pad_token_id}")
-    return cfg, params, tok
+    byte = tcfg.tokenizer == "byte"
+    if spec and spec.startswith("random:") and not byte:
+        raise TrainConfigError(f"base {spec!r} has no tokenizer: use --set tokenizer=byte")
+    cfg, params = load(spec, seed=tcfg.seed,
+                       min_vocab_size=ByteTokenizer().vocab_size if byte else 0)
+    return cfg, params, load_tokenizer(spec, cfg, byte=byte)
 
 
 # --- the training loop ---------------------------------------------------------------------------

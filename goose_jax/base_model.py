@@ -1,0 +1,84 @@
+"""The one way every tool reads the frozen base model and its tokenizer.
+
+A base is named by one string, the ``--base`` of every tool:
+
+- a local Hugging Face T5 directory (or a ``models--org--name`` cache entry),
+- a goose-jax (Orbax) model checkpoint written by ``checkpoint.save_model`` or goose-convert,
+- ``random:PRESET``: a seeded random T5 of a ``T5Config.preset`` size, for smoke runs.
+
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.errors import CheckpointError
+
+RANDOM = "random:"
+
+
+def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
+              min_vocab_size: int = 0) -> tuple[T5Config, dict]:
+    """(cfg, params) of the base model ``spec`` (see the module doc).
+
+    Args:
+      spec: a directory or ``random:PRESET``.
+      dtype: ``float32`` or ``bfloat16``: parameter and compute dtype of a Hugging Face
+        directory (default: float32). A goose-jax checkpoint keeps the dtypes it was saved with.
+      seed: the seed of a ``random:`` base.
+      min_vocab_size: a ``random:`` base's vocabulary is grown to at least this (so that a
+        tokenizer's ids fit).
+
+    Raises:
+      CheckpointError: an empty spec, a path that is not a local directory, an unknown preset, or
+        any unreadable file (naming the file).
+    """
+    from goose_jax import checkpoint
+
+    if not spec:
+        raise CheckpointError("no base model: pass --base DIR (a Hugging Face T5 directory, a "
+                              "goose-jax model checkpoint or random:PRESET)")
+    if spec.startswith(RANDOM):
+        from goose_jax.t5 import random_params
+
+        try:
+            cfg = T5Config.preset(spec[len(RANDOM):])
+        except ValueError as e:
+            raise CheckpointError(f"base {spec!r}: {e}") from None
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
+        return cfg, random_params(cfg, seed)
+    if not os.path.isdir(spec):
+        raise CheckpointError(f"base model {spec!r} is not a local directory (a Hugging Face T5 "
+                              "or goose-jax checkpoint; nothing is downloaded)")
+    if checkpoint.is_checkpoint(spec):
+        return checkpoint.load_model(spec)
+    from goose_jax.interop.hf import load_hf_t5
+
+    return load_hf_t5(spec, dtype=DTypePolicy(dtype, dtype) if dtype else None)
+
+
+def load_tokenizer(spec: str | None, cfg: T5Config | None = None, *, byte: bool = False):
+    """The tokenizer of a base: the byte-level one, or the Hugging Face tokenizer in ``spec``.
+
+    Args:
+      spec: the directory holding the tokenizer files (usually the base's).
+      cfg: the base's config; when given, the tokenizer's pad id must equal its
+        ``pad_token_id``.
+      byte: the byte-level tokenizer (needs no files).
+
+    Raises:
+      CheckpointError: no tokenizer files, or a pad id that differs from the model's.
+    """
+    from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
+
+    if byte:
+        return ByteTokenizer()
+    if not spec or spec.startswith(RANDOM):
+        raise CheckpointError(f"base {spec!r} has no tokenizer: use the byte-level tokenizer")
+    tok = load_hf_tokenizer(spec)
+    if cfg is not None and tok.pad_id != cfg.pad_token_id:
+        raise CheckpointError(f"{spec}: tokenizer pad id {tok.pad_id} differs from the model's "
+                              f"pad_token_id {cfg.pad_token_id}")
+    return tok
