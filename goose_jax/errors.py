@@ -80,5 +80,6 @@ class AdapterError(GooseError, ValueError):
     shapes, an adapter type other than LoRA, options goose-jax cannot represent."""
 
 
-class UnsafeCheckpointError(AdapterError):
-    """A pickled checkpoint that would need to execute code to load (not weights-only)."""
+class UnsafeCheckpointError(AdapterError, CheckpointError):
+    """A pickled checkpoint (a model's or an adapter's) that would need to execute code to load
+    (not weights-only)."""

@@ -42,6 +42,7 @@ from goose_jax.config import T5Config
 from goose_jax.errors import LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.t5 import site_shapes
+from goose_jax.tensorfile import read_safetensors, write_atomic, write_safetensors
 
 MANIFEST = "manifest.json"
 EXPERT_DIR = "experts"
@@ -93,15 +94,6 @@ def _base_config_dict(cfg: T5Config) -> dict[str, Any]:
     d.pop("dtype", None)  # storage dtype is not identity: a bf16 copy is the same base
     d["tie_word_embeddings"] = cfg.tie_word_embeddings
     return d
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256_file(path: str) -> str:
@@ -290,7 +282,7 @@ class ExpertLibrary:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=1, sort_keys=False) + "\n"
-        _atomic_write(self._manifest_path, text.encode())
+        write_atomic(self._manifest_path, text)
 
     def _one_expert(self, tree: Any, leaves: Sequence[str], index: int | None,
                     what: str) -> dict[str, np.ndarray]:
@@ -350,14 +342,12 @@ class ExpertLibrary:
         tensors = self._one_expert(experts, LEAVES, index, "experts")
         if gates is not None:
             tensors.update(self._one_expert(gates, (GATE,), index, "gates"))
-        from safetensors.numpy import save
-
         rel = f"{EXPERT_DIR}/{name}.safetensors"
         file = os.path.join(self.path, rel)
         os.makedirs(os.path.dirname(file), exist_ok=True)
         meta = {"format": FORMAT, "name": name,
                 "base_fingerprint": self.manifest["base_model"]["weights_fingerprint"]}
-        _atomic_write(file, save(tensors, metadata=meta))
+        write_safetensors(file, tensors, metadata=meta)
         extra = dict(info or {})
         entry = {"name": name, "file": rel, "has_gate": gates is not None,
                  "data": extra.pop("data", ""), "steps": extra.pop("steps", None),
@@ -388,8 +378,6 @@ class ExpertLibrary:
     # --- reading -------------------------------------------------------------------------------
 
     def _read(self, entry: dict, want_gate: bool, verify: bool) -> dict[str, np.ndarray]:
-        from safetensors import safe_open
-
         file = os.path.join(self.path, entry["file"])
         if not os.path.isfile(file):
             raise LibraryError(f"{file}: expert file of {entry['name']!r} is missing")
@@ -400,13 +388,7 @@ class ExpertLibrary:
         if verify and entry.get("sha256") and _sha256_file(file) != entry["sha256"]:
             raise LibraryError(f"{file}: sha256: expected {entry['sha256']} (manifest), found "
                                f"{_sha256_file(file)} (corrupt file)")
-        try:
-            with safe_open(file, framework="numpy") as f:
-                keys = set(f.keys())
-                out = {k: f.get_tensor(k) for k in keys}
-        except Exception as e:  # safetensors raises its own error type for any bad file
-            raise LibraryError(f"{file}: not a readable safetensors file (corrupt?): "
-                               f"{' '.join(str(e).split())}") from None
+        out = read_safetensors(file, error=LibraryError)
         rank = self.rank
         for site, (d_in, d_out) in self.sites.items():
             want = {"lora_a": (d_in, rank), "lora_b": (rank, d_out)}

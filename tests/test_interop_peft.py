@@ -14,12 +14,8 @@ peft = pytest.importorskip("peft")
 import goose_jax as gj  # noqa: E402
 from goose_jax.errors import AdapterError, GooseError, UnsafeCheckpointError  # noqa: E402
 from goose_jax.experts import flatten_sites  # noqa: E402
-from goose_jax.interop.peft import (  # noqa: E402
-    export_peft,
-    import_peft,
-    load_peft_adapter,
-    write_library,
-)
+from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
+from goose_jax.interop.stacking import write_library  # noqa: E402
 from goose_jax.library import ExpertLibrary  # noqa: E402
 from goose_jax.routers import build_routed  # noqa: E402
 

@@ -83,7 +83,7 @@ def _import_into_library(args: argparse.Namespace, do_import) -> int:
     """Shared by ``peft`` and ``phatgoose-release``: import, then write the library."""
     import os
 
-    from goose_jax.interop.peft import write_library
+    from goose_jax.interop.stacking import write_library
     from goose_jax.library import MANIFEST, ExpertLibrary
 
     cfg, params = _load_base(args.base)

@@ -2,7 +2,8 @@
 
 Reads a local Hugging Face T5 directory (``config.json`` plus ``model.safetensors``, sharded
 safetensors with an index, or ``pytorch_model.bin``) into a plain nested dict of jax arrays, and
-writes one back in the layout transformers itself writes. Never touches the network.
+writes one back in the layout transformers itself writes. Never touches the network. The files
+are read by ``goose_jax.tensorfile`` (checked safetensors headers; weights-only torch pickles).
 
 Legend: V vocab, D d_model, F d_ff, H heads, K head dim (H*K = inner dim), NB position buckets.
 Kernels are stored (d_in, d_out), the transpose of a PyTorch ``nn.Linear.weight`` (out, in).
@@ -18,8 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,6 +27,8 @@ import numpy as np
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError
+from goose_jax.progress import progress_bar, progress_enabled
+from goose_jax.tensorfile import open_tensors, write_atomic, write_safetensors
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -47,21 +49,6 @@ _SHARED = "shared.weight"
 _NAMES_SHOWN = 5
 
 Params = dict[str, Any]
-
-
-def progress_enabled() -> bool:
-    """Whether long loops draw a tqdm bar: only on a terminal, and never with GOOSE_QUIET=1."""
-    if os.environ.get("GOOSE_QUIET", "") == "1":
-        return False
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm  # Imported late: most calls run with the bar off.
-
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
 
 
 def _one_line(e: BaseException) -> str:
@@ -148,6 +135,25 @@ def tensor_specs(cfg: T5Config) -> list[TensorSpec]:
     if not cfg.tie_word_embeddings:
         specs.append(TensorSpec(_LM_HEAD, ("lm_head", "kernel"), (V, D), True))
     return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A T5 linear layer that has a goose-jax site: its site name and (d_in, d_out)."""
+
+    name: str
+    d_in: int
+    d_out: int
+
+
+def linear_sites(cfg: T5Config) -> dict[str, Site]:
+    """HF module name -> ``Site`` for every T5 linear layer with a site, in model order."""
+    out = {}
+    for spec in tensor_specs(cfg):
+        if spec.transpose and spec.path[0] in ("encoder", "decoder"):
+            d_in, d_out = spec.param_shape
+            out[spec.hf_key.removesuffix(".weight")] = Site("/".join(spec.path[:-1]), d_in, d_out)
+    return out
 
 
 # --- pure mapping -------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
 
     param_dtype = np.dtype(cfg.dtype.param)
     params: Params = {}
-    for s in _progress(specs, "reading tensors", progress):
+    for s in progress_bar(specs, "reading tensors", "tensor", progress):
         value = np.asarray(state[lookup[s.hf_key]])
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise CheckpointError(f"{_where(state, lookup[s.hf_key], source)}: tensor {s.hf_key} "
@@ -320,7 +326,7 @@ def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
     validate_params(cfg, params)
     flat = _flatten(params)
     state = {}
-    for s in _progress(tensor_specs(cfg), "converting tensors", progress):
+    for s in progress_bar(tensor_specs(cfg), "converting tensors", "tensor", progress):
         value = np.asarray(flat[s.path])
         state[s.hf_key] = np.ascontiguousarray(value.T if s.transpose else value)
     if cfg.tie_word_embeddings and not cfg.scale_decoder_outputs:
@@ -329,114 +335,6 @@ def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
 
 
 # --- reading files ------------------------------------------------------------------------------
-
-
-class _SafetensorsState(Mapping):
-    """A lazy state dict over one or more safetensors files: a tensor is read when asked for."""
-
-    def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
-        self._handles: dict[str, Any] = {}
-        self._file_of: dict[str, str] = {}
-        for path in files:
-            try:
-                handle = safe_open(path, framework="np")
-                keys = list(handle.keys())
-            except Exception as e:  # The Rust extension raises its own SafetensorError type.
-                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or "
-                                      f"corrupt?): {_one_line(e)}") from None
-            self._handles[path] = handle
-            for key in keys:
-                self._file_of[key] = path
-
-    def file_of(self, key: str) -> str:
-        return self._file_of[key]
-
-    def shape_of(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        path = self._file_of[key]
-        try:
-            return self._handles[path].get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {key} (corrupt file?): "
-                                  f"{_one_line(e)}") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._file_of)
-
-    def __len__(self) -> int:
-        return len(self._file_of)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._file_of
-
-
-class _TorchState(Mapping):
-    """A state dict of torch tensors seen as NumPy arrays, converted one tensor at a time."""
-
-    def __init__(self, tensors: dict[str, Any], file_of: dict[str, str]):
-        self._tensors, self._file_of = tensors, file_of
-
-    def file_of(self, key: str) -> str:
-        return self._file_of[key]
-
-    def shape_of(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return torch_to_numpy(self._tensors[key])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """A CPU NumPy view of a torch tensor; bfloat16 becomes ml_dtypes.bfloat16 (NumPy has none)."""
-    import torch
-
-    t = tensor.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _read_torch(files: list[str]) -> _TorchState:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{files[0]}: reading a PyTorch .bin checkpoint needs torch, which is not installed; "
-            "install torch or convert the checkpoint to safetensors") from None
-    tensors: dict[str, Any] = {}
-    file_of: dict[str, str] = {}
-    for path in files:
-        try:
-            # weights_only: a .bin file is a pickle, and we never execute code from a checkpoint.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or not "
-                f"weights-only?): {type(e).__name__}: {_one_line(e)}") from None
-        if not isinstance(loaded, Mapping):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
-        for key, value in loaded.items():
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, "
-                                      "not a tensor")
-            tensors[key] = value
-            file_of[key] = path
-    return _TorchState(tensors, file_of)
 
 
 def _read_index(index_path: str) -> list[str]:
@@ -523,18 +421,11 @@ def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], st
       CheckpointError: no weights file, a missing shard, a corrupt file, or a .bin without torch.
     """
     folder = resolve_hf_dir(path)
-    candidate = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(candidate):
-        return _SafetensorsState([candidate]), candidate
-    candidate = os.path.join(folder, SAFE_INDEX_NAME)
-    if os.path.isfile(candidate):
-        return _SafetensorsState(_read_index(candidate)), candidate
-    candidate = os.path.join(folder, TORCH_WEIGHTS_NAME)
-    if os.path.isfile(candidate):
-        return _read_torch([candidate]), candidate
-    candidate = os.path.join(folder, TORCH_INDEX_NAME)
-    if os.path.isfile(candidate):
-        return _read_torch(_read_index(candidate)), candidate
+    for name in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TORCH_WEIGHTS_NAME, TORCH_INDEX_NAME):
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            files = _read_index(candidate) if name.endswith(".json") else [candidate]
+            return open_tensors(files, error=CheckpointError), candidate
     others = [n for n in ("flax_model.msgpack", "tf_model.h5") if os.path.isfile(
         os.path.join(folder, n))]
     hint = (f"; found {_names(others)}, which goose-jax does not read: re-save it with "
@@ -570,17 +461,6 @@ def load_hf_t5(path: str | os.PathLike, *,
     return cfg, params
 
 
-def _write_atomic(path: str, write) -> None:
-    # A crash mid-write must not leave a truncated file under the final name.
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike) -> list[str]:
     """Writes a Hugging Face T5 checkpoint directory: ``config.json`` + ``model.safetensors``.
 
@@ -603,19 +483,11 @@ def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike) -> list[s
     Raises:
       CheckpointError: ``params`` does not fit ``cfg``.
     """
-    from safetensors.numpy import save_file
-
     folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
     state = params_to_hf_state_dict(cfg, params, progress=progress_enabled())
     os.makedirs(folder, exist_ok=True)
     weights_path = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    _write_atomic(weights_path, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_safetensors(weights_path, state, metadata={"format": "pt"})
     config_path = os.path.join(folder, CONFIG_NAME)
-
-    def write_config(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(cfg.to_hf_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _write_atomic(config_path, write_config)
+    write_atomic(config_path, json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return [config_path, weights_path]

@@ -7,26 +7,21 @@ it holds ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``...lora_B.w
 (d_out, r), and the layer computes ``W x + B A x * s`` with ``s = lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with rsLoRA; ``rank_pattern`` / ``alpha_pattern`` override r and alpha
 per module (regular expressions matched, as PEFT does, against the end of the module name).
-goose-jax stores the same expert as ``lora_a = A^T`` (D, R) and ``lora_b = B^T`` (R, O) at the
+goose-jax stores the same expert as ``lora_a = A^T`` (I, r) and ``lora_b = B^T`` (r, O) at the
 matching site (``encoder/block_0/self_attn/q``); ``goose_jax.interop.hf.tensor_specs`` is the one
 name table.
 
-Many adapters become one stacked library (leading expert axis E) with one rank R and one scale S:
-  - rank: R is the largest rank found; a smaller rank r is zero-padded exactly (A gets R - r zero
-    columns, B gets R - r zero rows), so ``(x A) B`` is unchanged;
-  - scale: S is the scale shared by the most (adapter, site) pairs (or the one asked for); where
-    an adapter's scale s differs, ``s / S`` is folded into its B. That is exact in real
-    arithmetic and costs one float32 rounding of B (none when ``s / S`` is a power of two); the
-    pairs that already have scale S are stored bit for bit;
-  - coverage: a site an adapter does not target gets zero A and B (exactly no contribution);
-    ``ImportedExperts.info[n]["covered_sites"]`` lists the sites expert n really has.
+Many adapters become one stacked library (one rank, one scale; ``goose_jax.interop.stacking``
+says how that stays exact).
 
-Loading never executes pickled code: safetensors are read by a small header parser, torch files
-only with ``torch.load(weights_only=True)`` (torch imported only then), and any other pickle is
-refused with ``UnsafeCheckpointError``. ``fan_in_fan_out`` changes nothing for T5: its layers are
-``nn.Linear``, for which PEFT itself resets the flag, and the stored A / B shapes are the same.
+Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors through a
+checked header parser and torch files only with ``torch.load(weights_only=True)`` (torch imported
+only then), and refuses any other pickle with ``UnsafeCheckpointError``. ``fan_in_fan_out``
+changes nothing for T5: its layers are ``nn.Linear``, for which PEFT itself resets the flag, and
+the stored A / B shapes are the same.
 
-Legend: E experts, D d_in of a site, O d_out, R (common) LoRA rank, r one adapter's rank.
+Legend: E experts, I a site's input width, O its output width, R the common LoRA rank, r one
+adapter's rank.
 """
 
 from __future__ import annotations
@@ -34,25 +29,26 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import re
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import AdapterError, UnsafeCheckpointError
-from goose_jax.experts import DEFAULT_SITES, LoRAConfig, nest_sites, peft_scale
-from goose_jax.interop.hf import (
-    _one_line,
-    progress_enabled,
-    resolve_hf_dir,
-    tensor_specs,
-    torch_to_numpy,
+from goose_jax.errors import AdapterError
+from goose_jax.experts import peft_scale
+from goose_jax.interop.hf import _one_line, linear_sites, resolve_hf_dir
+from goose_jax.interop.stacking import (
+    ImportedExperts,
+    SiteLoRA,
+    library_sites,
+    show_names,
+    stack_experts,
 )
+from goose_jax.progress import progress_bar
+from goose_jax.tensorfile import read_tensors, write_atomic, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -74,161 +70,10 @@ _UNSUPPORTED = {
     "use_qalora": "QALoRA",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
 }
-_SHOWN = 4
-
-
-def _show(items: Iterable[str]) -> str:
-    items = list(items)
-    text = ", ".join(repr(x) for x in items[:_SHOWN])
-    return text + (f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
-
-
-def progress_bar(items, desc: str, unit: str, enabled: bool | None = None):
-    """``items`` wrapped in a tqdm bar when drawing one makes sense (a terminal, not quiet)."""
-    if enabled is None:
-        enabled = progress_enabled()
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit, leave=False)
-
-
-# --- the T5 module table ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """A T5 linear layer that has a goose-jax site: its site name and (d_in, d_out)."""
-
-    name: str
-    d_in: int
-    d_out: int
-
-
-def linear_sites(cfg: T5Config) -> dict[str, Site]:
-    """HF module name -> ``Site`` for every T5 linear layer with a site, in model order."""
-    out = {}
-    for spec in tensor_specs(cfg):
-        if spec.transpose and spec.path[0] in ("encoder", "decoder"):
-            d_in, d_out = spec.param_shape
-            out[spec.hf_key.removesuffix(".weight")] = Site("/".join(spec.path[:-1]), d_in, d_out)
-    return out
-
-
 # Modules of ``T5ForConditionalGeneration`` a LoRA could target that have no site.
 NO_SITE_MODULES = ("shared", "encoder.embed_tokens", "decoder.embed_tokens",
                    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
                    "decoder.block.0.layer.0.SelfAttention.relative_attention_bias", "lm_head")
-
-
-# --- reading tensors without executing code -----------------------------------------------------
-
-_SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool"}
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only NumPy view (bfloat16 via ml_dtypes).
-
-    The file is memory-mapped; nothing is copied until a tensor is used.
-
-    Raises:
-      AdapterError: the file is truncated or its header is not valid safetensors.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        start = 8 + n
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > start else \
-            np.zeros(0, np.uint8)
-        out = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _np_dtype(_SAFE_DTYPES[entry["dtype"]])
-            shape = tuple(int(s) for s in entry["shape"])
-            lo, hi = (int(v) for v in entry["data_offsets"])
-            if not 0 <= lo <= hi <= data.size or hi - lo != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {key!r}: data offsets {lo}..{hi} do not fit its "
-                                 f"shape {shape} and dtype {entry['dtype']}")
-            out[key] = data[lo:hi].view(dtype).reshape(shape)
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AdapterError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                           f"{type(e).__name__}: {_one_line(e)}") from None
-
-
-def read_torch_weights(path: str) -> dict[str, np.ndarray]:
-    """A torch state dict read with ``weights_only=True``, as NumPy arrays (no copies).
-
-    Raises:
-      UnsafeCheckpointError: the pickle references code (a class or function) to run.
-      AdapterError: torch is missing, the file is not a weights-only torch checkpoint, or it
-        holds something other than a flat dict of tensors.
-    """
-    import pickle
-
-    try:
-        import torch
-    except ImportError:
-        raise AdapterError(f"{path}: reading a torch pickle needs torch, which is not installed; "
-                           "convert the file to safetensors") from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True,
-                            mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        message = _one_line(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if found:
-            raise UnsafeCheckpointError(
-                f"{path}: refused: this pickle is not weights-only; loading it would import and "
-                f"run {found.group(1)}. goose-jax never executes code from a checkpoint: re-save "
-                "the tensors as safetensors (or with torch.save of a plain state dict)") from None
-        raise AdapterError(f"{path}: refused: not a weights-only torch checkpoint (a pickle "
-                           "torch cannot read without executing code, or a corrupt file); "
-                           "goose-jax reads safetensors or torch.load(weights_only=True) files "
-                           "only") from None
-    except Exception as e:  # torch raises RuntimeError / EOFError / zip errors for bad files
-        raise AdapterError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                           f"{type(e).__name__}: {_one_line(e)}") from None
-    if not isinstance(loaded, Mapping):
-        raise AdapterError(f"{path}: expected a state dict (name -> tensor), found "
-                           f"{type(loaded).__name__}")
-    out = {}
-    for key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
-            raise AdapterError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[key] = torch_to_numpy(value)
-    return out
-
-
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """A weights file by its contents: safetensors, else a weights-only torch pickle."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors starts with a little-endian header length followed by '{'.
-    if len(head) == 9 and head[8:9] == b"{":
-        return read_safetensors(path)
-    return read_torch_weights(path)
 
 
 # --- PEFT's module matching, as PEFT does it ------------------------------------------------------
@@ -290,21 +135,6 @@ def pattern_value(patterns: Mapping[str, Any] | None, name: str, default):
 
 
 # --- one adapter ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SiteLoRA:
-    """One expert at one site, goose-jax orientation: ``y += (x @ lora_a) @ lora_b * scale``.
-
-    Attributes:
-      lora_a: (D, r) float32.
-      lora_b: (r, O) float32.
-      scale: the adapter's own scale at this site.
-    """
-
-    lora_a: np.ndarray
-    lora_b: np.ndarray
-    scale: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +240,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
     config = read_adapter_config(path)
     cfg_file = os.path.join(path, ADAPTER_CONFIG)
     file = _weights_file(path)
-    tensors = read_tensors(file)
+    tensors = read_tensors(file, error=AdapterError)
     sites = linear_sites(cfg)
     origin = _describe_origin(config)
 
@@ -423,7 +253,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
             f"'encoder.block.0.layer.0.SelfAttention.q'")
     no_site = [m for m in targeted if m not in sites]
     if no_site:
-        raise AdapterError(f"{cfg_file}: targets {_show(no_site)}, which are not attention or "
+        raise AdapterError(f"{cfg_file}: targets {show_names(no_site)}, which are not attention or "
                            "feed-forward linear layers; goose-jax experts live only on those")
 
     # The tensors, grouped by module.
@@ -443,12 +273,12 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
         factors[module][which] = value
     extra = [m for m in factors if m not in targeted]
     if extra:
-        raise AdapterError(f"{file}: has weights for {_show(extra)}, which {cfg_file} does not "
-                           "target: config and weights disagree")
+        raise AdapterError(f"{file}: has weights for {show_names(extra)}, which {cfg_file} does "
+                           "not target: config and weights disagree")
     missing = [m for m in targeted if m not in factors]
     if missing:
-        raise AdapterError(f"{file}: no weights for {_show(missing)}, which {cfg_file} targets "
-                           "(an incomplete adapter?)")
+        raise AdapterError(f"{file}: no weights for {show_names(missing)}, which {cfg_file} "
+                           "targets (an incomplete adapter?)")
 
     use_rslora = bool(config.get("use_rslora", False))
     out: dict[str, SiteLoRA] = {}
@@ -482,99 +312,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
     return PeftAdapter(path, config, file, out)
 
 
-# --- many experts into one stacked library ------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ImportedExperts:
-    """Experts stacked on a leading axis, ready for ``build_routed`` or an ``ExpertLibrary``.
-
-    Attributes:
-      experts: per site ``lora_a`` (E, D, R) and ``lora_b`` (E, R, O), float32 NumPy.
-      gates: per site ``gate`` (E, D) float32, or None.
-      names: the E expert names.
-      scale: the one LoRA scale of every expert (see the module doc for how it is kept).
-      rank: R.
-      sites: the library's sites, ``{name: (d_in, d_out)}`` in model order.
-      info: per expert, JSON facts: ``covered_sites`` (the sites it really has), ``source``, ...
-      notes: remarks for a person (folded scales, ignored tensors).
-    """
-
-    experts: dict
-    gates: dict | None
-    names: list[str]
-    scale: float
-    rank: int
-    sites: dict[str, tuple[int, int]]
-    info: list[dict]
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def stack_experts(per_expert: Sequence[Mapping[str, SiteLoRA]],
-                  shapes: Mapping[str, tuple[int, int]], *, rank: int | None = None,
-                  scale: float | None = None) -> tuple[dict, int, float, list[int]]:
-    """Stacks experts given per site onto one rank and one scale, exactly (module doc).
-
-    Args:
-      per_expert: for each expert, site -> ``SiteLoRA`` (sites it lacks get zeros).
-      shapes: the stacked sites and their (d_in, d_out), in order.
-      rank: R (default: the largest rank found); smaller ranks are zero-padded.
-      scale: S (default: the scale shared by the most (expert, site) pairs).
-
-    Returns:
-      (experts tree, R, S, per expert the number of sites whose B absorbed ``s / S``).
-    """
-    found = [lora.lora_a.shape[1] for sites in per_expert for lora in sites.values()]
-    if not found:
-        raise AdapterError("nothing to import: no expert has a LoRA at any site")
-    R = max(found) if rank is None else int(rank)
-    if max(found) > R:
-        raise AdapterError(f"an expert has rank {max(found)}, more than the library's rank {R}")
-    if scale is None:
-        counts = collections.Counter(lora.scale for sites in per_expert
-                                     for lora in sites.values())
-        scale = max(counts, key=counts.get)  # ties: the first scale seen
-    S = float(scale)
-    E = len(per_expert)
-    tree, folded = {}, [0] * E
-    for site, (d_in, d_out) in shapes.items():
-        a = np.zeros((E, d_in, R), np.float32)
-        b = np.zeros((E, R, d_out), np.float32)
-        for n, sites in enumerate(per_expert):
-            lora = sites.get(site)
-            if lora is None:
-                continue
-            r = lora.lora_a.shape[1]
-            a[n, :, :r] = lora.lora_a
-            if lora.scale == S:
-                b[n, :r] = lora.lora_b
-            else:
-                b[n, :r] = lora.lora_b.astype(np.float64) * (lora.scale / S)
-                folded[n] += 1
-        tree[site] = {"lora_a": a, "lora_b": b}
-    return nest_sites(tree), R, S, folded
-
-
-def union_sites(cfg: T5Config, per_expert: Iterable[Mapping[str, Any]]
-                ) -> dict[str, tuple[int, int]]:
-    """The sites any expert has, with their shapes, in model order."""
-    used = set().union(*(set(sites) for sites in per_expert))
-    return {s.name: (s.d_in, s.d_out) for s in linear_sites(cfg).values() if s.name in used}
-
-
-def library_sites(cfg: T5Config, sites: Mapping | None,
-                  per_expert: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
-    """The sites of the library to import into: ``sites`` (checked to hold every expert's
-    sites), or by default the union of the experts' sites."""
-    if sites is None:
-        return union_sites(cfg, per_expert)
-    out = {k: tuple(v) for k, v in sites.items()}
-    for n, expert in enumerate(per_expert):
-        outside = [s for s in expert if s not in out]
-        if outside:
-            raise AdapterError(f"expert {n} has LoRA at sites the library lacks: "
-                               f"{_show(outside)}")
-    return out
+# --- many adapters into stacked experts ---------------------------------------------------------
 
 
 def import_peft(paths: Sequence[str | os.PathLike], cfg: T5Config, *,
@@ -609,7 +347,8 @@ def import_peft(paths: Sequence[str | os.PathLike], cfg: T5Config, *,
         raise AdapterError(f"{len(names)} names for {len(adapters)} adapters")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise AdapterError(f"duplicate expert names {_show(duplicates)}; pass names= (--names)")
+        raise AdapterError(f"duplicate expert names {show_names(duplicates)}; pass names= "
+                           "(--names)")
     per_expert = [a.sites for a in adapters]
     shapes = library_sites(cfg, sites, per_expert)
     experts, R, S, folded = stack_experts(per_expert, shapes, rank=rank, scale=scale)
@@ -637,54 +376,6 @@ def import_peft(paths: Sequence[str | os.PathLike], cfg: T5Config, *,
 
 def _ranks(ranks: set[int]) -> str:
     return "/".join(str(r) for r in sorted(ranks))
-
-
-# --- writing an expert library ------------------------------------------------------------------
-
-
-def sites_pattern(cfg: T5Config, sites: Iterable[str]) -> str:
-    """A ``LoRAConfig.sites`` expression selecting exactly ``sites``."""
-    sites = list(sites)
-    every = [s.name for s in linear_sites(cfg).values()]
-    if sites == every:
-        return DEFAULT_SITES
-    return "|".join(re.escape(s) for s in sites)
-
-
-def write_library(imported: ImportedExperts, out: str | os.PathLike, cfg: T5Config,
-                  params: Any, *, append: bool = False, overwrite: bool = False,
-                  progress: bool | None = None):
-    """Writes imported experts into an ``ExpertLibrary`` (created, or opened with ``append``).
-
-    With ``append`` the library must already have the imported rank, scale and sites (import
-    with ``rank=lib.rank, scale=lib.scale, sites=lib.sites``). Each expert's manifest entry
-    gets ``imported.info`` (``covered_sites`` only where an expert lacks some library sites).
-
-    Returns:
-      The ``ExpertLibrary``.
-    """
-    from goose_jax.library import ExpertLibrary
-
-    if append and os.path.isfile(os.path.join(os.fspath(out), "manifest.json")):
-        lib = ExpertLibrary.open(out, cfg, params)
-        if lib.rank != imported.rank or lib.scale != imported.scale or \
-                lib.sites != imported.sites:
-            raise AdapterError(f"{lib.path}: rank / scale / sites of the library "
-                               f"({lib.rank}, {lib.scale:g}, {len(lib.sites)} sites) differ from "
-                               f"the import ({imported.rank}, {imported.scale:g}, "
-                               f"{len(imported.sites)} sites)")
-    else:
-        lora = LoRAConfig(rank=imported.rank, sites=sites_pattern(cfg, imported.sites),
-                          scale=imported.scale)
-        lib = ExpertLibrary.create(out, cfg, params, lora)
-    items = list(enumerate(imported.names))
-    for n, name in progress_bar(items, "writing experts", "expert", progress):
-        entry = dict(imported.info[n])
-        if len(entry.get("covered_sites", ())) == len(imported.sites):
-            entry.pop("covered_sites")
-        lib.add(name, imported.experts, imported.gates, index=n, info=entry,
-                overwrite=overwrite)
-    return lib
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -739,7 +430,7 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
     modules = {s.name: module for module, s in linear_sites(cfg).items()}
     unknown = [s for s in sites if s not in modules]
     if unknown:
-        raise AdapterError(f"sites {_show(unknown)} do not exist in this base model")
+        raise AdapterError(f"sites {show_names(unknown)} do not exist in this base model")
     tensors, ranks = {}, {}
     for site, (a, b) in sites.items():
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -765,17 +456,10 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
         "inference_mode": True,
     }
-    from safetensors.numpy import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, SAFE_WEIGHTS)
-    tmp = weights + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, weights)
-    with open(cfg_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(cfg_file + ".tmp", cfg_file)
+    write_safetensors(weights, tensors, metadata={"format": "pt"})
+    write_atomic(cfg_file, json.dumps(config, indent=2) + "\n")
     return [cfg_file, weights]
 
 

@@ -16,9 +16,10 @@ T0 held-in list, 166 to the full FLAN list). The state dict may also hold base-m
 checkpoint from gate training, which has ``_addons.expert_lora.expert_input_gate`` instead of
 router embeddings, gets that vector as its gate (the release's ``use_input_gate_as_router``).
 
-Loading never executes pickled code (``torch.load(weights_only=True)``, or safetensors).
+Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors, or a torch file
+with ``torch.load(weights_only=True)`` only.
 
-Legend: E experts, D d_in, O d_out, r rank.
+Legend: E experts, I a site's input width, O its output width, r rank.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ import numpy as np
 from goose_jax.config import T5Config
 from goose_jax.errors import AdapterError
 from goose_jax.experts import nest_sites
-from goose_jax.interop.peft import (
+from goose_jax.interop.hf import linear_sites
+from goose_jax.interop.stacking import (
     ImportedExperts,
     SiteLoRA,
     library_sites,
-    linear_sites,
-    progress_bar,
-    read_tensors,
+    show_names,
     stack_experts,
 )
+from goose_jax.progress import progress_bar
+from goose_jax.tensorfile import read_tensors
 
 # The release's expert collections, in its expert order (its dataset dictionaries' keys).
 _P3 = (
@@ -115,12 +117,6 @@ _KINDS = {"expert_lora.layer1": "layer1", "expert_lora.layer2": "layer2",
           "router.expert_embeddings": "gate"}
 
 
-def _show(items) -> str:
-    items = list(items)
-    return ", ".join(repr(x) for x in items[:4]) + (f" (and {len(items) - 4} more)"
-                                                   if len(items) > 4 else "")
-
-
 def release_names(names: str | Sequence[str] | None, count: int) -> list[str]:
     """Expert names for a release checkpoint with ``count`` experts.
 
@@ -171,7 +167,7 @@ def import_release(path: str | os.PathLike, cfg: T5Config, *,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AdapterError(f"{path}: checkpoint file does not exist")
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, error=AdapterError)
     modules = linear_sites(cfg)
 
     found: dict[str, dict[str, dict[int, np.ndarray]]] = collections.defaultdict(
@@ -193,7 +189,7 @@ def import_release(path: str | os.PathLike, cfg: T5Config, *,
             continue
         unknown.append(key)
     if unknown:
-        raise AdapterError(f"{path}: tensors of unknown kind {_show(unknown)}; expected "
+        raise AdapterError(f"{path}: tensors of unknown kind {show_names(unknown)}; expected "
                            "<module>._addons.expert_lora.layer1__i / layer2__i and "
                            "<module>._addons.router.expert_embeddings__i")
     if not found:
@@ -201,7 +197,7 @@ def import_release(path: str | os.PathLike, cfg: T5Config, *,
                            "_addons.expert_lora.layer1__i); not a PHATGOOSE release checkpoint?")
     outside = [m for m in found if m not in modules]
     if outside:
-        raise AdapterError(f"{path}: modules {_show(outside)} are not linear layers of this "
+        raise AdapterError(f"{path}: modules {show_names(outside)} are not linear layers of this "
                            "T5 (a checkpoint for a larger or different model?)")
 
     E = 1 + max(i for kinds in found.values() for per in kinds.values() for i in per)
@@ -217,7 +213,7 @@ def import_release(path: str | os.PathLike, cfg: T5Config, *,
             if absent:
                 raise AdapterError(f"{path}: module {module!r} lacks {kind} of expert(s) "
                                    f"{absent[:8]} (the checkpoint has {E} experts)")
-        gate_ED = np.zeros((E, site.d_in), np.float32)
+        gate_EI = np.zeros((E, site.d_in), np.float32)
         for i in range(E):
             l1, l2 = kinds["layer1"][i], kinds["layer2"][i]
             if l1.ndim != 2 or l2.ndim != 2 or l1.shape[0] != site.d_in or \
@@ -236,10 +232,10 @@ def import_release(path: str | os.PathLike, cfg: T5Config, *,
                     raise AdapterError(
                         f"{path}: {module}._addons.router.expert_embeddings__{i}: expected "
                         f"shape ({site.d_in},), found {tuple(g.shape)}")
-                gate_ED[i] = np.asarray(g, np.float32).reshape(-1)
+                gate_EI[i] = np.asarray(g, np.float32).reshape(-1)
         if use_input_gate and module in input_gates:
-            gate_ED[0] = np.asarray(input_gates[module], np.float32).reshape(-1)
-        gates[site.name] = gate_ED
+            gate_EI[0] = np.asarray(input_gates[module], np.float32).reshape(-1)
+        gates[site.name] = gate_EI
 
     names = release_names(names, E)
     shapes = library_sites(cfg, sites, per_expert)
