@@ -272,18 +272,20 @@ def test_hf_cache_layout(hf_dirs, tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from goose_jax.progress import progress_enabled
+
     class Terminal:
         def isatty(self):
             return True
 
     monkeypatch.delenv("GOOSE_QUIET", raising=False)
     monkeypatch.setattr(sys, "stderr", Terminal())
-    assert hf.progress_enabled()
+    assert progress_enabled()
     monkeypatch.setenv("GOOSE_QUIET", "1")
-    assert not hf.progress_enabled()
+    assert not progress_enabled()
     monkeypatch.undo()
     monkeypatch.delenv("GOOSE_QUIET", raising=False)
-    assert not hf.progress_enabled()  # pytest captures stderr: not a terminal
+    assert not progress_enabled()  # pytest captures stderr: not a terminal
 
 
 def test_import_does_not_pull_torch_or_tensorflow():
