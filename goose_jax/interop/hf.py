@@ -418,7 +418,8 @@ def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], st
       (state, source): tensor name -> NumPy array, read on access; the file (or index) it came from.
 
     Raises:
-      CheckpointError: no weights file, a missing shard, a corrupt file, or a .bin without torch.
+      CheckpointError: no weights file, a missing shard, a corrupt file, or a .bin without torch;
+        ``UnsafeCheckpointError`` (a ``CheckpointError``) for a pickle that is not weights-only.
     """
     folder = resolve_hf_dir(path)
     for name in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TORCH_WEIGHTS_NAME, TORCH_INDEX_NAME):
