@@ -26,6 +26,16 @@ PEER_LOST = 75
 INTERRUPTED = 130
 
 
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line, whatever wrote it (paths and values kept as they are);
+    an OS error names its file."""
+    text = " ".join(str(e).split())
+    filename = getattr(e, "filename", None)
+    if isinstance(e, OSError) and filename is not None and str(filename) not in text:
+        text = f"{filename}: {text}"
+    return text or type(e).__name__
+
+
 class GooseError(Exception):
     """Base class of the errors goose-jax raises about user input (exit code 1)."""
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax.errors import CheckpointError, GooseError, UnsafeCheckpointError
+from goose_jax.errors import CheckpointError, GooseError, UnsafeCheckpointError, one_line
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # The safetensors format's own limit; a larger "header" is a corrupt length field.
@@ -106,7 +106,7 @@ class SafetensorsFile(Mapping):
         try:
             self._entries, self._start, self.metadata = self._parse()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = one_line(e)
             raise error(f"{self.path}: not a readable safetensors file (truncated or corrupt?): "
                         f"{detail}") from None
 

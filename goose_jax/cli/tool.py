@@ -19,14 +19,6 @@ from collections.abc import Sequence
 from goose_jax import errors
 
 
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (paths and values stay as they were)."""
-    text = " ".join(str(e).split())
-    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
-        text = f"{e.filename}: {text}"
-    return text or type(e).__name__
-
-
 def _quiet_libraries() -> None:
     # Orbax and absl log routine steps at INFO / WARNING, and on Ctrl-C absl's handler adds its
     # own report; a tool's output is its own summary.
@@ -51,7 +43,7 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     _quiet_libraries()
 
     def fail(e: BaseException, code: int) -> int:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {errors.one_line(e)}", file=sys.stderr)
         return code
 
     from goose_jax import distributed

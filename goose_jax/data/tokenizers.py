@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from goose_jax.errors import CheckpointError
+from goose_jax.errors import CheckpointError, one_line
 
 
 class _Tokenizer:
@@ -155,7 +155,7 @@ def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError and others for bad files.
-        detail = " ".join(str(e).split())  # One line, whatever transformers wrote.
+        detail = one_line(e)
         raise CheckpointError(f"{folder}: cannot load the tokenizer: "
                               f"{type(e).__name__}: {detail}") from None
     return HFTokenizer(tok, source=folder)

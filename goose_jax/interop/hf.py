@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.errors import CheckpointError
+from goose_jax.errors import CheckpointError, one_line
 from goose_jax.progress import progress_bar, progress_enabled
 from goose_jax.tensorfile import open_tensors, write_atomic, write_safetensors
 
@@ -49,11 +49,6 @@ _SHARED = "shared.weight"
 _NAMES_SHOWN = 5
 
 Params = dict[str, Any]
-
-
-def _one_line(e: BaseException) -> str:
-    # Library messages can span lines; ours stay on one so a CLI can print them as they are.
-    return " ".join(str(e).split())
 
 
 def _names(keys) -> str:
@@ -345,7 +340,7 @@ def _read_index(index_path: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{index_path}: not a valid checkpoint index (needs a 'weight_map' of tensor name -> "
-            f"shard file): {_one_line(e)}") from None
+            f"shard file): {one_line(e)}") from None
     folder = os.path.dirname(index_path)
     shards = [os.path.join(folder, name) for name in shard_names]
     absent = [name for name in shard_names if not os.path.isfile(os.path.join(folder, name))]
@@ -399,7 +394,7 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{config_path}: cannot read the config as JSON: "
-                              f"{_one_line(e)}") from None
+                              f"{one_line(e)}") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
     try:

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import AdapterError
+from goose_jax.errors import AdapterError, one_line
 from goose_jax.experts import peft_scale
-from goose_jax.interop.hf import _one_line, linear_sites, resolve_hf_dir
+from goose_jax.interop.hf import linear_sites, resolve_hf_dir
 from goose_jax.interop.stacking import (
     ImportedExperts,
     SiteLoRA,
@@ -192,7 +192,7 @@ def read_adapter_config(path: str) -> dict:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise AdapterError(f"{file}: cannot read as JSON: {_one_line(e)}") from None
+        raise AdapterError(f"{file}: cannot read as JSON: {one_line(e)}") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise AdapterError(f"{file}: not a PEFT adapter config (no 'peft_type')")
     peft_type = str(config["peft_type"])
