@@ -44,7 +44,7 @@ def test_make_world_base_writes_a_loadable_base(tmp_path):
     meta = json.loads((out / "world.json").read_text())
     assert meta["steps"] == 2 and np.isfinite(meta["final_loss"])
     cfg, params = load_hf_t5(out)
-    assert (cfg.d_model, cfg.num_encoder_layers, cfg.dtype.param_dtype) == (128, 4, "bfloat16")
+    assert (cfg.d_model, cfg.num_encoder_layers) == (128, 4) and "lm_head" in params
     assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
 
 
