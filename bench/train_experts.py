@@ -21,6 +21,7 @@ import numpy as np
 
 import goose_jax as gj
 from goose_jax import training
+from goose_jax.experts import init_experts
 from goose_jax.t5 import random_params
 
 
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
                                 max_target_length=args.target_length)
     params = random_params(cfg, 0)
     keys = [jax.random.key(e) for e in range(E)]
-    experts = training.init_expert_stack(cfg, tcfg.lora, keys)
+    experts = init_experts(cfg, tcfg.lora, keys)
     program = training.Program("expert", cfg, tcfg, tcfg.steps, tcfg.lora.lora_scale)
     batches = make_batches(E, args.steps, args.grad_accum, args.micro_batch, args.length,
                            args.target_length, cfg.vocab_size)

@@ -21,15 +21,18 @@ Routing among experts is a different adapter (``goose_jax.routing``) over the sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from goose_jax.config import T5Config
 from goose_jax.errors import ConfigError
-from goose_jax.t5 import site_shapes
+from goose_jax.t5 import FAST_COMPILE_OPTIONS, site_shapes
 
 Array = jax.Array
 
@@ -120,23 +123,57 @@ def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
     return out
 
 
-def init_experts(cfg: T5Config, lora: LoRAConfig, num_experts: int, rng: Array | int = 0,
-                 dtype=jnp.float32) -> dict:
-    """Fresh experts: A ~ N(0, init_std^2) of shape (E, D, R), B = 0 of shape (E, R, O)."""
-    if num_experts < 1:
-        raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array],
+                 rng: Array | int = 0, dtype=jnp.float32, *, fast_compile: bool = False) -> dict:
+    """Fresh experts stacked on a leading axis: A ~ N(0, init_std^2) (E, D, R), B = 0 (E, R, O).
+
+    Expert e is drawn from its own key alone, as one normal vector cut into the sites' A
+    matrices (one random kernel to compile instead of one per site). Its weights depend on that
+    key only, not on E or its position: trained alone or among others (keyed by name, as
+    goose-train does), it starts from the same point.
+
+    Args:
+      cfg: the base model's config.
+      lora: rank, sites and init scale.
+      experts: the experts' own keys (expert e from ``experts[e]``), or a count E, then expert
+        e's key is ``fold_in(rng, e)``.
+      rng: the root key (or seed) of a count; ignored with keys.
+      dtype: the returned leaves' dtype.
+      fast_compile: compile with XLA's backend optimisation off (tests, smoke runs).
+
+    Raises:
+      ConfigError: no experts, or ``lora.sites`` matches no site of ``cfg``.
+    """
+    if isinstance(experts, int):
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
+        experts = [jax.random.fold_in(rng, e) for e in range(experts)]
+    if len(experts) < 1:
+        raise ConfigError(f"init_experts needs at least one expert, got {len(experts)}")
+    select_sites(cfg, lora)  # one clear error outside jit when no site matches
+    stack = _init_fn(fast_compile)(cfg, lora, jnp.stack(list(experts)))
+    return jax.tree.map(lambda x: x.astype(dtype), stack) if dtype != jnp.float32 else stack
+
+
+@functools.cache
+def _init_fn(fast: bool):
+    return jax.jit(_init_stack, static_argnums=(0, 1),
+                   compiler_options=FAST_COMPILE_OPTIONS if fast else None)
+
+
+def _init_stack(cfg: T5Config, lora: LoRAConfig, keys) -> dict:
     sites = select_sites(cfg, lora)
-    keys = jax.random.split(rng, len(sites))
-    flat = {}
-    for key, (name, (d_in, d_out)) in zip(keys, sites.items()):
-        flat[name] = {
-            "lora_a": (lora.init_std * jax.random.normal(key, (num_experts, d_in, lora.rank))
-                       ).astype(dtype),
-            "lora_b": jnp.zeros((num_experts, lora.rank, d_out), dtype),
-        }
-    return nest_sites(flat)
+    sizes = [d_in * lora.rank for d_in, _ in sites.values()]
+    offsets = np.cumsum([0] + sizes)
+
+    def one(key):
+        z = lora.init_std * jax.random.normal(key, (int(offsets[-1]),), jnp.float32)
+        return nest_sites({name: {
+            "lora_a": z[offsets[i]:offsets[i + 1]].reshape(d_in, lora.rank),
+            "lora_b": jnp.zeros((lora.rank, d_out), jnp.float32)}
+            for i, (name, (d_in, d_out)) in enumerate(sites.items())})
+
+    return jax.vmap(one)(keys)
 
 
 def init_gates(experts: dict, dtype=jnp.float32) -> dict:

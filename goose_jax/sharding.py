@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -18,6 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from goose_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from goose_jax.training import TrainState
 
 MESH_AXES = ("data", "model", "expert")
 
@@ -143,3 +146,40 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a (B, ...) batch array: batch over ``data``, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+
+
+# --- trees with a leading expert axis ------------------------------------------------------------
+
+
+def shard_leading(tree: Any, mesh: Mesh, rest_logical: tuple = ()) -> Any:
+    """Places a tree whose leaves lead with the expert axis E: that axis over ``expert`` (as the
+    rules table maps it), the next axes by the logical names ``rest_logical``, the rest
+    replicated. Scalars, and axes the mesh does not divide, are replicated."""
+    def spec(x):
+        axes = (("expert",) + rest_logical)[:np.ndim(x)]
+        while axes and axes[-1] is None:  # P("expert") as jit writes it, not P("expert", None)
+            axes = axes[:-1]
+        return PartitionSpec(*axes)
+
+    return shard_params(tree, jax.tree.map(spec, tree), mesh)
+
+
+def shard_experts(tree: Any, mesh: Mesh) -> Any:
+    """Places a tree with a leading expert axis (experts, gates, optimiser state) on ``mesh``:
+    that axis over the ``expert`` mesh axis (the one rules table decides), the rest replicated.
+    Scalars, and axes the mesh does not divide, are replicated."""
+    return shard_leading(tree, mesh)
+
+
+def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
+    """A many-experts ``training.TrainState`` on ``mesh``, placed as the jitted step returns it
+    (so the second step does not compile again): experts over ``expert``, the step count
+    replicated."""
+    step, trainable, opt_state = shard_leading(
+        (state.step, state.trainable, state.opt_state), mesh)
+    return state.replace(step=step, trainable=trainable, opt_state=opt_state)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Places an [E, A, M, L] batch: experts over ``expert``, microbatch rows over ``data``."""
+    return shard_leading(batch, mesh, (None, "batch"))

@@ -202,7 +202,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pod_run(world):
     """goose-train experts on the pod and in one process; both ways' timings."""
-    from goose_jax.cli.train import main
+    from conftest import tool
+
+    main = tool("goose-train")
 
     root, base, data = world
     logs_dir = root / "logs"

@@ -1,6 +1,7 @@
 """goose-train: configs and overrides, resuming after an interruption, what a checkpoint holds,
 the gate subcommand, and one-line errors."""
 
+import functools
 import json
 import os
 import pathlib
@@ -8,12 +9,16 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from conftest import tool
 
-from goose_jax import training
+from goose_jax import config_files, training
 from goose_jax.checkpoint import TrainCheckpointer
-from goose_jax.cli.train import apply_overrides, load_config, main
 from goose_jax.errors import TrainConfigError
 from goose_jax.library import ExpertLibrary
+from goose_jax.train_runs import load_train_config as load_config
+
+main = tool("goose-train")
+apply_overrides = functools.partial(config_files.apply_overrides, error=TrainConfigError)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.py")
@@ -189,6 +194,10 @@ def test_user_errors_are_one_line_and_exit_1(base, data, uninterrupted, tmp_path
     error(["gate", "--config", TINY, "--base", base, "--data", data[0], "--names", "nobody",
            "--library",
            str(uninterrupted / "lib"), "--workdir", str(tmp_path / "w4")], "no expert named")
+    # a LoRA site pattern that selects nothing fails before any work (no library, no run.json)
+    error(train_args(base, data, tmp_path / "lib5", tmp_path / "w5", "--set",
+                     "lora_sites=nomatch"), "lora_sites", "nomatch", "matches no site")
+    assert not (tmp_path / "lib5").exists() and not (tmp_path / "w5").exists()
     assert main(["experts"]) == 2  # argparse usage error
 
 

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import training
+from goose_jax import sharding, training
+from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.errors import DataError, TrainConfigError
 from goose_jax.experts import (
     LoRAAdapter,
     dense_delta,
     flatten_sites,
+    init_experts,
     init_gates,
     nest_sites,
 )
@@ -60,8 +62,8 @@ def make_batch(seed, lead, A, M, L=12, T=6):
 
 def expert_stack(E, seed=1):
     """E fresh experts, expert e from key seed + e."""
-    return training.init_expert_stack(CFG, TCFG.lora, [jax.random.key(seed + e) for e in range(E)],
-                                      fast_compile=True)
+    return init_experts(CFG, TCFG.lora, [jax.random.key(seed + e) for e in range(E)],
+                        fast_compile=True)
 
 
 def run(program, base, frozen, trainable, batches):
@@ -258,11 +260,11 @@ def test_step_sharded_over_expert_and_data_axes_equals_single_runs(params):
     experts = expert_stack(4)
     batches = [make_batch(70 + s, (4,), 4, 2) for s in range(2)]
     program = training.Program("expert", CFG, TCFG, TCFG.steps, SCALE)
-    state = training.shard_state(program.init(experts), mesh)
+    state = sharding.shard_state(program.init(experts), mesh)
     a = state.trainable["decoder"]["block_1"]["self_attn"]["q"]["lora_a"]
     assert a.sharding.spec[0] == "expert" and len(a.addressable_shards) == 8
     for b in batches:
-        state, _ = program.step(params, None, state, training.shard_batch(b, mesh))
+        state, _ = program.step(params, None, state, sharding.shard_batch(b, mesh))
     assert_trees_close(state.trainable, _single_runs(params, experts, batches, 4, 2))
 
 
@@ -291,7 +293,7 @@ def test_batcher_order_is_a_pure_function_of_seed_stream_and_position():
     tok = ByteTokenizer()
 
     def batcher(stream=0, seed=3):
-        return training.Batcher(source, tok, micro_batch=2, grad_accum=2, max_input_length=8,
+        return batching.Batcher(source, tok, micro_batch=2, grad_accum=2, max_input_length=8,
                                 max_target_length=6, seed=seed, stream=stream)
 
     b = batcher()
@@ -306,25 +308,25 @@ def test_batcher_order_is_a_pure_function_of_seed_stream_and_position():
     ids, _ = tok.encode_batch([first[1]], 6)
     np.testing.assert_array_equal(batch["targets"][0, 0], ids[0])
     # pre-tokenised examples pass through untouched (truncated to the length)
-    pre = training.Batcher(ListSource([([5, 6, 7], [8, 9])]), tok, micro_batch=1, grad_accum=1,
+    pre = batching.Batcher(ListSource([([5, 6, 7], [8, 9])]), tok, micro_batch=1, grad_accum=1,
                            max_input_length=4, max_target_length=4, seed=0)
     np.testing.assert_array_equal(pre.batch(0)["inputs"][0, 0], [5, 6, 7, 0])
     with pytest.raises(DataError, match="vocabulary"):
-        training.Batcher(source, tok, micro_batch=1, grad_accum=1, max_input_length=4,
+        batching.Batcher(source, tok, micro_batch=1, grad_accum=1, max_input_length=4,
                          max_target_length=4, seed=0, vocab_size=101).batch(0)
 
 
 def test_jsonl_source_reports_bad_files(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"input": "a", "target": "b"}\n\n{"input": [4, 5], "target": "c"}\n')
-    assert len(training.JsonlSource(good)) == 2
+    assert len(batching.JsonlSource(good)) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "target": "b"}\n{"input": "a"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected"):
-        training.JsonlSource(bad)
+        batching.JsonlSource(bad)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="empty dataset"):
-        training.JsonlSource(empty)
+        batching.JsonlSource(empty)
     with pytest.raises(DataError, match="cannot read"):
-        training.JsonlSource(tmp_path / "missing.jsonl")
+        batching.JsonlSource(tmp_path / "missing.jsonl")

@@ -81,7 +81,7 @@ def load_world_base(path: str = ASSET):
 
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise GooseError(f"{path}: the miniature base is missing; recreate it with "
-                         "`python scripts/make_world_base.py`")
+                         "`python train/make_world_base.py`")
     return load_hf_t5(path)
 
 
@@ -96,10 +96,9 @@ def _train_config(p: Preset, steps: int, batch: int, seed: int):
 
 
 def _batchers(tcfg, tok, cfg, names, size, seed):
-    from goose_jax import training
-    from goose_jax.data import world
+    from goose_jax.data import batching, world
 
-    return [training.Batcher.from_config(world.TaskSource(n, size, "train", seed), tok, tcfg,
+    return [batching.Batcher.from_config(world.TaskSource(n, size, "train", seed), tok, tcfg,
                                          stream=i + 1, vocab_size=cfg.vocab_size)
             for i, n in enumerate(names)]
 
@@ -107,10 +106,10 @@ def _batchers(tcfg, tok, cfg, names, size, seed):
 def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: str):
     """Stages 2-3: experts then gates; both written to the library at ``lib_path``."""
     from goose_jax import training
-    from goose_jax.cli.train import train_loop
     from goose_jax.data import world
-    from goose_jax.experts import init_gates
+    from goose_jax.experts import init_experts, init_gates
     from goose_jax.library import ExpertLibrary
+    from goose_jax.trainer import train_loop
 
     names = [t.name for t in world.HELDIN]
     tcfg = _train_config(p, p.expert_steps, p.expert_batch, seed)
@@ -122,9 +121,9 @@ def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: s
     batchers = _batchers(tcfg, tok, cfg, names, p.train_size, seed)
     root = jax.random.key(seed)
     if not all(n in lib for n in names):
-        init = training.init_expert_stack(cfg, lora, [jax.random.fold_in(root, i + 1)
-                                                      for i in range(len(names))],
-                                          fast_compile=p.fast_compile)
+        init = init_experts(cfg, lora, [jax.random.fold_in(root, i + 1)
+                                        for i in range(len(names))],
+                            fast_compile=p.fast_compile)
         program = training.Program("expert", cfg, tcfg, tcfg.steps, lora.lora_scale)
         state, hist, _ = train_loop(program, params, None, init, batchers,
                                     os.path.join(work, "experts"),
@@ -148,21 +147,22 @@ def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: s
 def train_multitask(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: str):
     """Stage 4: one LoRA on the mixture of all held-in tasks (library of one expert)."""
     from goose_jax import training
-    from goose_jax.cli.train import train_loop
-    from goose_jax.data import world
+    from goose_jax.data import batching, world
+    from goose_jax.experts import init_experts
     from goose_jax.library import ExpertLibrary
+    from goose_jax.trainer import train_loop
 
     tcfg = _train_config(p, p.multitask_steps, p.multitask_batch, seed)
     lib = ExpertLibrary.create(lib_path, cfg, params, tcfg.lora, exist_ok=True)
     if "multitask" in lib:
         return lib
     names = [t.name for t in world.HELDIN]
-    mixture = training.ConcatSource([world.TaskSource(n, p.train_size, "train", seed)
+    mixture = batching.ConcatSource([world.TaskSource(n, p.train_size, "train", seed)
                                      for n in names])
-    batcher = training.Batcher.from_config(mixture, tok, tcfg, stream=99,
+    batcher = batching.Batcher.from_config(mixture, tok, tcfg, stream=99,
                                            vocab_size=cfg.vocab_size)
     key = jax.random.key(seed + 99)
-    init = training.init_expert_stack(cfg, tcfg.lora, [key], fast_compile=p.fast_compile)
+    init = init_experts(cfg, tcfg.lora, [key], fast_compile=p.fast_compile)
     program = training.Program("expert", cfg, tcfg, tcfg.steps, tcfg.lora.lora_scale,
                                many=False)
     state, hist, _ = train_loop(program, params, None, init, [batcher],
@@ -180,7 +180,7 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
 
     from goose_jax import training
     from goose_jax.cli.eval import _load_prototypes
-    from goose_jax.data import world
+    from goose_jax.data import batching, world
     from goose_jax.experts import flatten_sites
     from goose_jax.routers import compute_average_activations
 
@@ -190,7 +190,7 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
     tcfg = _train_config(p, 1, min(p.prototype_examples, 64), seed)
     batches = []
     for i, n in enumerate(names):
-        b = training.Batcher.from_config(world.TaskSource(n, p.train_size, "train", seed), tok,
+        b = batching.Batcher.from_config(world.TaskSource(n, p.train_size, "train", seed), tok,
                                          tcfg, stream=i + 1, vocab_size=cfg.vocab_size)
         rows = []
         for pos in range(0, p.prototype_examples, b.batch_size):

@@ -1,11 +1,12 @@
 """Pre-trains the miniature world's base T5 and writes it into the package.
 
-    python scripts/make_world_base.py                 # about 6 min on 2 idle CPU cores
-    python scripts/make_world_base.py --steps 50 --out /tmp/base   # a quick try
+    python train/make_world_base.py                       # about 6 min on 2 idle CPU cores
+    python train/make_world_base.py --steps 50 --out DIR  # a quick try
 
 The result (``goose_jax/assets/world_base``: HF-format ``config.json`` + ``model.safetensors``
 in bfloat16, under 5 MB) is what ``goose-demo`` loads. The run is deterministic for a given
-``--seed`` on a given machine; it resumes from its work directory if interrupted.
+``--seed`` on a given machine; it resumes from its work directory if interrupted (by default a
+folder in the system's temporary directory named after the run's settings).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -20,9 +22,10 @@ import numpy as np
 
 import goose_jax as gj
 from goose_jax import training
-from goose_jax.cli.train import train_loop
 from goose_jax.data import world
+from goose_jax.data.batching import Batcher
 from goose_jax.interop.hf import save_hf_t5
+from goose_jax.trainer import train_loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "..", "goose_jax", "assets", "world_base")
@@ -44,8 +47,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--workdir", default=os.path.join("/tmp", "goose_world_pretrain"))
+    ap.add_argument("--workdir", help="checkpoints and metrics (default: a folder in the "
+                    "temporary directory named after the settings, so a rerun resumes)")
+    ap.add_argument("--fast-compile", action="store_true",
+                    help="compile with XLA's backend optimisation off (quick tries, tests)")
     args = ap.parse_args(argv)
+    workdir = args.workdir or os.path.join(
+        tempfile.gettempdir(), f"goose_world_pretrain_seed{args.seed}_batch{args.batch}_"
+        f"lr{args.lr}")
 
     tok = world.WorldTokenizer()
     cfg = base_config(tok.vocab_size)
@@ -55,15 +64,16 @@ def main(argv=None) -> int:
                                 warmup_ratio=min(0.5, 40 / args.steps), clip=1.0,
                                 micro_batch=args.batch, grad_accum=1, seed=args.seed,
                                 max_input_length=24, max_target_length=24, eval_every=0,
-                                checkpoint_every=500, log_every=50, tokenizer="byte")
+                                checkpoint_every=500, log_every=50, tokenizer="byte",
+                                fast_compile=args.fast_compile)
     source = world.PretrainSource(size=1_000_000, seed=args.seed)
-    batcher = training.Batcher.from_config(source, tok, tcfg, vocab_size=cfg.vocab_size)
+    batcher = Batcher.from_config(source, tok, tcfg, vocab_size=cfg.vocab_size)
     program = training.Program("full", cfg, tcfg, args.steps, many=False)
     params = gj.init_params(cfg, args.seed)
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     print(f"world base: {n:,} parameters; {args.steps} steps of {args.batch} documents")
     t0 = time.perf_counter()
-    state, history, _ = train_loop(program, None, None, params, [batcher], args.workdir,
+    state, history, _ = train_loop(program, None, None, params, [batcher], workdir,
                                    desc="pre-train")
     print(f"pre-training took {time.perf_counter() - t0:.0f}s; last loss "
           f"{history.get('loss')}")

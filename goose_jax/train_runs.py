@@ -1,0 +1,426 @@
+"""goose-train's runs: LoRA experts, PHATGOOSE gates and multitask baselines, from a config, a
+base model and JSON-lines data to an expert library (or a model).
+
+The command-line tool and the scripts under ``train/`` call the same run bodies with a
+``RunArgs`` (what the command line gives):
+
+    run_experts    ``goose-train expert`` / ``experts``: one LoRA expert per data file
+    run_gate       ``goose-train gate``: the gates of experts already in the library
+    run_multitask  ``goose-train multitask``: one model on the mixture of the data files
+
+The config is a python file whose ``get_config()`` returns a ``TrainConfig`` (default: the
+paper's settings); ``key=value`` overrides change any field, typed by the field's type
+(``goose_jax.config_files``). The base is a local Hugging Face T5 directory, a goose-jax (Orbax)
+model checkpoint, or ``random:PRESET``. Data files are JSON lines ``{"input": ..., "target":
+...}``: one per expert (``experts``, ``gate``), or the mixture (``multitask``).
+
+``experts`` trains all its experts in one jitted step, side by side. An expert's initialisation
+and data order depend on the seed and its name only, so it is the same expert whether trained
+alone (``expert``) or with others. ``gate`` trains the gates of experts already in the library
+(base and LoRA frozen) and writes them into those experts' files.
+
+Resumable: the work directory keeps the last checkpoints (trainable trees, optimiser state,
+step, data positions) and ``run.json``; rerunning the same command after an interruption
+continues from the last checkpoint and ends with the same parameters as an uninterrupted run.
+Metrics go to ``metrics.jsonl`` in the work directory (and TensorBoard, if ``tensorboardX`` is
+installed). Errors a user can cause raise ``GooseError`` subclasses (goose-train prints one line
+and exits 1); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from goose_jax import checkpoint, distributed, sharding
+from goose_jax.config_files import apply_overrides, load_config
+from goose_jax.data.batching import Batcher, ConcatSource, ExampleSource, JsonlSource
+from goose_jax.errors import DataError, TrainConfigError, UsageError
+from goose_jax.experts import LoRAConfig, init_experts, init_gates
+from goose_jax.library import ExpertLibrary
+from goose_jax.t5 import param_logical_axes
+from goose_jax.trainer import train_loop
+from goose_jax.training import Program, TrainConfig, cast_floats
+
+COMMANDS = ("expert", "experts", "gate", "multitask")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """What one run is given: goose-train's command line, or a script's arguments.
+
+    Attributes:
+      command: ``expert``, ``experts``, ``gate`` or ``multitask`` (recorded in ``run.json``).
+      data: JSON-lines training files: one per expert (``expert(s)``, ``gate``), or the mixture
+        (``multitask``).
+      workdir: checkpoints, ``run.json`` and ``metrics.jsonl``.
+      config: a python file with ``get_config() -> TrainConfig``; None: the paper's settings.
+      overrides: ``key=value`` overrides of config fields.
+      base: the base model (default: the config's ``base_model``).
+      eval_data: held-out files in ``data`` order, evaluated every ``eval_every`` steps.
+      library: the expert library (created if missing; required but for ``multitask_mode=full``).
+      names: expert names in ``data`` order (default: the config's ``expert_names`` when their
+        number fits, else the data files' stems).
+      name: the name of the ``multitask`` expert.
+      description: what the data is (stored in the library).
+      overwrite: replace experts (or a model) that already exist in the output.
+      mesh: device mesh sizes, e.g. ``data=2,expert=4`` (default: the config's ``mesh``).
+      out: the model directory of ``multitask_mode=full``.
+    """
+
+    command: str
+    data: Sequence[str]
+    workdir: str
+    config: str | None = None
+    overrides: Sequence[str] = ()
+    base: str | None = None
+    eval_data: Sequence[str] = ()
+    library: str | None = None
+    names: Sequence[str] | None = None
+    name: str = "multitask"
+    description: str | None = None
+    overwrite: bool = False
+    mesh: str | None = None
+    out: str | None = None
+
+    def __post_init__(self):
+        if self.command not in COMMANDS:
+            raise UsageError(f"RunArgs.command must be one of {COMMANDS}, got {self.command!r}")
+        for name in ("data", "overrides", "eval_data"):
+            if isinstance(getattr(self, name), str):
+                raise UsageError(f"RunArgs.{name} must be a sequence of strings, not one string")
+
+
+# --- config, base, mesh --------------------------------------------------------------------------
+
+
+def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The ``TrainConfig`` of a config file (None: the defaults) with ``key=value`` overrides.
+
+    Raises:
+      TrainConfigError: a config file or override that cannot be used (one line).
+    """
+    cfg = load_config(path, TrainConfig, error=TrainConfigError)
+    return apply_overrides(cfg, overrides, error=TrainConfigError)
+
+
+def load_train_base(spec: str, tcfg: TrainConfig):
+    """(cfg, params, tokenizer) of ``spec`` (a directory or ``random:PRESET``)."""
+    from goose_jax.base_model import load_base, load_tokenizer
+    from goose_jax.data.tokenizers import ByteTokenizer
+
+    byte = tcfg.tokenizer == "byte"
+    if spec and spec.startswith("random:") and not byte:
+        raise TrainConfigError(f"base {spec!r} has no tokenizer: use --set tokenizer=byte")
+    cfg, params = load_base(spec, seed=tcfg.seed,
+                            min_vocab_size=ByteTokenizer().vocab_size if byte else 0)
+    return cfg, params, load_tokenizer(spec, cfg, byte=byte)
+
+
+def train_mesh(text: str | None, num_experts: int = 1) -> jax.sharding.Mesh | None:
+    """The mesh of ``--mesh`` / ``TrainConfig.mesh``; without one, None on a single process
+    and, in a process group, a mesh over all global devices whose ``expert`` axis is as large
+    as both the expert count and the device count allow (the rest is ``data``)."""
+    if not text:
+        if not distributed.is_multiprocess():
+            return None
+        n = jax.device_count()
+        experts = math.gcd(max(num_experts, 1), n)
+        return sharding.make_mesh(data=n // experts, expert=experts)
+    try:
+        return sharding.make_mesh(**sharding.parse_mesh(text))
+    except ValueError as e:
+        raise TrainConfigError(f"--mesh {text!r}: {e}") from None
+
+
+class Setup:
+    """What every run resolves first: config, base, tokenizer, data, mesh."""
+
+    def __init__(self, args: RunArgs, min_files: int = 1):
+        self.args = args
+        tcfg = load_train_config(args.config, args.overrides)
+        self.tcfg = tcfg
+        # Cheap checks first: data files and the mesh fail before a model is read.
+        if len(args.data) < min_files:
+            raise DataError(f"{args.command}: needs at least {min_files} --data file(s)")
+        self.sources = [JsonlSource(p) for p in args.data]
+        self.eval_sources = [JsonlSource(p) for p in args.eval_data]
+        experts = len(self.sources) if args.command in ("experts", "gate") else 1
+        self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
+        self.base_spec = args.base or tcfg.base_model
+        cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
+        if args.command != "gate" and not (args.command == "multitask"
+                                           and tcfg.multitask_mode == "full"):
+            tcfg.check_model(cfg)  # the experts' sites, before any work
+        self.full_cfg = cfg
+        self.cfg = cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype)
+        self.host_params = params  # this process's own copy: libraries fingerprint it
+        self.params = params
+        if self.mesh is not None:
+            self.params = sharding.shard_params(self.params, param_logical_axes(cfg), self.mesh)
+
+    def frozen_base(self):
+        """The base params in the config's storage dtype (frozen during every run here)."""
+        return cast_floats(self.params, self.cfg.dtype.param)
+
+    def batcher(self, source: ExampleSource, stream: int) -> Batcher:
+        """A ``Batcher`` of ``source`` with the config's batch shape, stream ``stream``."""
+        return Batcher.from_config(source, self.tokenizer, self.tcfg, stream,
+                                   vocab_size=self.cfg.vocab_size)
+
+    def identity(self, **extra) -> dict:
+        """What ``run.json`` records of this run (a rerun must match it to resume)."""
+        return {"command": self.args.command, "config": self.tcfg.to_dict(),
+                "base": self.base_spec, "data": [os.path.abspath(p) for p in self.args.data],
+                "eval_data": [os.path.abspath(p) for p in self.args.eval_data], **extra}
+
+
+# --- run bookkeeping ------------------------------------------------------------------------------
+
+
+def check_run(workdir: str, identity: dict) -> bool:
+    """Records the run in ``run.json``; returns whether this is a resumed run.
+
+    Raises ``TrainConfigError`` if the work directory holds a different run. In a process group
+    every process checks, and process 0 writes once all have looked (so all agree on whether
+    this is a resumed run)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "run.json")
+    identity = json.loads(json.dumps(identity))
+    identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
+    found = os.path.exists(path)
+    distributed.barrier("goose-train: run.json read")
+    if found:
+        with open(path) as f:
+            old = json.load(f)
+        for key in sorted(set(old) | set(identity)):
+            if old.get(key) != identity.get(key):
+                a, b = old.get(key), identity.get(key)
+                if isinstance(a, dict) and isinstance(b, dict):
+                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                    key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+                raise TrainConfigError(f"{path}: this work directory holds a different run "
+                                       f"({key}: was {a!r}, now {b!r}); use a new --workdir")
+        return True
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise TrainConfigError(f"{workdir}: has checkpoints but no run.json; use a new --workdir")
+    if distributed.is_primary():
+        with open(path, "w") as f:
+            json.dump(identity, f, indent=1)
+    return False
+
+
+def stream_id(name: str) -> int:
+    """The data stream (and init key) of an expert: a function of its name only."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def expert_names(args: RunArgs, tcfg: TrainConfig, count: int) -> list[str]:
+    """The experts' names, in data order: given, else the config's, else the files' stems."""
+    names = list(args.names or [])
+    if not names and tcfg.expert_names and len(tcfg.expert_names) == count:
+        names = list(tcfg.expert_names)
+    if not names:
+        names = [os.path.splitext(os.path.basename(p))[0] for p in args.data]
+    if len(names) != count:
+        raise TrainConfigError(f"{len(names)} names for {count} --data files")
+    if len(set(names)) != len(names):
+        raise TrainConfigError(f"expert names must be distinct, got {names}")
+    if tcfg.num_experts and count != tcfg.num_experts:
+        raise TrainConfigError(f"config expects {tcfg.num_experts} experts, got {count} "
+                               "--data files (set num_experts=0 to allow any number)")
+    return names
+
+
+def already_written(ran: int, lib: ExpertLibrary, names: Sequence[str], workdir: str,
+                    gates: bool = False) -> bool:
+    """Whether a rerun of a finished run found all its outputs in ``lib`` (then it writes
+    nothing)."""
+    # Rerunning a finished command must not rewrite its outputs: gates trained since then
+    # (or other later edits) would be lost. Outputs missing from the library are written.
+    done = ran == 0 and all(n in lib and (not gates or lib.info(n)["has_gate"]) for n in names)
+    if done and distributed.is_primary():
+        print(f"{workdir}: this run had already finished; {lib.path} is unchanged")
+    return done
+
+
+def create_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary:
+    """The library at ``path`` for ``setup``'s base, created if missing."""
+    # Process 0 creates (or checks) the library; the others open it once it exists.
+    lib = None
+    if distributed.is_primary():
+        lib = ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
+    distributed.barrier("goose-train: library created")
+    if lib is None:
+        lib = ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
+    return lib
+
+
+def write_experts(lib: ExpertLibrary, entries: Sequence[tuple]) -> None:
+    """Writes ``(name, experts, gates, index, info, message)`` entries from process 0, after
+    every process has gathered the trained trees; the others wait until they are on disk."""
+    for name, experts, gates, index, info, message in entries:
+        if distributed.is_primary():
+            lib.add(name, experts, gates, index=index, info=info, overwrite=True)
+            print(message)
+    distributed.barrier("goose-train: library written")
+
+
+def eval_batchers(setup: Setup, names: Sequence[str]) -> list[Batcher] | None:
+    """The held-out batchers, one per expert, or None without eval data."""
+    if not setup.eval_sources:
+        return None
+    if len(setup.eval_sources) != len(names):
+        raise DataError(f"{len(setup.eval_sources)} --eval-data files for {len(names)} experts")
+    return [setup.batcher(s, stream_id(n)) for s, n in zip(setup.eval_sources, names)]
+
+
+def expert_metrics(history: dict, i: int) -> dict:
+    """Expert ``i`` 's share of a many-experts history (per-expert lists; scalars shared)."""
+    return {k: (v[i] if isinstance(v, list) else v) for k, v in history.items()}
+
+
+def _mean(v) -> float:
+    return float(np.mean(v))
+
+
+def _require(value, flag: str, command: str) -> None:
+    if not value:
+        raise UsageError(f"{command}: needs {flag}")
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+def run_experts(args: RunArgs) -> int:
+    """``expert`` / ``experts``: trains one LoRA expert per data file, all at once, into the
+    library (see the module doc). Returns 0."""
+    if args.command == "expert" and len(args.data) != 1:
+        raise TrainConfigError("expert trains one expert from one --data file (use `experts` "
+                               "for several)")
+    _require(args.library, "--library", args.command)
+    setup = Setup(args)
+    tcfg, lora = setup.tcfg, setup.tcfg.lora
+    names = expert_names(args, tcfg, len(setup.sources))
+    lib = create_library(args.library, setup, lora)
+    resumed = check_run(args.workdir, setup.identity(names=names))
+    clash = [n for n in names if n in lib]
+    if clash and not resumed and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: already has experts {clash}; pass --overwrite to "
+                               "replace them")
+    root = jax.random.key(tcfg.seed)
+    trainable = init_experts(
+        setup.cfg, lora, [jax.random.fold_in(root, stream_id(n)) for n in names],
+        fast_compile=tcfg.fast_compile)
+    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale)
+    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
+    state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
+                                     args.workdir, eval_batchers=eval_batchers(setup, names),
+                                     mesh=setup.mesh, desc=f"{len(names)} expert(s)",
+                                     seed_key=root)
+    if already_written(ran, lib, names, args.workdir):
+        return 0
+    trained = distributed.fetch(state.trainable)
+    entries = []
+    for i, (name, path) in enumerate(zip(names, args.data)):
+        metrics = expert_metrics(history, i)
+        info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
+                "metrics": metrics, "train_config": tcfg.to_dict()}
+        entries.append((name, trained, None, i, info,
+                        f"{name}: loss {metrics.get('loss', float('nan')):.4f} -> {lib.path}"))
+    write_experts(lib, entries)
+    return 0
+
+
+def run_gate(args: RunArgs) -> int:
+    """``gate``: trains the PHATGOOSE gates of library experts (base and LoRA frozen) and
+    writes them into those experts' files. Returns 0."""
+    _require(args.library, "--library", args.command)
+    setup = Setup(args)
+    tcfg = setup.tcfg
+    lib = ExpertLibrary.open(args.library, setup.full_cfg, setup.host_params)
+    names = expert_names(args, tcfg, len(setup.sources))
+    experts, _ = lib.load(names, dtype=None, gates=False)
+    check_run(args.workdir, setup.identity(names=names, library=lib.path))
+    frozen = cast_floats(experts, setup.cfg.dtype.param)
+    if setup.mesh is not None:
+        frozen = sharding.shard_experts(frozen, setup.mesh)
+    program = Program("gate", setup.cfg, tcfg, tcfg.gate_steps, lib.scale)
+    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
+    state, history, ran = train_loop(program, setup.frozen_base(), frozen, init_gates(experts),
+                                     batchers, args.workdir,
+                                     eval_batchers=eval_batchers(setup, names), mesh=setup.mesh,
+                                     desc=f"{len(names)} gate(s)",
+                                     seed_key=jax.random.key(tcfg.seed))
+    if already_written(ran, lib, names, args.workdir, gates=True):
+        return 0
+    gates = distributed.fetch(state.trainable)
+    entries = []
+    for i, name in enumerate(names):
+        info = lib.info(name)
+        metrics = expert_metrics(history, i)
+        info["gate"] = {"steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
+                        "metrics": metrics}
+        entries.append((name, experts, gates, i, info,
+                        f"{name}: gate loss {metrics.get('loss', float('nan')):.4f} -> "
+                        f"{lib.path}"))
+    write_experts(lib, entries)
+    return 0
+
+
+def run_multitask(args: RunArgs) -> int:
+    """``multitask``: trains one LoRA expert (into the library) or the whole model (into
+    ``args.out``) on the mixture of the data files. Returns 0."""
+    setup = Setup(args)
+    tcfg = setup.tcfg
+    full = tcfg.multitask_mode == "full"
+    if full and not args.out:
+        raise TrainConfigError("multitask_mode=full writes a model: pass --out DIR")
+    if not full and not args.library:
+        raise TrainConfigError("multitask_mode=lora writes one expert: pass --library DIR")
+    resumed = check_run(args.workdir, setup.identity(name=args.name))
+    mixture = ConcatSource(setup.sources)
+    batchers = [setup.batcher(mixture, stream_id(args.name))]
+    evals = None
+    if setup.eval_sources:
+        evals = [setup.batcher(ConcatSource(setup.eval_sources), stream_id(args.name))]
+    key = jax.random.key(tcfg.seed)
+    if full:
+        program = Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype), tcfg,
+                          tcfg.steps, many=False)
+        state, history, _ = train_loop(program, None, None, setup.params, batchers,
+                                       args.workdir, eval_batchers=evals, mesh=setup.mesh,
+                                       desc="multitask (full)", seed_key=key)
+        written = checkpoint.save_model(args.out, setup.full_cfg.with_dtypes(
+            "float32", setup.full_cfg.dtype.compute_dtype), state.trainable,
+            overwrite=resumed or args.overwrite)
+        if distributed.is_primary():
+            print(f"multitask model: loss {_mean(history.get('loss', np.nan)):.4f} -> "
+                  f"{written}")
+        return 0
+    lora = tcfg.lora
+    lib = create_library(args.library, setup, lora)
+    if args.name in lib and not resumed and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: already has {args.name!r}; pass --overwrite")
+    trainable = init_experts(setup.cfg, lora, [jax.random.fold_in(key, stream_id(args.name))],
+                             fast_compile=tcfg.fast_compile)
+    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, many=False)
+    state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
+                                     args.workdir, eval_batchers=evals, mesh=setup.mesh,
+                                     desc="multitask (lora)", seed_key=key)
+    if already_written(ran, lib, [args.name], args.workdir):
+        return 0
+    info = {"data": args.description or "mixture of " + ", ".join(map(os.path.abspath,
+                                                                      args.data)),
+            "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()}
+    write_experts(lib, [(args.name, distributed.fetch(state.trainable), None, None, info,
+                          f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> "
+                          f"{lib.path}")])
+    return 0

@@ -1,0 +1,187 @@
+"""The training loop: runs a ``training.Program`` to its last step, resumably.
+
+Shared by goose-train's runs (``goose_jax.train_runs``), the demo and the world-base script.
+A work directory holds the loop's state:
+
+    checkpoints/    the last ``keep_checkpoints`` steps: trainable tree, optimiser state, step,
+                    RNG, and each stream's data position (Orbax, ``checkpoint.TrainCheckpointer``)
+    metrics.jsonl   one JSON line per logged step (loss, grad_norm, lr, seconds) and per eval
+    tensorboard/    the same scalars, if ``tensorboardX`` is installed
+
+Rerunning after an interruption continues from the last checkpoint and ends with the parameters
+of an uninterrupted run: a batch is a pure function of (seed, stream, position), and metric
+lines logged after that checkpoint are dropped and logged again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from goose_jax import distributed, sharding, training
+from goose_jax.checkpoint import TrainCheckpointer
+from goose_jax.data.batching import Batcher, global_batch
+
+
+def _progress_enabled() -> bool:
+    from goose_jax.interop.hf import progress_enabled
+
+    return progress_enabled()
+
+
+def _tensorboard(workdir: str):
+    if importlib.util.find_spec("tensorboardX") is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _to_json(metrics: dict) -> dict:
+    # On a mesh that spans processes, per-expert metrics live on several hosts: every process
+    # gathers them (a collective), and only process 0 writes them.
+    out = {}
+    for k, v in distributed.fetch(metrics).items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    # Lines logged after the checkpoint we resume from are logged again by this run.
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _mean(v) -> float:
+    return float(np.mean(v))
+
+
+def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any,
+               batchers: Sequence[Batcher], workdir: str, *,
+               eval_batchers: Sequence[Batcher] | None = None,
+               mesh: jax.sharding.Mesh | None = None, desc: str = "train",
+               seed_key: jax.Array | None = None) -> tuple[training.TrainState, dict, int]:
+    """Runs (or resumes) ``program`` to ``program.steps``.
+
+    Args:
+      program: a ``training.Program``.
+      base, frozen: the frozen trees (see ``Program.step``).
+      trainable: the initial trainable tree (ignored when a checkpoint exists).
+      batchers: one ``Batcher`` per expert stream (``program.many``), or a one-element list.
+      workdir: where checkpoints and metrics live.
+      eval_batchers: optional batchers evaluated every ``eval_every`` steps (and at step 0).
+      mesh: optional mesh; the expert axis is split over its ``expert`` axis.
+      desc: progress-bar label.
+      seed_key: the run's RNG (saved with the state; kept for dropout and sampling to come).
+
+    Returns:
+      (state, last metrics, steps run by this call): 0 steps when the work directory already
+      held the finished run.
+
+    In a process group every process runs this with the same arguments over one global mesh;
+    each builds only its devices' share of every batch, all of them save and restore the
+    checkpoints together, and only process 0 prints, draws the progress bar and writes metrics.
+    """
+    tcfg = program.train
+    primary = distributed.is_primary()
+    state = program.init(trainable)
+    rng = jax.random.key_data(seed_key if seed_key is not None else jax.random.key(tcfg.seed))
+    if mesh is not None:
+        # Many experts: their axis over "expert". One model: whole on every device.
+        state = (sharding.shard_state(state, mesh) if program.many
+                 else sharding.replicate(state, mesh))
+        rng = sharding.replicate(rng, mesh)
+    positions = [0] * len(batchers)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    tb = _tensorboard(workdir) if primary else None
+    history: dict = {}
+    with TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                           keep=tcfg.keep_checkpoints) as ckpt:
+        if ckpt.latest_step() is not None:
+            tree = {"step": state.step, "trainable": state.trainable,
+                    "opt_state": state.opt_state, "rng": rng}
+            tree, meta = ckpt.restore(tree)
+            state = training.TrainState(tree["step"], tree["trainable"], tree["opt_state"])
+            rng, positions = tree["rng"], list(meta["positions"])
+            history = meta.get("last_metrics", {})
+        start = int(distributed.fetch(state.step))
+        if start and primary:
+            print(f"{workdir}: resuming from step {start} of {program.steps}", flush=True)
+        if primary:
+            _truncate_metrics(metrics_path, start)
+        hint = ("Rerun the same command on every host to resume from the last checkpoint "
+                f"in {ckpt.directory}.")
+
+        def save(step):
+            tree = {"step": state.step, "trainable": state.trainable,
+                    "opt_state": state.opt_state, "rng": rng}
+            ckpt.save(step, tree, {"positions": positions, "last_metrics": history})
+
+        def evaluate(step):
+            batch = global_batch(eval_batchers, [0] * len(eval_batchers), mesh,
+                                          many=program.many)
+            m = _to_json(program.evaluate(base, frozen, state.trainable, batch))
+            line = {"step": step, "eval_loss": m["loss"], "eval_tokens": m["tokens"]}
+            if primary:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            return m["loss"]
+
+        bar = None
+        if _progress_enabled() and primary:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=program.steps, initial=start, desc=desc, unit="step")
+        donate = jax.default_backend() != "cpu"  # CPU arrays may alias the async save's copy
+        t_last = time.perf_counter()
+        try:
+            with distributed.peer_failure_guard(hint):
+                if eval_batchers and start == 0:
+                    history["eval_loss"] = evaluate(0)
+                for step in range(start, program.steps):
+                    batch = global_batch(batchers, positions, mesh, many=program.many)
+                    step_fn = program.step_donating if donate else program.step
+                    state, metrics = step_fn(base, frozen, state, batch)
+                    positions = [p + b.batch_size for p, b in zip(positions, batchers)]
+                    done = step + 1
+                    if done % tcfg.log_every == 0 or done == program.steps:
+                        m = _to_json(metrics)
+                        now = time.perf_counter()
+                        m.update(step=done, seconds=now - t_last)
+                        t_last = now
+                        history.update(loss=m["loss"], grad_norm=m["grad_norm"])
+                        if primary:
+                            with open(metrics_path, "a") as f:
+                                f.write(json.dumps(m) + "\n")
+                        if tb is not None:
+                            tb.add_scalar("loss", _mean(m["loss"]), done)
+                            tb.add_scalar("lr", m["lr"], done)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{_mean(m['loss']):.4f}")
+                    if eval_batchers and tcfg.eval_every and (done % tcfg.eval_every == 0
+                                                              or done == program.steps):
+                        history["eval_loss"] = evaluate(done)
+                    if done == program.steps or (tcfg.checkpoint_every
+                                                 and done % tcfg.checkpoint_every == 0):
+                        save(done)
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            if tb is not None:
+                tb.close()
+            ckpt.wait()
+    return state, history, program.steps - start

@@ -1,0 +1,71 @@
+"""The runnable programs under train/: each runs from a checkout, a few steps of a tiny model."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train"
+
+
+def run_script(name, *argv):
+    """``python train/NAME ARGV`` in a fresh process, as a user runs it from the checkout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, str(TRAIN / name), *map(str, argv)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
+    return str(path)
+
+
+def test_train_is_not_a_package():
+    # Scripts run from the checkout; an installed top-level package named `train` would shadow
+    # users' own modules.
+    assert not (TRAIN / "__init__.py").exists()
+    assert sorted(p.name for p in TRAIN.glob("*.py")) == ["experts_and_gates.py",
+                                                          "make_world_base.py"]
+
+
+def test_make_world_base_writes_a_loadable_base(tmp_path):
+    from goose_jax.interop.hf import load_hf_t5
+
+    out = tmp_path / "base"
+    run_script("make_world_base.py", "--steps", 2, "--batch", 4, "--fast-compile",
+               "--out", out, "--workdir", tmp_path / "work")
+    meta = json.loads((out / "world.json").read_text())
+    assert meta["steps"] == 2 and np.isfinite(meta["final_loss"])
+    cfg, params = load_hf_t5(out)
+    assert (cfg.d_model, cfg.num_encoder_layers) == (128, 4) and "lm_head" in params
+    assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
+
+
+def test_experts_and_gates_trains_both_into_the_library(tmp_path):
+    from goose_jax.library import ExpertLibrary
+
+    words = ["goose", "jax", "flax", "route", "token"]
+    data = [write_jsonl(tmp_path / "reverse.jsonl", [(f"reverse: {w}", w[::-1]) for w in words]),
+            write_jsonl(tmp_path / "upper.jsonl", [(f"upper: {w}", w.upper()) for w in words])]
+    lib, work = tmp_path / "lib", tmp_path / "work"
+    argv = ["--config", ROOT / "configs" / "tiny.py", "--base", "random:tiny", "--data", *data,
+            "--library", lib, "--workdir", work, "--set", "steps=2", "--set", "gate_steps=2",
+            "--set", "eval_every=0"]
+    run_script("experts_and_gates.py", *argv)
+    library = ExpertLibrary.open(lib)
+    assert library.names == ["reverse", "upper"]
+    assert all(library.info(n)["has_gate"] and library.info(n)["gate"]["steps"] == 2
+               for n in library.names)
+    assert (work / "experts" / "run.json").is_file() and (work / "gates" / "run.json").is_file()
+    # The same command again finds both stages done and leaves the library alone.
+    stamp = os.stat(lib / "manifest.json").st_mtime_ns
+    again = run_script("experts_and_gates.py", *argv)
+    assert "already finished" in again.stdout
+    assert os.stat(lib / "manifest.json").st_mtime_ns == stamp

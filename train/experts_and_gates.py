@@ -1,0 +1,64 @@
+"""The paper's expert-and-gate stage: one LoRA expert per dataset, then the experts' gates.
+
+    python train/experts_and_gates.py --config configs/t0_heldin.py --base T5_DIR \
+        --data agnews.jsonl amazon_polarity.jsonl ... --library LIB --workdir W
+
+Trains every expert at once (``goose-train experts``) into LIB, then their PHATGOOSE gates with
+the base and the experts frozen (``goose-train gate``), by calling the same run bodies
+(``goose_jax.train_runs``). The two stages keep their checkpoints in ``W/experts`` and
+``W/gates``; rerunning the same command after an interruption resumes where it stopped, and a
+finished stage is not redone. On several hosts, run it on every host with the same arguments
+(and ``--coordinator`` etc. where the cluster is not detected), as goose-train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from goose_jax import distributed
+from goose_jax.errors import GooseError
+from goose_jax.train_runs import RunArgs, run_experts, run_gate
+
+PROG = "experts_and_gates"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="python file with get_config() -> TrainConfig, e.g. "
+                    "configs/t0_heldin.py (default: the paper's settings)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field (repeatable), e.g. --set steps=200")
+    ap.add_argument("--base", help="HF T5 directory, goose-jax model checkpoint, or "
+                    "random:PRESET (default: the config's base_model)")
+    ap.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                    help="one JSON-lines file per expert, {\"input\": ..., \"target\": ...}")
+    ap.add_argument("--eval-data", nargs="+", default=[], metavar="JSONL",
+                    help="held-out data in --data order, evaluated every eval_every steps")
+    ap.add_argument("--names", nargs="+", help="expert names in --data order (default: the "
+                    "config's expert_names, else the files' stems)")
+    ap.add_argument("--library", required=True, help="expert library directory")
+    ap.add_argument("--workdir", required=True, help="checkpoints and metrics of both stages")
+    ap.add_argument("--mesh", help="device mesh sizes, e.g. data=2,expert=4")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace experts that already exist in the library")
+    distributed.add_arguments(ap)
+    args = ap.parse_args(argv)
+
+    common = dict(data=args.data, config=args.config, overrides=args.set, base=args.base,
+                  eval_data=args.eval_data, library=args.library, names=args.names,
+                  mesh=args.mesh)
+    try:
+        distributed.maybe_initialize(args, prog=PROG)
+        run_experts(RunArgs("experts", workdir=os.path.join(args.workdir, "experts"),
+                            overwrite=args.overwrite, **common))
+        run_gate(RunArgs("gate", workdir=os.path.join(args.workdir, "gates"), **common))
+    except GooseError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
