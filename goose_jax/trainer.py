@@ -28,12 +28,7 @@ import numpy as np
 from goose_jax import distributed, sharding, training
 from goose_jax.checkpoint import TrainCheckpointer
 from goose_jax.data.batching import Batcher, global_batch
-
-
-def _progress_enabled() -> bool:
-    from goose_jax.interop.hf import progress_enabled
-
-    return progress_enabled()
+from goose_jax.progress import progress_enabled
 
 
 def _tensorboard(workdir: str):
@@ -140,7 +135,7 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
             return m["loss"]
 
         bar = None
-        if _progress_enabled() and primary:
+        if progress_enabled() and primary:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=program.steps, initial=start, desc=desc, unit="step")
