@@ -21,17 +21,18 @@ import numpy as np
 
 import goose_jax as gj
 from goose_jax import evaluation as ev
+from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
 
 
-def make_examples(n: int, rng: np.random.Generator) -> list[ev.Example]:
+def make_examples(n: int, rng: np.random.Generator) -> list[Example]:
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
     out = []
     for i in range(n):
         prompt = "".join(rng.choice(letters, int(rng.integers(150, 400))))
         choices = tuple("".join(rng.choice(letters[:26], int(rng.integers(2, 12))))
                         for _ in range(4))
-        out.append(ev.Example(prompt, choices, (int(rng.integers(4)),), "bench", "", str(i)))
+        out.append(Example(prompt, choices, (int(rng.integers(4)),), "bench", "", str(i)))
     return out
 
 

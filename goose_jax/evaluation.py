@@ -1,4 +1,5 @@
-"""Zero-shot evaluation: rank classification, greedy generation, metrics and aggregation.
+"""Zero-shot evaluation: the evaluator and its jitted scorers (rank classification, greedy
+generation, routing telemetry).
 
 Shape legend: B examples, C answer choices, N = B*C rows, L encoder length, T choice (target)
 length, D d_model, V vocab, E experts.
@@ -8,152 +9,38 @@ Protocol (PHATGOOSE.md section 7):
     is the mean token NLL over the choice's tokens (``length_normalize=False``: the sum); the
     prediction is the argmin; an example is correct if the prediction is any correct choice.
   - Generation: greedy decoding with a per-task maximum length; exact match, any-of-references
-    exact match or ROUGE-L (``rouge-score``).
+    exact match or ROUGE-L (``goose_jax.metrics``).
   - Per dataset, the mean over all its (example, template) pairs; a benchmark is the unweighted
-    mean over its datasets. Scores are reported in percent.
+    mean over its datasets (``goose_jax.report``). Scores are reported in percent.
 
-The encoder runs once per example: its output is repeated along the choice axis inside one
-jitted call, and the decoder scores all B*C rows at once. Batch size, number of choices, encoder
-length and choice length are rounded up to powers of two (capped by the configured maxima), so a
-benchmark compiles a handful of shapes. Nothing here imports TensorFlow.
+The examples and tasks it reads are ``goose_jax.data.examples``'s types. The encoder runs once
+per example: its output is repeated along the choice axis inside one jitted call, and the decoder
+scores all B*C rows at once. Batch size, number of choices, encoder length and choice length are
+rounded up to powers of two (capped by the configured maxima), so a benchmark compiles a handful
+of shapes. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
+from goose_jax.data.examples import EvalTask, Example
 from goose_jax.errors import DataError, EvalError
 from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
-from goose_jax.routers import PER_EXAMPLE, ROUTER
-from goose_jax.routing import arrow_scores, phatgoose_scores
+from goose_jax.metrics import generation_score, rank_prediction
+from goose_jax.routers import PER_EXAMPLE, TELEMETRY
 from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5, generate_greedy
 
 Array = jax.Array
-KINDS = ("rank", "generate")
-METRICS = ("accuracy", "exact_match", "exact_match_any", "rouge_l")
-TELEMETRY = "telemetry"
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One prompted example.
-
-    Attributes:
-      input: the prompt fed to the encoder.
-      choices: answer choices for rank classification; None for generation.
-      answers: indices of the correct choices (several allowed).
-      references: reference strings for generation (any-of for exact match, max for ROUGE-L).
-      dataset: the dataset the example's score is pooled into (``rte``, ``bbh_navigate``).
-      template: the prompt template (P3) or ``""``.
-      example_id: an identifier unique within (dataset, template).
-    """
-
-    input: str
-    choices: tuple[str, ...] | None = None
-    answers: tuple[int, ...] = ()
-    references: tuple[str, ...] = ()
-    dataset: str = ""
-    template: str = ""
-    example_id: str = ""
-
-
-def example_target(ex: Example) -> str:
-    """The text an example trains towards: its first correct choice, else its first reference
-    (``""`` when it has neither)."""
-    if ex.choices and ex.answers:
-        return ex.choices[ex.answers[0]]
-    return ex.references[0] if ex.references else ""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalTask:
-    """A named source of examples and how to score them.
-
-    Attributes:
-      name: the task name (``t0_heldout/rte``, ``bbh/navigate``).
-      dataset: the dataset its examples are pooled into.
-      kind: ``"rank"`` or ``"generate"``.
-      metric: one of ``METRICS``.
-      load: returns the task's examples (called once, before the model runs).
-      max_new_tokens: generation length for ``kind="generate"``.
-      source: where the data lives, for messages.
-    """
-
-    name: str
-    dataset: str
-    kind: str
-    metric: str
-    load: Callable[[], Iterable[Example]]
-    max_new_tokens: int = 64
-    source: str = ""
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise EvalError(f"task {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.metric not in METRICS:
-            raise EvalError(f"task {self.name}: metric must be one of {METRICS}, "
-                            f"got {self.metric!r}")
-        if (self.kind == "rank") != (self.metric == "accuracy"):
-            raise EvalError(f"task {self.name}: metric {self.metric!r} does not fit kind "
-                            f"{self.kind!r}")
-
-
-# --- metrics ------------------------------------------------------------------------------------
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 if the strings are equal after stripping surrounding whitespace, else 0.0."""
-    return float(prediction.strip() == reference.strip())
-
-
-def exact_match_any(prediction: str, references: Sequence[str]) -> float:
-    """1.0 if the prediction exactly matches any reference (``exact_match``)."""
-    return float(any(exact_match(prediction, r) for r in references))
-
-
-@functools.lru_cache(maxsize=2)
-def _rouge_scorer(use_stemmer: bool):
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise EvalError("ROUGE-L needs the rouge-score package (pip install rouge-score)") from None
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-
-
-def rouge_l(prediction: str, references: Sequence[str] | str, use_stemmer: bool = False) -> float:
-    """ROUGE-L F-measure in [0, 1] from ``rouge-score``; the best over several references."""
-    refs = [references] if isinstance(references, str) else list(references)
-    if not refs:
-        raise EvalError("rouge_l needs at least one reference")
-    return float(_rouge_scorer(use_stemmer).score_multi(refs, prediction)["rougeL"].fmeasure)
-
-
-def rank_prediction(scores_C: np.ndarray) -> int:
-    """The argmin of the choice scores (ties: the lowest index)."""
-    return int(np.argmin(np.asarray(scores_C)))
-
-
-def generation_score(metric: str, prediction: str, references: Sequence[str]) -> float:
-    """The per-example value of a generation metric, in [0, 1]."""
-    if metric == "exact_match":
-        return exact_match(prediction, references[0])
-    if metric == "exact_match_any":
-        return exact_match_any(prediction, references)
-    if metric == "rouge_l":
-        return rouge_l(prediction, references)
-    raise EvalError(f"unknown generation metric {metric!r}; expected one of {METRICS[1:]}")
 
 
 # --- shapes -------------------------------------------------------------------------------------
@@ -180,35 +67,6 @@ def _pad_rows(rows: Sequence[Sequence[int]], n_rows: int, length: int) -> tuple[
 
 
 # --- telemetry ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TelemetryAdapter:
-    """Wraps a per-token routing adapter and counts each site's top-1 expert over real tokens.
-
-    The wrapped ``RoutedAdapter`` does the routing; this adds ``top1_counts`` (E,) to the
-    ``intermediates`` collection, counting only tokens whose ``telemetry/<site>/mask`` is 1, so
-    padding (rows, encoder positions, choice positions) never enters the counts. The top-1 expert
-    is the argmax of the router scores, which is what ``topk_softmax`` puts first.
-    """
-
-    inner: Any
-
-    def __call__(self, module, x: Array, y: Array) -> Array:
-        out = self.inner(module, x, y)
-        if not (module.has_variable(ROUTER, "vectors") and module.has_variable(EXPERTS, "lora_a")
-                and module.has_variable(TELEMETRY, "mask")):
-            return out
-        vectors_ED = module.get_variable(ROUTER, "vectors")
-        if self.inner.scoring == "standardized":
-            scores = phatgoose_scores(x, vectors_ED, gates_normed=True)
-        else:
-            scores = arrow_scores(x, vectors_ED)
-        top1 = jnp.argmax(scores, axis=-1).reshape(-1)
-        mask = module.get_variable(TELEMETRY, "mask").astype(jnp.float32).reshape(-1)
-        counts_E = jnp.zeros((vectors_ED.shape[0],), jnp.float32).at[top1].add(mask)
-        module.sow("intermediates", "top1_counts", counts_E)
-        return out
 
 
 def _telemetry_masks(sites: Sequence[str], enc_mask, dec_mask, cross_mask) -> dict:
@@ -338,10 +196,12 @@ class Evaluator:
         adapter = getattr(routed, "adapter", None)
         per_token = getattr(adapter, "scoring", None) in ("standardized", "abs_dot")
         if per_token and adapter.telemetry:
-            adapter = dataclasses.replace(adapter, telemetry=False)  # we count, masked
+            adapter = dataclasses.replace(adapter, telemetry=False)  # decoding sows nothing
         self.plain_adapter = adapter
         self.telemetry = bool(telemetry and per_token)
-        self.adapter = TelemetryAdapter(adapter) if self.telemetry else adapter
+        # The routed adapter counts the top-1 choices of the routing it computes anyway, over
+        # the tokens of its site's telemetry mask (supplied by the scorer).
+        self.adapter = dataclasses.replace(adapter, telemetry=True) if self.telemetry else adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
         self.compiled_shapes: set[tuple] = set()
@@ -608,66 +468,3 @@ def evaluate(evaluator: Evaluator, tasks: Sequence[EvalTask], *, progress: bool 
         if bar is not None:
             bar.close()
     return results
-
-
-# --- aggregation and output ---------------------------------------------------------------------
-
-
-def _family(name: str, benchmark: str) -> str:
-    return name.split("/")[0] if "/" in name else (benchmark or "all")
-
-
-def summarize(results: dict[str, DatasetResult], *, benchmark: str = "",
-              meta: dict | None = None) -> dict:
-    """The run's JSON: per-dataset scores (percent) and unweighted means over datasets.
-
-    ``benchmarks`` holds one mean per benchmark (the dataset name's prefix before ``/``, else
-    ``benchmark``); ``score`` is the mean over all datasets. Datasets with no scored example are
-    listed with ``score: null`` and left out of the means.
-    """
-    datasets = {}
-    for name, r in results.items():
-        datasets[name] = {
-            "metric": r.metric, "score": r.score, "examples": len(r.values),
-            "skipped": sum(r.skipped.values()), "skip_reasons": dict(r.skipped),
-            "templates": {t: {"score": 100.0 * float(np.mean(v)), "examples": len(v)}
-                          for t, v in sorted(r.templates.items())},
-            "seconds": round(r.seconds, 3),
-        }
-    groups: dict[str, list[float]] = {}
-    for name, d in datasets.items():
-        if d["score"] is not None:
-            groups.setdefault(_family(name, benchmark), []).append(d["score"])
-    scored = [v for g in groups.values() for v in g]
-    return {"benchmark": benchmark, "score": float(np.mean(scored)) if scored else None,
-            "num_datasets": len(scored),
-            "benchmarks": {k: {"score": float(np.mean(v)), "num_datasets": len(v)}
-                           for k, v in groups.items()},
-            "datasets": datasets, **(meta or {})}
-
-
-def markdown_table(summary: dict) -> str:
-    """A markdown table of a ``summarize`` result: one row per dataset, then the means."""
-    lines = ["| dataset | metric | score | examples | skipped |", "|---|---|---:|---:|---:|"]
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.1f}"
-
-    for name, d in summary["datasets"].items():
-        lines.append(f"| {name} | {d['metric']} | {fmt(d['score'])} | {d['examples']} | "
-                     f"{d['skipped']} |")
-    means = [(k, v["score"], v["num_datasets"]) for k, v in summary["benchmarks"].items()]
-    if len(means) != 1:
-        means.append(("all", summary["score"], summary["num_datasets"]))
-    for label, score, n in means:
-        lines.append(f"| **{label} (mean of {n})** | | **{fmt(score)}** | | |")
-    return "\n".join(lines) + "\n"
-
-
-def telemetry_table(results: dict[str, DatasetResult]) -> dict[str, dict[str, list[float]]]:
-    """``{site: {dataset: top-1 counts per expert}}`` over all datasets with telemetry."""
-    table: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for name, r in results.items():
-        for site, counts in r.telemetry.items():
-            table[site][name] = np.asarray(counts).tolist()
-    return dict(table)

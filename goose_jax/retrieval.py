@@ -245,7 +245,7 @@ class SentenceEmbedder:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         starts = range(0, len(order), batch_size)
         if progress is None:
-            from goose_jax.interop.hf import progress_enabled
+            from goose_jax.progress import progress_enabled
 
             progress = progress_enabled() and len(starts) > 4
         if progress:

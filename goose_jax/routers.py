@@ -43,6 +43,7 @@ from goose_jax.t5 import site_shapes
 Array = jax.Array
 
 ROUTER = "router"
+TELEMETRY = "telemetry"  # optional per-site ``mask`` of the tokens telemetry counts
 METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
            "single", "example", "retrieval", "base")
 PER_EXAMPLE = ("example", "retrieval")  # methods whose caller picks one expert per example
@@ -58,7 +59,10 @@ class RoutedAdapter:
     for ``scoring="abs_dot"`` they are Arrow's unit vectors. For ``scoring="example"`` the
     router entry is ``router/<site>/example_index`` (B,) and each example uses one expert.
     With ``telemetry`` each site sows per-expert counts of its top-1 choices, the mean top-1
-    weight and the mean routing entropy into the ``intermediates`` collection.
+    weight and the mean routing entropy into the ``intermediates`` collection, from the routing
+    the forward computes anyway. When the site has a ``telemetry/<site>/mask`` variable (shaped
+    like the site input's leading axes, 1 for a real token), only masked-in tokens count, so
+    padding never enters the statistics.
     """
 
     scale: float
@@ -94,13 +98,19 @@ class RoutedAdapter:
 
 
 def _sow_stats(module, route, num_experts: int) -> None:
-    w = route.weights.reshape(-1, route.weights.shape[-1])
-    top1 = route.index.reshape(-1, route.index.shape[-1])[:, 0]
-    counts_E = jnp.zeros((num_experts,), jnp.float32).at[top1].add(1.0)
-    entropy = -jnp.sum(w * jnp.log(jnp.clip(w, 1e-12)), axis=-1)
+    # The top-1 expert is index[..., 0] of topk_softmax: the argmax of the router scores.
+    w_Nk = route.weights.reshape(-1, route.weights.shape[-1])
+    top1_N = route.index.reshape(-1, route.index.shape[-1])[:, 0]
+    if module.has_variable(TELEMETRY, "mask"):
+        mask_N = module.get_variable(TELEMETRY, "mask").astype(jnp.float32).reshape(-1)
+    else:
+        mask_N = jnp.ones(top1_N.shape, jnp.float32)
+    counts_E = jnp.zeros((num_experts,), jnp.float32).at[top1_N].add(mask_N)
+    entropy_N = -jnp.sum(w_Nk * jnp.log(jnp.clip(w_Nk, 1e-12)), axis=-1)
+    real = jnp.maximum(jnp.sum(mask_N), 1.0)
     module.sow("intermediates", "top1_counts", counts_E)
-    module.sow("intermediates", "mean_top1_weight", jnp.mean(w[:, 0]))
-    module.sow("intermediates", "mean_entropy", jnp.mean(entropy))
+    module.sow("intermediates", "mean_top1_weight", jnp.sum(w_Nk[:, 0] * mask_N) / real)
+    module.sow("intermediates", "mean_entropy", jnp.sum(entropy_N * mask_N) / real)
 
 
 @dataclasses.dataclass(frozen=True)

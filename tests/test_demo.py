@@ -5,9 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import tool
 
-from goose_jax.cli import demo
+from goose_jax import demo
 from goose_jax.data import world
+
+main = tool("goose-demo")
 
 METHODS = ("base", "multitask", "merged", "average_activation", "arrow", "retrieval",
            "phatgoose_k1", "phatgoose_k2", "oracle", "best_individual")
@@ -16,7 +19,7 @@ METHODS = ("base", "multitask", "merged", "average_activation", "arrow", "retrie
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert demo.main(["--preset", "small", "--out", str(out), "--seed", "1"]) == 0
+    assert main(["--preset", "small", "--out", str(out), "--seed", "1"]) == 0
     return out
 
 
@@ -56,7 +59,7 @@ def test_smoke_pipeline_artefacts(smoke, capsys):
 
     # A rerun reuses every stage.
     capsys.readouterr()
-    assert demo.main(["--preset", "small", "--out", str(smoke), "--seed", "1"]) == 0
+    assert main(["--preset", "small", "--out", str(smoke), "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "reusing" in out
     with open(smoke / "results.json") as f:
@@ -72,6 +75,6 @@ def test_agreement_counts():
 
 
 def test_missing_base_is_a_clear_error(tmp_path, capsys):
-    assert demo.main(["--preset", "small", "--out", str(tmp_path / "o"),
+    assert main(["--preset", "small", "--out", str(tmp_path / "o"),
                       "--base", str(tmp_path / "nowhere")]) == 1
     assert "the miniature base is missing" in capsys.readouterr().err

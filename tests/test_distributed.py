@@ -82,7 +82,7 @@ def test_tools_accept_the_flags():
         ["experts", "--data", "a.jsonl", "--workdir", "w", "--library", "l",
          "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
     assert (args.coordinator, args.num_processes, args.process_id) == ("h:1", 2, 1)
-    args = eval_cli._parser().parse_args(["--base", "b", "--out", "o", "--process-id", "0"])
+    args = eval_cli.build_parser().parse_args(["--base", "b", "--out", "o", "--process-id", "0"])
     assert args.process_id == 0
     rc = eval_cli.main(["--base", "b", "--out", "o", "--tasks", "bbh/x", "--coordinator", "h:1"])
-    assert rc == 2  # incomplete multi-process flags: a one-line error, not a hang
+    assert rc == 1  # incomplete multi-process flags: a one-line error, not a hang

@@ -5,9 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import tool
 
 import goose_jax as gj
-from goose_jax.cli import eval as cli
+
+main = tool("goose-eval")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def _args(world, out, *extra):
 
 def test_goose_eval_phatgoose_run(world, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(_args(world, out, "--library", str(world / "lib"), "--method", "phatgoose",
+    rc = main(_args(world, out, "--library", str(world / "lib"), "--method", "phatgoose",
                         "--top-k", "2", "--tasks",
                         "bbh/boolean_expressions,bbh/object_counting"))
     assert rc == 0
@@ -78,22 +80,35 @@ def test_goose_eval_phatgoose_run(world, tmp_path, capsys):
     assert sorted(os.listdir(out / "telemetry")) == ["decoder_block_0.png", "encoder_block_0.png"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--tasks", "bbh/navigat"], "unknown task 'bbh/navigat'.*did you mean bbh/navigate"),
-    (["--tasks", "bbh/navigate"], "navigate: BIG-bench task directory does not exist"),
-    (["--tasks", "t0_heldout/rte"], "t0_heldout/rte needs its data directory \\(--p3-root\\)"),
-    (["--benchmark", "bbx"], "unknown benchmark 'bbx'.*did you mean.*bbh"),
-    (["--tasks", "bbh/boolean_expressions", "--method", "arrow"], "--method arrow needs --library"),
-    (["--tasks", "bbh/boolean_expressions", "--library", "nowhere"], "not an expert library"),
-    ([], "give --benchmark or --tasks"),
+@pytest.mark.parametrize("extra, message, code", [
+    (["--tasks", "bbh/navigat"], "unknown task 'bbh/navigat'.*did you mean bbh/navigate", 1),
+    (["--tasks", "bbh/navigate"], "navigate: BIG-bench task directory does not exist", 1),
+    (["--tasks", "t0_heldout/rte"], "t0_heldout/rte needs its data directory \\(--p3-root\\)",
+     1),
+    (["--benchmark", "bbx"], "unknown benchmark 'bbx'.*did you mean.*bbh", 1),
+    (["--tasks", "bbh/boolean_expressions", "--method", "arrow"], "--method arrow needs --library",
+     2),
+    (["--tasks", "bbh/boolean_expressions", "--library", "nowhere"], "not an expert library", 1),
+    ([], "give --benchmark or --tasks", 2),
 ])
-def test_goose_eval_errors(world, tmp_path, capsys, extra, message):
+def test_goose_eval_errors(world, tmp_path, capsys, extra, message, code):
     import re
 
-    assert cli.main(_args(world, tmp_path / "out", *extra)) == 2
+    assert main(_args(world, tmp_path / "out", *extra)) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("goose-eval: error:") and "\n" not in err
     assert re.search(message, err), err
+
+
+def test_out_that_is_a_file_fails_before_any_work(world, tmp_path, capsys):
+    """The output check comes first: a missing base and task data are never reached."""
+    (tmp_path / "taken").write_text("a file")
+    args = ["--base", str(tmp_path / "no_base"), "--tasks", "bbh/nothing", "--out",
+            str(tmp_path / "taken")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("goose-eval: error:") and "\n" not in err
+    assert "taken: the output path is an existing file" in err, err
 
 
 def test_example_routing_equals_single_expert(world, tmp_path):
@@ -103,7 +118,7 @@ def test_example_routing_equals_single_expert(world, tmp_path):
     for method, extra in (("single", ["--expert", "beta"]),
                           ("example", ["--expert-map", str(tmp_path / "map.json")])):
         out = tmp_path / method
-        assert cli.main(_args(world, out, "--library", str(world / "lib"), "--method", method,
+        assert main(_args(world, out, "--library", str(world / "lib"), "--method", method,
                               "--tasks", "bbh/boolean_expressions", *extra)) == 0
         lines = (out / "predictions.jsonl").read_text().splitlines()
         scores[method] = [json.loads(line)["scores"] for line in lines]
@@ -116,14 +131,28 @@ def test_prototype_file_round_trip_and_bad_file(tmp_path):
     not safetensors is one clear error."""
     from safetensors.numpy import save_file
 
-    from goose_jax.cli.eval import _load_prototypes
     from goose_jax.errors import DataError
     from goose_jax.experts import flatten_sites
+    from goose_jax.report import load_prototypes
 
     gate = np.arange(6, dtype=np.float32).reshape(2, 3)
     save_file({"encoder/block_0/self_attn/q/gate": gate}, str(tmp_path / "p.safetensors"))
-    flat = flatten_sites(_load_prototypes(str(tmp_path / "p.safetensors")))
+    flat = flatten_sites(load_prototypes(str(tmp_path / "p.safetensors")))
     np.testing.assert_array_equal(flat["encoder/block_0/self_attn/q"]["gate"], gate)
     (tmp_path / "bad.safetensors").write_text("not a tensor file")
-    with pytest.raises(DataError, match="unreadable safetensors file"):
-        _load_prototypes(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        load_prototypes(str(tmp_path / "bad.safetensors"))
+
+
+def test_prototype_file_writer_and_reader_agree(tmp_path):
+    from goose_jax.experts import flatten_sites, nest_sites
+    from goose_jax.report import load_prototypes, save_prototypes
+
+    rng = np.random.default_rng(0)
+    tree = nest_sites({"encoder/block_0/ffn/wo": {"gate": rng.standard_normal((3, 5))},
+                       "decoder/block_1/cross_attn/k": {"gate": rng.standard_normal((3, 4))}})
+    save_prototypes(tree, str(tmp_path / "p.safetensors"))
+    back = flatten_sites(load_prototypes(str(tmp_path / "p.safetensors")))
+    assert set(back) == set(flatten_sites(tree))
+    for site, leaf in flatten_sites(tree).items():
+        np.testing.assert_array_equal(back[site]["gate"], leaf["gate"])

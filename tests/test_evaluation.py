@@ -6,17 +6,19 @@ from conftest import build_hf_t5
 
 import goose_jax as gj
 from goose_jax import evaluation as ev
+from goose_jax import metrics, report
+from goose_jax.data.examples import EvalTask, Example
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.errors import DataError
 
 TOK = ByteTokenizer()
 # One shape bucket for all (B 4, C 4, L 64, T 32): each scorer compiles once.
 EXAMPLES = [
-    ev.Example("premise: a goose routes tokens. yes or no?", ("yes", "no", "maybe", "never"), (0,),
+    Example("premise: a goose routes tokens. yes or no?", ("yes", "no", "maybe", "never"), (0,),
                dataset="d1", template="t1", example_id="0"),
-    ev.Example("short", ("a longer answer choice", "b", "c"), (1, 2), dataset="d1",
+    Example("short", ("a longer answer choice", "b", "c"), (1, 2), dataset="d1",
                template="t2", example_id="1"),
-    ev.Example("which of the two is right? " * 2, ("left", "right", "up", "down"), (1,),
+    Example("which of the two is right? " * 2, ("left", "right", "up", "down"), (1,),
                dataset="d2", example_id="2"),
 ]
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_rank_scores_match_pytorch(hf_and_ours):
     for ex, scores in zip(EXAMPLES, ours):
         ref = np.array([_torch_mean_nll(model, ex.input, c) for c in ex.choices])
         np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=1e-4)
-        assert ev.rank_prediction(scores) == int(np.argmin(ref))
+        assert metrics.rank_prediction(scores) == int(np.argmin(ref))
     summed = ev.Evaluator(cfg, params, TOK, batch_size=4, length_normalize=False)
     for ex, s_mean, s_sum in zip(EXAMPLES, ours, summed.score_choices(EXAMPLES)):
         lengths = np.array([len(TOK.encode(c)) for c in ex.choices])
@@ -122,7 +124,7 @@ def test_routed_scoring_independent_and_telemetry(small):
 def test_shapes_are_bucketed(small):
     cfg, params = small
     rng = np.random.default_rng(0)
-    exs = [ev.Example("x" * int(rng.integers(20, 60)),
+    exs = [Example("x" * int(rng.integers(20, 60)),
                       tuple("c" * int(rng.integers(1, 6)) for _ in range(int(rng.integers(3, 5)))),
                       (0,)) for _ in range(11)]
     evaluator = ev.Evaluator(cfg, params, TOK, batch_size=8)
@@ -150,7 +152,7 @@ def test_generation_and_telemetry(small):
     cfg, params = small
     routed = _routed(cfg)
     evaluator = ev.Evaluator(cfg, params, TOK, routed, batch_size=4, telemetry=True)
-    exs = [ev.Example(t, references=("abc",)) for t in ("copy: abc", "hello there", "third",
+    exs = [Example(t, references=("abc",)) for t in ("copy: abc", "hello there", "third",
                                                           "a fourth one")]
     texts = evaluator.generate(exs, max_new_tokens=6)
     ids, mask = TOK.encode_batch([ex.input for ex in exs], 16)
@@ -162,21 +164,23 @@ def test_generation_and_telemetry(small):
 
 
 def test_metrics_hand_computed():
-    assert ev.exact_match("Paris ", "Paris") == 1.0
-    assert ev.exact_match("paris", "Paris") == 0.0
-    assert ev.exact_match_any("3", ["three", "3"]) == 1.0
-    assert ev.exact_match_any("4", ["three", "3"]) == 0.0
+    assert metrics.exact_match("Paris ", "Paris") == 1.0
+    assert metrics.exact_match("paris", "Paris") == 0.0
+    assert metrics.exact_match_any("3", ["three", "3"]) == 1.0
+    assert metrics.exact_match_any("4", ["three", "3"]) == 0.0
     # LCS("the cat sat on the mat", "the cat was on the mat") = 5 of 6 tokens each side.
-    assert ev.rouge_l("the cat sat on the mat", "the cat was on the mat") == pytest.approx(5 / 6)
+    assert metrics.rouge_l("the cat sat on the mat", "the cat was on the mat") == \
+        pytest.approx(5 / 6)
     # P = 2/2, R = 2/4: F = 2PR / (P + R) = 2/3; the better of two references counts.
-    assert ev.rouge_l("a b", ["a x b y", "q"]) == pytest.approx(2 / 3)
-    assert ev.rank_prediction(np.array([0.5, 0.2, 0.2])) == 1   # ties: the lowest index
-    assert ev.generation_score("exact_match", "3", ["three", "3"]) == 0.0   # first reference only
-    assert ev.generation_score("exact_match_any", "3", ["three", "3"]) == 1.0
+    assert metrics.rouge_l("a b", ["a x b y", "q"]) == pytest.approx(2 / 3)
+    assert metrics.rank_prediction(np.array([0.5, 0.2, 0.2])) == 1   # ties: the lowest index
+    # first reference only
+    assert metrics.generation_score("exact_match", "3", ["three", "3"]) == 0.0
+    assert metrics.generation_score("exact_match_any", "3", ["three", "3"]) == 1.0
 
 
 def _task(name, examples, kind="rank", metric="accuracy", dataset=None):
-    return ev.EvalTask(name, dataset or name, kind, metric, lambda: examples, 4, "fixture")
+    return EvalTask(name, dataset or name, kind, metric, lambda: examples, 4, "fixture")
 
 
 class _FixedScores(ev.Evaluator):
@@ -191,18 +195,18 @@ class _FixedScores(ev.Evaluator):
 
 
 def test_aggregation_pools_templates_and_counts_skips():
-    exs = [ev.Example("q", ("a", "b"), (0,), dataset="rte", template="A", example_id=str(i))
+    exs = [Example("q", ("a", "b"), (0,), dataset="rte", template="A", example_id=str(i))
            for i in range(2)]
-    exs += [ev.Example("q", ("a", "b"), (0 if i == 0 else 1,), dataset="rte", template="B",
+    exs += [Example("q", ("a", "b"), (0 if i == 0 else 1,), dataset="rte", template="B",
                        example_id=str(i)) for i in range(4)]
-    exs += [ev.Example("q", None, (), dataset="rte", template="B"),       # no choices
-            ev.Example("q", ("a",), (3,), dataset="rte", template="B"),   # bad label
-            ev.Example("  ", ("a",), (0,), dataset="rte", template="B")]  # empty input
-    other = [ev.Example("q", ("a", "b"), (1,), dataset="cb"),
-             ev.Example("q", ("a", "b", "c"), (2, 0), dataset="cb")]   # several correct
+    exs += [Example("q", None, (), dataset="rte", template="B"),       # no choices
+            Example("q", ("a",), (3,), dataset="rte", template="B"),   # bad label
+            Example("  ", ("a",), (0,), dataset="rte", template="B")]  # empty input
+    other = [Example("q", ("a", "b"), (1,), dataset="cb"),
+             Example("q", ("a", "b", "c"), (2, 0), dataset="cb")]   # several correct
     tasks = [_task("rte", exs), _task("cb", other)]
     results = ev.evaluate(_FixedScores(), tasks, progress=False)
-    summary = ev.summarize(results, benchmark="t0_heldout")
+    summary = report.summarize(results, benchmark="t0_heldout")
     rte = summary["datasets"]["rte"]
     assert rte["score"] == pytest.approx(50.0)   # 3 of 6 pooled, not the mean of 100 and 25
     assert rte["templates"]["A"]["score"] == 100.0 and rte["templates"]["B"]["score"] == 25.0
@@ -210,7 +214,7 @@ def test_aggregation_pools_templates_and_counts_skips():
         "no answer choices": 1, "answer index out of range": 1, "empty input": 1}
     assert summary["datasets"]["cb"]["score"] == pytest.approx(50.0)
     assert summary["score"] == pytest.approx(50.0)   # unweighted mean over the two datasets
-    table = ev.markdown_table(summary)
+    table = report.markdown_table(summary)
     assert "| rte | accuracy | 50.0 | 6 | 3 |" in table
     assert "**t0_heldout (mean of 2)** | | **50.0**" in table
 
@@ -221,13 +225,13 @@ def test_empty_task_and_bad_settings():
     with pytest.raises(ev.EvalError, match="metric 'rouge_l' does not fit kind 'rank'"):
         _task("x", [], metric="rouge_l")
     with pytest.raises(ev.EvalError, match="every example needs at least one choice"):
-        _FixedScores.__mro__[1].score_choices(_FixedScores(), [ev.Example("q")])
+        _FixedScores.__mro__[1].score_choices(_FixedScores(), [Example("q")])
     # A task whose every example is unusable scores nothing and reports why.
-    results = ev.evaluate(_FixedScores(), [_task("none", [ev.Example("q")])], progress=False)
-    summary = ev.summarize(results)
+    results = ev.evaluate(_FixedScores(), [_task("none", [Example("q")])], progress=False)
+    summary = report.summarize(results)
     assert summary["datasets"]["none"]["score"] is None and summary["score"] is None
     assert summary["datasets"]["none"]["skip_reasons"] == {"no answer choices": 1}
-    assert "| none | accuracy | n/a | 0 | 1 |" in ev.markdown_table(summary)
+    assert "| none | accuracy | n/a | 0 | 1 |" in report.markdown_table(summary)
 
 
 def test_bucket():
@@ -241,7 +245,7 @@ def test_fixed_shapes_and_fast_compile_change_nothing(small):
     optimisations off give the same scores, generations and routing counts."""
     cfg, params = small
     routed = _routed(cfg)
-    exs = [ev.Example(t, references=("abc",)) for t in ("copy: abc", "hello there", "third")]
+    exs = [Example(t, references=("abc",)) for t in ("copy: abc", "hello there", "third")]
     runs = []
     for fixed in (False, True):
         e = ev.Evaluator(cfg, params, TOK, routed, batch_size=4, telemetry=True,

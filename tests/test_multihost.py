@@ -120,7 +120,7 @@ def metric_lines(work) -> list[dict]:
 
 
 def eval_tasks():
-    from goose_jax.evaluation import EvalTask, Example
+    from goose_jax.data.examples import EvalTask, Example
 
     # Rank classification only, eight examples: one batch, one compiled shape (greedy
     # generation takes the same Evaluator paths, split and gathered the same way).
@@ -134,7 +134,7 @@ def evaluate_routed(base: str, library: str, out: str) -> None:
     every prediction to ``out``. The pod and the single-process reference both run this."""
     import jax
 
-    from goose_jax import checkpoint, distributed
+    from goose_jax import checkpoint, distributed, report
     from goose_jax import evaluation as ev
     from goose_jax.data.tokenizers import ByteTokenizer
     from goose_jax.experts import nest_sites
@@ -157,7 +157,7 @@ def evaluate_routed(base: str, library: str, out: str) -> None:
     results = ev.evaluate(evaluator, eval_tasks(), progress=False)
     if distributed.is_primary():
         rows = [p for r in results.values() for p in r.predictions]
-        telemetry = ev.telemetry_table(results)
+        telemetry = report.telemetry_table(results)
         with open(out, "w") as f:
             json.dump({"devices": jax.device_count(), "processes": jax.process_count(),
                        "predictions": rows, "telemetry": telemetry}, f)

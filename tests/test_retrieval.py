@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tool
 from test_eval_cli import _args, world  # noqa: F401  (goose-eval's tiny base, library, BBH files)
 
 import goose_jax as gj
 from goose_jax import evaluation as ev
 from goose_jax import retrieval as rt
+from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.errors import CheckpointError, LibraryError
 
@@ -184,10 +186,10 @@ POOLS = {
               "Storms are expected over the coast tonight."],
 }
 EXAMPLES = [
-    ev.Example("Solve for x: 2x + 3 = 11.", ("4", "5"), (0,), dataset="d", example_id="0"),
-    ev.Example("Storms are expected over the coast tonight.", ("yes", "no"), (0,), dataset="d",
+    Example("Solve for x: 2x + 3 = 11.", ("4", "5"), (0,), dataset="d", example_id="0"),
+    Example("Storms are expected over the coast tonight.", ("yes", "no"), (0,), dataset="d",
                example_id="1"),
-    ev.Example("Geese migrate south in winter.", ("true", "false"), (0,), dataset="d",
+    Example("Geese migrate south in winter.", ("true", "false"), (0,), dataset="d",
                example_id="2"),
 ]
 
@@ -228,19 +230,18 @@ def test_evaluation_with_retrieval_equals_the_chosen_single_expert(small, embedd
 
 
 def test_goose_eval_method_retrieval(world, tmp_path, embedder, capsys):  # noqa: F811
-    from goose_jax.cli import eval as cli
-
+    main = tool("goose-eval")
     lib = str(world / "lib")
     tasks = ("--tasks", "bbh/boolean_expressions")
-    rc = cli.main(_args(world, tmp_path / "a", "--library", lib, "--method", "retrieval", *tasks))
-    assert rc == 2 and "retrieval_index.npz: retrieval index does not exist" in \
+    rc = main(_args(world, tmp_path / "a", "--library", lib, "--method", "retrieval", *tasks))
+    assert rc == 1 and "retrieval_index.npz: retrieval index does not exist" in \
         capsys.readouterr().err
     # An index with an expert the library lacks, in another order: select() aligns it.
     pools = {"gamma": ["True and True", "False and False"], "zeta": ["unused"],
              "alpha": ["True and False"], "beta": ["False and True"]}
     rt.RetrievalIndex.build({k: [rt.format_query(t) for t in v] for k, v in pools.items()},
                             embedder, batch_size=4).save(tmp_path / "index.npz")
-    rc = cli.main(_args(world, tmp_path / "b", "--library", lib, "--method", "retrieval",
+    rc = main(_args(world, tmp_path / "b", "--library", lib, "--method", "retrieval",
                         "--retrieval-index", str(tmp_path / "index.npz"), *tasks))
     assert rc == 0
     summary = json.loads((tmp_path / "b" / "results.json").read_text())

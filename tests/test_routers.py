@@ -197,6 +197,41 @@ def test_telemetry_counts_every_token(world):
     assert 0.5 <= float(enc["mean_top1_weight"][0]) <= 1.0
 
 
+@pytest.mark.parametrize("scoring", ["standardized", "abs_dot"])
+def test_telemetry_counts_the_masked_argmax_of_the_scores(scoring):
+    """The routed adapter's own top-1 counts are the argmax of the router scores, counted over
+    the tokens of its site's telemetry mask only."""
+    import flax.linen as nn
+
+    from goose_jax import routing
+
+    rng = np.random.default_rng(3)
+    D, O = 12, 7
+    x = rng.standard_normal((3, 11, D)).astype(np.float32)
+    mask = (rng.random((3, 11)) < 0.6).astype(np.int32)
+    vectors = rng.standard_normal((E, D)).astype(np.float32)
+    if scoring == "standardized":
+        vectors = np.asarray(routing.prepare_router(vectors))
+        scores = routing.phatgoose_scores(x, vectors, gates_normed=True)
+    else:
+        scores = routing.arrow_scores(x, vectors)
+    adapter = routers.RoutedAdapter(SCALE, 2, scoring, telemetry=True)
+
+    class Site(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return adapter(self, x, jnp.zeros(x.shape[:-1] + (O,)))
+
+    variables = {ex.EXPERTS: {"lora_a": rng.standard_normal((E, D, R), np.float32),
+                              "lora_b": rng.standard_normal((E, R, O), np.float32)},
+                 routers.ROUTER: {"vectors": vectors}}
+    top1 = np.argmax(np.asarray(scores), axis=-1)
+    for telemetry, keep in (({routers.TELEMETRY: {"mask": mask}}, mask == 1), ({}, ...)):
+        _, state = Site().apply({**variables, **telemetry}, x, mutable=["intermediates"])
+        counts = np.asarray(state["intermediates"]["top1_counts"][0])
+        np.testing.assert_array_equal(counts, np.bincount(top1[keep].ravel(), minlength=E))
+
+
 def test_sharded_expert_axis_equals_single_device(world):
     assert jax.device_count() == 8
     params = world[0]

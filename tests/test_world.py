@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from goose_jax.data import world
+from goose_jax.data.examples import example_target
 from goose_jax.errors import DataError
-from goose_jax.evaluation import example_target
 
 
 def _parse(task: world.WorldTask, text: str) -> dict:
@@ -203,7 +203,7 @@ def test_shipped_base_fits_the_vocabulary():
     import json
     import os
 
-    from goose_jax.cli.demo import ASSET
+    from goose_jax.demo import ASSET
 
     with open(os.path.join(ASSET, "config.json")) as f:
         config = json.load(f)

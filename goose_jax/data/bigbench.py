@@ -20,8 +20,8 @@ import glob
 import json
 import os
 
+from goose_jax.data.examples import Example
 from goose_jax.errors import DataError
-from goose_jax.evaluation import Example
 
 PROMPT_SUFFIX = "\nAnswer:"
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from goose_jax.data.examples import Example
 from goose_jax.errors import DataError
-from goose_jax.evaluation import Example
 
 ZERO_SHOT = ("zs_opt", "zs_noopt")
 COLUMNS = ("inputs", "targets", "_task_name", "_template_type")

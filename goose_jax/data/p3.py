@@ -26,8 +26,8 @@ import json
 import os
 from collections.abc import Iterator
 
+from goose_jax.data.examples import Example
 from goose_jax.errors import DataError
-from goose_jax.evaluation import Example
 
 SCORE_EVAL = "_score_eval"
 # Features stored as one value per record (used when a folder has no info.<split>.json).

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from goose_jax.data.examples import EvalTask, Example, example_target
 from goose_jax.data.tokenizers import _Tokenizer
 from goose_jax.errors import DataError
-from goose_jax.evaluation import EvalTask, Example, example_target
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "pig", "duck", "goose", "swan",
@@ -145,14 +145,6 @@ KINDS: dict[str, tuple[str, str, frozenset[str]]] = {
     "clothes": ("warm", "light", frozenset(
         "coat scarf glove boot sweater jacket cloak mitten hood".split())),
 }
-
-
-def kind_of(word: str) -> str:
-    """The kind name of a domain word (``"wild"`` for ``"wolf"``)."""
-    for domain, (a, b, members) in KINDS.items():
-        if word in DOMAINS[domain]:
-            return a if word in members else b
-    raise DataError(f"world: {word!r} is not a domain word")
 
 
 _T = {
@@ -261,9 +253,6 @@ class WorldTokenizer(_Tokenizer):
 
     def _text(self, ids: list[int]) -> str:
         return " ".join(self.words[i] for i in ids if 2 < i < self.vocab_size)
-
-    def sentinel_id(self, i: int) -> int:
-        return self.index[SENTINELS[i]]
 
 
 # --- example generation --------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The paper's zero-shot comparison on a benchmark: PHATGOOSE (top-2) and every baseline the
+library supports, each run exactly as ``goose-eval`` runs it, then one table.
+
+    python eval/paper.py --base flan-t5-xl/ --library lib/ --benchmark t0_heldout \\
+        --p3-root P3/ --out runs/t0_heldout
+
+Methods: the base model alone, PHATGOOSE (top-2; when every expert has a trained gate), merged
+experts, Arrow (top-2), average activation (with ``--prototypes``) and retrieval (when the
+library holds a retrieval index or ``--retrieval-index`` is given). Each method's results folder
+is ``<out>/<method>``; ``<out>/comparison.md`` holds the table and ``<out>/comparison.json`` every
+summary. The base model is read once for all methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from goose_jax import distributed, report, zeroshot
+from goose_jax.errors import GooseError, UsageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="eval/paper.py", description=__doc__.splitlines()[0])
+    zeroshot.add_arguments(ap)
+    ap.add_argument("--methods", help="comma-separated subset of the methods to run "
+                    "(default: every one the library supports)")
+    args = ap.parse_args(argv)
+    try:
+        settings = zeroshot.settings_from_args(args)
+        runs = zeroshot.paper_methods(settings)
+        wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+        if set(wanted) - set(runs):
+            raise UsageError(f"--methods: {sorted(set(wanted) - set(runs))} not among the "
+                             f"methods this library supports, {list(runs)}")
+        runs = {m: s for m, s in runs.items() if not wanted or m in wanted}
+        report.check_out_dir(settings.out)
+        base = zeroshot.load_base_model(settings)
+        summaries = {}
+        for method, s in runs.items():
+            print(f"== {method}", flush=True)
+            summaries[method] = zeroshot.run_eval(s, base=base)
+    except (GooseError, OSError) as e:  # one line, as the goose-jax tools print it
+        print(f"eval/paper.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    table = report.comparison_table(summaries)
+    if not distributed.is_primary():
+        return 0
+    with open(os.path.join(settings.out, "comparison.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    with open(os.path.join(settings.out, "comparison.json"), "w", encoding="utf-8") as f:
+        json.dump(summaries, f, indent=2)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

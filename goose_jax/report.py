@@ -1,0 +1,238 @@
+"""What an evaluation leaves on disk: the results folder, tables, heatmaps and prototype files.
+
+Shape legend: E experts, I a site's input width.
+
+A goose-eval results folder holds ``results.json`` (``summarize``: per-dataset and benchmark
+scores, settings, speed), ``results.md`` (``markdown_table``), ``predictions.jsonl`` (every scored
+example) and, for per-token routing methods, ``telemetry.json`` (``telemetry_table``: per site and
+dataset, how often each expert was the top-1 choice over real tokens) with one heatmap per layer
+under ``telemetry/`` (``write_heatmaps``). The average-activation router vectors travel as a
+safetensors file of ``<site>/gate`` tensors (``save_prototypes`` / ``load_prototypes``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from goose_jax.errors import DataError
+
+if TYPE_CHECKING:
+    from goose_jax.evaluation import DatasetResult
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+
+def _family(name: str, benchmark: str) -> str:
+    return name.split("/")[0] if "/" in name else (benchmark or "all")
+
+
+def summarize(results: dict[str, DatasetResult], *, benchmark: str = "",
+              meta: dict | None = None) -> dict:
+    """The run's JSON: per-dataset scores (percent) and unweighted means over datasets.
+
+    ``benchmarks`` holds one mean per benchmark (the dataset name's prefix before ``/``, else
+    ``benchmark``); ``score`` is the mean over all datasets. Datasets with no scored example are
+    listed with ``score: null`` and left out of the means.
+    """
+    datasets = {}
+    for name, r in results.items():
+        datasets[name] = {
+            "metric": r.metric, "score": r.score, "examples": len(r.values),
+            "skipped": sum(r.skipped.values()), "skip_reasons": dict(r.skipped),
+            "templates": {t: {"score": 100.0 * float(np.mean(v)), "examples": len(v)}
+                          for t, v in sorted(r.templates.items())},
+            "seconds": round(r.seconds, 3),
+        }
+    groups: dict[str, list[float]] = {}
+    for name, d in datasets.items():
+        if d["score"] is not None:
+            groups.setdefault(_family(name, benchmark), []).append(d["score"])
+    scored = [v for g in groups.values() for v in g]
+    return {"benchmark": benchmark, "score": float(np.mean(scored)) if scored else None,
+            "num_datasets": len(scored),
+            "benchmarks": {k: {"score": float(np.mean(v)), "num_datasets": len(v)}
+                           for k, v in groups.items()},
+            "datasets": datasets, **(meta or {})}
+
+
+def markdown_table(summary: dict) -> str:
+    """A markdown table of a ``summarize`` result: one row per dataset, then the means."""
+    lines = ["| dataset | metric | score | examples | skipped |", "|---|---|---:|---:|---:|"]
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    for name, d in summary["datasets"].items():
+        lines.append(f"| {name} | {d['metric']} | {fmt(d['score'])} | {d['examples']} | "
+                     f"{d['skipped']} |")
+    means = [(k, v["score"], v["num_datasets"]) for k, v in summary["benchmarks"].items()]
+    if len(means) != 1:
+        means.append(("all", summary["score"], summary["num_datasets"]))
+    for label, score, n in means:
+        lines.append(f"| **{label} (mean of {n})** | | **{fmt(score)}** | | |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(summaries: dict[str, dict]) -> str:
+    """A markdown table of several runs on the same tasks: one row per dataset, one column per
+    run (``summarize`` results by run name), then each benchmark's mean and the overall mean."""
+    runs = list(summaries)
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    datasets = list(dict.fromkeys(d for s in summaries.values() for d in s["datasets"]))
+    families = list(dict.fromkeys(b for s in summaries.values() for b in s["benchmarks"]))
+    lines = ["| dataset | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    for d in datasets:
+        cells = [fmt(s["datasets"].get(d, {}).get("score")) for s in summaries.values()]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    for b in families:
+        cells = [fmt(s["benchmarks"].get(b, {}).get("score")) for s in summaries.values()]
+        lines.append(f"| **{b} (mean)** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+    if len(families) != 1:
+        cells = [fmt(s["score"]) for s in summaries.values()]
+        lines.append("| **all (mean)** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def telemetry_table(results: dict[str, DatasetResult]) -> dict[str, dict[str, list[float]]]:
+    """``{site: {dataset: top-1 counts per expert}}`` over all datasets with telemetry."""
+    table: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for name, r in results.items():
+        for site, counts in r.telemetry.items():
+            table[site][name] = np.asarray(counts).tolist()
+    return dict(table)
+
+
+# --- the results folder -------------------------------------------------------------------------
+
+
+def check_out_dir(out: str) -> None:
+    """Fails at once (before any model work) when ``out`` cannot become a results folder.
+
+    Raises:
+      DataError: ``out`` exists and is not a directory.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{out}: the output path is an existing file, not a directory")
+
+
+def write_results(out: str, summary: dict, results: dict[str, DatasetResult],
+                  expert_names: list[str]) -> str:
+    """Writes the results folder (see the module doc) to ``out``; returns the markdown table.
+
+    Args:
+      out: the folder (created if missing).
+      summary: ``summarize``'s result.
+      results: the evaluator's results by dataset (predictions and telemetry).
+      expert_names: the library's experts, in routing order (telemetry columns).
+    """
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    table = markdown_table(summary)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
+        for r in results.values():
+            for p in r.predictions:
+                f.write(json.dumps(p) + "\n")
+    telemetry = telemetry_table(results)
+    if telemetry:
+        with open(os.path.join(out, "telemetry.json"), "w", encoding="utf-8") as f:
+            json.dump({"experts": expert_names, "top1_counts": telemetry}, f)
+        write_heatmaps(telemetry, expert_names, os.path.join(out, "telemetry"))
+    return table
+
+
+def _layer(site: str) -> str:
+    return "/".join(site.split("/")[:2])
+
+
+def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[str]:
+    """One PNG per layer: the share of real tokens whose top-1 expert is e, per dataset.
+
+    Args:
+      table: ``telemetry_table``'s ``{site: {dataset: (E,) counts}}``.
+      expert_names: the E experts' names (column labels; indices when the lengths differ).
+      folder: where the PNGs go (created if missing).
+
+    Returns:
+      The paths written, one per layer (``encoder_block_0.png``, ...).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for site, by_dataset in table.items():
+        for dataset, counts in by_dataset.items():
+            acc = layers.setdefault(_layer(site), {})
+            acc[dataset] = acc.get(dataset, 0) + np.asarray(counts, np.float64)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for layer, by_dataset in layers.items():
+        datasets = sorted(by_dataset)
+        m = np.stack([by_dataset[d] for d in datasets])
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
+        size = (max(6.0, 0.3 * m.shape[1] + 3), max(2.5, 0.3 * len(datasets) + 1.5))
+        fig, ax = plt.subplots(figsize=size)
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_yticks(range(len(datasets)), datasets, fontsize=7)
+        names = expert_names if len(expert_names) == m.shape[1] else [str(i) for i in
+                                                                      range(m.shape[1])]
+        if m.shape[1] <= 60:
+            ax.set_xticks(range(m.shape[1]), names, rotation=90, fontsize=6)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{layer}: share of tokens routed first to each expert", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = os.path.join(folder, layer.replace("/", "_") + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --- prototype files ----------------------------------------------------------------------------
+
+
+def save_prototypes(prototypes: dict, path: str) -> None:
+    """Writes average-activation router vectors as ``<site>/gate`` (E, I) safetensors tensors.
+
+    Args:
+      prototypes: per-site ``{"gate": (E, I)}`` tree (``routers.compute_average_activations``).
+      path: the file to write (what ``goose-eval --prototypes`` reads).
+    """
+    from goose_jax.experts import flatten_sites
+    from goose_jax.tensorfile import write_safetensors
+
+    flat = {f"{site}/gate": np.asarray(v["gate"])
+            for site, v in flatten_sites(prototypes).items()}
+    write_safetensors(path, flat)
+
+
+def load_prototypes(path: str) -> dict:
+    """The per-site ``{"gate": (E, I)}`` tree of a file ``save_prototypes`` wrote.
+
+    Raises:
+      DataError: the file is missing, is not safetensors, or holds no ``<site>/gate`` tensor.
+    """
+    from goose_jax.experts import nest_sites
+    from goose_jax.tensorfile import read_safetensors
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: prototypes file does not exist")
+    flat = read_safetensors(path, error=DataError)
+    sites = {k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items() if k.endswith("/gate")}
+    if not sites:
+        raise DataError(f"{path}: no '<site>/gate' tensors")
+    return nest_sites(sites)

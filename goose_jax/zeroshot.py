@@ -1,0 +1,378 @@
+"""One zero-shot evaluation run: a base model, a routing method over an expert library, the tasks
+of a benchmark, and a results folder. What ``goose-eval`` and the ``eval/`` scripts run.
+
+    settings = EvalSettings(base="flan-t5-xl/", library="lib/", method="phatgoose", top_k=2,
+                            benchmarks=("t0_heldout",), p3_root="P3/", out="runs/pg_t0ho")
+    summary = run_eval(settings)
+
+The run reads the data first (a wrong path fails in seconds, before a large model is read), then
+the base model, the library and the method's router vectors; it scores every task with an
+``evaluation.Evaluator`` (batches split over every device) and writes the results folder of
+``goose_jax.report`` from process 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from goose_jax.data.examples import Example
+from goose_jax.errors import DataError, LibraryError, UsageError
+from goose_jax.routers import METHODS, PER_EXAMPLE
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Everything one evaluation run needs; each field is the ``goose-eval`` flag of that name.
+
+    Attributes:
+      base: base model (a Hugging Face T5 directory, a goose-jax checkpoint, ``random:PRESET``).
+      out: the results folder.
+      tasks: task names (``t0_heldout/rte``, ``bbh/navigate``).
+      benchmarks: whole benchmarks (``t0_heldout``, ``t0_heldin``, ``bbh``, ``bbl``, ``flan``).
+      library: the expert library directory (None: only method ``base``).
+      method: one of ``routers.METHODS`` (None: ``phatgoose`` with a library, else ``base``).
+      top_k: experts per token (per-token methods).
+      expert: for ``single``: an expert name or index.
+      experts: the experts to load (empty: all).
+      expert_map: for ``example``: a JSON file mapping a dataset, or
+        ``<dataset>/<template>/<example id>``, to an expert name.
+      retrieval_index: for ``retrieval``: the index file (None: the library's own).
+      embedder: for ``retrieval``: a sentence-transformers directory (None: the packaged one).
+      prototypes: for ``average_activation``: the ``report.save_prototypes`` file.
+      p3_root, bbh_root, bbl_root, flan_root, tfds_dir: where each data source lives.
+      flan_grouping: a JSON file mapping FLAN task names to expert names.
+      tokenizer: tokenizer directory (None: the base's).
+      byte_tokenizer: use the byte-level tokenizer.
+      dtype: ``float32`` or ``bfloat16`` (a Hugging Face base's parameters and compute).
+      batch_size, max_input_length, max_target_length: see ``evaluation.Evaluator``.
+      max_examples: at most this many examples per template (quick runs).
+      length_normalize: mean choice NLL (the paper); False: the sum.
+      encoder_once: one encoder pass per example (False: per choice, for comparison).
+      telemetry: count each site's top-1 experts (per-token methods).
+      progress: draw a progress bar (on a terminal, process 0).
+    """
+
+    base: str
+    out: str
+    tasks: tuple[str, ...] = ()
+    benchmarks: tuple[str, ...] = ()
+    library: str | None = None
+    method: str | None = None
+    top_k: int = 2
+    expert: str | None = None
+    experts: tuple[str, ...] = ()
+    expert_map: str | None = None
+    retrieval_index: str | None = None
+    embedder: str | None = None
+    prototypes: str | None = None
+    p3_root: str | None = None
+    bbh_root: str | None = None
+    bbl_root: str | None = None
+    flan_root: str | None = None
+    flan_grouping: str | None = None
+    tfds_dir: str | None = None
+    tokenizer: str | None = None
+    byte_tokenizer: bool = False
+    dtype: str = "float32"
+    batch_size: int = 16
+    max_input_length: int = 512
+    max_target_length: int = 512
+    max_examples: int | None = None
+    length_normalize: bool = True
+    encoder_once: bool = True
+    telemetry: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.tasks and not self.benchmarks:
+            raise UsageError("give --benchmark or --tasks")
+        method = self.routing_method
+        if method not in METHODS:
+            raise UsageError(f"--method {method!r}: expected one of {list(METHODS)}")
+        if method != "base" and not self.library:
+            raise UsageError(f"--method {method} needs --library")
+        needs = {"single": ("expert", "--expert (a name or an index)"),
+                 "average_activation": ("prototypes", "--prototypes (the mean site activations "
+                                        "per expert, see routers.compute_average_activations)"),
+                 "example": ("expert_map", "--expert-map (or use --method retrieval)")}
+        if method in needs and getattr(self, needs[method][0]) is None:
+            raise UsageError(f"--method {method} needs {needs[method][1]}")
+
+    @property
+    def routing_method(self) -> str:
+        """The method that runs (``method``, or its default)."""
+        return self.method or ("phatgoose" if self.library else "base")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of an ``EvalSettings`` that every evaluation program shares (goose-eval and the
+    ``eval/`` scripts): base, library, data, tokenizer, batching, output. The flags choosing a
+    method (``--method``, ``--top-k``, ``--expert``, ``--experts``, ``--expert-map``) are each
+    program's own."""
+    ap.add_argument("--base", required=True, help="base model: a Hugging Face T5 directory, a "
+                    "goose-jax (Orbax) model checkpoint or random:PRESET")
+    ap.add_argument("--library", help="expert library directory (goose_jax.library)")
+    ap.add_argument("--retrieval-index", help="for --method retrieval: the .npz written by "
+                    "goose_jax.retrieval.RetrievalIndex.save (default: <library>/"
+                    "retrieval_index.npz)")
+    ap.add_argument("--embedder", help="for --method retrieval: a local sentence-transformers "
+                    "model directory (default: the packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--prototypes", help="average_activation router vectors: a safetensors file "
+                    "with '<site>/gate' tensors (E, d_in), experts in library order")
+    ap.add_argument("--benchmark", help="comma-separated: t0_heldout, t0_heldin, bbh, bbl, flan")
+    ap.add_argument("--tasks", help="comma-separated task names (e.g. t0_heldout/rte,bbh/navigate)")
+    ap.add_argument("--p3-root", help="P3 release directory (with data/<task>/ folders)")
+    ap.add_argument("--bbh-root", help="BIG-bench Hard: one saved HF dataset per task")
+    ap.add_argument("--bbl-root", help="BIG-bench Lite: one saved HF dataset per task")
+    ap.add_argument("--flan-root", help="Open-Orca/FLAN release directory")
+    ap.add_argument("--flan-grouping", help="JSON file mapping FLAN task names to expert names")
+    ap.add_argument("--tfds-dir", help="tfds data directory")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: --base)")
+    ap.add_argument("--byte-tokenizer", action="store_true", help="use the byte-level tokenizer")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameter and compute dtype for a Hugging Face base model")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per batch")
+    ap.add_argument("--max-input-length", type=int, default=512)
+    ap.add_argument("--max-target-length", type=int, default=512)
+    ap.add_argument("--max-examples", type=int, help="at most this many examples per template "
+                    "(quick runs)")
+    ap.add_argument("--summed", action="store_true", help="summed choice NLL instead of the mean")
+    ap.add_argument("--naive", action="store_true", help="score choices with one encoder pass "
+                    "per choice (for comparison)")
+    ap.add_argument("--no-telemetry", action="store_true", help="skip routing telemetry")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--out", required=True, help="output directory")
+
+
+def _csv(s: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (s or "").split(",") if x.strip())
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """The ``EvalSettings`` of parsed flags (``add_arguments`` and the method flags a program
+    has; the others keep their defaults).
+
+    Raises:
+      UsageError: no tasks, or a method without the flag it needs.
+    """
+    derived = {"tasks": _csv(args.tasks), "benchmarks": _csv(args.benchmark),
+               "experts": _csv(getattr(args, "experts", None)),
+               "length_normalize": not args.summed, "encoder_once": not args.naive,
+               "telemetry": not args.no_telemetry, "progress": not args.no_progress}
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)
+            if f.name not in derived and hasattr(args, f.name)}
+    return EvalSettings(**same, **derived)
+
+
+# --- routing from a library -------------------------------------------------------------------
+
+
+def _load_library(path: str, cfg, params, names: Sequence[str]):
+    """(experts, gates or None, expert names, LoRA scale) of a library on disk."""
+    from goose_jax.library import ExpertLibrary
+
+    lib = ExpertLibrary.open(path, cfg, params)
+    experts, gates = lib.load(list(names) or None)
+    return experts, gates, list(names or lib.names), lib.scale
+
+
+def build_method(s: EvalSettings, cfg, params):
+    """(``routers.Routed``, expert names) of the settings' method over its library.
+
+    Raises:
+      LibraryError: a library that cannot serve the method (phatgoose without every gate).
+      DataError: an unreadable prototypes file.
+    """
+    from goose_jax.report import load_prototypes
+    from goose_jax.routers import build_routed
+
+    method = s.routing_method
+    if method == "base":
+        return build_routed("base", cfg), []
+    experts, gates, names, scale = _load_library(s.library, cfg, params, s.experts)
+    expert = None
+    if method == "single":
+        expert = names.index(s.expert) if s.expert in names else (
+            int(s.expert) if s.expert.isdigit() else s.expert)
+    prototypes = load_prototypes(s.prototypes) if method == "average_activation" else None
+    if method == "phatgoose" and gates is None:
+        raise LibraryError(f"{s.library}: --method phatgoose needs every expert's trained gate; "
+                           "some experts have none")
+    return build_routed(method, cfg, experts, gates=gates, prototypes=prototypes,
+                        top_k=s.top_k, scale=scale, expert=expert), names
+
+
+def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[int]]:
+    """For method ``example``: examples -> expert indices, from a JSON map (``expert_map``).
+
+    Raises:
+      DataError: an unreadable map, an expert the library lacks, an example with no entry.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the expert map: {e}") from None
+    unknown = sorted({v for v in table.values() if v not in names})
+    if unknown:
+        raise DataError(f"{path}: experts {unknown[:3]} are not in the library {names[:5]}")
+
+    def choose(examples):
+        out = []
+        for ex in examples:
+            key = f"{ex.dataset}/{ex.template}/{ex.example_id}"
+            name = table.get(key, table.get(ex.dataset))
+            if name is None:
+                raise DataError(f"{path}: no expert for {key!r} nor for {ex.dataset!r}")
+            out.append(names.index(name))
+        return out
+
+    return choose
+
+
+def retrieval_chooser(s: EvalSettings, names: list[str], examples: dict[str, list[Example]]):
+    """For method ``retrieval``: embeds every example once and picks its nearest expert."""
+    from goose_jax import retrieval
+
+    index = retrieval.RetrievalIndex.load(s.retrieval_index or s.library).select(names)
+    embedder = retrieval.SentenceEmbedder.load(s.embedder)
+    return retrieval.expert_chooser(index, embedder, [ex for v in examples.values() for ex in v])
+
+
+def cap_examples(examples: list[Example], n: int | None) -> list[Example]:
+    """At most ``n`` examples per template, in order (None: all)."""
+    if n is None:
+        return examples
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        if seen.get(ex.template, 0) < n:
+            seen[ex.template] = seen.get(ex.template, 0) + 1
+            out.append(ex)
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def load_tasks(s: EvalSettings):
+    """(tasks, examples by task name) of the settings: every task read and capped up front."""
+    from goose_jax.data import tasks as T
+    from goose_jax.evaluation import load_all
+
+    grouping = None
+    if s.flan_grouping:
+        try:
+            with open(s.flan_grouping, encoding="utf-8") as f:
+                grouping = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{s.flan_grouping}: cannot read the FLAN grouping: {e}") from None
+    roots = T.DataRoots(p3=s.p3_root, bbh=s.bbh_root, bbl=s.bbl_root, flan=s.flan_root,
+                        tfds=s.tfds_dir, flan_grouping=grouping)
+    tasks = T.get_tasks(list(s.tasks), list(s.benchmarks), roots)
+    return tasks, {k: cap_examples(v, s.max_examples) for k, v in load_all(tasks).items()}
+
+
+def load_base_model(s: EvalSettings):
+    """(cfg, params, tokenizer) of the settings' base model."""
+    from goose_jax.base_model import load_base, load_tokenizer
+
+    cfg, params = load_base(s.base, dtype=s.dtype)
+    tok = load_tokenizer(s.tokenizer or s.base, None if s.tokenizer else cfg,
+                         byte=s.byte_tokenizer)
+    return cfg, params, tok
+
+
+def run_eval(s: EvalSettings, *, base=None) -> dict:
+    """Runs one evaluation and writes its results folder; returns the summary (results.json).
+
+    Args:
+      s: the settings.
+      base: an already loaded ``(cfg, params, tokenizer)`` of ``s.base`` (several runs over one
+        base read it once); None: loaded here.
+
+    Raises:
+      GooseError: any input a user controls that cannot be used (one line each).
+    """
+    import jax
+
+    from goose_jax import distributed, evaluation, report
+    from goose_jax.progress import progress_enabled
+
+    report.check_out_dir(s.out)
+    tasks, examples = load_tasks(s)
+    cfg, params, tok = base if base is not None else load_base_model(s)
+    routed, names = build_method(s, cfg, params)
+    batch_size, mesh = s.batch_size, None
+    if jax.device_count() > 1:
+        # All global devices, batches split over them; in a process group every process scores
+        # the same batches in step and process 0 alone writes the results.
+        from goose_jax.sharding import make_mesh, replicate
+
+        mesh = make_mesh(data=-1)
+        params = replicate(params, mesh)
+        routed = type(routed)(routed.method, routed.adapter,
+                              replicate(routed.collections, mesh))
+        batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+    chooser = None
+    if routed.method == "example":
+        chooser = map_chooser(s.expert_map, names)
+    elif routed.method in PER_EXAMPLE:
+        chooser = retrieval_chooser(s, names, examples)
+    evaluator = evaluation.Evaluator(
+        cfg, params, tok, routed, batch_size=batch_size, max_input_length=s.max_input_length,
+        max_target_length=s.max_target_length, length_normalize=s.length_normalize,
+        encoder_once=s.encoder_once, telemetry=s.telemetry, choose_experts=chooser, mesh=mesh)
+    t0 = time.perf_counter()
+    primary = jax.process_index() == 0
+    results = evaluation.evaluate(evaluator, tasks, examples=examples,
+                                  progress=progress_enabled() and s.progress and primary)
+    seconds = time.perf_counter() - t0
+    n = sum(len(r.values) for r in results.values())
+    meta = {"method": routed.method, "top_k": s.top_k, "base": os.path.abspath(s.base),
+            "library": s.library and os.path.abspath(s.library), "experts": names,
+            "tasks": [t.name for t in tasks], "batch_size": batch_size,
+            "length_normalize": s.length_normalize, "encoder_once": s.encoder_once,
+            "devices": jax.device_count(), "seconds": round(seconds, 2),
+            "examples_per_second": round(n / max(seconds, 1e-9), 2),
+            "compiled_shapes": len(evaluator.compiled_shapes)}
+    summary = report.summarize(results, benchmark=",".join(s.benchmarks), meta=meta)
+    if primary:
+        table = report.write_results(s.out, summary, results, names)
+        print(table, end="")
+        print(f"{summary['examples_per_second']} examples/s; results in {s.out}")
+    distributed.barrier("goose-eval: results written")
+    return summary
+
+
+# --- the paper's settings ---------------------------------------------------------------------
+
+
+def paper_methods(s: EvalSettings) -> dict[str, EvalSettings]:
+    """The paper's zero-shot methods that ``s.library`` supports, one settings each.
+
+    PHATGOOSE (top-2; when every expert has a gate), merged experts, Arrow, average activation
+    (when ``s.prototypes`` is given), retrieval (when an index is given or the library holds
+    one), and the base model alone; each writes to ``<s.out>/<method>``.
+    """
+    from goose_jax import retrieval
+    from goose_jax.library import ExpertLibrary
+
+    lib = ExpertLibrary.open(s.library) if s.library else None
+    methods = ["base"]
+    if lib is not None:
+        if all(lib.info(n).get("has_gate") for n in (s.experts or lib.names)):
+            methods.append("phatgoose")
+        methods += ["merged", "arrow"]
+        if s.prototypes:
+            methods.append("average_activation")
+        index = s.retrieval_index or os.path.join(s.library, retrieval.INDEX_FILE)
+        if os.path.isfile(index):
+            methods.append("retrieval")
+    return {m: dataclasses.replace(s, method=m, top_k=2 if m == "phatgoose" else s.top_k,
+                                   out=os.path.join(s.out, m)) for m in methods}
