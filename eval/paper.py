@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from goose_jax import distributed, report, zeroshot
-from goose_jax.errors import GooseError, UsageError
+from goose_jax.errors import UsageError
+from goose_jax.tool import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,34 +27,32 @@ def main(argv: list[str] | None = None) -> int:
     zeroshot.add_arguments(ap)
     ap.add_argument("--methods", help="comma-separated subset of the methods to run "
                     "(default: every one the library supports)")
-    args = ap.parse_args(argv)
-    try:
-        settings = zeroshot.settings_from_args(args)
-        runs = zeroshot.paper_methods(settings)
-        wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
-        if set(wanted) - set(runs):
-            raise UsageError(f"--methods: {sorted(set(wanted) - set(runs))} not among the "
-                             f"methods this library supports, {list(runs)}")
-        runs = {m: s for m, s in runs.items() if not wanted or m in wanted}
-        report.check_out_dir(settings.out)
-        base = zeroshot.load_base_model(settings)
-        summaries = {}
-        for method, s in runs.items():
-            print(f"== {method}", flush=True)
-            summaries[method] = zeroshot.run_eval(s, base=base)
-    except (GooseError, OSError) as e:  # one line, as the goose-jax tools print it
-        print(f"eval/paper.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+    ap.set_defaults(run=_run)
+    return run_tool("eval/paper.py", ap, argv)
+
+
+def _run(args: argparse.Namespace) -> None:
+    settings = zeroshot.settings_from_args(args)
+    runs = zeroshot.paper_methods(settings)
+    wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    if set(wanted) - set(runs):
+        raise UsageError(f"--methods: {sorted(set(wanted) - set(runs))} not among the "
+                         f"methods this library supports, {list(runs)}")
+    runs = {m: s for m, s in runs.items() if not wanted or m in wanted}
+    report.check_out_dir(settings.out)
+    base = zeroshot.load_base_model(settings)
+    summaries = {}
+    for method, s in runs.items():
+        print(f"== {method}", flush=True)
+        summaries[method] = zeroshot.run_eval(s, base=base)
     table = report.comparison_table(summaries)
     if not distributed.is_primary():
-        return 0
+        return
     with open(os.path.join(settings.out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write(table)
     with open(os.path.join(settings.out, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump(summaries, f, indent=2)
     print(table, end="")
-    return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

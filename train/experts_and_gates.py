@@ -18,7 +18,7 @@ import os
 import sys
 
 from goose_jax import distributed
-from goose_jax.errors import GooseError
+from goose_jax.tool import run_tool
 from goose_jax.train_runs import RunArgs, run_experts, run_gate
 
 PROG = "experts_and_gates"
@@ -44,21 +44,17 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace experts that already exist in the library")
     distributed.add_arguments(ap)
-    args = ap.parse_args(argv)
+    ap.set_defaults(run=_run)
+    return run_tool(PROG, ap, argv, interrupted_hint="rerun the same command to resume")
 
+
+def _run(args: argparse.Namespace) -> None:
     common = dict(data=args.data, config=args.config, overrides=args.set, base=args.base,
                   eval_data=args.eval_data, library=args.library, names=args.names,
                   mesh=args.mesh)
-    try:
-        distributed.maybe_initialize(args, prog=PROG)
-        run_experts(RunArgs("experts", workdir=os.path.join(args.workdir, "experts"),
-                            overwrite=args.overwrite, **common))
-        run_gate(RunArgs("gate", workdir=os.path.join(args.workdir, "gates"), **common))
-    except GooseError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
+    run_experts(RunArgs("experts", workdir=os.path.join(args.workdir, "experts"),
+                        overwrite=args.overwrite, **common))
+    run_gate(RunArgs("gate", workdir=os.path.join(args.workdir, "gates"), **common))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from goose_jax.cli.tool import run_tool
+from goose_jax.tool import run_tool
 
 PROG = "goose-convert"
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from goose_jax.cli.tool import run_tool
 from goose_jax.demo import PRESETS, DemoSettings, run_demo
+from goose_jax.tool import run_tool
 
 PROG = "goose-demo"
 

@@ -16,8 +16,8 @@ import argparse
 from collections.abc import Sequence
 
 from goose_jax import distributed, zeroshot
-from goose_jax.cli.tool import run_tool
 from goose_jax.routers import METHODS
+from goose_jax.tool import run_tool
 
 PROG = "goose-eval"
 

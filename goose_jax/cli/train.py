@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from goose_jax import distributed, train_runs
-from goose_jax.cli.tool import run_tool
+from goose_jax.tool import run_tool
 
 PROG = "goose-train"
 
