@@ -16,6 +16,7 @@ import statistics
 import time
 
 import numpy as np
+from calibrate import print_calibration
 
 from goose_jax import retrieval as rt
 
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from sentence_transformers import SentenceTransformer
+
+    print_calibration(torch_too=True)
 
     texts = make_queries(args.sentences, np.random.default_rng(0))
     ours = rt.SentenceEmbedder.load()

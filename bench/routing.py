@@ -4,14 +4,14 @@ T5 v1.1-base sizes (216 sites, all routed), top-2, float32, teacher-forced forwa
 B examples with L encoder and T decoder tokens, for several library sizes E and combination
 backends, all in one process, base and routed runs interleaved.
 
-To fit E = 1000 in memory, every site of one shape shares one stacked (E, D, R) / (E, R, O)
+To fit E = 1000 in memory, every site of one shape shares one stacked (E, I, R) / (E, R, O)
 buffer and one router matrix. The arithmetic, memory traffic and shapes of each site are exactly
 those of separate experts: sites read different inputs, so nothing is computed once for two.
 
     python bench/routing.py                                  # E = 36, 166, 1000; dense, grouped
     python bench/routing.py --experts 166 --backends grouped --repeats 3
 
-The last line is the E = 166 ratio of the fastest backend.
+The last line is the E = 166 ratio of the fastest backend. Results: bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from calibrate import print_calibration
 
 import goose_jax as gj
 from goose_jax import experts as ex
@@ -60,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    print_calibration()
 
     cfg = gj.T5Config.preset(args.preset)
     params = gj.init_params(cfg, 0)

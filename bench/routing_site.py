@@ -1,6 +1,6 @@
 """One routed LoRA site: each combine backend's time over the site's base matmul, one process.
 
-A site is a frozen linear layer ``x @ W`` (D x O) with E LoRA experts of rank R; every token goes
+A site is a frozen linear layer ``x @ W`` (I x O) with E LoRA experts of rank R; every token goes
 to its top-k experts (PHATGOOSE routing on random gates). For each E the script times, jitted and
 after warm-up:
 
@@ -14,11 +14,12 @@ ratio is the median over repeats of candidate time / base time of the same repea
 output is checked against the dense one. The last line printed is the fastest backend's combine
 ratio at E = 166 (or the largest E asked for).
 
-    python bench/routing_site.py                          # T=2048, E in (36, 166)
+    python bench/routing_site.py                          # N=2048, E in (36, 166)
     python bench/routing_site.py --tokens 64 --experts 8 166 --repeats 5
     python bench/routing_site.py --backends dense grouped  # skip the slow ones
 
-Legend: T tokens, D d_in, O d_out, E experts, R LoRA rank, k top-k.
+Shapes follow the package legend (the ``goose_jax`` module docstring): N tokens, I and O the
+site's input and output widths. Results: bench/README.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from calibrate import print_calibration
 
 from goose_jax import routing
 from goose_jax.routing_backends import BACKENDS
@@ -63,18 +65,18 @@ def interleaved_ratios(base, candidates: dict, repeats: int, warmup: int = 2):
 
 def make_site(seed: int, tokens: int, d_in: int, d_out: int, experts: int, rank: int):
     rng = np.random.default_rng(seed)
-    x_TD = jnp.asarray(rng.standard_normal((tokens, d_in), np.float32))
-    w_DO = jnp.asarray(rng.standard_normal((d_in, d_out), np.float32) / np.sqrt(d_in))
-    gates_ED = jnp.asarray(0.01 * rng.standard_normal((experts, d_in), np.float32))
-    lora_a_EDR = jnp.asarray(rng.standard_normal((experts, d_in, rank), np.float32) * 0.01)
+    x_NI = jnp.asarray(rng.standard_normal((tokens, d_in), np.float32))
+    w_IO = jnp.asarray(rng.standard_normal((d_in, d_out), np.float32) / np.sqrt(d_in))
+    gates_EI = jnp.asarray(0.01 * rng.standard_normal((experts, d_in), np.float32))
+    lora_a_EIR = jnp.asarray(rng.standard_normal((experts, d_in, rank), np.float32) * 0.01)
     lora_b_ERO = jnp.asarray(rng.standard_normal((experts, rank, d_out), np.float32) * 0.01)
-    return x_TD, w_DO, gates_ED, lora_a_EDR, lora_b_ERO
+    return x_NI, w_IO, gates_EI, lora_a_EIR, lora_b_ERO
 
 
 def bench_experts(args, experts: int) -> dict[str, float]:
-    x_TD, w_DO, gates_ED, lora_a_EDR, lora_b_ERO = make_site(
+    x_NI, w_IO, gates_EI, lora_a_EIR, lora_b_ERO = make_site(
         experts, args.tokens, args.d_in, args.d_out, experts, args.rank)
-    gn_ED = routing.prepare_router(gates_ED)
+    gn_EI = routing.prepare_router(gates_EI)
     scale = 1.0 / args.rank
     k = args.top_k
 
@@ -86,23 +88,23 @@ def bench_experts(args, experts: int) -> dict[str, float]:
         weights, index = routing.phatgoose_route(x, gn, top_k=k, gates_normed=True)
         return x @ w + routing.combine_lora(x, a, b, weights, index, scale)
 
-    weights_Tk, index_Tk = route(x_TD, gn_ED)
+    weights_Nk, index_Nk = route(x_NI, gn_EI)
     candidates = {
-        "route": functools.partial(route, x_TD, gn_ED),
-        "site": functools.partial(site, x_TD, w_DO, gn_ED, lora_a_EDR, lora_b_ERO),
+        "route": functools.partial(route, x_NI, gn_EI),
+        "site": functools.partial(site, x_NI, w_IO, gn_EI, lora_a_EIR, lora_b_ERO),
     }
     outputs = {}
     for name in args.backends:
         combine = jax.jit(functools.partial(routing.combine_lora, backend=name))
-        call = functools.partial(combine, x_TD, lora_a_EDR, lora_b_ERO, weights_Tk, index_Tk, scale)
+        call = functools.partial(combine, x_NI, lora_a_EIR, lora_b_ERO, weights_Nk, index_Nk, scale)
         outputs[name] = np.asarray(call())
         candidates[name] = call
     reference = outputs.get("dense", next(iter(outputs.values())))
     base_s, times, ratios = interleaved_ratios(
-        functools.partial(base, x_TD, w_DO), candidates, args.repeats)
+        functools.partial(base, x_NI, w_IO), candidates, args.repeats)
 
     auto = routing.choose_backend(args.tokens, k, experts)
-    print(f"\nE={experts}  T={args.tokens} D={args.d_in} O={args.d_out} R={args.rank} k={k}  "
+    print(f"\nE={experts}  N={args.tokens} I={args.d_in} O={args.d_out} R={args.rank} k={k}  "
           f"base {base_s * 1e3:.2f} ms  auto -> {auto}")
     print(f"{'candidate':>10} {'ms':>9} {'x base':>8} {'max |err|':>10}")
     for name in candidates:
@@ -122,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     args = ap.parse_args(argv)
+    print_calibration()
     print(f"jax {jax.__version__} on {jax.default_backend()}, {jax.device_count()} device(s); "
           "ratios are medians of per-repeat (time / base matmul time)")
     results = {e: bench_experts(args, e) for e in args.experts}

@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from calibrate import print_calibration
 
 import goose_jax as gj
 from goose_jax.interop.hf import hf_state_dict_to_params
@@ -23,11 +24,11 @@ from goose_jax.interop.hf import hf_state_dict_to_params
 
 def forward_flops(cfg: gj.T5Config, B: int, L: int, T: int) -> float:
     """Multiply-add FLOPs (x2) of one teacher-forced forward, matmuls and attention."""
-    D, F, E, V = cfg.d_model, cfg.d_ff, cfg.inner_dim, cfg.vocab_size
+    D, F, J, V = cfg.d_model, cfg.d_ff, cfg.inner_dim, cfg.vocab_size  # J = H * K
     ffn = (3 if cfg.is_gated else 2) * D * F
-    enc = cfg.num_encoder_layers * (L * (4 * D * E + ffn) + 2 * L * L * E)
-    dec = cfg.num_decoder_layers * (T * (4 * D * E + 2 * D * E + ffn) + 2 * L * D * E
-                                    + 2 * T * T * E + 2 * T * L * E)
+    enc = cfg.num_encoder_layers * (L * (4 * D * J + ffn) + 2 * L * L * J)
+    dec = cfg.num_decoder_layers * (T * (4 * D * J + 2 * D * J + ffn) + 2 * L * D * J
+                                    + 2 * T * T * J + 2 * T * L * J)
     return 2.0 * B * (enc + dec + T * D * V)
 
 
@@ -63,6 +64,7 @@ def main(argv=None):
 
     import torch
 
+    print_calibration(torch_too=True)
     B, L, T = args.batch, args.enc_len, args.dec_len
     print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {B}, encoder {L}, decoder {T} tokens, fp32")

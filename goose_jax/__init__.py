@@ -5,9 +5,24 @@ The public surface most users need::
     import goose_jax as gj
     cfg, params = gj.load_hf_t5(path)
     logits_BTV = gj.t5_logits(cfg, params, input_ids_BL, decoder_input_ids_BT)
-    tokens_BN = gj.generate_greedy(cfg, params, input_ids_BL, max_new_tokens=32)
+    tokens_BT = gj.generate_greedy(cfg, params, input_ids_BL, max_new_tokens=32)
 
 Importing goose_jax imports neither TensorFlow nor torch.
+
+Shape legend. Arrays are named with their shape as a suffix (``scores_NE``, ``lora_a_EIR``), and
+the whole package uses these letters:
+
+    B  batch (examples)                  I  a site's input width
+    L  encoder length                    O  a site's output width
+    T  decoder length                    F  d_ff
+    N  tokens of a flattened batch       H  heads
+    C  answer choices                    K  head dim (d_kv)
+    D  d_model                           V  vocabulary
+    E  experts                           R  LoRA rank
+    k  experts per token (top-k)
+
+Any other letter is defined where it is used. ``...`` in a documented shape stands for any
+leading axes.
 """
 
 from goose_jax.config import DTypePolicy, T5Config

@@ -285,6 +285,7 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every complete step on disk, oldest first."""
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, tree: Any, meta: dict[str, Any] | None = None) -> None:
@@ -364,9 +365,11 @@ class TrainCheckpointer:
                 for path, _ in paths]
 
     def wait(self) -> None:
+        """Blocks until the last asynchronous save is on disk."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes pending saves and releases the manager (also on leaving a ``with``)."""
         self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:

@@ -15,12 +15,12 @@ together (collectives, barriers) is never guarded.
 Failure is bounded. The runtime is joined with finite timeouts (``GOOSE_INIT_TIMEOUT``,
 ``GOOSE_HEARTBEAT_TIMEOUT``, ``GOOSE_SHUTDOWN_TIMEOUT``, in seconds; see ``timeouts``): a peer
 that never starts ends the others after the first (JAX aborts them: DEADLINE_EXCEEDED, measured
-with jax 0.10.2; errors it raises instead become a ``DistributedError``); a peer that dies mid-run
-breaks the
-next collective at once (the CPU backend's gloo connections close), or, if no collective is
-running, is declared dead by the coordination service after the heartbeat timeout, which then
-ends every process. ``exit_on_peer_failure`` turns the first case into one clear line and exit
-status ``PEER_LOST_EXIT`` instead of a traceback and a wait on the shutdown barrier.
+with jax 0.10.2; errors it raises instead become a ``DistributedError``); a peer that dies
+mid-run breaks the next collective at once (the CPU backend's gloo connections close), or, if
+no collective is running, is declared dead by the coordination service after the heartbeat
+timeout, which then ends every process. ``exit_on_peer_failure`` turns the first case into one
+clear line and exit status ``PEER_LOST_EXIT`` instead of a traceback and a wait on the shutdown
+barrier.
 """
 
 from __future__ import annotations
@@ -79,8 +79,13 @@ def settings(coordinator: str | None = None, num_processes: int | None = None,
              environ: Mapping[str, str] | None = None) -> dict | None:
     """What to pass to ``jax.distributed.initialize``, or None when this is a single process.
 
+    Each flag given here wins over its environment variable (``GOOSE_COORDINATOR``,
+    ``GOOSE_NUM_PROCESSES``, ``GOOSE_PROCESS_ID``). With none of them, a cluster JAX detects by
+    itself gives ``{}`` (initialise without coordinates).
+
     Raises:
-      DistributedError: settings that cannot describe a process group.
+      DistributedError: settings that cannot describe a process group (some of the three
+        missing, a process id out of range, a number that is not an integer).
     """
     environ = os.environ if environ is None else environ
     coordinator = coordinator or environ.get("GOOSE_COORDINATOR") or None
@@ -90,10 +95,13 @@ def settings(coordinator: str | None = None, num_processes: int | None = None,
                   else environ.get("GOOSE_PROCESS_ID"), "--process-id")
     if coordinator is None and num is None and pid is None:
         return {} if _cluster_detected(environ) else None
-    if coordinator is None or num is None or pid is None:
+    given = {"--coordinator": coordinator, "--num-processes": num, "--process-id": pid}
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
         raise DistributedError(
-            "multi-process runs need all of --coordinator, --num-processes and --process-id "
-            f"(found coordinator={coordinator!r}, num_processes={num!r}, process_id={pid!r})")
+            "multi-process runs need all of --coordinator, --num-processes and --process-id; "
+            f"missing {' and '.join(missing)} (found coordinator={coordinator!r}, "
+            f"num_processes={num!r}, process_id={pid!r})")
     if num < 1 or not 0 <= pid < num:
         raise DistributedError(f"--process-id must be in [0, {num}) for {num} processes; "
                                f"found {pid}")
@@ -175,6 +183,7 @@ def is_primary() -> bool:
 
 
 def is_multiprocess() -> bool:
+    """Whether this run spans several processes."""
     return jax.process_count() > 1
 
 

@@ -193,7 +193,8 @@ def lora_delta(x_D: Array, lora_a_EDR: Array, lora_b_ERO: Array, weights_E: Arra
     h_ER = jnp.einsum("...d,edr->...er", x_D, lora_a_EDR.astype(compute),
                       preferred_element_type=jnp.float32)
     if weights_E is not None:
-        h_ER = h_ER * weights_E[..., None].astype(jnp.float32)
+        w = weights_E[..., None].astype(jnp.float32)
+        h_ER = h_ER * w.reshape((1,) * (h_ER.ndim - w.ndim) + w.shape)  # explicit broadcast
     out = jnp.einsum("...er,ero->...o", h_ER.astype(compute), lora_b_ERO.astype(compute),
                      preferred_element_type=jnp.float32)
     return out * scale

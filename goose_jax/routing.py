@@ -1,17 +1,20 @@
 """Per-token top-k routing among LoRA experts, and the routed LoRA sum.
 
-PHATGOOSE (PHATGOOSE.md section 5), per site and per token, with x the site input (d = d_in) and
-G the (E, d) stacked gate vectors:
+PHATGOOSE (PHATGOOSE.md section 5), per site and per token, with x the site input (width I) and
+G the (E, I) stacked gate vectors:
 
     ln(v) = (v - mean(v)) / sqrt(var(v) + 1e-5)       no affine, over the last axis
-    s     = ln(x) . ln(G)^T / sqrt(d)                   float32
+    s     = ln(x) . ln(G)^T / sqrt(I)                   float32
     top   = the k largest scores (jax.lax.top_k)
     w     = softmax(s[top])                             float32
     y     = sum_j w_j * (x A_top_j) B_top_j * scale     added to the base layer's output
 
-Everything here is a pure function of arrays; a library stacks its experts on a leading E axis:
-``lora_a_EDR`` (E, d_in, r), ``lora_b_ERO`` (E, r, d_out), gates (E, d_in). Routing functions
-accept any leading batch axes on x (``x_...D``) and return matching leading axes.
+Shapes follow the package legend (the ``goose_jax`` module docstring). Everything here is a pure
+function of arrays; a library stacks its experts on a leading E axis: A (E, I, R), B (E, R, O),
+gates (E, I). Routing functions accept any leading batch axes on x, (..., I), and return
+matching leading axes; flattened, those are the N tokens. The public functions' parameter names
+(``x_TD``, ``lora_a_EDR``, ``weights_Tk``, ``mask_T``, ...) predate the legend and stay as they
+are for keyword callers: in them T means tokens (N) and D a site's input width (I).
 
 Ties: ``jax.lax.top_k`` orders equal scores by expert index, lower first. Duplicate gate rows
 therefore always route to the lower-numbered expert first, deterministically.
@@ -21,30 +24,11 @@ raises ``RoutingError`` (a ``ValueError``) while tracing, before anything compil
 (NaN, index range) need concrete arrays, so they run when called outside ``jit`` and are skipped
 for tracers.
 
-Combination backends (``combine_lora(backend=...)``, implementations in ``routing_backends``),
-measured by ``bench/routing_site.py`` on a shared 2-core CPU: one site, T = 2048, D = O = 768,
-R = 16, k = 2, float32, time over the base matmul ``x @ W`` (medians of 7 interleaved repeats):
-
-    candidate               E=36     E=166
-    dense                   1.13     5.64
-    gather                  2.87     2.94
-    grouped                 0.40     0.46
-    ragged                  5.57     33.6
-    route (scores, top-k)   0.11     0.35
-    whole site, auto        1.06     1.87
-
-Before ``grouped`` scatter-added its rows into the output inside its loop (it used to write every
-padded row out and gather each token's k rows afterwards) it measured 0.51-0.77 at E=166 on the
-same machine; in the whole model (``bench/routing.py``, README) that change took the routed /
-base forward time at E=166 from 1.83 to 1.36: the padded (rows x O) buffers cost more there than
-one site in isolation shows.
-
-``auto`` picks ``grouped`` for these shapes; the rule and the small-T / small-E measurements
-behind it are in ``routing_backends.choose_backend``. Sharing one matmul between the router
-scores and a dense shrink (x @ [ln(G)^T | A_cat]) was measured and gave nothing (route + dense
-combine at E=166: 6.6x separate, 7.1x shared): the shrink is R times the scores' work.
-
-Legend: T tokens, D d_in, O d_out, E experts, R LoRA rank, k top-k.
+Combination backends (``combine_lora(backend=...)``, implementations and the reasons for each
+in ``routing_backends``): ``dense``, ``gather``, ``grouped`` and ``ragged``; ``auto`` picks one
+from the sizes (``routing_backends.choose_backend``). Routing runs apart from the combination:
+sharing one matmul between the router scores and a dense shrink (x @ [ln(G)^T | A_cat]) gained
+nothing, because the shrink is R times the scores' work. Measured: bench/README.md.
 """
 
 from __future__ import annotations
@@ -135,18 +119,18 @@ def _check_top_k(top_k, num_experts: int) -> int:
     return int(top_k)
 
 
-def _check_vectors(vectors_ED, x_D: int | None, what: str) -> None:
-    """Router vectors: (E, D) with E >= 1, D equal to x's last axis, finite when concrete."""
-    shape = tuple(np.shape(vectors_ED))
+def _check_vectors(vectors_EI, d_in: int | None, what: str) -> None:
+    """Router vectors: (E, I) with E >= 1, I equal to x's last axis, finite when concrete."""
+    shape = tuple(np.shape(vectors_EI))
     if len(shape) != 2:
         raise RoutingError(f"{what} must have shape (E, d_in); found shape {shape}")
     if shape[0] == 0:
         raise RoutingError(f"{what}: the expert library is empty (E = 0); need at least 1 expert")
-    if x_D is not None and shape[1] != x_D:
+    if d_in is not None and shape[1] != d_in:
         raise RoutingError(
-            f"{what} have d_in {shape[1]} but the site input x has d_in {x_D} "
+            f"{what} have d_in {shape[1]} but the site input x has d_in {d_in} "
             f"(a library for a different base model or site?)")
-    values = _concrete(vectors_ED)
+    values = _concrete(vectors_EI)
     if values is not None:
         bad = ~np.isfinite(values.astype(np.float32))
         if bad.any():
@@ -172,12 +156,12 @@ def standardize(v: Array, eps: float = LN_EPS) -> Array:
     """Layer norm without affine over the last axis, in float32.
 
     Args:
-      v: (..., D) any float dtype.
+      v: (..., I) any float dtype.
       eps: added to the variance. Keep 1e-5 for PHATGOOSE: gate vectors have small variance and
         the eps acts as a per-expert temperature.
 
     Returns:
-      (..., D) float32, ``(v - mean) / sqrt(var + eps)``.
+      (..., I) float32, ``(v - mean) / sqrt(var + eps)``.
     """
     v = jnp.asarray(v).astype(jnp.float32)
     mean = jnp.mean(v, axis=-1, keepdims=True)
@@ -190,10 +174,10 @@ def prepare_router(gates_ED: Array) -> Array:
     """Standardizes the stacked gate vectors once, for ``phatgoose_route(gates_normed=True)``.
 
     Args:
-      gates_ED: (E, D) trained gate vectors of one site.
+      gates_ED: (E, I) trained gate vectors of one site.
 
     Returns:
-      (E, D) float32 ``ln(G)``.
+      (E, I) float32 ``ln(G)``.
     """
     _check_vectors(gates_ED, None, "gate vectors")
     return standardize(gates_ED)
@@ -218,19 +202,19 @@ def topk_softmax(scores_TE: Array, top_k: int) -> RouteOutput:
 # Public functions validate in Python, then call one jitted core: eager calls run as a single
 # cached computation instead of op by op, and calls under an outer jit simply inline it.
 @functools.partial(jax.jit, static_argnames="top_k")
-def _topk_softmax(scores_TE: Array, top_k: int) -> RouteOutput:
-    scores_TE = scores_TE.astype(jnp.float32)
-    kept_Tk, index_Tk = jax.lax.top_k(scores_TE, top_k)
-    weights_Tk = jax.nn.softmax(kept_Tk, axis=-1)
-    return RouteOutput(weights=weights_Tk, index=index_Tk.astype(jnp.int32), scores=scores_TE)
+def _topk_softmax(scores_NE: Array, top_k: int) -> RouteOutput:
+    scores_NE = scores_NE.astype(jnp.float32)
+    kept_Nk, index_Nk = jax.lax.top_k(scores_NE, top_k)
+    weights_Nk = jax.nn.softmax(kept_Nk, axis=-1)
+    return RouteOutput(weights=weights_Nk, index=index_Nk.astype(jnp.int32), scores=scores_NE)
 
 
 def phatgoose_scores(x_TD: Array, gates_ED: Array, *, gates_normed: bool = False) -> Array:
-    """PHATGOOSE router scores ``ln(x) . ln(G)^T / sqrt(D)`` in float32.
+    """PHATGOOSE router scores ``ln(x) . ln(G)^T / sqrt(I)`` in float32.
 
     Args:
-      x_TD: (..., D) site inputs, any float dtype.
-      gates_ED: (E, D) gate vectors, or ``prepare_router(gates)`` with ``gates_normed=True``.
+      x_TD: (..., I) site inputs, any float dtype.
+      gates_ED: (E, I) gate vectors, or ``prepare_router(gates)`` with ``gates_normed=True``.
       gates_normed: whether ``gates_ED`` is already standardized.
 
     Returns:
@@ -242,13 +226,13 @@ def phatgoose_scores(x_TD: Array, gates_ED: Array, *, gates_normed: bool = False
 
 
 @functools.partial(jax.jit, static_argnames="gates_normed")
-def _phatgoose_scores(x_TD: Array, gates_ED: Array, gates_normed: bool) -> Array:
-    gn_ED = gates_ED.astype(jnp.float32) if gates_normed else standardize(gates_ED)
+def _phatgoose_scores(x_NI: Array, gates_EI: Array, gates_normed: bool) -> Array:
+    gn_EI = gates_EI.astype(jnp.float32) if gates_normed else standardize(gates_EI)
     # HIGHEST keeps float32 matmuls exact on TPU, where the default uses bfloat16 passes: near
     # ties in the scores decide which experts win.
     return jnp.einsum(
-        "...d,ed->...e", standardize(x_TD), gn_ED, precision=jax.lax.Precision.HIGHEST,
-    ) / math.sqrt(x_TD.shape[-1])
+        "...i,ei->...e", standardize(x_NI), gn_EI, precision=jax.lax.Precision.HIGHEST,
+    ) / math.sqrt(x_NI.shape[-1])
 
 
 def phatgoose_route(
@@ -257,14 +241,14 @@ def phatgoose_route(
     """Routes every token to its top-k experts, PHATGOOSE style.
 
     Args:
-      x_TD: (..., D) site inputs, any float dtype (routing runs in float32).
-      gates_ED: (E, D) gate vectors, or their ``prepare_router`` form with ``gates_normed=True``.
+      x_TD: (..., I) site inputs, any float dtype (routing runs in float32).
+      gates_ED: (E, I) gate vectors, or their ``prepare_router`` form with ``gates_normed=True``.
       top_k: experts per token, 1 <= k <= E.
       gates_normed: whether ``gates_ED`` is already standardized.
 
     Returns:
-      weights_Tk: (..., k) float32, softmax over the kept scores.
-      index_Tk: (..., k) int32 expert indices, best first; ties go to the lower index.
+      weights: (..., k) float32, softmax over the kept scores.
+      index: (..., k) int32 expert indices, best first; ties go to the lower index.
     """
     scores = phatgoose_scores(x_TD, gates_ED, gates_normed=gates_normed)
     route = topk_softmax(scores, top_k)
@@ -275,21 +259,21 @@ def phatgoose_route(
 def arrow_vectors(lora_a_EDR: Array, lora_b_ERO: Array) -> Array:
     """Arrow router vectors: each expert's top singular direction in input space.
 
-    For ``delta_W = A @ B`` (d_in x d_out, applied as ``x @ delta_W``) this is the top left
-    singular vector, found through a QR of A so that only an (R, O) SVD is needed. The sign is
-    arbitrary, which Arrow's ``|x . u|`` ignores.
+    For ``delta_W = A @ B`` (I x O, applied as ``x @ delta_W``) this is the top left singular
+    vector, found through a QR of A so that only an (R, O) SVD is needed. The sign is arbitrary,
+    which Arrow's ``|x . u|`` ignores.
 
     Args:
-      lora_a_EDR: (E, D, R).
+      lora_a_EDR: (E, I, R).
       lora_b_ERO: (E, R, O).
 
     Returns:
-      (E, D) float32 unit vectors.
+      (E, I) float32 unit vectors.
     """
-    q_EDR, r_ERR = jnp.linalg.qr(jnp.asarray(lora_a_EDR, jnp.float32))
+    q_EIR, r_ERR = jnp.linalg.qr(jnp.asarray(lora_a_EDR, jnp.float32))
     core_ERO = jnp.einsum("eij,ejo->eio", r_ERR, jnp.asarray(lora_b_ERO, jnp.float32))
     u_ERR, _, _ = jnp.linalg.svd(core_ERO, full_matrices=False)
-    return jnp.einsum("edr,er->ed", q_EDR, u_ERR[:, :, 0])
+    return jnp.einsum("eir,er->ei", q_EIR, u_ERR[:, :, 0])
 
 
 def arrow_scores(
@@ -298,10 +282,10 @@ def arrow_scores(
     """Arrow scores ``|x . u| / temperature`` (x is not normalised), float32.
 
     Args:
-      x_TD: (..., D) site inputs.
-      vectors_ED: (E, D) router vectors (``arrow_vectors``).
+      x_TD: (..., I) site inputs.
+      vectors_ED: (E, I) router vectors (``arrow_vectors``).
       temperature: a positive divisor, or ``"release"`` for the original release's
-        ``10 * sqrt(D)``. It changes the mixing weights, never which experts win.
+        ``10 * sqrt(I)``. It changes the mixing weights, never which experts win.
 
     Returns:
       (..., E) float32 scores.
@@ -316,12 +300,12 @@ def arrow_scores(
 
 
 @jax.jit
-def _arrow_scores(x_TD: Array, vectors_ED: Array, temperature: float) -> Array:
-    dots = jnp.einsum(
-        "...d,ed->...e", x_TD.astype(jnp.float32), vectors_ED.astype(jnp.float32),
+def _arrow_scores(x_NI: Array, vectors_EI: Array, temperature: float) -> Array:
+    dots_NE = jnp.einsum(
+        "...i,ei->...e", x_NI.astype(jnp.float32), vectors_EI.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
-    return jnp.abs(dots) / temperature
+    return jnp.abs(dots_NE) / temperature
 
 
 def arrow_route(
@@ -331,13 +315,13 @@ def arrow_route(
     """Arrow routing: top-k of ``|x . u| / temperature``, softmax over the kept scores.
 
     Args:
-      x_TD: (..., D) site inputs.
-      vectors_ED: (E, D) router vectors.
+      x_TD: (..., I) site inputs.
+      vectors_ED: (E, I) router vectors.
       top_k: experts per token.
       temperature: see ``arrow_scores``; 1.0 as in mttl, ``"release"`` as in the original code.
 
     Returns:
-      weights_Tk (..., k) float32 and index_Tk (..., k) int32, as ``phatgoose_route``.
+      weights (..., k) float32 and index (..., k) int32, as ``phatgoose_route``.
     """
     route = topk_softmax(arrow_scores(x_TD, vectors_ED, temperature=temperature), top_k)
     return route.weights, route.index
@@ -347,9 +331,9 @@ def arrow_route(
 # The routed LoRA sum.
 
 
-def _check_combine(x, lora_a_EDR, lora_b_ERO, weights_Tk, index_Tk) -> None:
-    x_shape, a_shape, b_shape = np.shape(x), np.shape(lora_a_EDR), np.shape(lora_b_ERO)
-    w_shape, i_shape = np.shape(weights_Tk), np.shape(index_Tk)
+def _check_combine(x, lora_a_EIR, lora_b_ERO, weights_Nk, index_Nk) -> None:
+    x_shape, a_shape, b_shape = np.shape(x), np.shape(lora_a_EIR), np.shape(lora_b_ERO)
+    w_shape, i_shape = np.shape(weights_Nk), np.shape(index_Nk)
     d_in = _check_x(x)
     if len(a_shape) != 3 or len(b_shape) != 3:
         raise RoutingError(
@@ -372,9 +356,9 @@ def _check_combine(x, lora_a_EDR, lora_b_ERO, weights_Tk, index_Tk) -> None:
         raise RoutingError(
             f"expected weights/index of shape {x_shape[:-1] + ('k',)} for x of shape {x_shape}; "
             f"found {i_shape}")
-    if not jnp.issubdtype(jnp.result_type(index_Tk), jnp.integer):
-        raise RoutingError(f"index must be integer; found dtype {jnp.result_type(index_Tk)}")
-    values = _concrete(index_Tk)
+    if not jnp.issubdtype(jnp.result_type(index_Nk), jnp.integer):
+        raise RoutingError(f"index must be integer; found dtype {jnp.result_type(index_Nk)}")
+    values = _concrete(index_Nk)
     if values is not None and values.size and (values.min() < 0 or values.max() >= a_shape[0]):
         raise RoutingError(
             f"expert index out of range: expected 0 <= index < {a_shape[0]}; found values from "
@@ -398,13 +382,13 @@ def combine_lora(
     Accumulates in float32 and returns x's dtype. Add the result to the base layer's output.
 
     Args:
-      x_TD: (..., D) site inputs.
-      lora_a_EDR: (E, D, R) stacked A (shrink) factors.
+      x_TD: (..., I) site inputs.
+      lora_a_EDR: (E, I, R) stacked A (shrink) factors.
       lora_b_ERO: (E, R, O) stacked B (expand) factors.
       weights_Tk: (..., k) routing weights.
       index_Tk: (..., k) integer expert indices.
       scale: LoRA scale (1 / r for PHATGOOSE experts); a Python float or a scalar array.
-      backend: "auto", "dense", "gather", "grouped" or "ragged" (see module docstring).
+      backend: "auto", "dense", "gather", "grouped" or "ragged" (see ``routing_backends``).
       precision: matmul precision; None uses the platform default (on TPU, float32 matmuls then
         run in bfloat16 passes: pass ``jax.lax.Precision.HIGHEST`` for exact float32).
       block_size: rows per expert block of the "grouped" backend; None picks it from the shapes.
@@ -431,7 +415,7 @@ def combine_lora(
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "precision", "block_size"))
-def _combine_lora(x, lora_a_EDR, lora_b_ERO, weights, index, scale, *, backend, precision,
+def _combine_lora(x, lora_a_EIR, lora_b_ERO, weights, index, scale, *, backend, precision,
                   block_size):
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out, top_k = lora_b_ERO.shape[-1], index.shape[-1]
@@ -439,12 +423,12 @@ def _combine_lora(x, lora_a_EDR, lora_b_ERO, weights, index, scale, *, backend, 
     if num_tokens == 0:
         return jnp.zeros(lead + (d_out,), x.dtype)
     options = {"block_size": block_size} if block_size else {}
-    y_TO = routing_backends.BACKENDS[backend](
-        x.reshape(num_tokens, d_in), lora_a_EDR, lora_b_ERO,
+    y_NO = routing_backends.BACKENDS[backend](
+        x.reshape(num_tokens, d_in), lora_a_EIR, lora_b_ERO,
         weights.reshape(num_tokens, top_k), index.reshape(num_tokens, top_k),
         jnp.asarray(scale, jnp.float32), precision=precision, **options,
     )
-    return y_TO.reshape(lead + (d_out,)).astype(x.dtype)
+    return y_NO.reshape(lead + (d_out,)).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,20 +465,20 @@ def route_stats(
 
 
 @functools.partial(jax.jit, static_argnames="num_experts")
-def _route_stats(weights_Tk, index_Tk, num_experts, mask_T) -> RouteStats:
-    top_k = weights_Tk.shape[-1]
-    weights_Tk = weights_Tk.astype(jnp.float32).reshape(-1, top_k)
-    index_Tk = index_Tk.reshape(-1, top_k)
-    mask_T = mask_T.reshape(-1).astype(jnp.float32)
-    mask_Tk = jnp.broadcast_to(mask_T[:, None], weights_Tk.shape)
-    counts_E = jnp.zeros((num_experts,), jnp.int32).at[index_Tk].add(mask_Tk.astype(jnp.int32))
-    weight_E = jnp.zeros((num_experts,), jnp.float32).at[index_Tk].add(weights_Tk * mask_Tk)
-    num_tokens = jnp.sum(mask_T)
+def _route_stats(weights_Nk, index_Nk, num_experts, mask_N) -> RouteStats:
+    top_k = weights_Nk.shape[-1]
+    weights_Nk = weights_Nk.astype(jnp.float32).reshape(-1, top_k)
+    index_Nk = index_Nk.reshape(-1, top_k)
+    mask_N = mask_N.reshape(-1).astype(jnp.float32)
+    mask_Nk = jnp.broadcast_to(mask_N[:, None], weights_Nk.shape)
+    counts_E = jnp.zeros((num_experts,), jnp.int32).at[index_Nk].add(mask_Nk.astype(jnp.int32))
+    weight_E = jnp.zeros((num_experts,), jnp.float32).at[index_Nk].add(weights_Nk * mask_Nk)
+    num_tokens = jnp.sum(mask_N)
     denom = jnp.maximum(num_tokens, 1.0)
-    mean_weight_k = jnp.sum(weights_Tk * mask_Tk, axis=0) / denom
+    mean_weight_k = jnp.sum(weights_Nk * mask_Nk, axis=0) / denom
     # 0 * log 0 is 0: a kept expert with weight exactly 0 adds nothing to the entropy.
-    plogp_Tk = jnp.where(weights_Tk > 0, weights_Tk * jnp.log(jnp.maximum(weights_Tk, 1e-30)), 0.0)
-    entropy = jnp.sum(-jnp.sum(plogp_Tk, axis=-1) * mask_T) / denom
+    plogp_Nk = jnp.where(weights_Nk > 0, weights_Nk * jnp.log(jnp.maximum(weights_Nk, 1e-30)), 0.0)
+    entropy = jnp.sum(-jnp.sum(plogp_Nk, axis=-1) * mask_N) / denom
     return RouteStats(
         counts=counts_E, weight=weight_E, mean_weight=mean_weight_k, entropy=entropy,
         num_tokens=num_tokens,

@@ -1,7 +1,8 @@
 """The T5 family in Flax Linen: v1.0, v1.1 / LM-adapted, FLAN-T5.
 
-Shape legend: B batch, L encoder length, T decoder length, S key length, D d_model, F d_ff,
-H heads, K head dim, V vocab, N relative-position buckets.
+Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: Q and S,
+the query and key lengths of an attention layer (each L or T), J = H * K the joined width of all
+heads, P relative-position buckets.
 
 Every linear layer is a ``Linear`` *site* with a stable name, its Flax scope path joined by
 slashes, for example ``encoder/block_3/self_attn/q`` or ``decoder/block_0/ffn/wi_0``. A site
@@ -58,26 +59,48 @@ def _activation(name: str) -> Callable[[Array], Array]:
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def _normal(stddev: float):
-    return nn.initializers.normal(stddev=stddev)
+def _init_std(module: str, param: str, shape: tuple[int, ...], cfg: T5Config) -> float | None:
+    """T5's initial standard deviation of the base parameter ``param`` of module ``module``.
+
+    Kernels (I, O) draw with std ``I ** -0.5``, and the query kernel with ``(I * K) ** -0.5``:
+    T5 folds attention's 1/sqrt(K) into q (transformers' T5 initialises q, k, v, o, wi and wo
+    with exactly these). Embedding tables (the shared embedding, the relative-position tables)
+    draw with std 1. None means ones: the RMS norms' scales.
+    """
+    if param == "scale":
+        return None
+    if param == "embedding":
+        return 1.0
+    std = shape[0] ** -0.5
+    return std * cfg.d_kv**-0.5 if module == "q" else std
+
+
+def _initializer(module: str, param: str, cfg: T5Config):
+    """``_init_std``'s rule as a Flax initializer (what ``T5(cfg).init`` draws)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        std = _init_std(module, param, shape, cfg)
+        if std is None:
+            return jnp.ones(shape, dtype)
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
 
 
 class Linear(nn.Module):
-    """A named linear site without bias: ``y = x @ kernel (+ adapter)``.
+    """A named linear site without bias: ``y = x @ kernel (+ adapter)``, x (..., I) -> (..., O).
 
     Attributes:
-      features: output width.
-      axes: logical axis names of the (d_in, d_out) kernel.
+      features: output width O.
+      axes: logical axis names of the (I, O) kernel.
       cfg: the model config (dtype policy).
       adapter: optional ``Adapter`` applied after the base matmul.
-      init_scale: extra factor on the 1/sqrt(d_in) initialisation (T5 folds 1/sqrt(K) into q).
     """
 
     features: int
     axes: tuple[str, str]
     cfg: T5Config
     adapter: Any = None
-    init_scale: float = 1.0
 
     @property
     def site(self) -> str:
@@ -85,46 +108,52 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        d_in = x.shape[-1]
-        kernel = self.param(
+        kernel_IO = self.param(
             "kernel",
-            nn.with_logical_partitioning(_normal(self.init_scale * d_in**-0.5), self.axes),
-            (d_in, self.features), self.cfg.dtype.param)
+            nn.with_logical_partitioning(_initializer(self.name, "kernel", self.cfg), self.axes),
+            (x.shape[-1], self.features), self.cfg.dtype.param)
         compute = self.cfg.dtype.compute
-        y = jnp.dot(x.astype(compute), kernel.astype(compute))
+        y = jnp.dot(x.astype(compute), kernel_IO.astype(compute))
         if self.adapter is not None:
             y = self.adapter(self, x, y)
         return y
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32.
+
+    (B, L, D) (or (B, T, D)) -> the same shape in the compute dtype.
+    """
 
     cfg: T5Config
 
     @nn.compact
     def __call__(self, x_BLD: Array) -> Array:
         scale_D = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            "scale", nn.with_logical_partitioning(_initializer(self.name, "scale", self.cfg),
+                                                  ("embed",)),
             (x_BLD.shape[-1],), self.cfg.dtype.param)
-        x32 = x_BLD.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.cfg.layer_norm_epsilon)
-        return (y * scale_D.astype(jnp.float32)).astype(self.cfg.dtype.compute)
+        x32_BLD = x_BLD.astype(jnp.float32)
+        var_BL1 = jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True)
+        y_BLD = x32_BLD * jax.lax.rsqrt(var_BL1 + self.cfg.layer_norm_epsilon)
+        scale_11D = scale_D.astype(jnp.float32).reshape((1,) * (y_BLD.ndim - 1) + (-1,))
+        return (y_BLD * scale_11D).astype(self.cfg.dtype.compute)
 
 
 class Embedding(nn.Module):
-    """The shared token embedding; ``attend`` is the tied output head."""
+    """The shared (V, D) token embedding: int ids (B, L) (or (B, T)) -> (B, L, D) in the compute
+    dtype. ``attend`` is the tied output head, (B, T, D) -> float32 logits (B, T, V)."""
 
     cfg: T5Config
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),
+            "embedding", nn.with_logical_partitioning(_initializer("shared", "embedding",
+                                                                   self.cfg), ("vocab", "embed")),
             (self.cfg.vocab_size, self.cfg.d_model), self.cfg.dtype.param)
 
-    def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype.compute)
+    def __call__(self, ids_BL: Array) -> Array:
+        return jnp.take(self.embedding, ids_BL, axis=0).astype(self.cfg.dtype.compute)
 
     def attend(self, x_BTD: Array) -> Array:
         compute = self.cfg.dtype.compute
@@ -133,7 +162,8 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """The untied output head of T5 v1.1 / FLAN-T5 (not an adapter site)."""
+    """The untied output head of T5 v1.1 / FLAN-T5 (not an adapter site): (B, T, D) -> float32
+    logits (B, T, V)."""
 
     cfg: T5Config
 
@@ -141,7 +171,8 @@ class Head(nn.Module):
     def __call__(self, x_BTD: Array) -> Array:
         kernel_DV = self.param(
             "kernel",
-            nn.with_logical_partitioning(_normal(self.cfg.d_model**-0.5), ("embed", "vocab")),
+            nn.with_logical_partitioning(_initializer("lm_head", "kernel", self.cfg),
+                                         ("embed", "vocab")),
             (self.cfg.d_model, self.cfg.vocab_size), self.cfg.dtype.param)
         compute = self.cfg.dtype.compute
         return jnp.dot(x_BTD.astype(compute), kernel_DV.astype(compute),
@@ -179,24 +210,33 @@ def relative_position_buckets(q_len: int, k_len: int, bidirectional: bool, num_b
 
 
 class RelativePositionBias(nn.Module):
+    """One stack's learned (P, H) table of attention biases, one per relative-position bucket."""
+
     cfg: T5Config
 
     @nn.compact
     def __call__(self, buckets_QS: Array) -> Array:
         """Returns the bias (1, H, Q, S) in float32 for a (Q, S) bucket matrix."""
-        table_NH = self.param(
-            "embedding", nn.with_logical_partitioning(_normal(1.0), ("relpos_buckets", "heads")),
+        table_PH = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_initializer(self.name, "embedding", self.cfg),
+                                         ("relpos_buckets", "heads")),
             (self.cfg.relative_attention_num_buckets, self.cfg.num_heads), self.cfg.dtype.param)
-        bias_QSH = jnp.take(table_NH.astype(jnp.float32), buckets_QS, axis=0)
+        bias_QSH = jnp.take(table_PH.astype(jnp.float32), buckets_QS, axis=0)
         return jnp.transpose(bias_QSH, (2, 0, 1))[None]
 
 
 class Attention(nn.Module):
     """Multi-head attention with q, k, v, o sites and an optional decoding cache.
 
-    In decode mode a self-attention layer keeps (B, S_max, H, K) key and value caches and writes
-    the new token at ``pos``; a cross-attention layer projects the encoder output once, at the
-    first step, and reads its cached keys and values afterwards.
+    In decode mode a self-attention layer keeps (B, S, J) key and value caches (S = ``max_len``
+    slots) and writes the new token at ``pos``; a cross-attention layer projects the encoder
+    output once, at the first step, and reads its cached keys and values afterwards.
+
+    Attributes:
+      cfg: the model config.
+      adapter: optional ``Adapter`` of the q, k, v and o sites.
+      cross: cross-attention (keys and values from the encoder output) rather than self-attention.
     """
 
     cfg: T5Config
@@ -204,44 +244,57 @@ class Attention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD: Array, kv_BSD: Array, bias_BHTS: Array, *, decode: bool = False,
+    def __call__(self, x_BQD: Array, kv_BSD: Array, bias_BHQS: Array, *, decode: bool = False,
                  pos: Array | None = None, max_len: int | None = None) -> Array:
+        """Attends from ``x_BQD`` to ``kv_BSD``; returns the o site's output (B, Q, D).
+
+        Args:
+          x_BQD: (B, Q, D) the queries' inputs; Q = 1 when decoding.
+          kv_BSD: (B, S, D) the keys' and values' inputs: ``x_BQD`` for self-attention, the
+            encoder output (B, L, D) for cross-attention.
+          bias_BHQS: float32, broadcastable to (B, H, Q, S): relative positions and masks.
+          decode: one step of cached decoding (the ``cache`` collection mutable).
+          pos: int32 () the new token's cache slot; max_len: S of the cache (self, decode only).
+        """
         cfg = self.cfg
         H, K = cfg.num_heads, cfg.d_kv
         site = functools.partial(Linear, cfg=cfg, adapter=self.adapter)
-        q_layer = site(H * K, ("embed", "joined_kv"), init_scale=K**-0.5, name="q")
+        q_layer = site(H * K, ("embed", "joined_kv"), name="q")
         k_layer = site(H * K, ("embed", "joined_kv"), name="k")
         v_layer = site(H * K, ("embed", "joined_kv"), name="v")
         o_layer = site(cfg.d_model, ("joined_kv", "embed"), name="o")
 
-        B, T = x_BTD.shape[:2]
-        q_BTHK = q_layer(x_BTD).reshape(B, T, H, K)
+        B, Q = x_BQD.shape[:2]
+        q_BQHK = q_layer(x_BQD).reshape(B, Q, H, K)
         if decode and self.cross:
             # The initialiser runs only at the first step; later steps read the projection.
             ck = self.variable("cache", "cached_key", lambda: k_layer(kv_BSD))
             cv = self.variable("cache", "cached_value", lambda: v_layer(kv_BSD))
-            k_BSE, v_BSE = ck.value, cv.value
+            k_BSJ, v_BSJ = ck.value, cv.value
         elif decode:
             shape = (B, max_len, H * K)
             ck = self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype.compute)
             cv = self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype.compute)
             ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k_layer(kv_BSD), pos, axis=1)
             cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v_layer(kv_BSD), pos, axis=1)
-            k_BSE, v_BSE = ck.value, cv.value
+            k_BSJ, v_BSJ = ck.value, cv.value
         else:
-            k_BSE, v_BSE = k_layer(kv_BSD), v_layer(kv_BSD)
-        S = k_BSE.shape[1]
-        k_BSHK = k_BSE.reshape(B, S, H, K)
-        v_BSHK = v_BSE.reshape(B, S, H, K)
+            k_BSJ, v_BSJ = k_layer(kv_BSD), v_layer(kv_BSD)
+        S = k_BSJ.shape[1]
+        k_BSHK = k_BSJ.reshape(B, S, H, K)
+        v_BSHK = v_BSJ.reshape(B, S, H, K)
 
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK,
-                                 preferred_element_type=jnp.float32) + bias_BHTS
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.dtype.compute)
-        out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
-        return o_layer(out_BTHK.reshape(B, T, H * K))
+        scores_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK,
+                                 preferred_element_type=jnp.float32) + bias_BHQS
+        probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(cfg.dtype.compute)
+        out_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS, v_BSHK)
+        return o_layer(out_BQHK.reshape(B, Q, H * K))
 
 
 class FeedForward(nn.Module):
+    """T5's feed-forward layer ``wo(act(wi(x)))``, gated ``wo(act(wi_0(x)) * wi_1(x))`` as
+    ``cfg.feed_forward_proj`` says: (B, L, D) (or (B, T, D)) -> the same shape."""
+
     cfg: T5Config
     adapter: Any = None
 
@@ -259,18 +312,34 @@ class FeedForward(nn.Module):
 
 
 class EncoderBlock(nn.Module):
+    """One encoder layer: pre-norm self-attention, then pre-norm feed-forward, each residual.
+
+    ``x_BLD`` (B, L, D) is the residual stream, ``bias_BHLL`` float32 (B, H, L, L) the
+    relative-position bias plus the padding mask; returns the stream after the layer.
+    """
+
     cfg: T5Config
     adapter: Any = None
 
     @nn.compact
     def __call__(self, x_BLD: Array, bias_BHLL: Array) -> Array:
-        h = RMSNorm(self.cfg, name="self_attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(self.cfg, self.adapter, name="self_attn")(h, h, bias_BHLL)
-        h = RMSNorm(self.cfg, name="ffn_norm")(x_BLD)
-        return x_BLD + FeedForward(self.cfg, self.adapter, name="ffn")(h)
+        h_BLD = RMSNorm(self.cfg, name="self_attn_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(self.cfg, self.adapter, name="self_attn")(
+            h_BLD, h_BLD, bias_BHLL)
+        h_BLD = RMSNorm(self.cfg, name="ffn_norm")(x_BLD)
+        return x_BLD + FeedForward(self.cfg, self.adapter, name="ffn")(h_BLD)
 
 
 class DecoderBlock(nn.Module):
+    """One decoder layer: causal self-attention, cross-attention to the encoder output, then
+    feed-forward; each pre-norm and residual.
+
+    ``y_BTD`` (B, T, D) is the residual stream (T = 1 when decoding), ``enc_BLD`` (B, L, D) the
+    encoder output, ``self_bias`` float32 (1, H, T, T) the relative-position bias plus the causal
+    mask ((1, H, 1, max_len) when decoding), ``cross_bias`` float32 (B, 1, 1, L) the encoder's
+    padding mask; ``decode``, ``pos`` and ``max_len`` as in ``Attention``. Returns (B, T, D).
+    """
+
     cfg: T5Config
     adapter: Any = None
 
@@ -278,14 +347,14 @@ class DecoderBlock(nn.Module):
     def __call__(self, y_BTD: Array, enc_BLD: Array, self_bias: Array, cross_bias: Array, *,
                  decode: bool = False, pos: Array | None = None,
                  max_len: int | None = None) -> Array:
-        h = RMSNorm(self.cfg, name="self_attn_norm")(y_BTD)
+        h_BTD = RMSNorm(self.cfg, name="self_attn_norm")(y_BTD)
         y_BTD = y_BTD + Attention(self.cfg, self.adapter, name="self_attn")(
-            h, h, self_bias, decode=decode, pos=pos, max_len=max_len)
-        h = RMSNorm(self.cfg, name="cross_attn_norm")(y_BTD)
+            h_BTD, h_BTD, self_bias, decode=decode, pos=pos, max_len=max_len)
+        h_BTD = RMSNorm(self.cfg, name="cross_attn_norm")(y_BTD)
         y_BTD = y_BTD + Attention(self.cfg, self.adapter, cross=True, name="cross_attn")(
-            h, enc_BLD, cross_bias, decode=decode)
-        h = RMSNorm(self.cfg, name="ffn_norm")(y_BTD)
-        return y_BTD + FeedForward(self.cfg, self.adapter, name="ffn")(h)
+            h_BTD, enc_BLD, cross_bias, decode=decode)
+        h_BTD = RMSNorm(self.cfg, name="ffn_norm")(y_BTD)
+        return y_BTD + FeedForward(self.cfg, self.adapter, name="ffn")(h_BTD)
 
 
 def _padding_bias(mask_BL: Array) -> Array:
@@ -294,6 +363,13 @@ def _padding_bias(mask_BL: Array) -> Array:
 
 
 class Encoder(nn.Module):
+    """The encoder stack: the relative-position bias (computed once, shared by every layer),
+    ``num_encoder_layers`` ``EncoderBlock`` s and a final RMS norm.
+
+    Takes the embedded tokens ``x_BLD`` (B, L, D) and ``mask_BL`` (B, L) (1 real, 0 padding);
+    returns the encoder output (B, L, D) in the compute dtype.
+    """
+
     cfg: T5Config
     adapter: Any = None
 
@@ -303,14 +379,23 @@ class Encoder(nn.Module):
         L = x_BLD.shape[1]
         buckets_LL = relative_position_buckets(L, L, True, cfg.relative_attention_num_buckets,
                                                cfg.relative_attention_max_distance)
-        bias = RelativePositionBias(cfg, name="relpos_bias")(jnp.asarray(buckets_LL))
-        bias_BHLL = bias + _padding_bias(mask_BL)
+        bias_1HLL = RelativePositionBias(cfg, name="relpos_bias")(jnp.asarray(buckets_LL))
+        bias_BHLL = bias_1HLL + _padding_bias(mask_BL)
         for i in range(cfg.num_encoder_layers):
             x_BLD = EncoderBlock(cfg, self.adapter, name=f"block_{i}")(x_BLD, bias_BHLL)
         return RMSNorm(cfg, name="final_norm")(x_BLD)
 
 
 class Decoder(nn.Module):
+    """The decoder stack: causal relative-position bias (computed once, shared by every layer),
+    ``num_decoder_layers`` ``DecoderBlock`` s and a final RMS norm.
+
+    Takes the embedded decoder inputs ``y_BTD`` (B, T, D), the encoder output ``enc_BLD``
+    (B, L, D) and its padding mask ``enc_mask_BL``; returns (B, T, D) in the compute dtype. With
+    ``decode=True`` each call takes one new token (T = 1), keeps its position in the ``cache``
+    collection (``index``) and attends to ``max_len`` cache slots.
+    """
+
     cfg: T5Config
     adapter: Any = None
 
@@ -326,15 +411,15 @@ class Decoder(nn.Module):
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
             pos = index.value
             table = jnp.asarray(relative_position_buckets(max_len, max_len, False, nb, md))
-            bias = relpos(jax.lax.dynamic_slice_in_dim(table, pos, 1, axis=0))
+            bias_1H1S = relpos(jax.lax.dynamic_slice_in_dim(table, pos, 1, axis=0))
             causal_S = jnp.where(jnp.arange(max_len) <= pos, 0.0, _MASKED)
-            self_bias = bias + causal_S[None, None, None, :]
+            self_bias = bias_1H1S + causal_S[None, None, None, :]
             index.value = pos + 1
         else:
             T = y_BTD.shape[1]
-            bias = relpos(jnp.asarray(relative_position_buckets(T, T, False, nb, md)))
+            bias_1HTT = relpos(jnp.asarray(relative_position_buckets(T, T, False, nb, md)))
             causal_TT = np.where(np.tril(np.ones((T, T), dtype=bool)), 0.0, _MASKED)
-            self_bias = bias + jnp.asarray(causal_TT, jnp.float32)[None, None]
+            self_bias = bias_1HTT + jnp.asarray(causal_TT, jnp.float32)[None, None]
         cross_bias = _padding_bias(enc_mask_BL)
         for i in range(cfg.num_decoder_layers):
             y_BTD = DecoderBlock(cfg, self.adapter, name=f"block_{i}")(
@@ -343,7 +428,12 @@ class Decoder(nn.Module):
 
 
 class T5(nn.Module):
-    """Encoder-decoder T5. ``__call__`` returns float32 logits (B, T, V)."""
+    """Encoder-decoder T5. ``__call__`` returns float32 logits (B, T, V).
+
+    Attributes:
+      cfg: the model config.
+      adapter: optional ``Adapter`` called by every site (LoRA, gates, routing).
+    """
 
     cfg: T5Config
     adapter: Any = None
@@ -356,10 +446,33 @@ class T5(nn.Module):
             self.lm_head = Head(self.cfg)
 
     def encode(self, input_ids_BL: Array, mask_BL: Array) -> Array:
+        """Runs the encoder once (``model.apply(..., method=T5.encode)``).
+
+        Args:
+          input_ids_BL: (B, L) int encoder tokens.
+          mask_BL: (B, L) 1 for real tokens, 0 for padding.
+
+        Returns:
+          (B, L, D) the encoder output, in the compute dtype.
+        """
         return self.encoder(self.shared(input_ids_BL), mask_BL)
 
     def decode(self, decoder_ids_BT: Array, enc_BLD: Array, enc_mask_BL: Array, *,
                decode: bool = False, max_len: int | None = None) -> Array:
+        """Runs the decoder and the output head over an encoder output.
+
+        Args:
+          decoder_ids_BT: (B, T) int decoder inputs, starting with the decoder start token;
+            (B, 1), the step's one new token, with ``decode=True``.
+          enc_BLD: (B, L, D) ``encode``'s output.
+          enc_mask_BL: (B, L) the encoder's padding mask.
+          decode: one step of cached decoding (the ``cache`` collection mutable; the first call
+            creates it).
+          max_len: the cache's length, the most tokens a generation can reach (decode only).
+
+        Returns:
+          float32 logits (B, T, V).
+        """
         y_BTD = self.decoder(self.shared(decoder_ids_BT), enc_BLD, enc_mask_BL, decode=decode,
                              max_len=max_len)
         if self.cfg.scale_decoder_outputs:
@@ -375,30 +488,59 @@ class T5(nn.Module):
 # --- functional API ---------------------------------------------------------------------------
 
 
+def _abstract_variables(cfg: T5Config) -> dict:
+    """The model's variables as shapes (partitioning boxes kept): no compute, even for XL."""
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    return jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids)
+
+
 def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
-    """Random base parameters (plain arrays, no partitioning boxes)."""
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-    ids = jnp.ones((1, 4), jnp.int32)
-    variables = jax.jit(T5(cfg).init)(rng, ids, ids, ids)
-    return nn.meta.unbox(variables["params"])
+    """Random base parameters with T5's initial scales, drawn with NumPy (nothing compiles).
+
+    The one base initialiser: each parameter has the distribution ``T5(cfg).init`` gives it
+    (``_init_std``), drawn from a NumPy generator, so the largest presets need no compilation.
+
+    Args:
+      cfg: the model config (shapes and the parameter dtype).
+      rng: an int seed, or a JAX PRNG key (its key data seeds the generator).
+
+    Returns:
+      The base parameter tree (plain arrays, no partitioning boxes).
+    """
+    if isinstance(rng, (int, np.integer)):
+        gen = np.random.default_rng(int(rng))
+    else:
+        gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+    shapes = nn.meta.unbox(_abstract_variables(cfg))["params"]
+
+    def draw(path, leaf):
+        module, param = (str(k.key) for k in path[-2:])
+        std = _init_std(module, param, leaf.shape, cfg)
+        if std is None:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        values = gen.standard_normal(leaf.shape, np.float32) * np.float32(std)
+        return jnp.asarray(values.astype(leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_params(cfg: T5Config, seed: int) -> dict:
+    """``init_params(cfg, seed)``: a seeded random base, for smoke runs and tests."""
+    return init_params(cfg, seed)
 
 
 def param_logical_axes(cfg: T5Config) -> dict:
     """The logical axis names of every base parameter, as a pytree of PartitionSpec."""
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    abstract = jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids)
-    return nn.get_partition_spec(abstract)["params"]
+    return nn.get_partition_spec(_abstract_variables(cfg))["params"]
 
 
 def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
-    """Every adapter site of the model, ``{"encoder/block_0/self_attn/q": (d_in, d_out), ...}``.
+    """Every adapter site of the model, ``{"encoder/block_0/self_attn/q": (I, O), ...}``.
 
     Ordered encoder first, then decoder, blocks ascending, as the model calls them. Computed from
     abstract shapes, so it costs nothing even for XL.
     """
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    abstract = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
+    abstract = nn.meta.unbox(_abstract_variables(cfg))
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]:
         names = [k.key for k in path]
@@ -473,32 +615,32 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion
 def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapter=None):
     model = T5(cfg, adapter)
     B = input_ids_BL.shape[0]
-    N = max_new_tokens
+    T = max_new_tokens
     enc_BLD = model.apply(variables, input_ids_BL, mask_BL, method=T5.encode)
 
     def step(cache, tok_B):
         vs = dict(variables) if cache is None else {**variables, "cache": cache}
         logits, mutated = model.apply(vs, tok_B[:, None], enc_BLD, mask_BL, decode=True,
-                                      max_len=N, method=T5.decode, mutable=["cache"])
+                                      max_len=T, method=T5.decode, mutable=["cache"])
         return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
 
     start_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
     tok_B, cache = step(None, start_B)
-    out_BN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B)
+    out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
     done_B = tok_B == cfg.eos_token_id
 
     def cond(state):
         i, _, _, _, done_B = state
-        return (i < N) & ~jnp.all(done_B)
+        return (i < T) & ~jnp.all(done_B)
 
     def body(state):
-        i, out_BN, cache, tok_B, done_B = state
+        i, out_BT, cache, tok_B, done_B = state
         new_B, cache = step(cache, tok_B)
         new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
-        out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], i, axis=1)
-        return i + 1, out_BN, cache, new_B, done_B | (new_B == cfg.eos_token_id)
+        out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
+        return i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id)
 
-    state = (jnp.asarray(1, jnp.int32), out_BN, cache, tok_B, done_B)
+    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B)
     return jax.lax.while_loop(cond, body, state)[1]
 
 
@@ -528,19 +670,3 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     fn = _generate_fast if fast_compile else _generate
     return fn(cfg, _variables(params, collections), input_ids_BL, mask, int(max_new_tokens),
               adapter=adapter)
-
-
-def random_params(cfg, seed: int) -> dict:
-    """A seeded random base drawn with NumPy (no compilation): T5's init scales, for smoke runs."""
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    shapes = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = "/".join(str(k.key) for k in path)
-        if name.endswith("norm/scale"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        std = 1.0 if name.endswith("embedding") else leaf.shape[0] ** -0.5
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(leaf.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes["params"])

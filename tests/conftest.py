@@ -6,6 +6,19 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("GOOSE_QUIET", "1")
+# Implicit rank promotion ((N, D) + (D,)) hides shape bugs: the suite, and the subprocesses it
+# starts, raise on it instead. Code broadcasts explicitly ([None], reshape).
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+
+import jax  # noqa: E402  (after the environment it reads)
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Tests that shard over a mesh of 8 devices; `make test` provides 8 fake CPU devices.
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8, as "
+           "`make test` does")
 
 TINY = dict(vocab_size=101, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_layers=2,
             num_decoder_layers=3, relative_attention_num_buckets=8,

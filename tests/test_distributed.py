@@ -2,10 +2,9 @@
 
 import jax
 import pytest
+from conftest import tool
 
-from goose_jax import distributed
-from goose_jax.cli import eval as eval_cli
-from goose_jax.cli import train as train_cli
+from goose_jax import distributed, errors
 from goose_jax.distributed import DistributedError, settings
 
 
@@ -77,12 +76,40 @@ def test_single_process_helpers_are_plain():
     distributed.exit_on_peer_failure(ValueError("x"))
 
 
-def test_tools_accept_the_flags():
-    args = train_cli.build_parser().parse_args(
-        ["experts", "--data", "a.jsonl", "--workdir", "w", "--library", "l",
-         "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
+TRAIN_ARGV = ["experts", "--data", "a.jsonl", "--workdir", "w", "--library", "l"]
+EVAL_ARGV = ["--base", "b", "--out", "o", "--tasks", "bbh/x"]
+
+
+def _parsed_args(monkeypatch, name, argv):
+    """The arguments tool ``name`` parses from ``argv``, caught where it would join a group."""
+    seen = []
+
+    def stop(args, *_, **__):
+        seen.append(args)
+        raise DistributedError("stopped by the test before joining")
+
+    monkeypatch.setattr(distributed, "maybe_initialize", stop)
+    tool(name)(argv)
+    (args,) = seen
+    return args
+
+
+def test_tools_accept_the_flags(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = _parsed_args(monkeypatch, "goose-train", TRAIN_ARGV + [
+        "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"])
     assert (args.coordinator, args.num_processes, args.process_id) == ("h:1", 2, 1)
-    args = eval_cli.build_parser().parse_args(["--base", "b", "--out", "o", "--process-id", "0"])
+    args = _parsed_args(monkeypatch, "goose-eval", EVAL_ARGV + ["--process-id", "0"])
     assert args.process_id == 0
-    rc = eval_cli.main(["--base", "b", "--out", "o", "--tasks", "bbh/x", "--coordinator", "h:1"])
-    assert rc == 1  # incomplete multi-process flags: a one-line error, not a hang
+
+
+@pytest.mark.parametrize("name,argv", [("goose-train", TRAIN_ARGV), ("goose-eval", EVAL_ARGV)])
+def test_tools_reject_incomplete_flags(name, argv, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # should the check ever let the run go on, it writes only here
+    rc = tool(name)(argv + ["--coordinator", "h:1"])
+    # Incomplete multi-process flags: a one-line error naming what is missing, not a hang.
+    assert rc == errors.USER_ERROR
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{name}: error: ") and "Traceback" not in err
+    assert "missing --num-processes and --process-id" in err, err
