@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     settings = zeroshot.settings_from_args(args)
+    report.check_out_dir(settings.out)  # before any work
     runs = zeroshot.paper_methods(settings)
     wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     if set(wanted) - set(runs):
         raise UsageError(f"--methods: {sorted(set(wanted) - set(runs))} not among the "
                          f"methods this library supports, {list(runs)}")
     runs = {m: s for m, s in runs.items() if not wanted or m in wanted}
-    report.check_out_dir(settings.out)
     base = zeroshot.load_base_model(settings)
     summaries = {}
     for method, s in runs.items():

@@ -12,6 +12,8 @@ on stderr and an exit code of the table in ``goose_jax.errors``:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -36,14 +38,24 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
       argv: the arguments (default: ``sys.argv[1:]``).
       interrupted_hint: what to tell the user after Ctrl-C (for example how to resume).
     """
+    said = io.StringIO()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse has printed the usage (2) or the help (0) already
-        return errors.USAGE if e.code not in (0, None) else errors.OK
+        with contextlib.redirect_stderr(said):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help: printed on stdout
+            return errors.OK
+        # argparse prints the whole usage and then "PROG: error: ..."; keep that last line.
+        lines = said.getvalue().strip().splitlines() or [f"{prog}: error: bad arguments"]
+        command = lines[-1].split(": error:")[0] if ": error:" in lines[-1] else prog
+        print(f"{lines[-1]} (see {command} --help)", file=sys.stderr)
+        return errors.USAGE
+    sys.stderr.write(said.getvalue())
     _quiet_libraries()
 
     def fail(e: BaseException, code: int) -> int:
-        print(f"{prog}: error: {errors.one_line(e)}", file=sys.stderr)
+        see = f" (see {prog} --help)" if code == errors.USAGE else ""
+        print(f"{prog}: error: {errors.one_line(e)}{see}", file=sys.stderr)
         return code
 
     from goose_jax import distributed
@@ -67,8 +79,3 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if isinstance(e, jax.errors.JaxRuntimeError):
             distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
         raise
-
-
-def usage_error(parser: argparse.ArgumentParser, message: str) -> errors.UsageError:
-    """A ``UsageError`` that names the tool's usage line (raise it from ``run``)."""
-    return errors.UsageError(f"{message} (see {parser.prog} --help)")

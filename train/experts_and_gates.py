@@ -21,7 +21,7 @@ from goose_jax import distributed
 from goose_jax.tool import run_tool
 from goose_jax.train_runs import RunArgs, run_experts, run_gate
 
-PROG = "experts_and_gates"
+PROG = "train/experts_and_gates.py"
 
 
 def main(argv=None) -> int:

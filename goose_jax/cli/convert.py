@@ -18,43 +18,10 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
+from goose_jax.interop import conversions
 from goose_jax.tool import run_tool
 
 PROG = "goose-convert"
-
-
-def _describe(cfg, params) -> str:
-    import jax
-
-    leaves = jax.tree.leaves(params)
-    n = sum(int(np.prod(x.shape)) for x in leaves)
-    head = "tied head" if cfg.tie_word_embeddings else "untied head"
-    return (f"{len(leaves)} tensors, {n:,} parameters, {cfg.dtype.param_dtype}, "
-            f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, {head}")
-
-
-def _hf_to_orbax(args: argparse.Namespace) -> int:
-    from goose_jax.checkpoint import save_model
-    from goose_jax.config import DTypePolicy
-    from goose_jax.interop.hf import load_hf_t5
-
-    cfg, params = load_hf_t5(args.src, dtype=DTypePolicy(param_dtype=args.dtype))
-    written = save_model(args.dst, cfg, params, overwrite=args.overwrite)
-    print(f"wrote goose-jax checkpoint {written} ({_describe(cfg, params)})")
-    return 0
-
-
-def _orbax_to_hf(args: argparse.Namespace) -> int:
-    from goose_jax.checkpoint import load_model
-    from goose_jax.interop.hf import save_hf_t5
-
-    cfg, params = load_model(args.src)
-    for path in save_hf_t5(cfg, params, args.dst):
-        print(f"wrote {path}")
-    print(f"({_describe(cfg, params)})")
-    return 0
 
 
 def _args_hf_to_orbax(p: argparse.ArgumentParser) -> None:
@@ -73,70 +40,33 @@ def _args_orbax_to_hf(p: argparse.ArgumentParser) -> None:
                    help="directory to write config.json and model.safetensors into")
 
 
-def _load_base(path: str):
-    from goose_jax.base_model import load_base
-
-    return load_base(path)
-
-
-def _import_into_library(args: argparse.Namespace, do_import) -> int:
-    """Shared by ``peft`` and ``phatgoose-release``: import, then write the library."""
-    import os
-
-    from goose_jax.interop.stacking import write_library
-    from goose_jax.library import MANIFEST, ExpertLibrary
-
-    cfg, params = _load_base(args.base)
-    target = {}
-    if args.append and os.path.isfile(os.path.join(args.out, MANIFEST)):
-        lib = ExpertLibrary.open(args.out, cfg, params)
-        target = {"rank": lib.rank, "scale": lib.scale, "sites": lib.sites}
-    imported = do_import(cfg, target)
-    for note in imported.notes:
-        print(f"note: {note}")
-    lib = write_library(imported, args.out, cfg, params, append=args.append,
-                        overwrite=args.overwrite)
-    gates = "with gates" if imported.gates is not None else "without gates"
-    print(f"wrote {len(imported.names)} expert(s) {gates} to {lib.path} (rank {imported.rank}, "
-          f"scale {imported.scale:g}, {len(imported.sites)} sites; the library now has "
-          f"{len(lib)} expert(s))")
-    return 0
+def _say(lines) -> None:
+    for line in lines:
+        print(line)
 
 
-def _release_names_arg(values):
-    from goose_jax.interop.release import RELEASE_EXPERT_SETS
-
-    if values is not None and len(values) == 1 and values[0] in RELEASE_EXPERT_SETS:
-        return values[0]  # the name of one of the release's lists
-    return values
+def _hf_to_orbax(args):
+    _say(conversions.hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite))
 
 
-def _peft(args: argparse.Namespace) -> int:
-    from goose_jax.interop.peft import import_peft
-
-    def do_import(cfg, target):
-        return import_peft(args.adapters, cfg, names=args.names,
-                           scale=target.get("scale", args.scale), rank=target.get("rank"),
-                           sites=target.get("sites"))
-
-    return _import_into_library(args, do_import)
+def _orbax_to_hf(args):
+    _say(conversions.orbax_to_hf(args.src, args.dst))
 
 
-def _phatgoose_release(args: argparse.Namespace) -> int:
-    from goose_jax.interop.release import import_release
-
-    def do_import(cfg, target):
-        return import_release(args.ckpt, cfg, names=_release_names_arg(args.names), **target)
-
-    return _import_into_library(args, do_import)
+def _peft(args):
+    _say(conversions.peft_to_library(args.adapters, args.base, args.out, names=args.names,
+                                     scale=args.scale, append=args.append,
+                                     overwrite=args.overwrite))
 
 
-def _to_peft(args: argparse.Namespace) -> int:
-    from goose_jax.interop.peft import export_peft
+def _phatgoose_release(args):
+    _say(conversions.release_to_library(args.ckpt, args.base, args.out, names=args.names,
+                                        append=args.append, overwrite=args.overwrite))
 
-    for path in export_peft(args.library, args.expert, args.out, overwrite=args.overwrite):
-        print(f"wrote {path}")
-    return 0
+
+def _to_peft(args):
+    _say(conversions.library_to_peft(args.library, args.expert, args.out,
+                                     overwrite=args.overwrite))
 
 
 def _library_out_args(p: argparse.ArgumentParser) -> None:
@@ -184,11 +114,11 @@ def _args_to_peft(p: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
-    """One ``goose-convert`` subcommand: help line, arguments, and action (returns exit code)."""
+    """One ``goose-convert`` subcommand: help line, arguments, and action."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace], None]
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
