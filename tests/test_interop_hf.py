@@ -290,8 +290,10 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 def test_import_does_not_pull_torch_or_tensorflow():
     code = ("import sys, goose_jax.interop.hf, goose_jax.data.tokenizers, goose_jax.checkpoint, "
-            "goose_jax.cli.convert; "
-            "print(sorted(m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules))")
+            "goose_jax.cli.convert, goose_jax.tensorfile, goose_jax.progress, goose_jax.library, "
+            "goose_jax.interop.peft, goose_jax.interop.release, goose_jax.interop.stacking; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'transformers', 'safetensors') "
+            "if m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)

@@ -1,15 +1,7 @@
 """`make demo` / `goose-demo`: the whole PHATGOOSE pipeline on the built-in miniature world.
 
-Stages (each cached under ``<out>/work``; a rerun reuses what is done):
-  1. load the shipped miniature base (``goose_jax/assets/world_base``);
-  2. one LoRA expert per held-in task, all trained at once;
-  3. their PHATGOOSE gates, all at once (experts frozen);
-  4. a multitask LoRA on the mixture of held-in tasks (the "multitask" baseline);
-  5. router vectors of the other methods: average activation, Arrow, the retrieval index;
-  6. every method on every held-in and held-out task;
-  7. ``results.md``, ``results.json``, heatmaps, the library, and a plain-language summary.
-
-The pipeline itself is ``goose_jax.demo.run_demo``; exit codes are those of ``goose_jax.errors``.
+The stages and outputs are described in ``goose_jax.demo`` (``run_demo``); this module only parses
+the flags. Exit codes are those of ``goose_jax.errors``.
 """
 
 from __future__ import annotations
