@@ -1,7 +1,9 @@
 """Retrieval routing (PHATGOOSE.md section 6): one expert per example, by 1-nearest neighbour.
 
-Shape legend: B texts in a batch, L word pieces, D hidden size (384), H heads, K head dim,
-F intermediate size, N library rows, E experts.
+Shapes follow the package legend (the ``goose_jax`` module docstring), read for the sentence
+encoder: B texts, L word pieces, D its hidden size (384), F its intermediate size. Also used here:
+S library rows (embedded examples). ``RetrievalIndex``'s attribute names ``keys_ND`` and
+``owner_N`` predate the legend and stay for callers: their N is S.
 
 Each example becomes ``format_query(input, choices)``, embedded with all-MiniLM-L6-v2 (a 6-layer
 BERT, mean pooling over real word pieces, unit norm). An expert's library holds the embeddings of
@@ -288,8 +290,8 @@ class RetrievalIndex:
 
     Attributes:
       names: expert names; index i of ``route`` is ``names[i]``.
-      keys_ND: float32 unit rows, expert 0's rows first, then expert 1's, ...
-      owner_N: int32 expert of each row (non-decreasing; every expert has a row).
+      keys_ND: float32 unit rows (S, D), expert 0's rows first, then expert 1's, ...
+      owner_N: int32 expert of each row (S,) (non-decreasing; every expert has a row).
     """
 
     names: tuple[str, ...]
@@ -335,7 +337,7 @@ class RetrievalIndex:
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         starts_E = np.searchsorted(self.owner_N, np.arange(len(self.names)))
         out = np.empty((len(q), len(self.names)), np.float32)
-        for s in range(0, len(q), chunk):  # bounds the (chunk, N) similarity block
+        for s in range(0, len(q), chunk):  # bounds the (chunk, S) similarity block
             out[s:s + chunk] = np.maximum.reduceat(q[s:s + chunk] @ self.keys_ND.T, starts_E,
                                                    axis=1)
         return out
