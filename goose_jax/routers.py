@@ -311,7 +311,7 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
     Args:
       cfg: base model config; params: base parameters; experts: stacked library (E experts).
       batches: a sequence of length E; ``batches[n]`` is an iterable of
-        ``(input_ids_BL, enc_mask_BS, decoder_input_ids_BT, dec_mask_BT)`` for expert n.
+        ``(input_ids_BL, enc_mask_BL, decoder_input_ids_BT, dec_mask_BT)`` for expert n.
       scale: LoRA scale.
 
     Returns:
