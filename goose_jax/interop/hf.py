@@ -210,7 +210,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
 
     Returns:
       Nested dict of jax arrays in ``cfg.dtype.param``; see ``tensor_specs`` for names and shapes,
-      e.g. ``params["encoder"]["block_0"]["self_attn"]["q"]["kernel"]`` of shape (D, H*K).
+      e.g. ``params["encoder"]["block_0"]["self_attn"]["q"]["kernel"]`` of shape (D, J).
 
     Raises:
       CheckpointError: tensors missing, unexpected, of the wrong shape or not floating point, or
