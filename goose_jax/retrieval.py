@@ -58,14 +58,15 @@ def format_query(input_text: str, choices: Sequence[str] | None = None) -> str:
 # --- the encoder ----------------------------------------------------------------------------
 
 
-def _layer_norm(x, p, eps):
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+def _layer_norm(x_BLD, p, eps):
+    mu_BL1 = jnp.mean(x_BLD, axis=-1, keepdims=True)
+    var_BL1 = jnp.mean(jnp.square(x_BLD - mu_BL1), axis=-1, keepdims=True)
+    return ((x_BLD - mu_BL1) * jax.lax.rsqrt(var_BL1 + eps) * p["scale"][None, None]
+            + p["bias"][None, None])
 
 
-def _dense(x, p):
-    return jnp.einsum("bld,df->blf", x, p["kernel"], precision=_HIGHEST) + p["bias"]
+def _dense(x, p):  # (B, L, in) -> (B, L, out)
+    return jnp.einsum("bli,io->blo", x, p["kernel"], precision=_HIGHEST) + p["bias"][None, None]
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "eps"))
@@ -73,7 +74,7 @@ def _embed(params, ids_BL, mask_BL, heads: int, eps: float):
     """Unit-norm mean-pooled sentence embeddings (B, D) of a padded batch."""
     L = ids_BL.shape[1]
     emb = params["embeddings"]
-    x_BLD = emb["word"][ids_BL] + emb["position"][:L][None] + emb["token_type"][0]
+    x_BLD = emb["word"][ids_BL] + emb["position"][:L][None] + emb["token_type"][0][None, None]
     x_BLD = _layer_norm(x_BLD, emb["ln"], eps)
     B, _, D = x_BLD.shape
     # A large finite negative (not -inf) keeps the all-padding rows of a batch free of NaN.
