@@ -18,6 +18,7 @@ import statistics
 import time
 
 import numpy as np
+from calibrate import print_calibration
 
 import goose_jax as gj
 from goose_jax import evaluation as ev
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--method", choices=("base", "phatgoose"), default="base")
     ap.add_argument("--experts", type=int, default=8)
     args = ap.parse_args()
+    print_calibration()
 
     tok = ByteTokenizer()
     cfg = gj.T5Config(vocab_size=384, d_model=128, d_kv=32, num_heads=4, d_ff=256,

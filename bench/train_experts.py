@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+from calibrate import print_calibration
 
 import goose_jax as gj
 from goose_jax import training
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args(argv)
+    print_calibration()
 
     E = args.experts
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, d_model=args.d_model, d_kv=16,

@@ -1,8 +1,9 @@
 """Zero-shot evaluation: the evaluator and its jitted scorers (rank classification, greedy
 generation, routing telemetry).
 
-Shape legend: B examples, C answer choices, N = B*C rows, L encoder length, T choice (target)
-length, D d_model, V vocab, E experts.
+Shapes follow the package legend (the ``goose_jax`` module docstring); T is a choice's (target's)
+length. Also used here: M = B*C rows (every choice of every example), X the encoder's rows (B, or
+M when the input is repeated per choice).
 
 Protocol (PHATGOOSE.md section 7):
   - Rank classification: every choice ends with EOS and is scored by teacher forcing; the score
@@ -98,28 +99,28 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
     """
     model = T5(cfg, adapter)
     B, C, T = tgt_BCT.shape
-    tgt_NT = tgt_BCT.reshape(B * C, T)
-    tmask_NT = tmask_BCT.reshape(B * C, T)
-    mask_NL = jnp.repeat(mask_BL, C, axis=0)
-    enc_rows = mask_NL if naive else mask_BL
+    tgt_MT = tgt_BCT.reshape(B * C, T)
+    tmask_MT = tmask_BCT.reshape(B * C, T)
+    mask_ML = jnp.repeat(mask_BL, C, axis=0)
+    enc_rows = mask_ML if naive else mask_BL
     mutable = ["intermediates"] if sites else False
     if sites:
         # Padded choice rows (C rounded up) hold real encoder tokens but are no real input.
-        real_N = (jnp.sum(tmask_NT, axis=-1, keepdims=True) > 0).astype(mask_NL.dtype)
-        enc_real = mask_NL * real_N if naive else mask_BL
-        masks = {TELEMETRY: _telemetry_masks(sites, enc_real, tmask_NT, mask_NL * real_N)}
+        real_M = (jnp.sum(tmask_MT, axis=-1, keepdims=True) > 0).astype(mask_ML.dtype)
+        enc_real = mask_ML * real_M if naive else mask_BL
+        masks = {TELEMETRY: _telemetry_masks(sites, enc_real, tmask_MT, mask_ML * real_M)}
         enc_vars, dec_vars = {**enc_vars, **masks}, {**dec_vars, **masks}
     enc_ids = jnp.repeat(ids_BL, C, axis=0) if naive else ids_BL
     res = model.apply(enc_vars, enc_ids, enc_rows, method=T5.encode, mutable=mutable)
     enc_XLD, enc_state = res if sites else (res, None)
-    enc_NLD = enc_XLD if naive else jnp.repeat(enc_XLD, C, axis=0)
-    start_N1 = jnp.full_like(tgt_NT[:, :1], cfg.decoder_start_token_id)
-    dec_NT = jnp.concatenate([start_N1, tgt_NT[:, :-1]], axis=1)   # teacher forcing
-    res = model.apply(dec_vars, dec_NT, enc_NLD, mask_NL, method=T5.decode, mutable=mutable)
-    logits_NTV, dec_state = res if sites else (res, None)
-    gold_NT = jnp.take_along_axis(logits_NTV, tgt_NT[..., None], axis=-1)[..., 0]
-    nll_NT = (jax.nn.logsumexp(logits_NTV, axis=-1) - gold_NT) * tmask_NT
-    nll_BC = jnp.sum(nll_NT, axis=-1).reshape(B, C)
+    enc_MLD = enc_XLD if naive else jnp.repeat(enc_XLD, C, axis=0)
+    start_M1 = jnp.full_like(tgt_MT[:, :1], cfg.decoder_start_token_id)
+    dec_MT = jnp.concatenate([start_M1, tgt_MT[:, :-1]], axis=1)   # teacher forcing
+    res = model.apply(dec_vars, dec_MT, enc_MLD, mask_ML, method=T5.decode, mutable=mutable)
+    logits_MTV, dec_state = res if sites else (res, None)
+    gold_MT = jnp.take_along_axis(logits_MTV, tgt_MT[..., None], axis=-1)[..., 0]
+    nll_MT = (jax.nn.logsumexp(logits_MTV, axis=-1) - gold_MT) * tmask_MT
+    nll_BC = jnp.sum(nll_MT, axis=-1).reshape(B, C)
     counts = {**_collect_counts(enc_state), **_collect_counts(dec_state)}
     return nll_BC, counts
 
@@ -275,7 +276,7 @@ class Evaluator:
             C = self._choices(len(chs[order[pos]]))
             per_batch = max(1, min(self.batch_size, self.max_rows // C))
             idx = [i for i in order[pos:pos + per_batch] if self._choices(len(chs[i])) == C]
-            while True:  # long choices: fewer examples, so the (N, T, V) logits stay bounded
+            while True:  # long choices: fewer examples, so the (M, T, V) logits stay bounded
                 T = self._length(max(len(c) for i in idx for c in chs[i]), 4,
                                  self.max_target_length)
                 if len(idx) == 1 or len(idx) * C * T <= self.max_rows * 64:

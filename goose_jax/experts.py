@@ -1,13 +1,13 @@
 """LoRA experts and PHATGOOSE gates at the model's named sites, stacked on an expert axis.
 
-Shape legend: B batch, L length, D d_in of a site, O d_out, E experts, R LoRA rank.
+Shapes follow the package legend (the ``goose_jax`` module docstring).
 
 Trees. Expert weights and gates are their own pytrees (Flax variable collections), nested exactly
 like the base ``params`` down to the site, so a site finds its own weights at its own path:
 
-    experts: {"encoder": {"block_0": {"self_attn": {"q": {"lora_a": (E, D, R),
+    experts: {"encoder": {"block_0": {"self_attn": {"q": {"lora_a": (E, I, R),
                                                           "lora_b": (E, R, O)}}}}}
-    gates:   {... same path ...: {"gate": (E, D)}}
+    gates:   {... same path ...: {"gate": (E, I)}}
 
 The base ``params`` tree is never touched. A site without an entry simply has no expert.
 
@@ -83,7 +83,7 @@ def peft_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
 
 
 def select_sites(cfg: T5Config, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
-    """The sites (name -> (d_in, d_out)) that ``lora.sites`` selects, in model order."""
+    """The sites (name -> (I, O)) that ``lora.sites`` selects, in model order."""
     pattern = re.compile(lora.sites)
     chosen = {name: shape for name, shape in site_shapes(cfg).items() if pattern.fullmatch(name)}
     if not chosen:
@@ -125,7 +125,7 @@ def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
 
 def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array],
                  rng: Array | int = 0, dtype=jnp.float32, *, fast_compile: bool = False) -> dict:
-    """Fresh experts stacked on a leading axis: A ~ N(0, init_std^2) (E, D, R), B = 0 (E, R, O).
+    """Fresh experts stacked on a leading axis: A ~ N(0, init_std^2) (E, I, R), B = 0 (E, R, O).
 
     Expert e is drawn from its own key alone, as one normal vector cut into the sites' A
     matrices (one random kernel to compile instead of one per site). Its weights depend on that
@@ -177,7 +177,7 @@ def _init_stack(cfg: T5Config, lora: LoRAConfig, keys) -> dict:
 
 
 def init_gates(experts: dict, dtype=jnp.float32) -> dict:
-    """Zero gate vectors (E, D) for every site of ``experts`` (sigmoid starts at 0.5)."""
+    """Zero gate vectors (E, I) for every site of ``experts`` (sigmoid starts at 0.5)."""
     flat = flatten_sites(experts)
     return nest_sites({name: {"gate": jnp.zeros(leaf["lora_a"].shape[:2], dtype)}
                        for name, leaf in flat.items()})
@@ -188,9 +188,11 @@ def lora_delta(x_D: Array, lora_a_EDR: Array, lora_b_ERO: Array, weights_E: Arra
     """``sum_e w_e (x A_e) B_e * scale`` over any leading axes of x, accumulated in float32.
 
     ``weights_E`` may also carry the token axes (``(..., E)``) for per-token weights (gates).
+    The parameter names predate the package legend and stay for keyword callers: ``x_D`` is
+    (..., I), ``lora_a_EDR`` is (E, I, R).
     """
     compute = x_D.dtype
-    h_ER = jnp.einsum("...d,edr->...er", x_D, lora_a_EDR.astype(compute),
+    h_ER = jnp.einsum("...i,eir->...er", x_D, lora_a_EDR.astype(compute),
                       preferred_element_type=jnp.float32)
     if weights_E is not None:
         w = weights_E[..., None].astype(jnp.float32)
@@ -215,21 +217,24 @@ class LoRAAdapter:
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
             return y
-        a_EDR = module.get_variable(EXPERTS, "lora_a")
+        a_EIR = module.get_variable(EXPERTS, "lora_a")
         b_ERO = module.get_variable(EXPERTS, "lora_b")
-        E = a_EDR.shape[0]
+        E = a_EIR.shape[0]
         if self.mode == "gated":
-            g_ED = module.get_variable(GATES, "gate")
-            logits = jnp.einsum("...d,ed->...e", x.astype(jnp.float32), g_ED.astype(jnp.float32))
+            g_EI = module.get_variable(GATES, "gate")
+            logits = jnp.einsum("...i,ei->...e", x.astype(jnp.float32), g_EI.astype(jnp.float32))
             weights = jax.nn.sigmoid(logits)
         elif self.mode == "mean":
             weights = jnp.full((E,), 1.0 / E, jnp.float32)
         else:
             weights = None
-        delta = lora_delta(x.astype(y.dtype), a_EDR, b_ERO, weights, self.scale)
+        delta = lora_delta(x.astype(y.dtype), a_EIR, b_ERO, weights, self.scale)
         return y + delta.astype(y.dtype)
 
 
 def dense_delta(lora_a_EDR: Array, lora_b_ERO: Array, scale: float) -> Array:
-    """The dense weight update of each expert, ``A_e B_e * scale``: (E, D, O)."""
-    return jnp.einsum("edr,ero->edo", lora_a_EDR, lora_b_ERO) * scale
+    """The dense weight update of each expert, ``A_e B_e * scale``: (E, I, O).
+
+    ``lora_a_EDR`` (E, I, R) is named from before the package legend, kept for keyword callers.
+    """
+    return jnp.einsum("eir,ero->eio", lora_a_EDR, lora_b_ERO) * scale

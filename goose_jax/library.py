@@ -4,8 +4,8 @@ Layout::
 
     library/
       manifest.json             format, base model identity, sites, rank, scale, experts
-      experts/<name>.safetensors  one expert: "<site>/lora_a" (D, R), "<site>/lora_b" (R, O),
-                                  and "<site>/gate" (D,) once its gate is trained
+      experts/<name>.safetensors  one expert: "<site>/lora_a" (I, R), "<site>/lora_b" (R, O),
+                                  and "<site>/gate" (I,) once its gate is trained
 
 Every expert of a library has the library's site list (the sites, their shapes and the rank are
 fixed when the library is created); what differs between experts is only whether a gate is
@@ -20,7 +20,7 @@ against a bf16 copy of the base anyway); the sample makes it cheap for an XL mod
 guard against using a library with the wrong base model, not a cryptographic identity of every
 weight: two models differing only outside the sampled positions hash alike.
 
-Legend: E experts, D d_in of a site, R LoRA rank, O d_out.
+Shapes follow the package legend (the ``goose_jax`` module docstring).
 """
 
 from __future__ import annotations
@@ -321,8 +321,8 @@ class ExpertLibrary:
           name: the expert's name (letters, digits, ``_.+-``); its file is
             ``experts/<name>.safetensors``.
           experts: an experts tree with this library's sites: leaves (1, D, R) / (1, R, O), or
-            (D, R) / (R, O), or a stacked (E, ...) tree with ``index``.
-          gates: optional gates tree: leaves (1, D), (D,), or stacked with ``index``.
+            (I, R) / (R, O), or a stacked (E, ...) tree with ``index``.
+          gates: optional gates tree: leaves (1, I), (I,), or stacked with ``index``.
           info: JSON facts stored in the manifest entry: ``data`` (what it was trained on),
             ``steps``, ``metrics``, and anything else. The bookkeeping keys (``name``,
             ``file``, ``has_gate``, ``bytes``, ``sha256``) are always recomputed, so an entry
@@ -416,8 +416,8 @@ class ExpertLibrary:
           verify: also check each file's sha256 against the manifest (reads every byte twice).
 
         Returns:
-          (experts, gates): ``experts`` per site ``lora_a`` (E, D, R), ``lora_b`` (E, R, O);
-          ``gates`` per site ``gate`` (E, D), or None.
+          (experts, gates): ``experts`` per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O);
+          ``gates`` per site ``gate`` (E, I), or None.
         """
         names = self.names if names is None else list(names)
         if not names:

@@ -1,6 +1,6 @@
 """Per-example metrics of zero-shot evaluation: exact match, ROUGE-L, rank prediction.
 
-Shape legend: C answer choices.
+Shapes follow the package legend (the ``goose_jax`` module docstring).
 
 Every metric returns a value in [0, 1] for one example; the evaluator averages them per dataset
 and reports percent (``goose_jax.report``).

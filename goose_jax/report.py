@@ -1,6 +1,6 @@
 """What an evaluation leaves on disk: the results folder, tables, heatmaps and prototype files.
 
-Shape legend: E experts, I a site's input width.
+Shapes follow the package legend (the ``goose_jax`` module docstring).
 
 A goose-eval results folder holds ``results.json`` (``summarize``: per-dataset and benchmark
 scores, settings, speed), ``results.md`` (``markdown_table``), ``predictions.jsonl`` (every scored

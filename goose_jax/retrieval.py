@@ -1,7 +1,9 @@
 """Retrieval routing (PHATGOOSE.md section 6): one expert per example, by 1-nearest neighbour.
 
-Shape legend: B texts in a batch, L word pieces, D hidden size (384), H heads, K head dim,
-F intermediate size, N library rows, E experts.
+Shapes follow the package legend (the ``goose_jax`` module docstring), read for the sentence
+encoder: B texts, L word pieces, D its hidden size (384), F its intermediate size. Also used here:
+S library rows (embedded examples). ``RetrievalIndex``'s attribute names ``keys_ND`` and
+``owner_N`` predate the legend and stay for callers: their N is S.
 
 Each example becomes ``format_query(input, choices)``, embedded with all-MiniLM-L6-v2 (a 6-layer
 BERT, mean pooling over real word pieces, unit norm). An expert's library holds the embeddings of
@@ -56,14 +58,15 @@ def format_query(input_text: str, choices: Sequence[str] | None = None) -> str:
 # --- the encoder ----------------------------------------------------------------------------
 
 
-def _layer_norm(x, p, eps):
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+def _layer_norm(x_BLD, p, eps):
+    mu_BL1 = jnp.mean(x_BLD, axis=-1, keepdims=True)
+    var_BL1 = jnp.mean(jnp.square(x_BLD - mu_BL1), axis=-1, keepdims=True)
+    return ((x_BLD - mu_BL1) * jax.lax.rsqrt(var_BL1 + eps) * p["scale"][None, None]
+            + p["bias"][None, None])
 
 
-def _dense(x, p):
-    return jnp.einsum("bld,df->blf", x, p["kernel"], precision=_HIGHEST) + p["bias"]
+def _dense(x, p):  # (B, L, in) -> (B, L, out)
+    return jnp.einsum("bli,io->blo", x, p["kernel"], precision=_HIGHEST) + p["bias"][None, None]
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "eps"))
@@ -71,7 +74,7 @@ def _embed(params, ids_BL, mask_BL, heads: int, eps: float):
     """Unit-norm mean-pooled sentence embeddings (B, D) of a padded batch."""
     L = ids_BL.shape[1]
     emb = params["embeddings"]
-    x_BLD = emb["word"][ids_BL] + emb["position"][:L][None] + emb["token_type"][0]
+    x_BLD = emb["word"][ids_BL] + emb["position"][:L][None] + emb["token_type"][0][None, None]
     x_BLD = _layer_norm(x_BLD, emb["ln"], eps)
     B, _, D = x_BLD.shape
     # A large finite negative (not -inf) keeps the all-padding rows of a batch free of NaN.
@@ -288,8 +291,8 @@ class RetrievalIndex:
 
     Attributes:
       names: expert names; index i of ``route`` is ``names[i]``.
-      keys_ND: float32 unit rows, expert 0's rows first, then expert 1's, ...
-      owner_N: int32 expert of each row (non-decreasing; every expert has a row).
+      keys_ND: float32 unit rows (S, D), expert 0's rows first, then expert 1's, ...
+      owner_N: int32 expert of each row (S,) (non-decreasing; every expert has a row).
     """
 
     names: tuple[str, ...]
@@ -335,7 +338,7 @@ class RetrievalIndex:
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         starts_E = np.searchsorted(self.owner_N, np.arange(len(self.names)))
         out = np.empty((len(q), len(self.names)), np.float32)
-        for s in range(0, len(q), chunk):  # bounds the (chunk, N) similarity block
+        for s in range(0, len(q), chunk):  # bounds the (chunk, S) similarity block
             out[s:s + chunk] = np.maximum.reduceat(q[s:s + chunk] @ self.keys_ND.T, starts_E,
                                                    axis=1)
         return out

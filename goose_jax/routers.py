@@ -1,6 +1,7 @@
 """Whole-model routing: every method of the paper as a site adapter plus its variable trees.
 
-Shape legend: B batch, L length, D d_in of a site, O d_out, E experts, R LoRA rank, k top-k.
+Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: S a
+site's sequence length (L at encoder sites, T at decoder ones).
 
 A ``Routed`` bundles what ``gj.t5_logits`` / ``gj.generate_greedy`` need to run the base model
 under a method: a hashable ``adapter`` (static under jit) and the variable ``collections`` it
@@ -54,7 +55,7 @@ PER_EXAMPLE = ("example", "retrieval")  # methods whose caller picks one expert 
 class RoutedAdapter:
     """Site adapter that routes every token among the experts of its site.
 
-    Reads ``experts/<site>/lora_a, lora_b`` and ``router/<site>/vectors`` (E, D). For
+    Reads ``experts/<site>/lora_a, lora_b`` and ``router/<site>/vectors`` (E, I). For
     ``scoring="standardized"`` the vectors are already standardized (``routing.prepare_router``);
     for ``scoring="abs_dot"`` they are Arrow's unit vectors. For ``scoring="example"`` the
     router entry is ``router/<site>/example_index`` (B,) and each example uses one expert.
@@ -74,26 +75,26 @@ class RoutedAdapter:
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
             return y
-        a_EDR = module.get_variable(EXPERTS, "lora_a")
+        a_EIR = module.get_variable(EXPERTS, "lora_a")
         b_ERO = module.get_variable(EXPERTS, "lora_b")
         if self.scoring == "example":
             idx_B = module.get_variable(ROUTER, "example_index")
             # One expert per example: gather its factors, then a batched rank-R product.
-            h = jnp.einsum("bld,bdr->blr", x, a_EDR[idx_B].astype(x.dtype),
+            h = jnp.einsum("bsi,bir->bsr", x, a_EIR[idx_B].astype(x.dtype),
                            preferred_element_type=jnp.float32)
-            out = jnp.einsum("blr,bro->blo", h.astype(x.dtype), b_ERO[idx_B].astype(x.dtype),
+            out = jnp.einsum("bsr,bro->bso", h.astype(x.dtype), b_ERO[idx_B].astype(x.dtype),
                              preferred_element_type=jnp.float32)
             return y + (out * self.scale).astype(y.dtype)
-        vectors_ED = module.get_variable(ROUTER, "vectors")
+        vectors_EI = module.get_variable(ROUTER, "vectors")
         if self.scoring == "standardized":
-            scores = routing.phatgoose_scores(x, vectors_ED, gates_normed=True)
+            scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
         else:
-            scores = routing.arrow_scores(x, vectors_ED)
+            scores = routing.arrow_scores(x, vectors_EI)
         route = routing.topk_softmax(scores, self.top_k)
-        delta = routing.combine_lora(x, a_EDR, b_ERO, route.weights, route.index, self.scale,
+        delta = routing.combine_lora(x, a_EIR, b_ERO, route.weights, route.index, self.scale,
                                      backend=self.backend)
         if self.telemetry:
-            _sow_stats(module, route, a_EDR.shape[0])
+            _sow_stats(module, route, a_EIR.shape[0])
         return y + delta.astype(y.dtype)
 
 
@@ -183,9 +184,9 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
     Args:
       method: one of ``METHODS``.
       cfg: the base model config (the library is checked against its site shapes).
-      experts: stacked expert tree (per site ``lora_a`` (E, D, R), ``lora_b`` (E, R, O)).
-      gates: per-site ``gate`` (E, D), for ``phatgoose``.
-      prototypes: per-site ``gate`` (E, D) mean activations, for ``average_activation``
+      experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)).
+      gates: per-site ``gate`` (E, I), for ``phatgoose``.
+      prototypes: per-site ``gate`` (E, I) mean activations, for ``average_activation``
         (``compute_average_activations``).
       top_k: experts per token for the per-token methods.
       scale: the LoRA scale of the library (1/r for PHATGOOSE experts).
@@ -246,14 +247,14 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
     return Routed(method, RoutedAdapter(scale, 1, "example", backend), {EXPERTS: experts})
 
 
-def _arrow_vectors(a_EDR, b_ERO) -> Array:
+def _arrow_vectors(a_EIR, b_ERO) -> Array:
     """Arrow vectors with zero rows for experts absent at a site (all-zero A or B).
 
     An imported adapter that does not cover a site holds zeros there; its singular vector would
     be an arbitrary direction that still wins tokens. A zero row scores 0, the lowest possible.
     """
-    present_E = (jnp.abs(a_EDR).max(axis=(1, 2)) > 0) & (jnp.abs(b_ERO).max(axis=(1, 2)) > 0)
-    return routing.arrow_vectors(a_EDR, b_ERO) * present_E[:, None]
+    present_E = (jnp.abs(a_EIR).max(axis=(1, 2)) > 0) & (jnp.abs(b_ERO).max(axis=(1, 2)) > 0)
+    return routing.arrow_vectors(a_EIR, b_ERO) * present_E[:, None]
 
 
 def merge_products(experts: dict) -> dict:
@@ -264,9 +265,9 @@ def merge_products(experts: dict) -> dict:
     """
     out = {}
     for name, leaf in flatten_sites(experts).items():
-        a_EDR, b_ERO = jnp.asarray(leaf["lora_a"]), jnp.asarray(leaf["lora_b"])
-        E, D, R = a_EDR.shape
-        a_cat = jnp.transpose(a_EDR, (1, 0, 2)).reshape(1, D, E * R)
+        a_EIR, b_ERO = jnp.asarray(leaf["lora_a"]), jnp.asarray(leaf["lora_b"])
+        E, I, R = a_EIR.shape
+        a_cat = jnp.transpose(a_EIR, (1, 0, 2)).reshape(1, I, E * R)
         b_cat = (b_ERO / E).reshape(1, E * R, b_ERO.shape[-1])
         out[name] = {"lora_a": a_cat, "lora_b": b_cat}
     return nest_sites(out)
@@ -279,7 +280,7 @@ def merge_products(experts: dict) -> dict:
 class _CaptureAdapter:
     """Applies the active expert's LoRA and sows each site's masked input sum and token count.
 
-    Each site's ``capture/<site>/mask`` (B, L) says which of its tokens count (encoder tokens for
+    Each site's ``capture/<site>/mask`` (B, S) says which of its tokens count (encoder tokens for
     encoder sites and cross-attention k / v, target tokens for other decoder sites).
     """
 
@@ -290,9 +291,9 @@ class _CaptureAdapter:
             return y
         y = y + lora_delta(x.astype(y.dtype), module.get_variable(EXPERTS, "lora_a"),
                            module.get_variable(EXPERTS, "lora_b"), None, self.scale).astype(y.dtype)
-        mask_BL = module.get_variable("capture", "mask").astype(jnp.float32)
-        module.sow("intermediates", "sum", jnp.einsum("bl,bld->d", mask_BL, x.astype(jnp.float32)))
-        module.sow("intermediates", "count", jnp.sum(mask_BL))
+        mask_BS = module.get_variable("capture", "mask").astype(jnp.float32)
+        module.sow("intermediates", "sum", jnp.einsum("bs,bsi->i", mask_BS, x.astype(jnp.float32)))
+        module.sow("intermediates", "count", jnp.sum(mask_BS))
         return y
 
 
@@ -314,7 +315,7 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
       scale: LoRA scale.
 
     Returns:
-      per-site ``{"gate": (E, D)}`` float32 tree, ready for ``build_routed("average_activation",
+      per-site ``{"gate": (E, I)}`` float32 tree, ready for ``build_routed("average_activation",
       ..., prototypes=...)``.
     """
     from goose_jax.t5 import T5

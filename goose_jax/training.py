@@ -1,7 +1,8 @@
 """Pure train steps: LoRA experts, PHATGOOSE gates, multitask models; many experts at once.
 
-Legend: E experts trained side by side, A microbatches (gradient accumulation), M micro batch,
-L input length, T target length, V vocab, D d_in of a site, R LoRA rank, O d_out.
+Shapes follow the package legend (the ``goose_jax`` module docstring): E counts the experts
+trained side by side, L is the input length and T the target length. Also used here:
+A microbatches (gradient accumulation), M examples per microbatch.
 
 What trains is always one pytree, differentiated alone (``jax.grad`` with respect to it); the
 rest of the model enters the step as frozen arguments:
@@ -19,7 +20,7 @@ Many at once: with ``Program(many=True)`` one jitted step trains E experts (or E
 its own batch, by ``jax.vmap`` over the leading expert axis of the trainable tree, the frozen
 per-expert tree (gate training), the optimiser state and the batch ``[E, A, M, L]``; the base
 params are shared. Each vmapped instance sees its expert with a leading axis of 1 (``lora_a``
-(1, D, R)), exactly the single-expert layout, so clipping, Adam and the loss are per expert:
+(1, I, R)), exactly the single-expert layout, so clipping, Adam and the loss are per expert:
 each expert is its own run. Sharding the expert axis over the ``expert`` mesh axis
 (``sharding.shard_experts``) splits the experts across devices. Single-expert training is E = 1.
 

@@ -1,8 +1,9 @@
 """Example sources and the step batches built from them: a pure function of (seed, stream,
 position).
 
-Shape legend: E experts (streams) side by side, A microbatches (gradient accumulation), M micro
-batch, L input length, T target length.
+Shapes follow the package legend (the ``goose_jax`` module docstring): E counts the experts
+(streams) side by side, L is the input length and T the target length. Also used here:
+A microbatches (gradient accumulation), M examples per microbatch.
 
 An ``ExampleSource`` is a sequence of (input, target) pairs, each a string or a pre-tokenised int
 sequence (``JsonlSource`` reads them from a JSON-lines file; ``ConcatSource`` mixes several).

@@ -3,7 +3,7 @@
 Both give ``encode``, ``encode_batch`` (fixed-length NumPy arrays, ready for a jitted model with
 static shapes), ``decode``, and the ``pad_id`` / ``eos_id`` / ``vocab_size`` attributes.
 
-Legend: B batch, L max_length.
+Shapes follow the package legend (the ``goose_jax`` module docstring); L is ``max_length``.
 
 Importing this module imports neither transformers nor torch nor TensorFlow; the HF tokenizer
 imports transformers inside ``load_hf_tokenizer``.
@@ -50,23 +50,23 @@ class _Tokenizer:
           add_eos: end each row with ``eos_id``.
 
         Returns:
-          (ids_BxL, mask_BxL): int32 ids padded with ``pad_id``; int32 mask, 1 on real tokens.
+          (ids_BL, mask_BL): int32 ids padded with ``pad_id``; int32 mask, 1 on real tokens.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not one string")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        ids_BxL = np.full((len(texts), max_length), self.pad_id, dtype=np.int32)
-        mask_BxL = np.zeros((len(texts), max_length), dtype=np.int32)
+        ids_BL = np.full((len(texts), max_length), self.pad_id, dtype=np.int32)
+        mask_BL = np.zeros((len(texts), max_length), dtype=np.int32)
         for b, text in enumerate(texts):
             ids = self._ids(text)
             if add_eos:
                 ids = ids[:max_length - 1] + [self.eos_id]
             else:
                 ids = ids[:max_length]
-            ids_BxL[b, :len(ids)] = ids
-            mask_BxL[b, :len(ids)] = 1
-        return ids_BxL, mask_BxL
+            ids_BL[b, :len(ids)] = ids
+            mask_BL[b, :len(ids)] = 1
+        return ids_BL, mask_BL
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids`` up to the first EOS, skipping padding and other special ids."""

@@ -5,8 +5,9 @@ safetensors with an index, or ``pytorch_model.bin``) into a plain nested dict of
 writes one back in the layout transformers itself writes. Never touches the network. The files
 are read by ``goose_jax.tensorfile`` (checked safetensors headers; weights-only torch pickles).
 
-Legend: V vocab, D d_model, F d_ff, H heads, K head dim (H*K = inner dim), NB position buckets.
-Kernels are stored (d_in, d_out), the transpose of a PyTorch ``nn.Linear.weight`` (out, in).
+Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here, as in
+``goose_jax.t5``: J = H * K the joined width of all heads (the inner dim), P relative-position
+buckets. Kernels are stored (I, O), the transpose of a PyTorch ``nn.Linear.weight`` (out, in).
 
 Tying. transformers 5 writes ``tie_word_embeddings: true`` into every T5 config and records the
 v1.0 / v1.1 difference as ``scale_decoder_outputs``, so the config cannot tell whether the output
@@ -89,7 +90,7 @@ class TensorSpec:
 
 def tensor_specs(cfg: T5Config) -> list[TensorSpec]:
     """Every tensor of a T5 with config ``cfg``, in checkpoint order; ``lm_head`` if untied."""
-    D, F, V, HK = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.inner_dim
+    D, F, V, J = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.inner_dim
     specs = [TensorSpec(_SHARED, ("shared", "embedding"), (V, D), False)]
 
     def linear(hf: str, path: tuple[str, ...], d_in: int, d_out: int):
@@ -100,8 +101,8 @@ def tensor_specs(cfg: T5Config) -> list[TensorSpec]:
 
     def attention(hf: str, path: tuple[str, ...]):
         for name in ("q", "k", "v"):
-            linear(f"{hf}.{name}", (*path, name), D, HK)
-        linear(f"{hf}.o", (*path, "o"), HK, D)
+            linear(f"{hf}.{name}", (*path, name), D, J)
+        linear(f"{hf}.o", (*path, "o"), J, D)
 
     def ffn(hf: str, path: tuple[str, ...]):
         for name in (("wi_0", "wi_1") if cfg.is_gated else ("wi",)):
@@ -209,7 +210,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
 
     Returns:
       Nested dict of jax arrays in ``cfg.dtype.param``; see ``tensor_specs`` for names and shapes,
-      e.g. ``params["encoder"]["block_0"]["self_attn"]["q"]["kernel"]`` of shape (D, H*K).
+      e.g. ``params["encoder"]["block_0"]["self_attn"]["q"]["kernel"]`` of shape (D, J).
 
     Raises:
       CheckpointError: tensors missing, unexpected, of the wrong shape or not floating point, or

@@ -3,8 +3,8 @@
 A PEFT adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
 ``adapter_model.bin``, a torch pickle). For each adapted ``nn.Linear`` named ``<module>`` (the
 module names of ``T5ForConditionalGeneration``, e.g. ``encoder.block.0.layer.0.SelfAttention.q``)
-it holds ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``...lora_B.weight``
-(d_out, r), and the layer computes ``W x + B A x * s`` with ``s = lora_alpha / r``, or
+it holds ``base_model.model.<module>.lora_A.weight`` (r, I) and ``...lora_B.weight``
+(O, r), and the layer computes ``W x + B A x * s`` with ``s = lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with rsLoRA; ``rank_pattern`` / ``alpha_pattern`` override r and alpha
 per module (regular expressions matched, as PEFT does, against the end of the module name).
 goose-jax stores the same expert as ``lora_a = A^T`` (I, r) and ``lora_b = B^T`` (r, O) at the
@@ -20,8 +20,8 @@ only then), and refuses any other pickle with ``UnsafeCheckpointError``. ``fan_i
 changes nothing for T5: its layers are ``nn.Linear``, for which PEFT itself resets the flag, and
 the stored A / B shapes are the same.
 
-Legend: E experts, I a site's input width, O its output width, R the common LoRA rank, r one
-adapter's rank.
+Shapes follow the package legend (the ``goose_jax`` module docstring); R is the common LoRA rank
+of a stacked library. Also used here: r one adapter's rank.
 """
 
 from __future__ import annotations
@@ -225,10 +225,10 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
     Args:
       path: the adapter directory (or a Hugging Face cache entry ``models--org--name``).
       cfg: the base model's config; every adapted module must be one of its linear layers,
-        with the same d_in / d_out.
+        with the same input and output widths (I, O).
 
     Returns:
-      A ``PeftAdapter`` whose sites hold float32 ``lora_a`` (D, r), ``lora_b`` (r, O), scale.
+      A ``PeftAdapter`` whose sites hold float32 ``lora_a`` (I, r), ``lora_b`` (r, O), scale.
 
     Raises:
       AdapterError: naming the file and the expected and found values, for an adapter of
@@ -392,9 +392,9 @@ def _alpha_for(scale: float, rank: int) -> float:
     return scale * rank
 
 
-def _used_rank(a_DR: np.ndarray, b_RO: np.ndarray) -> int:
+def _used_rank(a_Ir: np.ndarray, b_rO: np.ndarray) -> int:
     """The rank once trailing components that are zero in both A and B are dropped."""
-    live = np.any(a_DR != 0, axis=0) | np.any(b_RO != 0, axis=1)
+    live = np.any(a_Ir != 0, axis=0) | np.any(b_rO != 0, axis=1)
     idx = np.flatnonzero(live)
     return int(idx[-1]) + 1 if idx.size else 0
 
@@ -412,7 +412,7 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
 
     Args:
       cfg: the base model's config.
-      sites: site name -> (lora_a (D, R), lora_b (R, O)).
+      sites: site name -> (lora_a (I, r), lora_b (r, O)).
       scale: the expert's LoRA scale.
       out_dir: the directory to write (created).
       base_model_name_or_path: recorded in the config (PEFT uses it only when no base model is

@@ -4,9 +4,9 @@ The release (PyTorch) stores all experts of a collection in one state dict. For 
 linear layer ``<module>`` (Hugging Face module names, e.g.
 ``encoder.block.0.layer.0.SelfAttention.q``) and every expert i:
 
-    <module>._addons.expert_lora.layer1__{i}          (d_in, r)    x @ layer1 is the shrink
-    <module>._addons.expert_lora.layer2__{i}          (r, d_out)
-    <module>._addons.router.expert_embeddings__{i}    (d_in,)      the trained gate vector
+    <module>._addons.expert_lora.layer1__{i}          (I, r)       x @ layer1 is the shrink
+    <module>._addons.expert_lora.layer2__{i}          (r, O)
+    <module>._addons.router.expert_embeddings__{i}    (I,)         the trained gate vector
 
 and the layer computes ``W x + sum_j w_j (x layer1[i_j]) layer2[i_j] / r``. That is goose-jax's
 orientation already (``lora_a = layer1``, ``lora_b = layer2``) with scale 1 / r. Expert i is the
@@ -19,7 +19,8 @@ router embeddings, gets that vector as its gate (the release's ``use_input_gate_
 Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors, or a torch file
 with ``torch.load(weights_only=True)`` only.
 
-Legend: E experts, I a site's input width, O its output width, r rank.
+Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: r an
+expert's rank in the release.
 """
 
 from __future__ import annotations

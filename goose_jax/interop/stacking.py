@@ -14,8 +14,8 @@ site, then ``stack_experts`` stacks them (leading expert axis E) and ``write_lib
   - coverage: a site an expert lacks gets zero A and B (exactly no contribution);
     ``ImportedExperts.info[n]["covered_sites"]`` lists the sites expert n really has.
 
-Legend: E experts, I a site's input width, O its output width, R the common LoRA rank, r one
-expert's rank.
+Shapes follow the package legend (the ``goose_jax`` module docstring); R is the common LoRA rank
+of the stack. Also used here: r one expert's rank.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ImportedExperts:
       names: the E expert names.
       scale: the one LoRA scale of every expert (see the module doc for how it is kept).
       rank: R.
-      sites: the library's sites, ``{name: (d_in, d_out)}`` in model order.
+      sites: the library's sites, ``{name: (I, O)}`` in model order.
       info: per expert, JSON facts: ``covered_sites`` (the sites it really has), ``source``, ...
       notes: remarks for a person (folded scales, ignored tensors).
     """
@@ -92,7 +92,7 @@ def stack_experts(per_expert: Sequence[Mapping[str, SiteLoRA]],
 
     Args:
       per_expert: for each expert, site -> ``SiteLoRA`` (sites it lacks get zeros).
-      shapes: the stacked sites and their (d_in, d_out), in order.
+      shapes: the stacked sites and their (I, O), in order.
       rank: R (default: the largest rank found); smaller ranks are zero-padded.
       scale: S (default: the scale shared by the most (expert, site) pairs).
 
