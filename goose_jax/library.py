@@ -104,6 +104,19 @@ def _sha256_file(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def check_expert_name(name: Any, where: str = "expert library") -> str:
+    """``name`` if it can name an expert (and its file ``experts/<name>.safetensors``).
+
+    Raises:
+      LibraryError: anything but letters, digits and ``_.+-`` (starting with a letter or digit,
+        at most 128 characters), naming ``where``.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise LibraryError(f"{where}: invalid expert name {name!r} (use letters, digits and "
+                           "_.+-, starting with a letter or digit, at most 128 characters)")
+    return name
+
+
 class ExpertLibrary:
     """A directory of LoRA experts (and their gates) for one base model.
 
@@ -333,9 +346,7 @@ class ExpertLibrary:
         Returns:
           The path of the written file.
         """
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise LibraryError(f"{self.path}: invalid expert name {name!r} (use letters, "
-                               "digits and _.+-, starting with a letter or digit)")
+        check_expert_name(name, self.path)
         if name in self and not overwrite:
             raise LibraryError(f"{self.path}: expert {name!r} already exists (overwrite=True, "
                                "or --overwrite on the command line, replaces it)")
