@@ -26,14 +26,8 @@ leading axes.
 """
 
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.t5 import (
-    T5,
-    generate_greedy,
-    init_params,
-    param_logical_axes,
-    site_shapes,
-    t5_logits,
-)
+from goose_jax.generation import generate_greedy
+from goose_jax.t5 import T5, init_params, param_logical_axes, site_shapes, t5_logits
 
 __version__ = "0.1.0"
 

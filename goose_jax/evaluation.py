@@ -36,10 +36,11 @@ import numpy as np
 from goose_jax.config import T5Config
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.errors import DataError, EvalError
-from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
+from goose_jax.experts import EXPERTS, flatten_sites
+from goose_jax.generation import generate_greedy
 from goose_jax.metrics import generation_score, rank_prediction
-from goose_jax.routers import PER_EXAMPLE, TELEMETRY
-from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5, generate_greedy
+from goose_jax.routers import PER_EXAMPLE, TELEMETRY, collect_counts, telemetry_masks
+from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5
 
 Array = jax.Array
 
@@ -67,26 +68,6 @@ def _pad_rows(rows: Sequence[Sequence[int]], n_rows: int, length: int) -> tuple[
     return ids, mask
 
 
-# --- telemetry ----------------------------------------------------------------------------------
-
-
-def _telemetry_masks(sites: Sequence[str], enc_mask, dec_mask, cross_mask) -> dict:
-    def pick(site):  # cross-attention k and v read encoder tokens
-        if site.startswith("encoder/"):
-            return enc_mask
-        return cross_mask if site.endswith(("cross_attn/k", "cross_attn/v")) else dec_mask
-
-    return nest_sites({s: {"mask": pick(s)} for s in sites})
-
-
-def _collect_counts(state) -> dict[str, Array]:
-    inter = state.get("intermediates", {}) if state else {}
-    if not inter:
-        return {}
-    return {name: sum(leaf["top1_counts"]) for name, leaf in flatten_sites(inter).items()
-            if "top1_counts" in leaf}
-
-
 # --- the jitted scorers -------------------------------------------------------------------------
 
 
@@ -108,7 +89,7 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
         # Padded choice rows (C rounded up) hold real encoder tokens but are no real input.
         real_M = (jnp.sum(tmask_MT, axis=-1, keepdims=True) > 0).astype(mask_ML.dtype)
         enc_real = mask_ML * real_M if naive else mask_BL
-        masks = {TELEMETRY: _telemetry_masks(sites, enc_real, tmask_MT, mask_ML * real_M)}
+        masks = {TELEMETRY: telemetry_masks(sites, enc_real, tmask_MT, mask_ML * real_M)}
         enc_vars, dec_vars = {**enc_vars, **masks}, {**dec_vars, **masks}
     enc_ids = jnp.repeat(ids_BL, C, axis=0) if naive else ids_BL
     res = model.apply(enc_vars, enc_ids, enc_rows, method=T5.encode, mutable=mutable)
@@ -121,7 +102,7 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
     gold_MT = jnp.take_along_axis(logits_MTV, tgt_MT[..., None], axis=-1)[..., 0]
     nll_MT = (jax.nn.logsumexp(logits_MTV, axis=-1) - gold_MT) * tmask_MT
     nll_BC = jnp.sum(nll_MT, axis=-1).reshape(B, C)
-    counts = {**_collect_counts(enc_state), **_collect_counts(dec_state)}
+    counts = {**collect_counts(enc_state), **collect_counts(dec_state)}
     return nll_BC, counts
 
 
@@ -196,13 +177,12 @@ class Evaluator:
             raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")
         adapter = getattr(routed, "adapter", None)
         per_token = getattr(adapter, "scoring", None) in ("standardized", "abs_dot")
-        if per_token and adapter.telemetry:
-            adapter = dataclasses.replace(adapter, telemetry=False)  # decoding sows nothing
-        self.plain_adapter = adapter
         self.telemetry = bool(telemetry and per_token)
         # The routed adapter counts the top-1 choices of the routing it computes anyway, over
-        # the tokens of its site's telemetry mask (supplied by the scorer).
-        self.adapter = dataclasses.replace(adapter, telemetry=True) if self.telemetry else adapter
+        # the tokens of its site's telemetry mask (supplied by the scorer and by generation).
+        if per_token:
+            adapter = dataclasses.replace(adapter, telemetry=self.telemetry)
+        self.adapter = adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
         self.compiled_shapes: set[tuple] = set()
@@ -335,38 +315,18 @@ class Evaluator:
             variables = self._variables(self._experts([examples[i] for i in idx], B))
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
-            toks = self._get(generate_greedy(self.cfg, self.params, self._put(ids),
-                                             max_new_tokens, self._put(mask),
-                                             adapter=self.plain_adapter, collections=coll or None,
-                                             fast_compile=self.fast_compile))
+            # With telemetry, decoding counts the routing it computes (no second forward).
+            out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
+                                      self._put(mask), adapter=self.adapter,
+                                      collections=coll or None, fast_compile=self.fast_compile,
+                                      telemetry=self.telemetry)
+            toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
-            if self.telemetry:
-                self._generation_counts(ids, mask, toks, len(idx), variables)
+            self._add_counts(counts)
             if progress is not None:
                 progress.update(len(idx))
         return out
-
-    def _generation_counts(self, ids, mask, toks, n_real: int, variables) -> None:
-        # Teacher forcing the generated tokens reproduces every decoding step's activations, so
-        # the routing counted here is the routing that greedy decoding used.
-        eos = self.cfg.eos_token_id
-        rows = [r[:r.index(eos) + 1] if eos in r else r for r in toks.tolist()]
-        T, C = bucket(toks.shape[1], 4), 1
-        if self.fixed_shapes and toks.shape[1] <= self.max_target_length:
-            # The rank-classification shape, empty choice rows and all: no second compile.
-            T, C = self.max_target_length, self._choices(1)
-        tgt, tmask = _pad_rows(rows, toks.shape[0], T)
-        tmask[n_real:] = 0
-        tgt_BCT = np.zeros((tgt.shape[0], C, T), np.int32)
-        tmask_BCT = np.zeros_like(tgt_BCT)
-        tgt_BCT[:, 0], tmask_BCT[:, 0] = tgt, tmask
-        # Telemetry runs only for per-token routing, whose variables do not depend on the rows.
-        score = _CHOICE_NLL[self.fast_compile]
-        _, counts = score(self.cfg, self.adapter, variables, variables, self._put(ids),
-                          self._put(mask), self._put(tgt_BCT), self._put(tmask_BCT),
-                          sites=self.sites)
-        self._add_counts(self._get(counts))
 
     # -- tasks --
 

@@ -114,6 +114,38 @@ def _sow_stats(module, route, num_experts: int) -> None:
     module.sow("intermediates", "mean_entropy", jnp.sum(entropy_N * mask_N) / real)
 
 
+def telemetry_masks(sites, enc_mask_BL: Array, dec_mask_BT: Array, cross_mask_BL: Array) -> dict:
+    """The ``telemetry`` collection: per site, the mask of the tokens its counts include.
+
+    Args:
+      sites: site names (``"encoder/block_0/self_attn/q"``, ...).
+      enc_mask_BL: (B, L) the encoder tokens that count, for encoder sites.
+      dec_mask_BT: (B, T) the decoder tokens that count, for decoder sites.
+      cross_mask_BL: (B, L) the encoder tokens that count for cross-attention k and v, which
+        read the encoder output.
+
+    Returns:
+      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``.
+    """
+
+    def pick(site):
+        if site.startswith("encoder/"):
+            return enc_mask_BL
+        return cross_mask_BL if site.endswith(("cross_attn/k", "cross_attn/v")) else dec_mask_BT
+
+    return nest_sites({s: {"mask": pick(s)} for s in sites})
+
+
+def collect_counts(state) -> dict[str, Array]:
+    """Per site, the (E,) top-1 counts a telemetry adapter sowed in ``state["intermediates"]``
+    (summed over the site's calls); sites that sowed nothing are absent."""
+    inter = state.get("intermediates", {}) if state else {}
+    if not inter:
+        return {}
+    return {name: sum(leaf["top1_counts"]) for name, leaf in flatten_sites(inter).items()
+            if "top1_counts" in leaf}
+
+
 @dataclasses.dataclass(frozen=True)
 class Routed:
     """An adapter and the variable trees it reads; pass as ``routing=`` to the model API."""

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import ConfigError
 
 Array = jax.Array
 # Added to attention scores at masked positions. Finite so that bias + mask cannot overflow.
@@ -610,63 +609,3 @@ def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attenti
 # fusion emitters; without them small models compile several times faster and run up to 2x
 # slower (tests, smoke runs, the miniature world).
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapter=None):
-    model = T5(cfg, adapter)
-    B = input_ids_BL.shape[0]
-    T = max_new_tokens
-    enc_BLD = model.apply(variables, input_ids_BL, mask_BL, method=T5.encode)
-
-    def step(cache, tok_B):
-        vs = dict(variables) if cache is None else {**variables, "cache": cache}
-        logits, mutated = model.apply(vs, tok_B[:, None], enc_BLD, mask_BL, decode=True,
-                                      max_len=T, method=T5.decode, mutable=["cache"])
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
-
-    start_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
-    tok_B, cache = step(None, start_B)
-    out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
-    done_B = tok_B == cfg.eos_token_id
-
-    def cond(state):
-        i, _, _, _, done_B = state
-        return (i < T) & ~jnp.all(done_B)
-
-    def body(state):
-        i, out_BT, cache, tok_B, done_B = state
-        new_B, cache = step(cache, tok_B)
-        new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
-        out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
-        return i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id)
-
-    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B)
-    return jax.lax.while_loop(cond, body, state)[1]
-
-
-_GENERATE_STATIC = ("cfg", "max_new_tokens", "adapter")
-_generate = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
-_generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
-                         compiler_options=FAST_COMPILE_OPTIONS)
-
-
-def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
-                    attention_mask_BL=None, *, routing=None, adapter: Adapter | None = None,
-                    collections: dict | None = None, fast_compile: bool = False) -> Array:
-    """Greedy decoding with a key/value cache, jitted with static shapes.
-
-    ``fast_compile`` compiles with ``FAST_COMPILE_OPTIONS`` (quicker to compile, slower to run).
-
-    Returns:
-      int32 (B, max_new_tokens): the new tokens without the decoder start token; a row stops at
-      its EOS and is padded with ``cfg.pad_token_id`` (0) after it. Every decoder step is one
-      token through every site, so routing adapters route each generated token on its own.
-    """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    adapter, collections = _resolve(adapter, collections, routing)
-    input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
-    mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
-    fn = _generate_fast if fast_compile else _generate
-    return fn(cfg, _variables(params, collections), input_ids_BL, mask, int(max_new_tokens),
-              adapter=adapter)

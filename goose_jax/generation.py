@@ -1,0 +1,133 @@
+"""Greedy generation with a key/value cache, jitted with static shapes.
+
+Shapes follow the package legend (the ``goose_jax`` module docstring).
+
+The encoder runs once; then each step feeds one token per row through the decoder (``T5.decode``
+with ``decode=True``), inside a ``jax.lax.while_loop`` that ends when every row has emitted EOS or
+``max_new_tokens`` tokens exist. Every step is one token through every site, so a routing
+adapter routes each generated token on its own.
+
+With ``telemetry=True`` the routing that decoding computes is also counted: the adapter sows
+per-site top-1 counts (``goose_jax.routers.RoutedAdapter`` with ``telemetry``) over the tokens
+of each site's ``telemetry`` mask, and the loop carries their sum. The encoder pass counts the
+real input tokens, each step counts the rows still decoding (up to and including their EOS), and
+rows whose input is all padding (batch padding) count nothing: the same tokens a teacher-forced
+forward over the generated answers would count, without running it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from goose_jax.config import T5Config
+from goose_jax.errors import ConfigError
+from goose_jax.routers import TELEMETRY, collect_counts, telemetry_masks
+from goose_jax.t5 import (
+    FAST_COMPILE_OPTIONS,
+    T5,
+    Adapter,
+    _ones_mask,
+    _resolve,
+    _variables,
+    site_shapes,
+)
+
+Array = jax.Array
+
+
+def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapter=None,
+                   telemetry=False):
+    model = T5(cfg, adapter)
+    B = input_ids_BL.shape[0]
+    T = max_new_tokens
+    sites = tuple(site_shapes(cfg)) if telemetry else ()
+
+    def apply(vs, masks, *args, mutable, **kwargs):
+        # Returns (output, mutated collections); with telemetry the sown counts among them.
+        if telemetry:
+            vs, mutable = {**vs, TELEMETRY: masks}, [*mutable, "intermediates"]
+        if not mutable:
+            return model.apply(vs, *args, **kwargs), {}
+        return model.apply(vs, *args, mutable=mutable, **kwargs)
+
+    enc_sites = [s for s in sites if s.startswith("encoder/")]
+    enc_BLD, enc_state = apply(variables, telemetry_masks(enc_sites, mask_BL, mask_BL, mask_BL),
+                               input_ids_BL, mask_BL, method=T5.encode, mutable=[])
+    enc_counts = collect_counts(enc_state)
+    dec_sites = [s for s in sites if s.startswith("decoder/")]
+    real_B = jnp.any(mask_BL != 0, axis=-1)   # batch padding rows hold no input token
+
+    def step(cache, tok_B, count_B):
+        vs = dict(variables) if cache is None else {**variables, "cache": cache}
+        # Cross-attention k and v project the encoder output at the first step only.
+        masks = telemetry_masks(dec_sites, mask_BL, count_B[:, None], mask_BL)
+        logits, mutated = apply(vs, masks, tok_B[:, None], enc_BLD, mask_BL, decode=True,
+                                max_len=T, method=T5.decode, mutable=["cache"])
+        new_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return new_B, mutated["cache"], collect_counts(mutated)
+
+    start_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
+    tok_B, cache, step_counts = step(None, start_B, real_B)
+    counts = {**enc_counts, **step_counts}
+    out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
+    done_B = tok_B == cfg.eos_token_id
+
+    def cond(state):
+        i, _, _, _, done_B, _ = state
+        return (i < T) & ~jnp.all(done_B)
+
+    def body(state):
+        i, out_BT, cache, tok_B, done_B, counts = state
+        # A row counts this step's token only while it has not finished.
+        new_B, cache, step_counts = step(cache, tok_B, real_B & ~done_B)
+        counts = {s: c + step_counts[s] if s in step_counts else c for s, c in counts.items()}
+        new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
+        out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
+        return i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id), counts
+
+    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts)
+    state = jax.lax.while_loop(cond, body, state)
+    return (state[1], state[5]) if telemetry else state[1]
+
+
+_GENERATE_STATIC = ("cfg", "max_new_tokens", "adapter", "telemetry")
+_generate = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
+_generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
+                         compiler_options=FAST_COMPILE_OPTIONS)
+
+
+def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
+                    attention_mask_BL=None, *, routing=None, adapter: Adapter | None = None,
+                    collections: dict | None = None, fast_compile: bool = False,
+                    telemetry: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+    """Greedy decoding with a key/value cache, jitted with static shapes.
+
+    Args:
+      cfg: the model config.
+      params: the base parameter tree.
+      input_ids_BL: (B, L) int encoder tokens.
+      max_new_tokens: T, the most tokens generated per row.
+      attention_mask_BL: (B, L) 1 for real encoder tokens, 0 for padding; None means all real.
+        A row that is all padding is batch padding (its routing is never counted).
+      routing: a ``goose_jax.routers.Routed`` (any routing method over an expert library).
+      adapter: optional site adapter (LoRA, gates, routing).
+      collections: extra variable collections the adapter reads (e.g. ``{"lora": ...}``).
+      fast_compile: compile with ``t5.FAST_COMPILE_OPTIONS`` (quicker to compile, slower to run).
+      telemetry: also return the per-site top-1 expert counts of the routing decoding computed;
+        the adapter must sow them (``build_routed(..., telemetry=True)``).
+
+    Returns:
+      int32 (B, T): the new tokens without the decoder start token; a row stops at its EOS and is
+      padded with ``cfg.pad_token_id`` (0) after it. With ``telemetry``, the pair (tokens,
+      ``{site: (E,) float32 counts}``) over the real input tokens (encoder sites, cross-attention
+      k and v) and the generated tokens up to and including each row's EOS (other decoder sites).
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    adapter, collections = _resolve(adapter, collections, routing)
+    input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
+    mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+    fn = _generate_fast if fast_compile else _generate
+    return fn(cfg, _variables(params, collections), input_ids_BL, mask, int(max_new_tokens),
+              adapter=adapter, telemetry=bool(telemetry))
