@@ -14,11 +14,21 @@ import jax  # noqa: E402  (after the environment it reads)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Tests that shard over a mesh of 8 devices; `make test` provides 8 fake CPU devices.
-needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason="needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8, as "
-           "`make test` does")
+# Tests that shard over a mesh of 8 devices; `make test` provides 8 fake CPU devices. The device
+# count is read when such a test is set up, not at import: the multi-process tests' worker imports
+# this file before it joins its process group, which must come before JAX's first device call.
+needs_8_devices = pytest.mark.needs_8_devices
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_8_devices: skipped on fewer than 8 devices")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_8_devices") and jax.device_count() < 8:
+        pytest.skip("needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+                    ", as `make test` does")
+
 
 TINY = dict(vocab_size=101, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_layers=2,
             num_decoder_layers=3, relative_attention_num_buckets=8,
