@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/t5_forward.py
 
 # Every Python directory; ruff fails on a path that does not exist, so only those present.
-LINT_DIRS := $(wildcard goose_jax tests bench configs train eval scripts)
+LINT_DIRS := goose_jax tests bench configs train eval
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
