@@ -30,7 +30,7 @@ demo:
 bench: $(STAMP)
 	$(PY) bench/t5_forward.py
 
-# Every Python directory; ruff fails on a path that does not exist, so only those present.
+# Every Python directory of the checkout.
 LINT_DIRS := goose_jax tests bench configs train eval
 
 lint: $(STAMP)
