@@ -12,19 +12,16 @@ fixed when the library is created); what differs between experts is only whether
 present. Adding or removing an expert writes that expert's file and rewrites the manifest
 (atomically, by rename); the other experts' files are never touched.
 
-Safe to share: every manifest change (create, add, remove) holds an advisory lock
-(``fcntl.flock`` on ``manifest.lock`` in the library; POSIX), re-reads the manifest from disk
-inside it, applies its one change and writes it atomically, so concurrent writers, in any
-processes, serialise and none loses another's entry. Readers take no lock: they see the old
-manifest or the new one, never half of one.
+Safe to share: every manifest change (create, add, remove) holds an advisory lock (``flock`` on
+``manifest.lock`` in the library; POSIX), re-reads the manifest inside it, applies its one change
+and writes it atomically, so concurrent writers serialise and none loses another's entry.
+Readers take no lock: they see the old manifest or the new one, never half of one.
 
-Checked on load, garbage never stored: ``open`` validates every manifest field (one
-``LibraryError`` naming ``manifest.json``, the entry and the field) and refuses an expert file
-that resolves outside the library (an absolute path, ``..``, a symlink out); ``load`` checks
-each file's size and, by default, its sha256, hashing the bytes it reads anyway (each file is
-read once), and refuses non-finite weights; ``add`` refuses non-finite weights. The manifest is
-strict JSON: a non-finite number in an expert's ``info`` (a metric of a diverged run, say) is
-written as ``null``, since refusing it would throw away the finite expert it describes.
+Checked on load: ``open`` checks every manifest field and refuses an expert file that resolves
+outside the library (absolute, ``..``, a symlink out); ``load`` checks each file's size, its
+sha256 (by default; the bytes are hashed as they are read) and that its weights are finite.
+Never stored: ``add`` refuses non-finite weights; the manifest is strict JSON, a non-finite
+number in ``info`` (a diverged run's metric) written as null, which keeps the finite expert.
 
 The base model identity is its T5 config (as the HF dict, without the storage dtype) and a
 fingerprint of its weights (``weights_fingerprint``): the sorted parameter names, their shapes,
@@ -56,7 +53,7 @@ import ml_dtypes
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import LibraryError
+from goose_jax.errors import GooseError, LibraryError, one_line
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.t5 import site_shapes
 from goose_jax.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
@@ -157,7 +154,8 @@ _TOP = (("base_model", lambda v: isinstance(v, dict) and isinstance(v.get("t5_co
          and isinstance(v.get("weights_fingerprint"), str),
          "an object with t5_config (object) and weights_fingerprint (string)"),
         ("lora", lambda v: isinstance(v, dict) and _is_int(v.get("rank")) and v["rank"] > 0
-         and _is_num(v.get("scale")), "an object with rank (int > 0) and scale (number)"),
+         and (_is_int(v.get("scale")) or isinstance(v.get("scale"), float)),
+         "an object with rank (int > 0) and scale (number)"),
         ("sites", lambda v: isinstance(v, dict) and all(
             isinstance(s, list) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s)
             for s in v.values()), "an object: site -> [d_in, d_out]"),
@@ -176,10 +174,6 @@ _REQUIRED = {key for key, _, _ in _ENTRY}
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -217,6 +211,7 @@ def _check_manifest(manifest: Any, path: str) -> None:
         if not ok(manifest[key]):
             raise LibraryError(f"{mpath}: {key}: expected {what}; restore the manifest from a "
                                "backup or recreate the library")
+    _base_config(manifest, mpath)
     seen = set()
     for i, entry in enumerate(manifest["experts"]):
         where = f"{mpath}: experts[{i}]"
@@ -231,6 +226,19 @@ def _check_manifest(manifest: Any, path: str) -> None:
             raise LibraryError(f"{where}: name: a second expert named {entry['name']!r}")
         seen.add(entry["name"])
         _expert_file(path, entry, mpath)
+
+
+def _base_config(manifest: dict, mpath: str) -> T5Config:
+    d = dict(manifest["base_model"]["t5_config"])
+    tie = d.pop("tie_word_embeddings", None)
+    where = f"{mpath}: base_model.t5_config"
+    if not isinstance(tie, bool):
+        raise LibraryError(f"{where}: field 'tie_word_embeddings': expected true or false, "
+                           f"found {tie!r:.60}; restore the manifest from a backup")
+    try:
+        return T5Config.from_hf_dict(d, source=where).replace(tie_word_embeddings=tie)
+    except (GooseError, ValueError, TypeError) as e:
+        raise LibraryError(f"{one_line(e)}; restore the manifest from a backup") from None
 
 
 def _entry_problem(entry: dict) -> str | None:
@@ -424,10 +432,7 @@ class ExpertLibrary:
 
     @property
     def base_config(self) -> T5Config:
-        d = dict(self.manifest["base_model"]["t5_config"])
-        tie = d.pop("tie_word_embeddings")
-        return T5Config.from_hf_dict(d, source=self._manifest_path).replace(
-            tie_word_embeddings=tie)
+        return _base_config(self.manifest, self._manifest_path)
 
     def info(self, name: str) -> dict[str, Any]:
         """The manifest entry of expert ``name``: name, file, data, steps, metrics, has_gate."""
@@ -507,11 +512,13 @@ class ExpertLibrary:
 
         Returns:
           The path of the written file.
+
+        Raises:
+          LibraryError: a bad name, shape or site, non-finite weights (naming the expert and the
+            site), info that is not JSON, or a name taken (unless ``overwrite``). Non-finite
+            numbers in ``info`` are stored as null (the manifest is strict JSON).
         """
         check_expert_name(name, self.path)
-        if name in self and not overwrite:
-            raise LibraryError(f"{self.path}: expert {name!r} already exists (overwrite=True, "
-                               "or --overwrite on the command line, replaces it)")
         tensors = self._one_expert(experts, LEAVES, index, "experts")
         if gates is not None:
             tensors.update(self._one_expert(gates, (GATE,), index, "gates"))
@@ -538,7 +545,7 @@ class ExpertLibrary:
             raise LibraryError(f"{self.path}: info for {name!r}: {problem}")
         with self._fresh() as entries:
             names = [e["name"] for e in entries]
-            if name in names and not overwrite:  # a concurrent writer added it meanwhile
+            if name in names and not overwrite:  # as it is on disk: perhaps added meanwhile
                 raise LibraryError(f"{self.path}: expert {name!r} already exists (overwrite="
                                    "True, or --overwrite on the command line, replaces it)")
             os.makedirs(os.path.dirname(file), exist_ok=True)

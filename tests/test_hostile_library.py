@@ -29,7 +29,8 @@ CFG = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_
                   num_decoder_layers=1, relative_attention_num_buckets=8,
                   relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
                   tie_word_embeddings=False)
-LORA = LoRAConfig(rank=2, sites=r"encoder/block_0/self_attn/q|decoder/block_0/(cross_attn/k|ffn/wo)")
+LORA = LoRAConfig(rank=2,
+                  sites=r"encoder/block_0/self_attn/q|decoder/block_0/(cross_attn/k|ffn/wo)")
 NAMES = ("alpha", "beta", "gamma")
 
 
@@ -37,7 +38,8 @@ def make_expert(sites, seed, gate=True):
     """(experts, gates) trees of one expert at ``sites`` (name -> (d_in, d_out)), rank 2."""
     rng = np.random.default_rng(seed)
     experts = {s: {"lora_a": rng.standard_normal((i, 2), np.float32),
-                   "lora_b": rng.standard_normal((2, o), np.float32)} for s, (i, o) in sites.items()}
+                   "lora_b": rng.standard_normal((2, o), np.float32)}
+               for s, (i, o) in sites.items()}
     gates = {s: {"gate": rng.standard_normal((i,), np.float32)} for s, (i, _) in sites.items()}
     return nest_sites(experts), (nest_sites(gates) if gate else None)
 
@@ -287,6 +289,11 @@ def test_expert_file_outside_the_library_is_refused(world, lib, tmp_path, capsys
 # --- bad manifest fields -----------------------------------------------------------------------
 
 
+def _t5_config(manifest, drop):
+    del manifest["base_model"]["t5_config"][drop]
+    return manifest
+
+
 def _entry(field, value):
     def change(m):
         if value is KeyError:
@@ -304,6 +311,9 @@ def _entry(field, value):
     (lambda m: {**m, "lora": {**m["lora"], "rank": "2"}}, ["lora: expected"]),
     (lambda m: {**m, "sites": {"x": [24]}}, ["sites: expected"]),
     (lambda m: {**m, "experts": {}}, ["experts: expected a list"]),
+    (lambda m: {k: v for k, v in m.items() if k != "sites"}, ["manifest lacks 'sites'"]),
+    (lambda m: _t5_config(m, "d_model"), ["base_model.t5_config", "d_model"]),
+    (lambda m: _t5_config(m, "tie_word_embeddings"), ["t5_config: field 'tie_word_embeddings'"]),
     (_entry("sha256", KeyError), ["experts[1] ('beta')", "field 'sha256' is missing"]),
     (_entry("bytes", "12"), ["experts[1] ('beta')", "field 'bytes'", "found str"]),
     (_entry("has_gate", "yes"), ["experts[1] ('beta')", "field 'has_gate'"]),
