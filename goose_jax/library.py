@@ -119,9 +119,15 @@ def _sha256(data: bytes) -> str:
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
     """Holds the library's advisory write lock (blocking until it is free)."""
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    lock = os.path.join(path, LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise LibraryError(f"{lock}: cannot lock the library for writing ({e.strerror}): "
+                               "keep libraries that are written to on a local or POSIX-locking "
+                               "filesystem") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
