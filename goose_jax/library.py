@@ -10,7 +10,18 @@ Layout::
 Every expert of a library has the library's site list (the sites, their shapes and the rank are
 fixed when the library is created); what differs between experts is only whether a gate is
 present. Adding or removing an expert writes that expert's file and rewrites the manifest
-(atomically, by rename); the other experts' files are never touched. One writer at a time.
+(atomically, by rename); the other experts' files are never touched.
+
+Safe to share: every manifest change (create, add, remove) holds an advisory lock (``flock`` on
+``manifest.lock`` in the library; POSIX), re-reads the manifest inside it, applies its one change
+and writes it atomically, so concurrent writers serialise and none loses another's entry.
+Readers take no lock: they see the old manifest or the new one, never half of one.
+
+Checked on load: ``open`` checks every manifest field and refuses an expert file that resolves
+outside the library (absolute, ``..``, a symlink out); ``load`` checks each file's size, its
+sha256 (by default; the bytes are hashed as they are read) and that its weights are finite.
+Never stored: ``add`` refuses non-finite weights; the manifest is strict JSON, a non-finite
+number in ``info`` (a diverged run's metric) written as null, which keeps the finite expert.
 
 The base model identity is its T5 config (as the HF dict, without the storage dtype) and a
 fingerprint of its weights (``weights_fingerprint``): the sorted parameter names, their shapes,
@@ -25,12 +36,15 @@ Shapes follow the package legend (the ``goose_jax`` module docstring).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,12 +53,13 @@ import ml_dtypes
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import LibraryError
+from goose_jax.errors import GooseError, LibraryError, one_line
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.t5 import site_shapes
-from goose_jax.tensorfile import read_safetensors, write_atomic, write_safetensors
+from goose_jax.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
 
 MANIFEST = "manifest.json"
+LOCK = "manifest.lock"
 EXPERT_DIR = "experts"
 FORMAT = "goose-jax-library"
 FORMAT_VERSION = 1
@@ -52,6 +67,7 @@ FINGERPRINT_SAMPLES = 4096
 LEAVES = ("lora_a", "lora_b")
 GATE = "gate"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def _flat_params(tree: Any) -> dict[str, Any]:
@@ -96,12 +112,177 @@ def _base_config_dict(cfg: T5Config) -> dict[str, Any]:
     return d
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Holds the library's advisory write lock (blocking until it is free)."""
+    lock = os.path.join(path, LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            raise LibraryError(f"{lock}: cannot lock the library for writing ({e.strerror}): "
+                               "keep libraries that are written to on a local or POSIX-locking "
+                               "filesystem") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None (the manifest is strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _check_finite(x: np.ndarray, where: str) -> None:
+    if x.dtype.kind not in "biu" and not np.isfinite(x).all():  # bfloat16's kind is "V"
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise LibraryError(f"{where} holds {bad} non-finite values (NaN or inf): a diverged "
+                           "run? retrain it (with a lower learning rate)")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# (field, test, what it must be); the first group is required.
+_TOP = (("base_model", lambda v: isinstance(v, dict) and isinstance(v.get("t5_config"), dict)
+         and isinstance(v.get("weights_fingerprint"), str),
+         "an object with t5_config (object) and weights_fingerprint (string)"),
+        ("lora", lambda v: isinstance(v, dict) and _is_int(v.get("rank")) and v["rank"] > 0
+         and (_is_int(v.get("scale")) or isinstance(v.get("scale"), float)),
+         "an object with rank (int > 0) and scale (number)"),
+        ("sites", lambda v: isinstance(v, dict) and all(
+            isinstance(s, list) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s)
+            for s in v.values()), "an object: site -> [d_in, d_out]"),
+        ("experts", lambda v: isinstance(v, list), "a list"))
+_ENTRY = (("name", lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)), "an expert name"),
+          ("file", lambda v: isinstance(v, str) and bool(v), "a path inside the library"),
+          ("has_gate", lambda v: isinstance(v, bool), "true or false"),
+          ("bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+          ("sha256", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)),
+           '"sha256:" and 64 hex digits'))
+_ENTRY_OPTIONAL = (("data", lambda v: v is None or isinstance(v, str), "a string"),
+                   ("steps", lambda v: v is None or _is_int(v), "an int"),
+                   ("metrics", lambda v: v is None or isinstance(v, dict), "an object"))
+_REQUIRED = {key for key, _, _ in _ENTRY}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the library at ``path``, every field checked (see ``_check_manifest``)."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise LibraryError(f"{path}: not an expert library (no {MANIFEST})")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LibraryError(f"{mpath}: cannot read as JSON: {' '.join(str(e).split())}"
+                           ) from None
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _check_manifest(manifest: Any, path: str) -> None:
+    """Raises LibraryError (naming manifest.json, the entry and the field) unless every field of
+    ``manifest`` has its type and every expert file resolves inside the library."""
+    mpath = os.path.join(path, MANIFEST)
+    if not isinstance(manifest, dict):
+        raise LibraryError(f"{mpath}: expected a JSON object, found {_kind(manifest)} (not a "
+                           "goose-jax library manifest)")
+    if manifest.get("format") != FORMAT:
+        raise LibraryError(f"{mpath}: format: expected {FORMAT!r}, found "
+                           f"{manifest.get('format')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LibraryError(f"{mpath}: format_version: expected {FORMAT_VERSION}, found "
+                           f"{manifest.get('format_version')!r} (written by another "
+                           "goose-jax version?)")
+    for key, ok, what in _TOP:
+        if key not in manifest:
+            raise LibraryError(f"{mpath}: manifest lacks {key!r}")
+        if not ok(manifest[key]):
+            raise LibraryError(f"{mpath}: {key}: expected {what}; restore the manifest from a "
+                               "backup or recreate the library")
+    _base_config(manifest, mpath)
+    seen = set()
+    for i, entry in enumerate(manifest["experts"]):
+        where = f"{mpath}: experts[{i}]"
+        if not isinstance(entry, dict):
+            raise LibraryError(f"{where}: expected an object, found {_kind(entry)}")
+        if isinstance(entry.get("name"), str):
+            where += f" ({entry['name']!r})"
+        problem = _entry_problem(entry)
+        if problem:
+            raise LibraryError(f"{where}: {problem}; remove the entry or restore the manifest")
+        if entry["name"] in seen:
+            raise LibraryError(f"{where}: name: a second expert named {entry['name']!r}")
+        seen.add(entry["name"])
+        _expert_file(path, entry, mpath)
+
+
+def _base_config(manifest: dict, mpath: str) -> T5Config:
+    d = dict(manifest["base_model"]["t5_config"])
+    tie = d.pop("tie_word_embeddings", None)
+    where = f"{mpath}: base_model.t5_config"
+    if not isinstance(tie, bool):
+        raise LibraryError(f"{where}: field 'tie_word_embeddings': expected true or false, "
+                           f"found {tie!r:.60}; restore the manifest from a backup")
+    try:
+        return T5Config.from_hf_dict(d, source=where).replace(tie_word_embeddings=tie)
+    except (GooseError, ValueError, TypeError) as e:
+        raise LibraryError(f"{one_line(e)}; restore the manifest from a backup") from None
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """What is wrong with the fields of one manifest entry, or None."""
+    for key, ok, what in _ENTRY + _ENTRY_OPTIONAL:
+        if key not in entry:
+            if key in _REQUIRED:
+                return f"field {key!r} is missing (expected {what})"
+        elif not ok(entry[key]):
+            return f"field {key!r}: expected {what}, found {_kind(entry[key])} {entry[key]!r:.60}"
+    return None
+
+
+def _empty_or_library(path: str) -> bool:
+    """Whether ``path`` is missing, an empty directory, or a library (perhaps one that a
+    concurrent writer is creating right now)."""
+    if not os.path.exists(path):
+        return True
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    experts = os.path.join(path, EXPERT_DIR)
+    return MANIFEST in names or names <= {LOCK, EXPERT_DIR} and (
+        EXPERT_DIR not in names or os.path.isdir(experts) and not os.listdir(experts))
+
+
+def _expert_file(path: str, entry: dict, mpath: str) -> str:
+    """The absolute path of ``entry``'s file; LibraryError unless it resolves inside ``path``."""
+    rel = entry["file"]
+    file = os.path.join(path, rel)
+    parts = rel.replace("\\", "/").split("/")
+    root = os.path.realpath(path)
+    if os.path.isabs(rel) or ".." in parts or \
+            os.path.commonpath([root, os.path.realpath(file)]) != root:
+        raise LibraryError(f"{mpath}: expert {entry['name']!r}: field 'file': {rel!r} resolves "
+                           f"outside the library (refused); expert files live in {EXPERT_DIR}/ "
+                           "of the library itself")
+    return file
 
 
 def check_expert_name(name: Any, where: str = "expert library") -> str:
@@ -139,31 +320,34 @@ class ExpertLibrary:
         and these sites (and refused with ``LibraryError`` if it does not).
         """
         path = os.path.abspath(os.fspath(path))
-        if os.path.exists(os.path.join(path, MANIFEST)):
-            if not exist_ok:
-                raise LibraryError(f"{path}: a library already exists here")
-            lib = cls.open(path, cfg, params)
-            lib._check_sites({k: list(v) for k, v in select_sites(cfg, lora).items()},
-                             "the requested LoRA sites")
-            if lib.rank != lora.rank or abs(lib.scale - lora.lora_scale) > 1e-12:
-                raise LibraryError(f"{lib._manifest_path}: rank / scale: expected {lora.rank} / "
-                                   f"{lora.lora_scale}, found {lib.rank} / {lib.scale}")
-            return lib
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise LibraryError(f"{path}: exists and is not an empty directory or a library")
-        sites = select_sites(cfg, lora)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_model": {"t5_config": _base_config_dict(cfg),
-                           "weights_fingerprint": weights_fingerprint(params)},
-            "lora": {"rank": lora.rank, "scale": lora.lora_scale, "sites_pattern": lora.sites},
-            "sites": {name: [d_in, d_out] for name, (d_in, d_out) in sites.items()},
-            "experts": [],
-        }
-        os.makedirs(os.path.join(path, EXPERT_DIR), exist_ok=True)
-        lib = cls(path, manifest)
-        lib._write_manifest()
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            if not _empty_or_library(path):
+                raise LibraryError(f"{path}: exists and is not an empty directory or a library")
+            os.makedirs(os.path.join(path, EXPERT_DIR), exist_ok=True)
+            with _locked(path):  # a concurrent creator may have won: then it is opened below
+                if not os.path.exists(os.path.join(path, MANIFEST)):
+                    sites = select_sites(cfg, lora)
+                    manifest = {
+                        "format": FORMAT,
+                        "format_version": FORMAT_VERSION,
+                        "base_model": {"t5_config": _base_config_dict(cfg),
+                                       "weights_fingerprint": weights_fingerprint(params)},
+                        "lora": {"rank": lora.rank, "scale": lora.lora_scale,
+                                 "sites_pattern": lora.sites},
+                        "sites": {name: [d_in, d_out] for name, (d_in, d_out) in sites.items()},
+                        "experts": [],
+                    }
+                    lib = cls(path, manifest)
+                    lib._write_manifest()
+                    return lib
+        if not exist_ok:
+            raise LibraryError(f"{path}: a library already exists here")
+        lib = cls.open(path, cfg, params)
+        lib._check_sites({k: list(v) for k, v in select_sites(cfg, lora).items()},
+                         "the requested LoRA sites")
+        if lib.rank != lora.rank or abs(lib.scale - lora.lora_scale) > 1e-12:
+            raise LibraryError(f"{lib._manifest_path}: rank / scale: expected {lora.rank} / "
+                               f"{lora.lora_scale}, found {lib.rank} / {lib.scale}")
         return lib
 
     @classmethod
@@ -179,29 +363,11 @@ class ExpertLibrary:
 
         Raises:
           LibraryError: naming the file, the expected and the found value, for a missing or
-            unreadable manifest, an unknown format version, a different base model, or a
-            missing expert file.
+            unreadable manifest, an unknown format version, a missing or mistyped field, an
+            expert file outside the library, a different base model, or a missing expert file.
         """
         path = os.path.abspath(os.fspath(path))
-        mpath = os.path.join(path, MANIFEST)
-        if not os.path.isfile(mpath):
-            raise LibraryError(f"{path}: not an expert library (no {MANIFEST})")
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise LibraryError(f"{mpath}: cannot read as JSON: {' '.join(str(e).split())}"
-                               ) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
-            raise LibraryError(f"{mpath}: format: expected {FORMAT!r}, found {found!r}")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise LibraryError(f"{mpath}: format_version: expected {FORMAT_VERSION}, found "
-                               f"{manifest.get('format_version')!r} (written by another "
-                               "goose-jax version?)")
-        for key in ("base_model", "lora", "sites", "experts"):
-            if key not in manifest:
-                raise LibraryError(f"{mpath}: manifest lacks {key!r}")
+        manifest = _read_manifest(path)
         lib = cls(path, manifest)
         if cfg is not None or params is not None:
             lib.check_base(cfg, params)
@@ -209,7 +375,7 @@ class ExpertLibrary:
             file = os.path.join(path, entry["file"])
             if not os.path.isfile(file):
                 raise LibraryError(f"{file}: expert file of {entry['name']!r} is missing "
-                                   f"(listed in {mpath})")
+                                   f"(listed in {lib._manifest_path})")
         return lib
 
     def check_base(self, cfg: T5Config | None, params: Any = None) -> None:
@@ -272,10 +438,7 @@ class ExpertLibrary:
 
     @property
     def base_config(self) -> T5Config:
-        d = dict(self.manifest["base_model"]["t5_config"])
-        tie = d.pop("tie_word_embeddings")
-        return T5Config.from_hf_dict(d, source=self._manifest_path).replace(
-            tie_word_embeddings=tie)
+        return _base_config(self.manifest, self._manifest_path)
 
     def info(self, name: str) -> dict[str, Any]:
         """The manifest entry of expert ``name``: name, file, data, steps, metrics, has_gate."""
@@ -294,8 +457,18 @@ class ExpertLibrary:
     # --- writing -------------------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
-        text = json.dumps(self.manifest, indent=1, sort_keys=False) + "\n"
+        # Strict JSON: a bare NaN is not JSON, and other readers of the manifest would choke.
+        self.manifest = _strict_json(self.manifest)
+        text = json.dumps(self.manifest, indent=1, sort_keys=False, allow_nan=False) + "\n"
         write_atomic(self._manifest_path, text)
+
+    @contextlib.contextmanager
+    def _fresh(self) -> Iterator[list[dict]]:
+        """Holds the write lock with the manifest freshly re-read from disk and yields its expert
+        list; the caller changes it and calls ``_write_manifest`` inside."""
+        with _locked(self.path):
+            self.manifest = _read_manifest(self.path)
+            yield self.manifest["experts"]
 
     def _one_expert(self, tree: Any, leaves: Sequence[str], index: int | None,
                     what: str) -> dict[str, np.ndarray]:
@@ -345,61 +518,87 @@ class ExpertLibrary:
 
         Returns:
           The path of the written file.
+
+        Raises:
+          LibraryError: a bad name, shape or site, non-finite weights (naming the expert and the
+            site), info that is not JSON, or a name taken (unless ``overwrite``). Non-finite
+            numbers in ``info`` are stored as null (the manifest is strict JSON).
         """
         check_expert_name(name, self.path)
-        if name in self and not overwrite:
-            raise LibraryError(f"{self.path}: expert {name!r} already exists (overwrite=True, "
-                               "or --overwrite on the command line, replaces it)")
         tensors = self._one_expert(experts, LEAVES, index, "experts")
         if gates is not None:
             tensors.update(self._one_expert(gates, (GATE,), index, "gates"))
+        for key, x in tensors.items():
+            _check_finite(x, f"{self.path}: expert {name!r}: {key}")
         rel = f"{EXPERT_DIR}/{name}.safetensors"
         file = os.path.join(self.path, rel)
-        os.makedirs(os.path.dirname(file), exist_ok=True)
         meta = {"format": FORMAT, "name": name,
                 "base_fingerprint": self.manifest["base_model"]["weights_fingerprint"]}
-        write_safetensors(file, tensors, metadata=meta)
+        data = safetensors_bytes(tensors, metadata=meta)
         extra = dict(info or {})
         entry = {"name": name, "file": rel, "has_gate": gates is not None,
                  "data": extra.pop("data", ""), "steps": extra.pop("steps", None),
                  "metrics": extra.pop("metrics", {})}
         entry.update({k: v for k, v in extra.items() if k not in entry})
-        entry.update({"bytes": os.path.getsize(file), "sha256": _sha256_file(file)})
+        entry.update({"bytes": len(data), "sha256": _sha256(data)})
         try:
-            json.dumps(entry)
+            entry = _strict_json(entry)
+            json.dumps(entry, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise LibraryError(f"{self.path}: info for {name!r} is not JSON: {e}") from None
-        experts_list = [e for e in self.manifest["experts"] if e["name"] != name]
-        position = self.names.index(name) if name in self else len(experts_list)
-        experts_list.insert(position, entry)
-        self.manifest["experts"] = experts_list
-        self._write_manifest()
+        problem = _entry_problem(entry)
+        if problem:
+            raise LibraryError(f"{self.path}: info for {name!r}: {problem}")
+        with self._fresh() as entries:
+            names = [e["name"] for e in entries]
+            if name in names and not overwrite:  # as it is on disk: perhaps added meanwhile
+                raise LibraryError(f"{self.path}: expert {name!r} already exists (overwrite="
+                                   "True, or --overwrite on the command line, replaces it)")
+            os.makedirs(os.path.dirname(file), exist_ok=True)
+            write_atomic(file, data)
+            if name in names:
+                entries[names.index(name)] = entry
+            else:
+                entries.append(entry)
+            self._write_manifest()
         return file
 
     def remove(self, name: str) -> None:
         """Removes expert ``name`` from the manifest, then deletes its file."""
-        entry = self.info(name)
-        self.manifest["experts"] = [e for e in self.manifest["experts"] if e["name"] != name]
-        self._write_manifest()
-        try:
-            os.remove(os.path.join(self.path, entry["file"]))
-        except FileNotFoundError:
-            pass
+        with self._fresh() as entries:
+            names = [e["name"] for e in entries]
+            if name not in names:
+                self.info(name)  # raises, naming the experts there are
+            entry = entries.pop(names.index(name))
+            self._write_manifest()
+            try:  # inside the lock: a concurrent add of this name keeps its new file
+                os.remove(os.path.join(self.path, entry["file"]))
+            except FileNotFoundError:
+                pass
 
     # --- reading -------------------------------------------------------------------------------
 
     def _read(self, entry: dict, want_gate: bool, verify: bool) -> dict[str, np.ndarray]:
-        file = os.path.join(self.path, entry["file"])
+        name = entry["name"]
+        file = _expert_file(self.path, entry, self._manifest_path)  # checked again: files change
         if not os.path.isfile(file):
-            raise LibraryError(f"{file}: expert file of {entry['name']!r} is missing")
+            raise LibraryError(f"{file}: expert file of {name!r} is missing")
         size = os.path.getsize(file)
-        if entry.get("bytes") is not None and size != entry["bytes"]:
-            raise LibraryError(f"{file}: size: expected {entry['bytes']} bytes (manifest), "
-                               f"found {size} (truncated or replaced?)")
-        if verify and entry.get("sha256") and _sha256_file(file) != entry["sha256"]:
-            raise LibraryError(f"{file}: sha256: expected {entry['sha256']} (manifest), found "
-                               f"{_sha256_file(file)} (corrupt file)")
-        out = read_safetensors(file, error=LibraryError)
+        if size != entry["bytes"]:
+            raise LibraryError(f"{file}: expert {name!r}: size: expected {entry['bytes']} bytes "
+                               f"(manifest), found {size} (truncated or replaced?); restore the "
+                               "file or add the expert again (--overwrite)")
+        data = None
+        if verify:  # each file is read once: parsed and hashed from memory
+            with open(file, "rb") as f:
+                data = f.read()
+        tensors = SafetensorsFile(file, error=LibraryError, data=data)
+        if verify and _sha256(data) != entry["sha256"]:
+            raise LibraryError(f"{file}: expert {name!r}: sha256: expected {entry['sha256']} "
+                               f"(manifest), found {_sha256(data)}: the file changed after it "
+                               "was written (corrupt copy or disk); restore the file or add the "
+                               "expert again (--overwrite)")
+        out = tensors.read_all()
         rank = self.rank
         for site, (d_in, d_out) in self.sites.items():
             want = {"lora_a": (d_in, rank), "lora_b": (rank, d_out)}
@@ -413,10 +612,11 @@ class ExpertLibrary:
                 if tuple(out[key].shape) != shape:
                     raise LibraryError(f"{file}: tensor {key}: expected shape {shape}, found "
                                        f"{tuple(out[key].shape)}")
+                _check_finite(out[key], f"{file}: expert {name!r}: tensor {key}")
         return out
 
     def load(self, names: Sequence[str] | None = None, *, dtype=jnp.float32,
-             gates: bool | None = None, verify: bool = False) -> tuple[dict, dict | None]:
+             gates: bool | None = None, verify: bool = True) -> tuple[dict, dict | None]:
         """Loads experts stacked on a leading axis, in the order of ``names``.
 
         Args:
@@ -424,11 +624,17 @@ class ExpertLibrary:
           dtype: dtype of the returned arrays.
           gates: True requires every chosen expert to have a gate; False never loads gates;
             None (default) loads them when every chosen expert has one.
-          verify: also check each file's sha256 against the manifest (reads every byte twice).
+          verify: check each file's sha256 against the manifest (the default: the bytes are
+            hashed as they are read, each file read once; ``bench/library_load.py`` measures
+            the cost). Without it only the size and the safetensors header are checked.
 
         Returns:
           (experts, gates): ``experts`` per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O);
           ``gates`` per site ``gate`` (E, I), or None.
+
+        Raises:
+          LibraryError: naming the expert and its file, for a missing, truncated or corrupt
+            file, a file outside the library, a wrong shape, or non-finite weights.
         """
         names = self.names if names is None else list(names)
         if not names:

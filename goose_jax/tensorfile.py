@@ -25,6 +25,7 @@ Legend: nothing here has a fixed shape; shapes are the files' own.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -95,14 +96,19 @@ class SafetensorsFile(Mapping):
       path: the file.
       metadata: the header's ``__metadata__`` (str -> str), or {}.
 
+    With ``data`` (the file's bytes, already read: to hash them, say), everything is parsed
+    from memory and ``path`` only names the file in messages.
+
     Raises (on opening):
       the ``error`` class: the file is missing, truncated, or its header is not valid
       safetensors (length, JSON, dtype, shape, offsets that do not fit the file or overlap).
     """
 
-    def __init__(self, path: str | os.PathLike, *, error: ErrorClass = CheckpointError):
+    def __init__(self, path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
+                 data: bytes | None = None):
         self.path = os.fspath(path)
         self._error = error
+        self._data = data
         try:
             self._entries, self._start, self.metadata = self._parse()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -111,8 +117,8 @@ class SafetensorsFile(Mapping):
                         f"{detail}") from None
 
     def _parse(self) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], int, dict]:
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        size = os.path.getsize(self.path) if self._data is None else len(self._data)
+        with self._open() as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
@@ -146,6 +152,9 @@ class SafetensorsFile(Mapping):
                 raise ValueError(f"tensors {first!r} and {second!r} overlap in the data")
         return entries, start, metadata
 
+    def _open(self):
+        return open(self.path, "rb") if self._data is None else io.BytesIO(self._data)
+
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The shape of tensor ``key``, from the header (nothing is read)."""
         return self._entries[key][1]
@@ -165,12 +174,12 @@ class SafetensorsFile(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._entries:
             raise KeyError(key)
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             return self._read(f, key)
 
     def read_all(self) -> dict[str, np.ndarray]:
         """Every tensor, in header order, read through one open file."""
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             return {key: self._read(f, key) for key in self._entries}
 
     def __iter__(self) -> Iterator[str]:
@@ -183,18 +192,20 @@ class SafetensorsFile(Mapping):
         return key in self._entries
 
 
-def read_safetensors(path: str | os.PathLike, *,
-                     error: ErrorClass = CheckpointError) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
+                     data: bytes | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, as fresh NumPy arrays (bfloat16 via ml_dtypes).
 
     Args:
       path: the file.
       error: the GooseError subclass raised for a bad file (default ``CheckpointError``).
+      data: the file's bytes when the caller has read them already (parsed from memory, so a
+        file is read once even when it is also hashed); ``path`` then only names it.
 
     Raises:
       ``error``: the file is missing, truncated, or not valid safetensors; the message names it.
     """
-    return SafetensorsFile(path, error=error).read_all()
+    return SafetensorsFile(path, error=error, data=data).read_all()
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
@@ -409,3 +420,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     tensors = dict(tensors)
     meta = dict(metadata) if metadata is not None else None
     _replace_atomically(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file of ``tensors`` (as ``write_safetensors`` writes it), for a
+    caller that hashes what it writes (then writes it with ``write_atomic``)."""
+    from safetensors.numpy import save
+
+    return save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
