@@ -4,6 +4,7 @@ Layout::
 
     library/
       manifest.json             format, base model identity, sites, rank, scale, experts
+                                  (its format: ``goose_jax.library_manifest``)
       experts/<name>.safetensors  one expert: "<site>/lora_a" (I, R), "<site>/lora_b" (R, O),
                                   and "<site>/gate" (I,) once its gate is trained
 
@@ -41,9 +42,7 @@ import fcntl
 import functools
 import hashlib
 import json
-import math
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,21 +52,27 @@ import ml_dtypes
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import GooseError, LibraryError, one_line
+from goose_jax.errors import LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.library_manifest import (
+    EXPERT_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    _base_config,
+    _entry_problem,
+    _expert_file,
+    _read_manifest,
+    _strict_json,
+    check_expert_name,
+)
 from goose_jax.t5 import site_shapes
 from goose_jax.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
 
-MANIFEST = "manifest.json"
 LOCK = "manifest.lock"
-EXPERT_DIR = "experts"
-FORMAT = "goose-jax-library"
-FORMAT_VERSION = 1
 FINGERPRINT_SAMPLES = 4096
 LEAVES = ("lora_a", "lora_b")
 GATE = "gate"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
-_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def _flat_params(tree: Any) -> dict[str, Any]:
@@ -133,129 +138,11 @@ def _locked(path: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float as None (the manifest is strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
 def _check_finite(x: np.ndarray, where: str) -> None:
     if x.dtype.kind not in "biu" and not np.isfinite(x).all():  # bfloat16's kind is "V"
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise LibraryError(f"{where} holds {bad} non-finite values (NaN or inf): a diverged "
                            "run? retrain it (with a lower learning rate)")
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-# (field, test, what it must be); the first group is required.
-_TOP = (("base_model", lambda v: isinstance(v, dict) and isinstance(v.get("t5_config"), dict)
-         and isinstance(v.get("weights_fingerprint"), str),
-         "an object with t5_config (object) and weights_fingerprint (string)"),
-        ("lora", lambda v: isinstance(v, dict) and _is_int(v.get("rank")) and v["rank"] > 0
-         and (_is_int(v.get("scale")) or isinstance(v.get("scale"), float)),
-         "an object with rank (int > 0) and scale (number)"),
-        ("sites", lambda v: isinstance(v, dict) and all(
-            isinstance(s, list) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s)
-            for s in v.values()), "an object: site -> [d_in, d_out]"),
-        ("experts", lambda v: isinstance(v, list), "a list"))
-_ENTRY = (("name", lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)), "an expert name"),
-          ("file", lambda v: isinstance(v, str) and bool(v), "a path inside the library"),
-          ("has_gate", lambda v: isinstance(v, bool), "true or false"),
-          ("bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-          ("sha256", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)),
-           '"sha256:" and 64 hex digits'))
-_ENTRY_OPTIONAL = (("data", lambda v: v is None or isinstance(v, str), "a string"),
-                   ("steps", lambda v: v is None or _is_int(v), "an int"),
-                   ("metrics", lambda v: v is None or isinstance(v, dict), "an object"))
-_REQUIRED = {key for key, _, _ in _ENTRY}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _read_manifest(path: str) -> dict[str, Any]:
-    """The manifest of the library at ``path``, every field checked (see ``_check_manifest``)."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise LibraryError(f"{path}: not an expert library (no {MANIFEST})")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LibraryError(f"{mpath}: cannot read as JSON: {' '.join(str(e).split())}"
-                           ) from None
-    _check_manifest(manifest, path)
-    return manifest
-
-
-def _check_manifest(manifest: Any, path: str) -> None:
-    """Raises LibraryError (naming manifest.json, the entry and the field) unless every field of
-    ``manifest`` has its type and every expert file resolves inside the library."""
-    mpath = os.path.join(path, MANIFEST)
-    if not isinstance(manifest, dict):
-        raise LibraryError(f"{mpath}: expected a JSON object, found {_kind(manifest)} (not a "
-                           "goose-jax library manifest)")
-    if manifest.get("format") != FORMAT:
-        raise LibraryError(f"{mpath}: format: expected {FORMAT!r}, found "
-                           f"{manifest.get('format')!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LibraryError(f"{mpath}: format_version: expected {FORMAT_VERSION}, found "
-                           f"{manifest.get('format_version')!r} (written by another "
-                           "goose-jax version?)")
-    for key, ok, what in _TOP:
-        if key not in manifest:
-            raise LibraryError(f"{mpath}: manifest lacks {key!r}")
-        if not ok(manifest[key]):
-            raise LibraryError(f"{mpath}: {key}: expected {what}; restore the manifest from a "
-                               "backup or recreate the library")
-    _base_config(manifest, mpath)
-    seen = set()
-    for i, entry in enumerate(manifest["experts"]):
-        where = f"{mpath}: experts[{i}]"
-        if not isinstance(entry, dict):
-            raise LibraryError(f"{where}: expected an object, found {_kind(entry)}")
-        if isinstance(entry.get("name"), str):
-            where += f" ({entry['name']!r})"
-        problem = _entry_problem(entry)
-        if problem:
-            raise LibraryError(f"{where}: {problem}; remove the entry or restore the manifest")
-        if entry["name"] in seen:
-            raise LibraryError(f"{where}: name: a second expert named {entry['name']!r}")
-        seen.add(entry["name"])
-        _expert_file(path, entry, mpath)
-
-
-def _base_config(manifest: dict, mpath: str) -> T5Config:
-    d = dict(manifest["base_model"]["t5_config"])
-    tie = d.pop("tie_word_embeddings", None)
-    where = f"{mpath}: base_model.t5_config"
-    if not isinstance(tie, bool):
-        raise LibraryError(f"{where}: field 'tie_word_embeddings': expected true or false, "
-                           f"found {tie!r:.60}; restore the manifest from a backup")
-    try:
-        return T5Config.from_hf_dict(d, source=where).replace(tie_word_embeddings=tie)
-    except (GooseError, ValueError, TypeError) as e:
-        raise LibraryError(f"{one_line(e)}; restore the manifest from a backup") from None
-
-
-def _entry_problem(entry: dict) -> str | None:
-    """What is wrong with the fields of one manifest entry, or None."""
-    for key, ok, what in _ENTRY + _ENTRY_OPTIONAL:
-        if key not in entry:
-            if key in _REQUIRED:
-                return f"field {key!r} is missing (expected {what})"
-        elif not ok(entry[key]):
-            return f"field {key!r}: expected {what}, found {_kind(entry[key])} {entry[key]!r:.60}"
-    return None
 
 
 def _empty_or_library(path: str) -> bool:
@@ -269,33 +156,6 @@ def _empty_or_library(path: str) -> bool:
     experts = os.path.join(path, EXPERT_DIR)
     return MANIFEST in names or names <= {LOCK, EXPERT_DIR} and (
         EXPERT_DIR not in names or os.path.isdir(experts) and not os.listdir(experts))
-
-
-def _expert_file(path: str, entry: dict, mpath: str) -> str:
-    """The absolute path of ``entry``'s file; LibraryError unless it resolves inside ``path``."""
-    rel = entry["file"]
-    file = os.path.join(path, rel)
-    parts = rel.replace("\\", "/").split("/")
-    root = os.path.realpath(path)
-    if os.path.isabs(rel) or ".." in parts or \
-            os.path.commonpath([root, os.path.realpath(file)]) != root:
-        raise LibraryError(f"{mpath}: expert {entry['name']!r}: field 'file': {rel!r} resolves "
-                           f"outside the library (refused); expert files live in {EXPERT_DIR}/ "
-                           "of the library itself")
-    return file
-
-
-def check_expert_name(name: Any, where: str = "expert library") -> str:
-    """``name`` if it can name an expert (and its file ``experts/<name>.safetensors``).
-
-    Raises:
-      LibraryError: anything but letters, digits and ``_.+-`` (starting with a letter or digit,
-        at most 128 characters), naming ``where``.
-    """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise LibraryError(f"{where}: invalid expert name {name!r} (use letters, digits and "
-                           "_.+-, starting with a letter or digit, at most 128 characters)")
-    return name
 
 
 class ExpertLibrary:
