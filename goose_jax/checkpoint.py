@@ -141,13 +141,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> No
         not a goose-jax checkpoint, or is one and ``overwrite`` is False.
     """
     path = _abs(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"{path}: exists and is not a directory")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{path}: cannot be created: {parent} is a file")
+    check_folder_writable(path)
     if os.path.isdir(path) and os.listdir(path):
         if not is_checkpoint(path):
             raise CheckpointError(f"{path}: exists, is not empty and is not a goose-jax "
@@ -155,6 +149,28 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> No
         if not overwrite:
             raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True, or "
                                   "--overwrite on the command line, to replace it)")
+
+
+def check_folder_writable(path: str | os.PathLike, *, error: type[Exception] = CheckpointError,
+                          fix: str = "") -> None:
+    """Fails unless ``path`` is a directory, or can be created as one, that this process may
+    write into (every writer of a folder calls it before its work).
+
+    Args:
+      path: the folder.
+      error: the error class to raise.
+      fix: appended to the message (e.g. "; pass another --out").
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise error(f"{path}: exists and is not a directory{fix}")
+    parent = os.path.dirname(_abs(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise error(f"{path}: cannot be created: {parent} is a file{fix}")
+    if not os.access(path if os.path.isdir(path) else parent, os.W_OK | os.X_OK):
+        raise error(f"{path}: not writable{fix}")
 
 
 def _sha256(file: str) -> str:

@@ -131,18 +131,13 @@ def check_out_dir(out: str, *, overwrite: bool = False, holds: tuple[str, ...] =
       DataError: ``out`` is an existing file, lies below a file, or already holds results
         (without ``overwrite``).
     """
+    from goose_jax.checkpoint import check_folder_writable
+
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"{out}: the output path is an existing file, not a directory; pass "
                         f"another {flag}")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise DataError(f"{out}: cannot create the output folder: {parent} is a file; pass "
-                        f"another {flag}")
-    if not os.access(parent if not os.path.isdir(out) else out, os.W_OK | os.X_OK):
-        raise DataError(f"{out}: the output folder is not writable; pass another {flag}")
+    check_folder_writable(out, error=DataError, fix=f"; pass another {flag}")
     found = [name for name in holds if os.path.exists(os.path.join(out, name))]
     if found and not overwrite:
         raise DataError(f"{out}: already holds results ({found[0]}); pass --overwrite to "
