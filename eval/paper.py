@@ -8,7 +8,8 @@ Methods: the base model alone, PHATGOOSE (top-2; when every expert has a trained
 experts, Arrow (top-2), average activation (with ``--prototypes``) and retrieval (when the
 library holds a retrieval index or ``--retrieval-index`` is given). Each method's results folder
 is ``<out>/<method>``; ``<out>/comparison.md`` holds the table and ``<out>/comparison.json`` every
-summary. The base model is read once for all methods.
+summary. The base model is read once for all methods. Every method's folder and flags are checked
+before the first is scored; results already there are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 
 from goose_jax import distributed, report, zeroshot
 from goose_jax.errors import UsageError
+from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 
 
@@ -33,13 +35,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     settings = zeroshot.settings_from_args(args)
-    report.check_out_dir(settings.out)  # before any work
+    report.check_out_dir(settings.out, overwrite=True)  # a file, or below one: before any work
     runs = zeroshot.paper_methods(settings)
     wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     if set(wanted) - set(runs):
         raise UsageError(f"--methods: {sorted(set(wanted) - set(runs))} not among the "
                          f"methods this library supports, {list(runs)}")
     runs = {m: s for m, s in runs.items() if not wanted or m in wanted}
+    report.check_out_dir(settings.out, overwrite=settings.overwrite, holds=("comparison.json",))
+    for s in runs.values():   # every method's folder and flags, before the first is scored
+        zeroshot.validate(s)
+    for name in ("comparison.json", "comparison.md"):   # another run's (with --overwrite)
+        if os.path.exists(os.path.join(settings.out, name)):
+            os.remove(os.path.join(settings.out, name))
     base = zeroshot.load_base_model(settings)
     summaries = {}
     for method, s in runs.items():
@@ -48,11 +56,10 @@ def _run(args: argparse.Namespace) -> None:
     table = report.comparison_table(summaries)
     if not distributed.is_primary():
         return
-    with open(os.path.join(settings.out, "comparison.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    with open(os.path.join(settings.out, "comparison.json"), "w", encoding="utf-8") as f:
-        json.dump(summaries, f, indent=2)
+    write_atomic(os.path.join(settings.out, "comparison.md"), table)
+    write_atomic(os.path.join(settings.out, "comparison.json"), json.dumps(summaries, indent=2))
     print(table, end="")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.data import batching
-from goose_jax.errors import CheckpointError, UsageError
+from goose_jax.errors import CheckpointError, DataError, UsageError
 from goose_jax.experts import init_experts
+from goose_jax.tensorfile import write_atomic
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world_base")
 
@@ -304,6 +305,21 @@ def _by_layer(per_site: dict[str, float]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
+def check_out(out: str) -> None:
+    """Fails before any work unless ``out`` is missing, empty, or an earlier demo's output (a
+    rerun reuses its finished stages): the demo never writes into another folder's files.
+
+    Raises:
+      DataError: ``out`` is a file or lies below one, or is a folder of something else.
+    """
+    from goose_jax.checkpoint import check_folder_writable
+
+    check_folder_writable(out, error=DataError, fix="; pass another --out")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "work")):
+        raise DataError(f"{out}: not empty and not a goose-demo output folder (no work/); pass "
+                        "another --out")
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Runs every stage (each reused when cached under ``<out>/work``); writes ``results.md``,
     ``results.json`` and the heatmaps to ``settings.out``; returns the summary (results.json)."""
@@ -312,6 +328,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     p = PRESETS[settings.preset]
     out = os.path.abspath(settings.out)
+    check_out(settings.out)
     work = os.path.join(out, "work", f"{settings.preset}_seed{settings.seed}")
     os.makedirs(work, exist_ok=True)
     stages = _Stages()
@@ -377,8 +394,7 @@ def run_demo(settings: DemoSettings) -> dict:
     summary["method_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     total = time.perf_counter() - stages.t0
     summary["seconds"] = round(total, 1)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
     _say(summary["plain_summary"])
     _say(f"\ngoose-demo finished in {total / 60:.1f} min (model part); outputs in {out}")
     return summary
@@ -438,8 +454,7 @@ def report(res: dict, names: list[str], lib, out: str, settings: DemoSettings, s
         lines.append(f"| {m} | {a['mean']:.3f} | " + " | ".join(
             f"{v:.2f}" for v in a["by_layer"].values()) + " |")
     lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.times.items())]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_atomic(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     pg = means.get("phatgoose_k2", {})
     summary_lines = [
         "", "What happened:",

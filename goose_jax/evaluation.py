@@ -349,6 +349,7 @@ class Evaluator:
         t0 = time.perf_counter()
         if task.kind == "rank":
             scores = self.score_choices(usable, progress)
+            self._check_finite(task, scores)
             for ex, s in zip(usable, scores):
                 pred = rank_prediction(s)
                 self._record(res, ex, float(pred in ex.answers),
@@ -363,6 +364,17 @@ class Evaluator:
         for site, c in self.last_counts.items():
             res.telemetry[site] = res.telemetry.get(site, 0.0) + c
         return res
+
+    def _check_finite(self, task: EvalTask, scores: Sequence[np.ndarray]) -> None:
+        # argmin over NaN picks the first choice: a plausible accuracy out of a broken model.
+        flat = np.concatenate(scores)
+        if not np.isfinite(flat).all():
+            bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
+            method = getattr(self.routed, "method", "base")
+            raise EvalError(f"dataset {task.dataset} ({task.name}), method {method}: {bad} of "
+                            f"{flat.size} choice scores are NaN or inf (non-finite or overflowing "
+                            "weights in the base model or the library, or a dtype too narrow); "
+                            "no accuracy reported")
 
     @staticmethod
     def _record(res: DatasetResult, ex: Example, value: float, extra: dict) -> None:

@@ -114,19 +114,43 @@ def telemetry_table(results: dict[str, DatasetResult]) -> dict[str, dict[str, li
 # --- the results folder -------------------------------------------------------------------------
 
 
-def check_out_dir(out: str) -> None:
+RESULTS = "results.json"
+
+
+def check_out_dir(out: str, *, overwrite: bool = False, holds: tuple[str, ...] = (RESULTS,),
+                  flag: str = "--out") -> None:
     """Fails at once (before any model work) when ``out`` cannot become a results folder.
 
+    Args:
+      out: the folder to write.
+      overwrite: replace results already there (``--overwrite``).
+      holds: the files whose presence means ``out`` already holds results.
+      flag: the flag that named ``out`` (for the message).
+
     Raises:
-      DataError: ``out`` exists and is not a directory.
+      DataError: ``out`` is an existing file, lies below a file, or already holds results
+        (without ``overwrite``).
     """
+    from goose_jax.checkpoint import check_folder_writable
+
+    out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"{out}: the output path is an existing file, not a directory")
+        raise DataError(f"{out}: the output path is an existing file, not a directory; pass "
+                        f"another {flag}")
+    check_folder_writable(out, error=DataError, fix=f"; pass another {flag}")
+    found = [name for name in holds if os.path.exists(os.path.join(out, name))]
+    if found and not overwrite:
+        raise DataError(f"{out}: already holds results ({found[0]}); pass --overwrite to "
+                        f"replace them, or another {flag}")
 
 
 def write_results(out: str, summary: dict, results: dict[str, DatasetResult],
                   expert_names: list[str]) -> str:
     """Writes the results folder (see the module doc) to ``out``; returns the markdown table.
+
+    Every file is written through a temporary file renamed into place, ``results.json`` last
+    (an older one is removed first), so an interrupted write never leaves a ``results.json``
+    beside files of another run.
 
     Args:
       out: the folder (created if missing).
@@ -134,21 +158,26 @@ def write_results(out: str, summary: dict, results: dict[str, DatasetResult],
       results: the evaluator's results by dataset (predictions and telemetry).
       expert_names: the library's experts, in routing order (telemetry columns).
     """
+    import shutil
+
+    from goose_jax.tensorfile import write_atomic
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if os.path.exists(os.path.join(out, RESULTS)):
+        os.remove(os.path.join(out, RESULTS))
     table = markdown_table(summary)
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for r in results.values():
-            for p in r.predictions:
-                f.write(json.dumps(p) + "\n")
+    write_atomic(os.path.join(out, "results.md"), table)
+    write_atomic(os.path.join(out, "predictions.jsonl"),
+                 "".join(json.dumps(p) + "\n" for r in results.values() for p in r.predictions))
     telemetry = telemetry_table(results)
+    if os.path.exists(os.path.join(out, "telemetry.json")):  # another run's
+        os.remove(os.path.join(out, "telemetry.json"))
+    shutil.rmtree(os.path.join(out, "telemetry"), ignore_errors=True)
     if telemetry:
-        with open(os.path.join(out, "telemetry.json"), "w", encoding="utf-8") as f:
-            json.dump({"experts": expert_names, "top1_counts": telemetry}, f)
+        write_atomic(os.path.join(out, "telemetry.json"),
+                     json.dumps({"experts": expert_names, "top1_counts": telemetry}))
         write_heatmaps(telemetry, expert_names, os.path.join(out, "telemetry"))
+    write_atomic(os.path.join(out, RESULTS), json.dumps(summary, indent=2))
     return table
 
 

@@ -55,6 +55,7 @@ class EvalSettings:
       encoder_once: one encoder pass per example (False: per choice, for comparison).
       telemetry: count each site's top-1 experts (per-token methods).
       progress: draw a progress bar (on a terminal, process 0).
+      overwrite: replace the results an ``out`` folder already holds.
     """
 
     base: str
@@ -87,10 +88,19 @@ class EvalSettings:
     encoder_once: bool = True
     telemetry: bool = True
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         if not self.tasks and not self.benchmarks:
             raise UsageError("give --benchmark or --tasks")
+        examples = 1 if self.max_examples is None else self.max_examples
+        for flag, value, least in (("--top-k", self.top_k, 1),
+                                   ("--batch-size", self.batch_size, 1),
+                                   ("--max-input-length", self.max_input_length, 2),
+                                   ("--max-target-length", self.max_target_length, 1),
+                                   ("--max-examples", examples, 1)):
+            if value < least:
+                raise UsageError(f"{flag} {value}: must be at least {least}")
         method = self.routing_method
         if method not in METHODS:
             raise UsageError(f"--method {method!r}: expected one of {list(METHODS)}")
@@ -147,6 +157,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-telemetry", action="store_true", help="skip routing telemetry")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the results --out already holds (refused without it)")
 
 
 def _csv(s: str | None) -> tuple[str, ...]:
@@ -163,7 +175,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     derived = {"tasks": _csv(args.tasks), "benchmarks": _csv(args.benchmark),
                "experts": _csv(getattr(args, "experts", None)),
                "length_normalize": not args.summed, "encoder_once": not args.naive,
-               "telemetry": not args.no_telemetry, "progress": not args.no_progress}
+               "telemetry": not args.no_telemetry, "progress": not args.no_progress,
+               "overwrite": bool(getattr(args, "overwrite", False))}
     same = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)
             if f.name not in derived and hasattr(args, f.name)}
     return EvalSettings(**same, **derived)
@@ -213,14 +226,11 @@ def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[i
     Raises:
       DataError: an unreadable map, an expert the library lacks, an example with no entry.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the expert map: {e}") from None
-    unknown = sorted({v for v in table.values() if v not in names})
+    table = read_json_flag(path, "--expert-map", "expert map")
+    unknown = sorted({str(v) for v in table.values() if v not in names})
     if unknown:
-        raise DataError(f"{path}: experts {unknown[:3]} are not in the library {names[:5]}")
+        raise DataError(f"{path}: experts {unknown[:3]} are not in the library {names[:5]} "
+                        "(--expert-map values must be the library's expert names)")
 
     def choose(examples):
         out = []
@@ -257,6 +267,111 @@ def cap_examples(examples: list[Example], n: int | None) -> list[Example]:
     return out
 
 
+# --- checks before any work -------------------------------------------------------------------
+
+
+def read_json_flag(path: str, flag: str, what: str) -> dict:
+    """The JSON object in the file a flag names (``--expert-map``, ``--flan-grouping``).
+
+    Raises:
+      DataError: the file is missing, is not JSON, or holds no object (naming file and flag).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the {what} ({flag}): {' '.join(str(e).split())}; "
+                        f"pass a JSON object file") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{path}: the {what} ({flag}) must be a JSON object, found "
+                        f"{type(table).__name__}")
+    return table
+
+
+def _check_prototypes(path: str, n_experts: int) -> None:
+    from goose_jax.tensorfile import SafetensorsFile
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: prototypes file does not exist (--prototypes)")
+    f = SafetensorsFile(path, error=DataError)   # the header only
+    wrong = {k: f.shape_of(k)[0] for k in f if k.endswith("/gate") and
+             f.shape_of(k)[:1] != (n_experts,)}
+    if wrong:
+        key = sorted(wrong)[0]
+        raise DataError(f"{path}: {key} holds {wrong[key]} expert vectors but {n_experts} "
+                        "experts are routed (--prototypes must match the library and --experts)")
+
+
+def _check_library(s: EvalSettings) -> list[str]:
+    """The routed expert names, after checking that the library can serve the method."""
+    from goose_jax.errors import LibraryMismatchError
+    from goose_jax.library import ExpertLibrary
+
+    lib = ExpertLibrary.open(s.library)   # the manifest only
+    unknown = [n for n in s.experts if n not in lib.names]
+    if unknown:
+        raise LibraryError(f"{s.library}: --experts names {unknown[:3]} not in the library; it "
+                           f"has {lib.names[:8]}{' ...' if len(lib) > 8 else ''}")
+    names = list(s.experts or lib.names)
+    if not names:
+        raise LibraryError(f"{s.library}: the library holds no experts; add some with goose-train "
+                           "or goose-convert")
+    method = s.routing_method
+    if method in ("phatgoose", "arrow", "average_activation") and s.top_k > len(names):
+        raise LibraryMismatchError(f"--top-k {s.top_k}: more than the {len(names)} experts "
+                                   f"routed from {s.library}; pass --top-k {len(names)} or less")
+    if method == "phatgoose":
+        lacking = [n for n in names if not lib.info(n).get("has_gate")]
+        if lacking:
+            raise LibraryError(f"{s.library}: --method phatgoose needs every expert's trained "
+                               f"gate; {lacking[:3]} have none (train them with goose-train "
+                               "gate, or use --method arrow)")
+    if method == "single" and s.expert not in names and not (
+            s.expert.isdigit() and int(s.expert) < len(names)):
+        raise LibraryError(f"--expert {s.expert!r}: not an expert of {s.library} (pass a name "
+                           f"among {names[:8]} or an index below {len(names)})")
+    if method == "example":
+        map_chooser(s.expert_map, names)   # reads and checks the map
+    if method == "average_activation":
+        _check_prototypes(s.prototypes, len(names))
+    if method == "retrieval":
+        from goose_jax import retrieval
+
+        retrieval.RetrievalIndex.load(s.retrieval_index or s.library).select(names)
+        if s.embedder is not None and not os.path.isdir(s.embedder):
+            raise DataError(f"{s.embedder}: sentence-embedding model directory does not exist "
+                            "(--embedder)")
+    return names
+
+
+def validate(s: EvalSettings) -> None:
+    """Checks every path and flag of a run before any data or model is read: the output folder
+    (not a file, not already holding results without ``overwrite``), the base and tokenizer
+    paths, the JSON flag files, and whether the library can serve the method (experts, gates,
+    ``top_k``, the method's own file).
+
+    Raises:
+      GooseError: one line naming the file or flag and the fix.
+    """
+    from goose_jax.base_model import RANDOM, load_tokenizer
+    from goose_jax.errors import CheckpointError
+    from goose_jax.report import check_out_dir
+
+    check_out_dir(s.out, overwrite=s.overwrite)
+    if not s.base.startswith(RANDOM) and not os.path.isdir(s.base):
+        raise CheckpointError(f"{s.base}: --base is not a local directory (a Hugging Face T5 or "
+                              "goose-jax checkpoint; nothing is downloaded) nor random:PRESET")
+    if not s.byte_tokenizer:
+        if s.tokenizer is not None and not os.path.isdir(s.tokenizer):
+            raise CheckpointError(f"{s.tokenizer}: --tokenizer is not a directory")
+        if s.tokenizer is None and s.base.startswith(RANDOM):
+            load_tokenizer(s.base)   # raises: a random base has no tokenizer files
+    if s.flan_grouping:
+        read_json_flag(s.flan_grouping, "--flan-grouping", "FLAN grouping")
+    if s.library:
+        _check_library(s)
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -267,11 +382,7 @@ def load_tasks(s: EvalSettings):
 
     grouping = None
     if s.flan_grouping:
-        try:
-            with open(s.flan_grouping, encoding="utf-8") as f:
-                grouping = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{s.flan_grouping}: cannot read the FLAN grouping: {e}") from None
+        grouping = read_json_flag(s.flan_grouping, "--flan-grouping", "FLAN grouping")
     roots = T.DataRoots(p3=s.p3_root, bbh=s.bbh_root, bbl=s.bbl_root, flan=s.flan_root,
                         tfds=s.tfds_dir, flan_grouping=grouping)
     tasks = T.get_tasks(list(s.tasks), list(s.benchmarks), roots)
@@ -304,7 +415,7 @@ def run_eval(s: EvalSettings, *, base=None) -> dict:
     from goose_jax import distributed, evaluation, report
     from goose_jax.progress import progress_enabled
 
-    report.check_out_dir(s.out)
+    validate(s)
     tasks, examples = load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s)
     routed, names = build_method(s, cfg, params)

@@ -174,3 +174,65 @@ def test_goose_convert_user_errors_are_one_line(tmp_path, capsys):
     assert main(["orbax-to-hf", str(tmp_path), str(tmp_path / "dst")]) == 1
     assert "not a goose-jax checkpoint" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
+
+
+def test_overwrite_replaces_whole_and_a_crash_keeps_the_old(tmp_path, monkeypatch):
+    """A replacing save writes the new tree beside the old one and commits by replacing the meta
+    file: interrupted before that, the old checkpoint still loads, bit for bit."""
+    old, new = _random_tree(0), _random_tree(1)
+    checkpoint.save_tree(tmp_path / "c", old)
+    meta = json.loads((tmp_path / "c" / checkpoint.META_NAME).read_text())
+    assert meta["tree"] == "params" and all(v["bytes"] > 0 and v["sha256"].startswith("sha256:")
+                                            for v in meta["files"].values())
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_tree_files", crash)   # after Orbax wrote, before commit
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
+    monkeypatch.undo()
+    _assert_bit_exact(old, checkpoint.restore_tree(tmp_path / "c", verify=True))
+    checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
+    _assert_bit_exact(new, checkpoint.restore_tree(tmp_path / "c", verify=True))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [checkpoint.META_NAME,
+                                                                   "params-1"]
+
+
+def test_checkpoint_without_a_file_record_still_loads_and_damage_is_one_error(tmp_path):
+    """Checkpoints written before files were recorded load as before; damage to them is still
+    a CheckpointError (never Orbax's AttributeError)."""
+    tree = _random_tree()
+    checkpoint.save_tree(tmp_path / "c", tree)
+    meta_path = tmp_path / "c" / checkpoint.META_NAME
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    _assert_bit_exact(tree, checkpoint.restore_tree(tmp_path / "c"))
+    (tmp_path / "c" / "params" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError, match=r"metadata is unreadable.*re-create it"):
+        checkpoint.restore_tree(tmp_path / "c")
+
+
+def test_orbax_to_hf_overwrite_keeps_other_files(tmp_path, capsys):
+    """--overwrite replaces the model in DST (and its stale weights of other formats); files
+    that are not the model (a tokenizer) stay. Without it DST is left as it was."""
+    from safetensors.numpy import load_file
+
+    src = _hf_dir(tmp_path)
+    assert main(["hf-to-orbax", str(src), str(tmp_path / "orbax")]) == 0
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "config.json").write_text("{}")
+    (dst / "pytorch_model.bin").write_bytes(b"old weights")
+    (dst / "tokenizer.json").write_text("{}")
+    assert main(["orbax-to-hf", str(tmp_path / "orbax"), str(dst)]) == 1
+    assert "already holds a Hugging Face model" in capsys.readouterr().err
+    assert (dst / "config.json").read_text() == "{}"
+    assert main(["orbax-to-hf", str(tmp_path / "orbax"), str(dst), "--overwrite"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    want = load_file(src / "model.safetensors")
+    got = load_file(dst / "model.safetensors")
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

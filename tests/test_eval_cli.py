@@ -156,3 +156,22 @@ def test_prototype_file_writer_and_reader_agree(tmp_path):
     assert set(back) == set(flatten_sites(tree))
     for site, leaf in flatten_sites(tree).items():
         np.testing.assert_array_equal(back[site]["gate"], leaf["gate"])
+
+
+def test_rerun_into_results_needs_overwrite_and_replaces_them_whole(world, tmp_path, capsys):
+    """A second run into a results folder is refused without --overwrite (nothing touched);
+    with it, every file is the new run's: a method without telemetry leaves none of the old."""
+    out = tmp_path / "run"
+    lib = ["--library", str(world / "lib"), "--tasks", "bbh/boolean_expressions"]
+    assert main(_args(world, out, *lib, "--method", "arrow")) == 0
+    assert (out / "telemetry.json").is_file()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    single = [*lib, "--method", "single", "--expert", "beta"]
+    assert main(_args(world, out, *single)) == 1
+    assert "already holds results" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(_args(world, out, *single, "--overwrite")) == 0
+    assert json.loads((out / "results.json").read_text())["method"] == "single"
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "results.json",
+                                                     "results.md"]

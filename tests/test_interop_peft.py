@@ -241,6 +241,18 @@ def test_cli_peft_and_to_peft(world, tmp_path, capsys):
     assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
     assert convert_main(["to-peft", str(out), "second", str(tmp_path / "second")]) == 1
     assert "already holds a PEFT adapter" in capsys.readouterr().err
+    # --overwrite replaces it (and a stale pickled copy); a new library leaves no temporary.
+    (tmp_path / "second" / "adapter_model.bin").write_bytes(b"stale")
+    assert convert_main(["to-peft", str(out), "first", str(tmp_path / "second"),
+                         "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    again = import_peft([tmp_path / "second"], world["cfg"], rank=lib.rank, scale=lib.scale,
+                        sites=lib.sites)
+    first = flatten_sites(lib.load(["first"])[0])
+    for site, leaf in flatten_sites(again.experts).items():
+        np.testing.assert_array_equal(leaf["lora_b"], first[site]["lora_b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "second"]
 
 
 # --- bad input: one clear error each ------------------------------------------------------------

@@ -1,10 +1,16 @@
 """``goose-convert``: move checkpoints between Hugging Face and goose-jax formats.
 
     goose-convert hf-to-orbax SRC_HF_DIR DST_DIR [--dtype float32|bfloat16] [--overwrite]
-    goose-convert orbax-to-hf SRC DST
+    goose-convert orbax-to-hf SRC DST [--overwrite]
     goose-convert peft ADAPTER_DIR [ADAPTER_DIR ...] --base HF_DIR --out LIBRARY_DIR
+        [--append [--overwrite]]
     goose-convert phatgoose-release CKPT --base HF_DIR --out LIBRARY_DIR [--names ...]
-    goose-convert to-peft LIBRARY_DIR EXPERT_NAME OUT_DIR
+        [--append [--overwrite]]
+    goose-convert to-peft LIBRARY_DIR EXPERT_NAME OUT_DIR [--overwrite]
+
+No subcommand replaces what its output already holds (a checkpoint, a model, an adapter, a
+library or experts in it) without ``--overwrite`` (libraries: ``--append``); every output is
+checked before any input is read, and written so that a crash leaves the old or the new.
 
 Each subcommand is one entry of ``SUBCOMMANDS`` (name -> how to add its arguments, how to run
 it), so converters for other formats slot in without touching ``main``. Errors and exit codes
@@ -38,6 +44,9 @@ def _args_orbax_to_hf(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="goose-jax (Orbax) checkpoint directory")
     p.add_argument("dst", metavar="DST",
                    help="directory to write config.json and model.safetensors into")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the Hugging Face model DST already holds (other files, such "
+                        "as a tokenizer, are kept)")
 
 
 def _say(lines) -> None:
@@ -50,7 +59,7 @@ def _hf_to_orbax(args):
 
 
 def _orbax_to_hf(args):
-    _say(conversions.orbax_to_hf(args.src, args.dst))
+    _say(conversions.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite))
 
 
 def _peft(args):

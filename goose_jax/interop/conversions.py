@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.errors import LibraryError
 
 
 def describe_model(cfg: T5Config, params) -> str:
@@ -28,43 +29,97 @@ def describe_model(cfg: T5Config, params) -> str:
 def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
     """A Hugging Face T5 directory -> a goose-jax (Orbax) model checkpoint in ``dtype``."""
-    from goose_jax.checkpoint import save_model
+    from goose_jax.checkpoint import check_destination, save_model
     from goose_jax.interop.hf import load_hf_t5
 
+    check_destination(dst, overwrite=overwrite)   # before the model is read
     cfg, params = load_hf_t5(src, dtype=DTypePolicy(param_dtype=dtype))
     written = save_model(dst, cfg, params, overwrite=overwrite)
     return [f"wrote goose-jax checkpoint {written} ({describe_model(cfg, params)})"]
 
 
-def orbax_to_hf(src: str, dst: str) -> list[str]:
-    """A goose-jax model checkpoint -> a Hugging Face T5 directory."""
-    from goose_jax.checkpoint import load_model
-    from goose_jax.interop.hf import save_hf_t5
+def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
+    """A goose-jax model checkpoint -> a Hugging Face T5 directory (refused when ``dst`` already
+    holds a model, unless ``overwrite``)."""
+    from goose_jax.checkpoint import load_model, read_metadata
+    from goose_jax.interop.hf import check_hf_folder, save_hf_t5
 
+    check_hf_folder(dst, overwrite=overwrite)   # before the model is read
+    read_metadata(src)
     cfg, params = load_model(src)
-    return [f"wrote {p}" for p in save_hf_t5(cfg, params, dst)] + [
+    return [f"wrote {p}" for p in save_hf_t5(cfg, params, dst, overwrite=overwrite)] + [
         f"({describe_model(cfg, params)})"]
 
 
+def check_library_out(out: str, *, append: bool = False, overwrite: bool = False,
+                      names: Sequence[str] | None = None) -> None:
+    """Fails before any work unless experts may be imported into the library ``out``.
+
+    Raises:
+      LibraryError: ``out`` is a file or lies below one; holds a library and ``append`` is not
+        set; is a non-empty folder that is no library; or (``append``) already holds one of
+        ``names`` and ``overwrite`` is not set; or a name that cannot be an expert's.
+    """
+    from goose_jax.checkpoint import check_folder_writable
+    from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
+
+    check_folder_writable(out, error=LibraryError, fix="; pass another --out")
+    for name in names or ():
+        check_expert_name(name, out)
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        if not append:
+            raise LibraryError(f"{out}: already holds an expert library; pass --append to add to "
+                               "it, or another --out")
+        taken = [n for n in names or () if n in ExpertLibrary.open(out).names]
+        if taken and not overwrite:
+            raise LibraryError(f"{out}: already holds experts {taken[:5]}; pass --overwrite to "
+                               "replace them, or other --names")
+    elif os.path.isdir(out) and os.listdir(out):
+        raise LibraryError(f"{out}: exists, is not empty and is not an expert library; pass "
+                           "another --out")
+
+
 def import_into_library(base: str, out: str, do_import: Callable, *, append: bool = False,
-                        overwrite: bool = False) -> list[str]:
+                        overwrite: bool = False, names: Sequence[str] | None = None
+                        ) -> list[str]:
     """Imports experts with ``do_import(cfg, target)`` and writes them to the library ``out``.
 
     ``target`` holds the rank, scale and sites of the library being appended to (empty for a new
-    library), so that imported experts are padded to fit it.
+    library), so that imported experts are padded to fit it. ``out`` and the expert ``names``
+    (when known before the import) are checked first (``check_library_out``); a new library is
+    written under a temporary name and renamed into place, so a crash never leaves half of one.
     """
+    import shutil
+
     from goose_jax.base_model import load_base
     from goose_jax.interop.stacking import write_library
     from goose_jax.library import MANIFEST, ExpertLibrary
 
+    check_library_out(out, append=append, overwrite=overwrite, names=names)
     cfg, params = load_base(base)
     target = {}
-    if append and os.path.isfile(os.path.join(out, MANIFEST)):
+    existing = append and os.path.isfile(os.path.join(out, MANIFEST))
+    if existing:
         lib = ExpertLibrary.open(out, cfg, params)
         target = {"rank": lib.rank, "scale": lib.scale, "sites": lib.sites}
     imported = do_import(cfg, target)
+    check_library_out(out, append=append, overwrite=overwrite, names=imported.names)
     lines = [f"note: {note}" for note in imported.notes]
-    lib = write_library(imported, out, cfg, params, append=append, overwrite=overwrite)
+    if existing:
+        lib = write_library(imported, out, cfg, params, append=True, overwrite=overwrite)
+    else:
+        tmp = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_library(imported, tmp, cfg, params)
+            try:
+                os.rename(tmp, out)   # onto nothing, or onto an empty folder
+            except OSError:
+                raise LibraryError(f"{out}: another command wrote here meanwhile; rerun with "
+                                   "--append") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        lib = ExpertLibrary.open(out)
     gates = "with gates" if imported.gates is not None else "without gates"
     lines.append(f"wrote {len(imported.names)} expert(s) {gates} to {lib.path} (rank "
                  f"{imported.rank}, scale {imported.scale:g}, {len(imported.sites)} sites; the "
@@ -76,13 +131,15 @@ def peft_to_library(adapters: Sequence[str], base: str, out: str, *,
                     names: Sequence[str] | None = None, scale: float | None = None,
                     append: bool = False, overwrite: bool = False) -> list[str]:
     """PEFT LoRA adapter directories -> experts of a goose-jax library (one each, in order)."""
-    from goose_jax.interop.peft import import_peft
+    from goose_jax.interop.peft import default_expert_name, import_peft
 
     def do_import(cfg, target):
         return import_peft(adapters, cfg, names=names, scale=target.get("scale", scale),
                            rank=target.get("rank"), sites=target.get("sites"))
 
-    return import_into_library(base, out, do_import, append=append, overwrite=overwrite)
+    known = list(names) if names is not None else [default_expert_name(a) for a in adapters]
+    return import_into_library(base, out, do_import, append=append, overwrite=overwrite,
+                               names=known)
 
 
 def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] | None = None,
@@ -94,17 +151,21 @@ def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] |
     """
     from goose_jax.interop.release import RELEASE_EXPERT_SETS, import_release
 
+    known = list(names) if names is not None else None
     if names is not None and len(names) == 1 and names[0] in RELEASE_EXPERT_SETS:
         names = names[0]
+        known = list(RELEASE_EXPERT_SETS[names])
 
     def do_import(cfg, target):
         return import_release(ckpt, cfg, names=names, **target)
 
-    return import_into_library(base, out, do_import, append=append, overwrite=overwrite)
+    return import_into_library(base, out, do_import, append=append, overwrite=overwrite,
+                               names=known)
 
 
 def library_to_peft(library: str, expert: str, out: str, *, overwrite: bool = False) -> list[str]:
     """One expert of a goose-jax library -> a PEFT LoRA adapter directory."""
-    from goose_jax.interop.peft import export_peft
+    from goose_jax.interop.peft import check_adapter_folder, export_peft
 
+    check_adapter_folder(out, overwrite=overwrite)
     return [f"wrote {p}" for p in export_peft(library, expert, out, overwrite=overwrite)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -458,7 +458,107 @@ def load_hf_t5(path: str | os.PathLike, *,
     return cfg, params
 
 
-def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike) -> list[str]:
+# --- writing files ------------------------------------------------------------------------------
+
+_WEIGHT_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TORCH_WEIGHTS_NAME,
+                 TORCH_INDEX_NAME)
+_SHARD_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def check_model_folder(path: str | os.PathLike, held: Sequence[str], *, overwrite: bool = False,
+                       what: str = "a Hugging Face model", error: type[Exception] = CheckpointError
+                       ) -> None:
+    """Fails before any work unless a model folder may be written at ``path``.
+
+    Args:
+      path: the folder.
+      held: file names whose presence means ``path`` already holds such a model.
+      overwrite: replace a model already there.
+      what: what the folder holds (for the message).
+      error: the error class to raise.
+
+    Raises:
+      ``error``: ``path`` is a file or lies below one, is a goose-jax checkpoint, or already
+        holds a model (without ``overwrite``).
+    """
+    from goose_jax.checkpoint import check_folder_writable, is_checkpoint
+
+    check_folder_writable(path, error=error)
+    folder = os.fspath(path)
+    if is_checkpoint(folder):
+        raise error(f"{folder}: is a goose-jax checkpoint; write {what} to another folder")
+    found = [name for name in held if os.path.exists(os.path.join(folder, name))]
+    if found and not overwrite:
+        raise error(f"{folder}: already holds {what} ({found[0]}); pass --overwrite to replace "
+                    "it, or write to another folder")
+
+
+def write_model_folder(path: str | os.PathLike, weights_name: str,
+                       tensors: Mapping[str, np.ndarray], config_name: str, config_text: str,
+                       *, superseded: Sequence[str] = ()) -> list[str]:
+    """Writes a weights file and the config that describes it into a folder, crash-safe.
+
+    A new folder is written whole under a temporary name and renamed into place. In an existing
+    folder the new weights are written beside the old ones, the old config is removed, the
+    weights renamed into place and the config written last: a crash leaves the old pair, the new
+    pair, or a folder without a config (refused on load), never a config beside weights it does
+    not describe. Other files in the folder (a tokenizer, a README) are kept.
+
+    Args:
+      path: the folder.
+      weights_name: the safetensors file name (e.g. ``model.safetensors``).
+      tensors: name -> NumPy array.
+      config_name: the config's file name (e.g. ``config.json``).
+      config_text: its content.
+      superseded: names (or glob patterns) of the old model's other weight files, removed once
+        the new pair is in place.
+
+    Returns:
+      The paths written: the config, then the weights.
+    """
+    import glob
+    import shutil
+
+    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    meta = {"format": "pt"}
+    if not os.path.exists(folder):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.makedirs(tmp)
+            write_safetensors(os.path.join(tmp, weights_name), tensors, metadata=meta)
+            write_atomic(os.path.join(tmp, config_name), config_text)
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        weights, config = os.path.join(folder, weights_name), os.path.join(folder, config_name)
+        staged = f"{weights}.new-{os.getpid()}"
+        try:
+            write_safetensors(staged, tensors, metadata=meta)
+            if os.path.exists(config):
+                os.remove(config)
+            os.replace(staged, weights)
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+        write_atomic(config, config_text)
+        for pattern in superseded:
+            for old in glob.glob(os.path.join(glob.escape(folder), pattern)):
+                if os.path.basename(old) not in (weights_name, config_name):
+                    os.remove(old)
+    return [os.path.join(folder, config_name), os.path.join(folder, weights_name)]
+
+
+def check_hf_folder(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Fails before any work unless ``save_hf_t5`` may write ``path`` (see
+    ``check_model_folder``)."""
+    check_model_folder(path, _WEIGHT_FILES, overwrite=overwrite)
+
+
+def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike, *,
+               overwrite: bool = False) -> list[str]:
     """Writes a Hugging Face T5 checkpoint directory: ``config.json`` + ``model.safetensors``.
 
     transformers 4 and 5 both load the result as this model. ``config.json`` is
@@ -472,19 +572,19 @@ def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike) -> list[s
     Args:
       cfg: the model's config.
       params: our params pytree; tensors are written in their own dtype.
-      path: output directory, created if needed; existing files of the same names are replaced.
+      path: output directory, created if needed (see ``write_model_folder``: crash-safe).
+      overwrite: replace a model the directory already holds (its other weight files, sharded
+        or pickled, are removed); without it such a directory is refused.
 
     Returns:
       The paths written.
 
     Raises:
-      CheckpointError: ``params`` does not fit ``cfg``.
+      CheckpointError: ``params`` does not fit ``cfg``, or ``path`` cannot take the model (see
+        ``check_model_folder``).
     """
-    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    check_hf_folder(path, overwrite=overwrite)
     state = params_to_hf_state_dict(cfg, params, progress=progress_enabled())
-    os.makedirs(folder, exist_ok=True)
-    weights_path = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    write_safetensors(weights_path, state, metadata={"format": "pt"})
-    config_path = os.path.join(folder, CONFIG_NAME)
-    write_atomic(config_path, json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-    return [config_path, weights_path]
+    text = json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+    return write_model_folder(path, SAFE_WEIGHTS_NAME, state, CONFIG_NAME, text,
+                              superseded=(*_WEIGHT_FILES, *_SHARD_PATTERNS))

@@ -39,7 +39,12 @@ import numpy as np
 from goose_jax.config import T5Config
 from goose_jax.errors import AdapterError, one_line
 from goose_jax.experts import peft_scale
-from goose_jax.interop.hf import linear_sites, resolve_hf_dir
+from goose_jax.interop.hf import (
+    check_model_folder,
+    linear_sites,
+    resolve_hf_dir,
+    write_model_folder,
+)
 from goose_jax.interop.stacking import (
     ImportedExperts,
     SiteLoRA,
@@ -48,7 +53,7 @@ from goose_jax.interop.stacking import (
     stack_experts,
 )
 from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_tensors, write_atomic, write_safetensors
+from goose_jax.tensorfile import read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -423,10 +428,7 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
       The paths written.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    cfg_file = os.path.join(out_dir, ADAPTER_CONFIG)
-    if os.path.exists(cfg_file) and not overwrite:
-        raise AdapterError(f"{out_dir}: already holds a PEFT adapter (overwrite=True, or "
-                           "--overwrite, replaces it)")
+    check_adapter_folder(out_dir, overwrite=overwrite)
     modules = {s.name: module for module, s in linear_sites(cfg).items()}
     unknown = [s for s in sites if s not in modules]
     if unknown:
@@ -456,11 +458,19 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
         "inference_mode": True,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    weights = os.path.join(out_dir, SAFE_WEIGHTS)
-    write_safetensors(weights, tensors, metadata={"format": "pt"})
-    write_atomic(cfg_file, json.dumps(config, indent=2) + "\n")
-    return [cfg_file, weights]
+    return write_model_folder(out_dir, SAFE_WEIGHTS, tensors, ADAPTER_CONFIG,
+                              json.dumps(config, indent=2) + "\n", superseded=(TORCH_WEIGHTS,))
+
+
+def check_adapter_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Fails before any work unless a PEFT adapter may be written to ``out_dir``.
+
+    Raises:
+      AdapterError: ``out_dir`` is a file or lies below one, or already holds an adapter (its
+        config or weights) and ``overwrite`` is False.
+    """
+    check_model_folder(out_dir, (ADAPTER_CONFIG, SAFE_WEIGHTS, TORCH_WEIGHTS),
+                       overwrite=overwrite, what="a PEFT adapter", error=AdapterError)
 
 
 def export_peft(library, name: str, out_dir: str | os.PathLike, *,
@@ -477,6 +487,7 @@ def export_peft(library, name: str, out_dir: str | os.PathLike, *,
     from goose_jax.experts import flatten_sites
     from goose_jax.library import ExpertLibrary
 
+    check_adapter_folder(out_dir, overwrite=overwrite)
     lib = library if isinstance(library, ExpertLibrary) else ExpertLibrary.open(library)
     entry = lib.info(name)
     experts, _ = lib.load([name], gates=False)
