@@ -81,6 +81,10 @@ class RoutingError(GooseError, ValueError):
     """Routing inputs that cannot work together (sizes, k, non-finite gates)."""
 
 
+class NonFiniteError(GooseError, ValueError):
+    """NaN or inf where a result needs finite numbers (logits, scores, losses, weights)."""
+
+
 class DistributedError(GooseError, ValueError):
     """Inconsistent multi-process settings, or a process group that could not be joined."""
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from goose_jax.config import T5Config
 from goose_jax.data.examples import EvalTask, Example
-from goose_jax.errors import DataError, EvalError
+from goose_jax.errors import DataError, EvalError, NonFiniteError
 from goose_jax.experts import EXPERTS, flatten_sites
 from goose_jax.generation import generate_greedy
 from goose_jax.metrics import generation_score, rank_prediction
@@ -181,7 +181,7 @@ class Evaluator:
         # The routed adapter counts the top-1 choices of the routing it computes anyway, over
         # the tokens of its site's telemetry mask (supplied by the scorer and by generation).
         if per_token:
-            adapter = dataclasses.replace(adapter, telemetry=self.telemetry)
+            adapter = dataclasses.replace(adapter, telemetry=self.telemetry, check_finite=True)
         self.adapter = adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
@@ -319,7 +319,7 @@ class Evaluator:
             out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
                                       self._put(mask), adapter=self.adapter,
                                       collections=coll or None, fast_compile=self.fast_compile,
-                                      telemetry=self.telemetry)
+                                      telemetry=self.telemetry, check_finite=True)
             toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
@@ -356,7 +356,12 @@ class Evaluator:
                              {"prediction": pred, "answers": list(ex.answers),
                               "scores": [round(float(v), 5) for v in s]})
         else:
-            texts = self.generate(usable, task.max_new_tokens, progress)
+            try:
+                texts = self.generate(usable, task.max_new_tokens, progress)
+            except NonFiniteError as e:
+                raise EvalError(f"dataset {task.dataset} ({task.name}), method "
+                                f"{getattr(self.routed, 'method', 'base')}: {e}; no score "
+                                "reported") from None
             for ex, text in zip(usable, texts):
                 self._record(res, ex, generation_score(task.metric, text, ex.references),
                              {"prediction": text, "references": list(ex.references)})

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from goose_jax.config import T5Config
-from goose_jax.errors import ConfigError
+from goose_jax.errors import ConfigError, NonFiniteError
 from goose_jax.routers import TELEMETRY, collect_counts, telemetry_masks
 from goose_jax.t5 import (
     FAST_COMPILE_OPTIONS,
@@ -65,30 +65,34 @@ def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapte
         logits, mutated = apply(vs, masks, tok_B[:, None], enc_BLD, mask_BL, decode=True,
                                 max_len=T, method=T5.decode, mutable=["cache"])
         new_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return new_B, mutated["cache"], collect_counts(mutated)
+        finite_B = jnp.all(jnp.isfinite(logits[:, -1]), axis=-1)
+        return new_B, mutated["cache"], collect_counts(mutated), finite_B
 
     start_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
-    tok_B, cache, step_counts = step(None, start_B, real_B)
+    tok_B, cache, step_counts, finite_B = step(None, start_B, real_B)
     counts = {**enc_counts, **step_counts}
     out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
     done_B = tok_B == cfg.eos_token_id
 
     def cond(state):
-        i, _, _, _, done_B, _ = state
+        i, _, _, _, done_B, _, _ = state
         return (i < T) & ~jnp.all(done_B)
 
     def body(state):
-        i, out_BT, cache, tok_B, done_B, counts = state
+        i, out_BT, cache, tok_B, done_B, counts, finite_B = state
         # A row counts this step's token only while it has not finished.
-        new_B, cache, step_counts = step(cache, tok_B, real_B & ~done_B)
+        new_B, cache, step_counts, step_finite_B = step(cache, tok_B, real_B & ~done_B)
+        finite_B = finite_B & (step_finite_B | done_B)
         counts = {s: c + step_counts[s] if s in step_counts else c for s, c in counts.items()}
         new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
         out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
-        return i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id), counts
+        return (i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id), counts,
+                finite_B)
 
-    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts)
+    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts, finite_B)
     state = jax.lax.while_loop(cond, body, state)
-    return (state[1], state[5]) if telemetry else state[1]
+    # Rows of batch padding may hold anything; a real row's logits must stay finite.
+    return state[1], state[5], state[6] | ~real_B
 
 
 _GENERATE_STATIC = ("cfg", "max_new_tokens", "adapter", "telemetry")
@@ -100,7 +104,8 @@ _generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
 def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
                     attention_mask_BL=None, *, routing=None, adapter: Adapter | None = None,
                     collections: dict | None = None, fast_compile: bool = False,
-                    telemetry: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+                    telemetry: bool = False,
+                    check_finite: bool = False) -> Array | tuple[Array, dict[str, Array]]:
     """Greedy decoding with a key/value cache, jitted with static shapes.
 
     Args:
@@ -116,6 +121,8 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
       fast_compile: compile with ``t5.FAST_COMPILE_OPTIONS`` (quicker to compile, slower to run).
       telemetry: also return the per-site top-1 expert counts of the routing decoding computed;
         the adapter must sow them (``build_routed(..., telemetry=True)``).
+      check_finite: raise ``NonFiniteError`` when the logits of a real row become NaN or inf
+        before it finishes (argmax over NaN would quietly emit token 0); waits for the result.
 
     Returns:
       int32 (B, T): the new tokens without the decoder start token; a row stops at its EOS and is
@@ -129,5 +136,12 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
     fn = _generate_fast if fast_compile else _generate
-    return fn(cfg, _variables(params, collections), input_ids_BL, mask, int(max_new_tokens),
-              adapter=adapter, telemetry=bool(telemetry))
+    tokens_BT, counts, finite_B = fn(cfg, _variables(params, collections), input_ids_BL, mask,
+                                     int(max_new_tokens), adapter=adapter,
+                                     telemetry=bool(telemetry))
+    if check_finite and not bool(jnp.all(finite_B)):
+        bad = int(jnp.sum(~finite_B))
+        raise NonFiniteError(f"greedy generation: the logits of {bad} of {finite_B.shape[0]} rows "
+                             "became NaN or inf (non-finite or overflowing weights in the base "
+                             "model or the adapter, or a dtype too narrow)")
+    return (tokens_BT, counts) if telemetry else tokens_BT

@@ -96,3 +96,44 @@ def test_generation_counts_the_routing_it_computes(model, fast_compile):
     for site in ref:
         np.testing.assert_array_equal(np.asarray(counts[site]), ref[site], err_msg=site)
 
+
+
+def test_check_finite_refuses_nan_logits_of_a_real_row(model):
+    from goose_jax.errors import NonFiniteError
+
+    cfg, params, routed, ids, mask = model
+    assert gj.generate_greedy(cfg, params, ids, T, mask, check_finite=True).shape == (4, T)
+    # One vocabulary column of the head NaN: every real row's logits are then non-finite.
+    head = np.asarray(params["lm_head"]["kernel"]).copy()
+    head[:, 5] = np.nan
+    bad = {**params, "lm_head": {"kernel": head}}
+    with pytest.raises(NonFiniteError, match="3 of 4 rows"):
+        gj.generate_greedy(cfg, bad, ids, T, mask, check_finite=True)
+    gj.generate_greedy(cfg, bad, ids, T, mask)  # unchecked: no error, as before
+    # Batch padding rows are not checked: with only the padding row left, nothing is refused.
+    pad_only = np.zeros_like(mask)
+    pad_only[0] = mask[0]
+    with pytest.raises(NonFiniteError, match="1 of 4 rows"):
+        gj.generate_greedy(cfg, bad, ids, T, pad_only, check_finite=True)
+
+
+def test_evaluator_refuses_a_generation_task_with_nan_logits(model):
+    from goose_jax import evaluation as ev
+    from goose_jax.data.examples import EvalTask, Example
+    from goose_jax.data.tokenizers import ByteTokenizer
+    from goose_jax.errors import EvalError
+
+    cfg, params, _, _, _ = model
+    cfg = cfg.replace(vocab_size=ByteTokenizer().vocab_size)
+    params = gj.init_params(cfg, 5)
+    examples = [Example(f"say {w}", references=(w,), dataset="echo") for w in ("a", "bc")]
+    task = EvalTask("toy/echo", "echo", "generate", "exact_match", lambda: examples,
+                    max_new_tokens=3)
+    evaluator = ev.Evaluator(cfg, params, ByteTokenizer(), batch_size=2, max_input_length=8)
+    assert evaluator.evaluate_task(task).score is not None
+    head = np.asarray(params["lm_head"]["kernel"]).copy()
+    head[0, 7] = np.inf  # inf * 0-free activations: inf or NaN logits
+    evaluator = ev.Evaluator(cfg, {**params, "lm_head": {"kernel": head}}, ByteTokenizer(),
+                             batch_size=2, max_input_length=8)
+    with pytest.raises(EvalError, match=r"dataset echo \(toy/echo\), method base: .*NaN or inf"):
+        evaluator.evaluate_task(task)
