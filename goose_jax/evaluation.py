@@ -181,7 +181,7 @@ class Evaluator:
         # The routed adapter counts the top-1 choices of the routing it computes anyway, over
         # the tokens of its site's telemetry mask (supplied by the scorer and by generation).
         if per_token:
-            adapter = dataclasses.replace(adapter, telemetry=self.telemetry, check_finite=True)
+            adapter = dataclasses.replace(adapter, telemetry=self.telemetry)
         self.adapter = adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
