@@ -19,6 +19,21 @@ from goose_jax.errors import CheckpointError
 RANDOM = "random:"
 
 
+def check_base(spec: str) -> None:
+    """Cheap checks of a base spec, without reading the model: not empty, and ``random:...`` or a
+    local directory.
+
+    Raises:
+      CheckpointError: one line naming the spec and what a base can be.
+    """
+    if not spec:
+        raise CheckpointError("no base model: pass --base DIR (a Hugging Face T5 directory, a "
+                              "goose-jax model checkpoint or random:PRESET)")
+    if not spec.startswith(RANDOM) and not os.path.isdir(spec):
+        raise CheckpointError(f"{spec}: --base is not a local directory (a Hugging Face T5 or "
+                              "goose-jax checkpoint; nothing is downloaded) nor random:PRESET")
+
+
 def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
               min_vocab_size: int = 0) -> tuple[T5Config, dict]:
     """(cfg, params) of the base model ``spec`` (see the module doc).
@@ -37,9 +52,7 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
     """
     from goose_jax import checkpoint
 
-    if not spec:
-        raise CheckpointError("no base model: pass --base DIR (a Hugging Face T5 directory, a "
-                              "goose-jax model checkpoint or random:PRESET)")
+    check_base(spec)
     if spec.startswith(RANDOM):
         from goose_jax.t5 import random_params
 
@@ -49,9 +62,6 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
             raise CheckpointError(f"base {spec!r}: {e}") from None
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
         return cfg, random_params(cfg, seed)
-    if not os.path.isdir(spec):
-        raise CheckpointError(f"base model {spec!r} is not a local directory (a Hugging Face T5 "
-                              "or goose-jax checkpoint; nothing is downloaded)")
     if checkpoint.is_checkpoint(spec):
         return checkpoint.load_model(spec)
     from goose_jax.interop.hf import load_hf_t5

@@ -353,14 +353,12 @@ def validate(s: EvalSettings) -> None:
     Raises:
       GooseError: one line naming the file or flag and the fix.
     """
-    from goose_jax.base_model import RANDOM, load_tokenizer
+    from goose_jax.base_model import RANDOM, check_base, load_tokenizer
     from goose_jax.errors import CheckpointError
     from goose_jax.report import check_out_dir
 
     check_out_dir(s.out, overwrite=s.overwrite)
-    if not s.base.startswith(RANDOM) and not os.path.isdir(s.base):
-        raise CheckpointError(f"{s.base}: --base is not a local directory (a Hugging Face T5 or "
-                              "goose-jax checkpoint; nothing is downloaded) nor random:PRESET")
+    check_base(s.base)
     if not s.byte_tokenizer:
         if s.tokenizer is not None and not os.path.isdir(s.tokenizer):
             raise CheckpointError(f"{s.tokenizer}: --tokenizer is not a directory")
