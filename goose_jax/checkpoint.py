@@ -14,8 +14,13 @@ items of one step without changing how a single tree is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -247,6 +252,53 @@ def load_model(path: str | os.PathLike, *, shardings: Any = None) -> tuple[T5Con
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
+UNREADABLE = ".unreadable"  # suffix of a step directory set aside because it could not be read
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds a Ctrl-C (SIGINT) that arrives inside the block until the block ends.
+
+    Orbax's checkpoint manager is not safe to interrupt: a ``KeyboardInterrupt`` raised inside
+    ``save`` or ``wait_until_finished`` leaves its finaliser thread half-joined (an error
+    report, a traceback, sometimes a hang at exit). Inside the block the first Ctrl-C is noted
+    and raised as ``KeyboardInterrupt`` once the block is done; a second one interrupts at once.
+    Only the main thread can do this, and only while Python's own handler is installed (a
+    process started with SIGINT ignored keeps ignoring it); elsewhere the block runs as is.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending = []
+
+    def note(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _quiet_restore() -> Iterator[None]:
+    # A corrupt step makes Orbax and asyncio log errors and tracebacks of their own before the
+    # exception reaches us; the caller reports it in one line instead.
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class TrainCheckpointer:
@@ -299,7 +351,8 @@ class TrainCheckpointer:
                                   f"JSON-serializable: {_one_line(e)}") from None
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
                                      META_ITEM: ocp.args.JsonSave(meta or {})})
-        self._manager.save(int(step), args=args, force=True)
+        with interrupts_deferred():
+            self._manager.save(int(step), args=args, force=True)
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores ``(tree, meta)`` of ``step`` (default: the latest).
@@ -325,12 +378,65 @@ class TrainCheckpointer:
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                      META_ITEM: ocp.args.JsonRestore()})
         try:
-            restored = self._manager.restore(int(step), args=args)
-        except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+            with _quiet_restore():
+                restored = self._manager.restore(int(step), args=args)
+        except (ValueError, TypeError, KeyError, OSError) as e:
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
                                   f"(was it written by a different config?): "
                                   f"{_one_line(e)}") from None
         return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
+
+    def restore_usable(self, target: Any, warn: Callable[[str], None] = print
+                       ) -> tuple[Any, dict[str, Any], int]:
+        """Restores the newest step that can be read: ``(tree, meta, step)``.
+
+        A step that cannot be read (truncated, flipped or missing files: Orbax's OCDBT store
+        checksums its data) is set aside as ``<step>.unreadable`` beside the others, so that
+        training can write that step again, and ``warn`` is called with one line saying so; the
+        step kept before it is tried next.
+
+        Args:
+          target: see ``restore``.
+          warn: called with a one-line message for each step set aside.
+
+        Raises:
+          CheckpointError: no step could be read (the message suggests a new work directory).
+        """
+        tried = []
+        for step in reversed(self.all_steps()):
+            try:
+                tree, meta = self.restore(target, step)
+            except CheckpointError as e:
+                tried.append(step)
+                reason = _one_line(e).split(": ", 1)[-1]
+                if len(reason) > 160:
+                    reason = reason[:157] + "..."
+                aside = self._set_aside(step)
+                older = [s for s in self.all_steps() if s < step]
+                then = (f"resuming from step {older[-1]}" if older
+                        else "no older checkpoint is kept")
+                warn(f"{self.directory}/{step}: unreadable checkpoint ({reason}); moved to "
+                     f"{aside}, {then}")
+                continue
+            return tree, meta, step
+        raise CheckpointError(f"{self.directory}: no readable training checkpoint (steps "
+                              f"{tried} are corrupt and were set aside); use a new --workdir "
+                              "to start again")
+
+    def _set_aside(self, step: int) -> str:
+        from goose_jax import distributed
+
+        src = os.path.join(self.directory, str(step))
+        dst, n = src + UNREADABLE, 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}{UNREADABLE}-{n}"
+        distributed.barrier("goose-train: checkpoint read")
+        if distributed.is_primary():
+            os.replace(src, dst)
+        distributed.barrier("goose-train: checkpoint set aside")
+        self._manager.reload()
+        return dst
 
     def saved_shapes(self, step: int | None = None, sharding: Any = None) -> Any:
         """The saved state's structure as ``jax.ShapeDtypeStruct`` leaves, a restore target.
@@ -366,11 +472,13 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         """Blocks until the last asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        with interrupts_deferred():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager (also on leaving a ``with``)."""
-        self._manager.close()
+        with interrupts_deferred():
+            self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self
