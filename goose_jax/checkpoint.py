@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -286,19 +287,37 @@ def interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _drop_closed_loop_reports(report) -> None:
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+        _drop_closed_loop_reports.previous(report)
+
+
 @contextlib.contextmanager
 def _quiet_restore() -> Iterator[None]:
     # A corrupt step makes Orbax and asyncio log errors and tracebacks of their own before the
-    # exception reaches us; the caller reports it in one line instead.
+    # exception reaches us; the caller reports it in one line instead. Orbax also closes its
+    # event loop at the first failed read while TensorStore's other reads are still in flight:
+    # each of those later reports "Event loop is closed" as an unraisable exception, from
+    # another thread, at any time afterwards. Those reports alone are dropped from then on.
     loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
+    installed = sys.unraisablehook is not _drop_closed_loop_reports
+    if installed:
+        _drop_closed_loop_reports.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_closed_loop_reports
     try:
         yield
+    except BaseException:
+        installed = False  # stays: the reports come later
+        raise
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if installed:
+            sys.unraisablehook = _drop_closed_loop_reports.previous
 
 
 class TrainCheckpointer:
@@ -390,10 +409,11 @@ class TrainCheckpointer:
                        ) -> tuple[Any, dict[str, Any], int]:
         """Restores the newest step that can be read: ``(tree, meta, step)``.
 
-        A step that cannot be read (truncated, flipped or missing files: Orbax's OCDBT store
-        checksums its data) is set aside as ``<step>.unreadable`` beside the others, so that
-        training can write that step again, and ``warn`` is called with one line saying so; the
-        step kept before it is tried next.
+        Steps that cannot be read (truncated, flipped or missing files: Orbax's OCDBT store
+        checksums its data) are tried newest first. Once an older step restores, each newer
+        one is set aside as ``<step>.unreadable`` beside the others (so that training can write
+        that step again) and ``warn`` is called with one line per step. When no step restores
+        (a corrupt work directory, or one another version wrote), nothing is moved.
 
         Args:
           target: see ``restore``.
@@ -402,26 +422,23 @@ class TrainCheckpointer:
         Raises:
           CheckpointError: no step could be read (the message suggests a new work directory).
         """
-        tried = []
+        failed = []
         for step in reversed(self.all_steps()):
             try:
                 tree, meta = self.restore(target, step)
             except CheckpointError as e:
-                tried.append(step)
-                reason = _one_line(e).split(": ", 1)[-1]
-                if len(reason) > 160:
-                    reason = reason[:157] + "..."
-                aside = self._set_aside(step)
-                older = [s for s in self.all_steps() if s < step]
-                then = (f"resuming from step {older[-1]}" if older
-                        else "no older checkpoint is kept")
-                warn(f"{self.directory}/{step}: unreadable checkpoint ({reason}); moved to "
-                     f"{aside}, {then}")
+                reason = _one_line(e.__context__ or e)
+                failed.append((step, reason if len(reason) <= 100 else reason[:97] + "..."))
                 continue
+            for bad, reason in failed:
+                aside = self._set_aside(bad)
+                warn(f"{self.directory}/{bad}: unreadable checkpoint ({reason}); moved to "
+                     f"{aside}; resuming from step {step}")
             return tree, meta, step
-        raise CheckpointError(f"{self.directory}: no readable training checkpoint (steps "
-                              f"{tried} are corrupt and were set aside); use a new --workdir "
-                              "to start again")
+        step, reason = failed[0]
+        raise CheckpointError(f"{self.directory}: no training checkpoint can be read (steps "
+                              f"{[s for s, _ in failed]}; step {step}: {reason}); use a new "
+                              "--workdir to start again")
 
     def _set_aside(self, step: int) -> str:
         from goose_jax import distributed
