@@ -282,7 +282,7 @@ def _goose_train(argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("delay", [0.0, pytest.param(0.15, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("delay", [0.15, pytest.param(0.0, marks=pytest.mark.slow)])
 def test_ctrl_c_mid_training_is_one_line_and_resumes(data, tmp_path, delay):
     lib, work = tmp_path / "lib", tmp_path / "work"
     argv = args(data[:1], lib, work, "--set", "steps=60", "--set", "checkpoint_every=1",
