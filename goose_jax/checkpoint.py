@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.errors import CheckpointError
+from goose_jax.errors import CheckpointError, one_line
 
 META_NAME = "goose_meta.json"
 TREE_DIR = "params"
@@ -42,10 +42,6 @@ FORMAT_VERSION = 1
 def _abs(path: str | os.PathLike) -> str:
     # Orbax resolves relative paths against its own notion of the working directory; give it none.
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -64,7 +60,7 @@ def _read_meta(path: str) -> dict[str, Any]:
         with open(meta_path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: cannot read as JSON: {_one_line(e)}") from None
+        raise CheckpointError(f"{meta_path}: cannot read as JSON: {one_line(e)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a goose-jax checkpoint (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -109,7 +105,7 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
         json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: checkpoint metadata is not JSON-serializable: "
-                              f"{_one_line(e)}") from None
+                              f"{one_line(e)}") from None
     check_destination(path, overwrite=overwrite)
     old_tree = _read_meta(path).get("tree", TREE_DIR) if is_checkpoint(path) else None
     tree_name = TREE_DIRS[1] if old_tree == TREE_DIRS[0] else TREE_DIRS[0]
@@ -271,13 +267,13 @@ def restore_tree(path: str | os.PathLike, *, target: Any = None, shardings: Any 
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{tree_dir}: cannot restore the tree (does the target or the "
                               f"shardings match what was saved? else {_reconvert(path)}): "
-                              f"{_one_line(e)[:300]}") from None
+                              f"{one_line(e)[:300]}") from None
     except Exception as e:
         if isinstance(e, jax.errors.JaxRuntimeError):
             raise   # a peer of a process group died: the tool's own exit code
         # TensorStore reports unreadable chunks as a bare Exception with a long spec.
         raise CheckpointError(f"{tree_dir}: cannot read the tree ({type(e).__name__}: "
-                              f"{_one_line(e)[:200]}); {_reconvert(path)}") from None
+                              f"{one_line(e)[:200]}); {_reconvert(path)}") from None
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -345,143 +341,7 @@ def load_model(path: str | os.PathLike, *, shardings: Any = None,
         cfg = cfg.replace(tie_word_embeddings=bool(metadata["tie_word_embeddings"]),
                           dtype=DTypePolicy(**metadata["dtype_policy"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: invalid model metadata: {_one_line(e)}") from None
+        raise CheckpointError(f"{meta_path}: invalid model metadata: {one_line(e)}") from None
     params = restore_tree(path, shardings=shardings, verify=verify)
     validate_params(cfg, params, source=os.path.join(path, TREE_DIR))
     return cfg, params
-
-
-# --- training state ------------------------------------------------------------------------------
-
-STATE_ITEM = "state"
-META_ITEM = "meta"
-
-
-class TrainCheckpointer:
-    """Training-state checkpoints of one work directory, through Orbax's ``CheckpointManager``.
-
-    Each step is a directory ``<directory>/<step>/`` with two items: ``state``, a pytree of
-    arrays saved with ``ocp.args.StandardSave`` (the caller passes only what changes during
-    training: trainable trees, optimiser state, step, RNG; never a frozen base), and ``meta``,
-    JSON (data positions, config). The last ``keep`` steps are kept. Saves are asynchronous:
-    ``wait``/``close`` block until they are on disk; an interrupted save is never restored
-    (Orbax finalises a step directory atomically).
-
-    Usage::
-
-        with TrainCheckpointer(workdir / "checkpoints", keep=2) as ckpt:
-            if ckpt.latest_step() is not None:
-                tree, meta = ckpt.restore(target_tree)
-            ckpt.save(step, tree, {"positions": [...]})
-    """
-
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self.directory = _abs(directory)
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise CheckpointError(f"{self.directory}: exists and is not a directory")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
-                    META_ITEM: ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_handlers=handlers)
-
-    def latest_step(self) -> int | None:
-        """The newest complete step on disk, or None."""
-        return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """Every complete step on disk, oldest first."""
-        return sorted(self._manager.all_steps())
-
-    def save(self, step: int, tree: Any, meta: dict[str, Any] | None = None) -> None:
-        """Starts saving ``tree`` (arrays) and ``meta`` (JSON) as ``step``; returns at once."""
-        import orbax.checkpoint as ocp
-
-        try:
-            json.dumps(meta or {})
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.directory}: training metadata is not "
-                                  f"JSON-serializable: {_one_line(e)}") from None
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
-                                     META_ITEM: ocp.args.JsonSave(meta or {})})
-        self._manager.save(int(step), args=args, force=True)
-
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores ``(tree, meta)`` of ``step`` (default: the latest).
-
-        Args:
-          target: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like the saved tree;
-            each leaf's dtype and sharding are those of the restored leaf. Its mesh may differ
-            from the one the checkpoint was written from (other device or process counts,
-            other axis sizes; see ``saved_shapes``).
-          step: which step; default the latest.
-
-        Raises:
-          CheckpointError: no checkpoint, or one that does not match ``target``.
-        """
-        import orbax.checkpoint as ocp
-
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{self.directory}: no training checkpoint to restore")
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda x: _abstract(x, getattr(x, "sharding", None) or default), target)
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
-                                     META_ITEM: ocp.args.JsonRestore()})
-        try:
-            restored = self._manager.restore(int(step), args=args)
-        except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
-                                  f"(was it written by a different config?): "
-                                  f"{_one_line(e)}") from None
-        return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
-
-    def saved_shapes(self, step: int | None = None, sharding: Any = None) -> Any:
-        """The saved state's structure as ``jax.ShapeDtypeStruct`` leaves, a restore target.
-
-        A checkpoint does not depend on the mesh it was written from (several processes write
-        one checkpoint together): give each leaf the ``sharding`` it should be restored onto,
-        e.g. one device, or a ``NamedSharding`` of any mesh; or map over the result to choose
-        per leaf.
-
-        Args:
-          step: which step; default the latest.
-          sharding: a ``jax.sharding.Sharding`` for every leaf (default: the first local
-            device).
-
-        Raises:
-          CheckpointError: there is no such step.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None or int(step) not in self.all_steps():
-            raise CheckpointError(f"{self.directory}: no training checkpoint for step {step} "
-                                  f"(found {self.all_steps()})")
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = self._manager.item_metadata(int(step))[STATE_ITEM]
-        return jax.tree.map(lambda m: _abstract(m, sharding), metadata)
-
-    def saved_leaf_paths(self, step: int | None = None) -> list[str]:
-        """Slash-joined paths of every array saved in ``step``'s state (for audits and tests)."""
-        step = self.latest_step() if step is None else step
-        metadata = self._manager.item_metadata(int(step))[STATE_ITEM]
-        paths = jax.tree_util.tree_flatten_with_path(metadata)[0]
-        return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-                for path, _ in paths]
-
-    def wait(self) -> None:
-        """Blocks until the last asynchronous save is on disk."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Finishes pending saves and releases the manager (also on leaving a ``with``)."""
-        self._manager.close()
-
-    def __enter__(self) -> TrainCheckpointer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

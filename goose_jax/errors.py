@@ -68,6 +68,11 @@ class LibraryMismatchError(GooseError, ValueError):
     """An expert library that does not fit the base model or the routing request."""
 
 
+class TrainingDivergedError(GooseError, FloatingPointError):
+    """Training whose loss or parameters became non-finite (NaN or infinite); nothing of the
+    diverged state is written."""
+
+
 class DataError(GooseError, ValueError):
     """Training or evaluation data that cannot be used: a missing or malformed file, an empty
     dataset."""

@@ -19,6 +19,12 @@ and data order depend on the seed and its name only, so it is the same expert wh
 alone (``expert``) or with others. ``gate`` trains the gates of experts already in the library
 (base and LoRA frozen) and writes them into those experts' files.
 
+Checked before any work: the data (UTF-8, JSON lines, token ids within the base's vocabulary),
+the expert names (they become file names), the output paths (a directory that can be written,
+not a file in the way), and that nothing would be replaced without ``overwrite``. A refused run
+writes nothing, not even its ``run.json``. Training that diverges (a non-finite loss or
+parameters) stops with one line and writes nothing to the output.
+
 Resumable: the work directory keeps the last checkpoints (trainable trees, optimiser state,
 step, data positions) and ``run.json``; rerunning the same command after an interruption
 continues from the last checkpoint and ends with the same parameters as an uninterrupted run.
@@ -33,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import zlib
 from collections.abc import Sequence
 
@@ -41,11 +48,18 @@ import numpy as np
 
 from goose_jax import checkpoint, distributed, sharding
 from goose_jax.config_files import apply_overrides, load_config
-from goose_jax.data.batching import Batcher, ConcatSource, ExampleSource, JsonlSource
-from goose_jax.errors import DataError, TrainConfigError, UsageError
+from goose_jax.data.batching import (
+    Batcher,
+    ConcatSource,
+    ExampleSource,
+    JsonlSource,
+    check_token_ids,
+)
+from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError
 from goose_jax.experts import LoRAConfig, init_experts, init_gates
-from goose_jax.library import ExpertLibrary
+from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.t5 import param_logical_axes
+from goose_jax.tensorfile import write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
 
@@ -152,10 +166,13 @@ class Setup:
             raise DataError(f"{args.command}: needs at least {min_files} --data file(s)")
         self.sources = [JsonlSource(p) for p in args.data]
         self.eval_sources = [JsonlSource(p) for p in args.eval_data]
+        check_writable_dir(args.workdir, "--workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1
         self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
         self.base_spec = args.base or tcfg.base_model
         cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
+        for source in self.sources + self.eval_sources:
+            check_token_ids(source, cfg.vocab_size)
         if args.command != "gate" and not (args.command == "multitask"
                                            and tcfg.multitask_mode == "full"):
             tcfg.check_model(cfg)  # the experts' sites, before any work
@@ -185,36 +202,86 @@ class Setup:
 # --- run bookkeeping ------------------------------------------------------------------------------
 
 
+def check_writable_dir(path: str, flag: str) -> None:
+    """Raises ``TrainConfigError`` unless ``path`` is a directory this process can write into,
+    or can be created (its nearest existing ancestor is a writable directory). Writes nothing
+    but a temporary probe file, removed at once."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainConfigError(f"{path}: {flag} exists and is not a directory; choose another "
+                               f"{flag}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainConfigError(f"{parent}: is a file, so {flag} {path} cannot be created; "
+                               f"choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise TrainConfigError(f"{parent}: cannot write here ({e.strerror}), so {flag} {path} "
+                               f"cannot be used; choose a {flag} you can write to") from None
+
+
+def _run_key(identity: dict) -> dict:
+    identity = json.loads(json.dumps(identity))
+    identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
+    identity.pop("finished", None)
+    return identity
+
+
+def read_run(workdir: str, identity: dict) -> dict | None:
+    """The ``run.json`` this work directory holds for this run, or None for a new run. Reads
+    only: a run refused later leaves no record.
+
+    Raises ``TrainConfigError`` if the work directory holds a different run (or checkpoints
+    without a ``run.json``)."""
+    path = os.path.join(workdir, "run.json")
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise TrainConfigError(f"{workdir}: has checkpoints but no run.json; use a new "
+                                   "--workdir")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(f"{path}: cannot read the run record ({' '.join(str(e).split())}"
+                               "); use a new --workdir") from None
+    if not isinstance(old, dict):
+        raise TrainConfigError(f"{path}: not a run record; use a new --workdir")
+    a_run, b_run = _run_key(old), _run_key(identity)
+    for key in sorted(set(a_run) | set(b_run)):
+        if a_run.get(key) != b_run.get(key):
+            a, b = a_run.get(key), b_run.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+            raise TrainConfigError(f"{path}: this work directory holds a different run "
+                                   f"({key}: was {a!r}, now {b!r}); use a new --workdir")
+    return old
+
+
+def record_run(workdir: str, identity: dict, finished: bool = False) -> None:
+    """Writes ``run.json`` (process 0, atomically), once every process has read the old one;
+    ``finished`` marks a run whose outputs are written."""
+    distributed.barrier("goose-train: run.json read")
+    if distributed.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        record = {**json.loads(json.dumps(identity)), **({"finished": True} if finished else {})}
+        write_atomic(os.path.join(workdir, "run.json"), json.dumps(record, indent=1))
+
+
 def check_run(workdir: str, identity: dict) -> bool:
     """Records the run in ``run.json``; returns whether this is a resumed run.
 
-    Raises ``TrainConfigError`` if the work directory holds a different run. In a process group
-    every process checks, and process 0 writes once all have looked (so all agree on whether
-    this is a resumed run)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "run.json")
-    identity = json.loads(json.dumps(identity))
-    identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
-    found = os.path.exists(path)
-    distributed.barrier("goose-train: run.json read")
-    if found:
-        with open(path) as f:
-            old = json.load(f)
-        for key in sorted(set(old) | set(identity)):
-            if old.get(key) != identity.get(key):
-                a, b = old.get(key), identity.get(key)
-                if isinstance(a, dict) and isinstance(b, dict):
-                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                    key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
-                raise TrainConfigError(f"{path}: this work directory holds a different run "
-                                       f"({key}: was {a!r}, now {b!r}); use a new --workdir")
-        return True
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise TrainConfigError(f"{workdir}: has checkpoints but no run.json; use a new --workdir")
-    if distributed.is_primary():
-        with open(path, "w") as f:
-            json.dump(identity, f, indent=1)
-    return False
+    Raises ``TrainConfigError`` if the work directory holds a different run. Runs that can be
+    refused after this check use ``read_run`` and ``record_run`` instead."""
+    resumed = read_run(workdir, identity) is not None
+    if not resumed:
+        record_run(workdir, identity)
+    return resumed
 
 
 def stream_id(name: str) -> int:
@@ -233,22 +300,37 @@ def expert_names(args: RunArgs, tcfg: TrainConfig, count: int) -> list[str]:
         raise TrainConfigError(f"{len(names)} names for {count} --data files")
     if len(set(names)) != len(names):
         raise TrainConfigError(f"expert names must be distinct, got {names}")
+    for name in names:  # before any work: a name becomes experts/<name>.safetensors
+        check_expert_name(name, "--names" if args.names else "expert name")
     if tcfg.num_experts and count != tcfg.num_experts:
         raise TrainConfigError(f"config expects {tcfg.num_experts} experts, got {count} "
                                "--data files (set num_experts=0 to allow any number)")
     return names
 
 
-def already_written(ran: int, lib: ExpertLibrary, names: Sequence[str], workdir: str,
+def already_written(done: bool, lib: ExpertLibrary | None, names: Sequence[str], workdir: str,
                     gates: bool = False) -> bool:
-    """Whether a rerun of a finished run found all its outputs in ``lib`` (then it writes
-    nothing)."""
+    """Whether a rerun of a finished run (``done``: its run.json says so, or its training had
+    nothing left to do) found all its outputs in ``lib``; then it writes nothing."""
     # Rerunning a finished command must not rewrite its outputs: gates trained since then
     # (or other later edits) would be lost. Outputs missing from the library are written.
-    done = ran == 0 and all(n in lib and (not gates or lib.info(n)["has_gate"]) for n in names)
+    done = done and lib is not None and all(
+        n in lib and (not gates or lib.info(n)["has_gate"]) for n in names)
     if done and distributed.is_primary():
         print(f"{workdir}: this run had already finished; {lib.path} is unchanged")
     return done
+
+
+def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary | None:
+    """The library at ``path`` checked against ``setup``'s base and ``lora`` (None if there is
+    none yet, and it can be created there); reads only."""
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
+    check_writable_dir(path, "--library")
+    if os.path.isdir(path) and os.listdir(path):
+        raise LibraryError(f"{os.path.abspath(path)}: exists and is neither an empty directory "
+                           f"nor an expert library (no {MANIFEST}); choose another --library")
+    return None
 
 
 def create_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary:
@@ -309,33 +391,42 @@ def run_experts(args: RunArgs) -> int:
     setup = Setup(args)
     tcfg, lora = setup.tcfg, setup.tcfg.lora
     names = expert_names(args, tcfg, len(setup.sources))
-    lib = create_library(args.library, setup, lora)
-    resumed = check_run(args.workdir, setup.identity(names=names))
-    clash = [n for n in names if n in lib]
-    if clash and not resumed and not args.overwrite:
+    # Every refusal comes before the first write (library, run.json, checkpoints).
+    identity = setup.identity(names=names)
+    recorded = read_run(args.workdir, identity)
+    lib = existing_library(args.library, setup, lora)
+    if already_written(bool(recorded and recorded.get("finished")), lib, names, args.workdir):
+        return 0
+    clash = [n for n in names if lib is not None and n in lib]
+    if clash and recorded is None and not args.overwrite:
         raise TrainConfigError(f"{lib.path}: already has experts {clash}; pass --overwrite to "
                                "replace them")
+    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
+    evals = eval_batchers(setup, names)
+    lib = create_library(args.library, setup, lora)
+    if recorded is None:
+        record_run(args.workdir, identity)
     root = jax.random.key(tcfg.seed)
     trainable = init_experts(
         setup.cfg, lora, [jax.random.fold_in(root, stream_id(n)) for n in names],
         fast_compile=tcfg.fast_compile)
     program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale)
-    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
-                                     args.workdir, eval_batchers=eval_batchers(setup, names),
+                                     args.workdir, eval_batchers=evals,
                                      mesh=setup.mesh, desc=f"{len(names)} expert(s)",
                                      seed_key=root)
-    if already_written(ran, lib, names, args.workdir):
-        return 0
-    trained = distributed.fetch(state.trainable)
-    entries = []
-    for i, (name, path) in enumerate(zip(names, args.data)):
-        metrics = expert_metrics(history, i)
-        info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
-                "metrics": metrics, "train_config": tcfg.to_dict()}
-        entries.append((name, trained, None, i, info,
-                        f"{name}: loss {metrics.get('loss', float('nan')):.4f} -> {lib.path}"))
-    write_experts(lib, entries)
+    if not already_written(ran == 0, lib, names, args.workdir):
+        trained = distributed.fetch(state.trainable)
+        entries = []
+        for i, (name, path) in enumerate(zip(names, args.data)):
+            metrics = expert_metrics(history, i)
+            info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
+                    "metrics": metrics, "train_config": tcfg.to_dict()}
+            entries.append((name, trained, None, i, info,
+                            f"{name}: loss {_mean(metrics.get('loss', np.nan)):.4f} -> "
+                            f"{lib.path}"))
+        write_experts(lib, entries)
+    record_run(args.workdir, identity, finished=True)
     return 0
 
 
@@ -347,32 +438,60 @@ def run_gate(args: RunArgs) -> int:
     tcfg = setup.tcfg
     lib = ExpertLibrary.open(args.library, setup.full_cfg, setup.host_params)
     names = expert_names(args, tcfg, len(setup.sources))
+    missing = [n for n in names if n not in lib]
+    if missing:
+        raise LibraryError(f"{lib.path}: no expert named {', '.join(map(repr, missing))} (it "
+                           f"holds {lib.names}); train the experts first, or fix --names")
+    identity = setup.identity(names=names, library=lib.path)
+    recorded = read_run(args.workdir, identity)
+    if already_written(bool(recorded and recorded.get("finished")), lib, names, args.workdir,
+                       gates=True):
+        return 0
+    gated = [n for n in names if lib.info(n)["has_gate"]]
+    if gated and recorded is None and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: experts {gated} already have gates; pass "
+                               "--overwrite to replace them")
     experts, _ = lib.load(names, dtype=None, gates=False)
-    check_run(args.workdir, setup.identity(names=names, library=lib.path))
+    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
+    evals = eval_batchers(setup, names)
+    if recorded is None:
+        record_run(args.workdir, identity)
     frozen = cast_floats(experts, setup.cfg.dtype.param)
     if setup.mesh is not None:
         frozen = sharding.shard_experts(frozen, setup.mesh)
     program = Program("gate", setup.cfg, tcfg, tcfg.gate_steps, lib.scale)
-    batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     state, history, ran = train_loop(program, setup.frozen_base(), frozen, init_gates(experts),
-                                     batchers, args.workdir,
-                                     eval_batchers=eval_batchers(setup, names), mesh=setup.mesh,
-                                     desc=f"{len(names)} gate(s)",
+                                     batchers, args.workdir, eval_batchers=evals,
+                                     mesh=setup.mesh, desc=f"{len(names)} gate(s)",
                                      seed_key=jax.random.key(tcfg.seed))
-    if already_written(ran, lib, names, args.workdir, gates=True):
-        return 0
-    gates = distributed.fetch(state.trainable)
-    entries = []
-    for i, name in enumerate(names):
-        info = lib.info(name)
-        metrics = expert_metrics(history, i)
-        info["gate"] = {"steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
-                        "metrics": metrics}
-        entries.append((name, experts, gates, i, info,
-                        f"{name}: gate loss {metrics.get('loss', float('nan')):.4f} -> "
-                        f"{lib.path}"))
-    write_experts(lib, entries)
+    if not already_written(ran == 0, lib, names, args.workdir, gates=True):
+        gates = distributed.fetch(state.trainable)
+        entries = []
+        for i, name in enumerate(names):
+            info = lib.info(name)
+            metrics = expert_metrics(history, i)
+            info["gate"] = {"steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
+                            "metrics": metrics}
+            entries.append((name, experts, gates, i, info,
+                            f"{name}: gate loss {_mean(metrics.get('loss', np.nan)):.4f} -> "
+                            f"{lib.path}"))
+        write_experts(lib, entries)
+    record_run(args.workdir, identity, finished=True)
     return 0
+
+
+def _check_model_out(out: str, resumed: bool, overwrite: bool) -> None:
+    # Before training: the model directory must be free, or a goose-jax checkpoint that
+    # --overwrite (or this run's own earlier, interrupted write) may replace.
+    check_writable_dir(out, "--out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not checkpoint.is_checkpoint(out):
+        raise TrainConfigError(f"{os.path.abspath(out)}: --out exists, is not empty and is not "
+                               "a goose-jax checkpoint; choose another --out")
+    if not (resumed or overwrite):
+        raise TrainConfigError(f"{os.path.abspath(out)}: a model already exists here; pass "
+                               "--overwrite to replace it")
 
 
 def run_multitask(args: RunArgs) -> int:
@@ -385,7 +504,8 @@ def run_multitask(args: RunArgs) -> int:
         raise TrainConfigError("multitask_mode=full writes a model: pass --out DIR")
     if not full and not args.library:
         raise TrainConfigError("multitask_mode=lora writes one expert: pass --library DIR")
-    resumed = check_run(args.workdir, setup.identity(name=args.name))
+    identity = setup.identity(name=args.name)
+    recorded = read_run(args.workdir, identity)
     mixture = ConcatSource(setup.sources)
     batchers = [setup.batcher(mixture, stream_id(args.name))]
     evals = None
@@ -393,6 +513,9 @@ def run_multitask(args: RunArgs) -> int:
         evals = [setup.batcher(ConcatSource(setup.eval_sources), stream_id(args.name))]
     key = jax.random.key(tcfg.seed)
     if full:
+        _check_model_out(args.out, recorded is not None, args.overwrite)
+        if recorded is None:
+            record_run(args.workdir, identity)
         program = Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype), tcfg,
                           tcfg.steps, many=False)
         state, history, _ = train_loop(program, None, None, setup.params, batchers,
@@ -400,27 +523,35 @@ def run_multitask(args: RunArgs) -> int:
                                        desc="multitask (full)", seed_key=key)
         written = checkpoint.save_model(args.out, setup.full_cfg.with_dtypes(
             "float32", setup.full_cfg.dtype.compute_dtype), state.trainable,
-            overwrite=resumed or args.overwrite)
+            overwrite=recorded is not None or args.overwrite)
+        record_run(args.workdir, identity, finished=True)
         if distributed.is_primary():
             print(f"multitask model: loss {_mean(history.get('loss', np.nan)):.4f} -> "
                   f"{written}")
         return 0
+    check_expert_name(args.name, "--name")
     lora = tcfg.lora
-    lib = create_library(args.library, setup, lora)
-    if args.name in lib and not resumed and not args.overwrite:
+    lib = existing_library(args.library, setup, lora)
+    if already_written(bool(recorded and recorded.get("finished")), lib, [args.name],
+                       args.workdir):
+        return 0
+    if lib is not None and args.name in lib and recorded is None and not args.overwrite:
         raise TrainConfigError(f"{lib.path}: already has {args.name!r}; pass --overwrite")
+    lib = create_library(args.library, setup, lora)
+    if recorded is None:
+        record_run(args.workdir, identity)
     trainable = init_experts(setup.cfg, lora, [jax.random.fold_in(key, stream_id(args.name))],
                              fast_compile=tcfg.fast_compile)
     program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, many=False)
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
                                      args.workdir, eval_batchers=evals, mesh=setup.mesh,
                                      desc="multitask (lora)", seed_key=key)
-    if already_written(ran, lib, [args.name], args.workdir):
-        return 0
-    info = {"data": args.description or "mixture of " + ", ".join(map(os.path.abspath,
-                                                                      args.data)),
-            "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()}
-    write_experts(lib, [(args.name, distributed.fetch(state.trainable), None, None, info,
-                          f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> "
-                          f"{lib.path}")])
+    if not already_written(ran == 0, lib, [args.name], args.workdir):
+        info = {"data": args.description or "mixture of " + ", ".join(map(os.path.abspath,
+                                                                          args.data)),
+                "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()}
+        write_experts(lib, [(args.name, distributed.fetch(state.trainable), None, None, info,
+                              f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> "
+                              f"{lib.path}")])
+    record_run(args.workdir, identity, finished=True)
     return 0

@@ -4,13 +4,21 @@ Shared by goose-train's runs (``goose_jax.train_runs``), the demo and the world-
 A work directory holds the loop's state:
 
     checkpoints/    the last ``keep_checkpoints`` steps: trainable tree, optimiser state, step,
-                    RNG, and each stream's data position (Orbax, ``checkpoint.TrainCheckpointer``)
+                    RNG, and each stream's data position (``train_checkpoint.TrainCheckpointer``)
     metrics.jsonl   one JSON line per logged step (loss, grad_norm, lr, seconds) and per eval
     tensorboard/    the same scalars, if ``tensorboardX`` is installed
 
 Rerunning after an interruption continues from the last checkpoint and ends with the parameters
 of an uninterrupted run: a batch is a pure function of (seed, stream, position), and metric
-lines logged after that checkpoint are dropped and logged again.
+lines logged after that checkpoint are dropped and logged again. A checkpoint that cannot be read
+is set aside with a one-line warning on stderr and the one kept before it is used instead.
+
+Divergence stops the loop: the loss and gradient norm of every logged step, and of every step
+that is checkpointed, must be finite, and so must the trainable tree before it is saved (one
+reduction over the trainable tree, at checkpoints only). Otherwise ``TrainingDivergedError``
+names the step; nothing non-finite reaches a checkpoint or ``metrics.jsonl``, and the last good
+checkpoint stays the newest. Checking at logged steps costs nothing (their metrics are fetched
+for the log line anyway); checking every step would wait on the device each step.
 """
 
 from __future__ import annotations
@@ -18,17 +26,28 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from goose_jax import distributed, sharding, training
-from goose_jax.checkpoint import TrainCheckpointer
 from goose_jax.data.batching import Batcher, global_batch
+from goose_jax.errors import TrainingDivergedError
 from goose_jax.progress import progress_enabled
+from goose_jax.train_checkpoint import TrainCheckpointer
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _mute(line: str) -> None:
+    pass
 
 
 def _tensorboard(workdir: str):
@@ -61,6 +80,26 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def _mean(v) -> float:
     return float(np.mean(v))
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite(program: training.Program, step: int, what: dict, last_good: int | None,
+                  directory: str) -> None:
+    """Raises ``TrainingDivergedError`` naming ``step`` if a value of ``what`` is not finite."""
+    bad = [k for k, v in what.items() if not np.all(np.isfinite(np.asarray(v)))]
+    if not bad:
+        return
+    kept = (f"the last good checkpoint, step {last_good}, is kept in {directory}"
+            if last_good is not None else "no checkpoint was written")
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: the {' and '.join(bad)} became non-finite (NaN or "
+        f"inf); {kept} and nothing was written to the output; rerun with a lower learning rate "
+        f"(now lr={program.train.lr:g}, e.g. --set lr={program.train.lr / 10:g}) in a new "
+        "--workdir")
 
 
 def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any,
@@ -104,10 +143,11 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
     history: dict = {}
     with TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                            keep=tcfg.keep_checkpoints) as ckpt:
+        last_good = None
         if ckpt.latest_step() is not None:
             tree = {"step": state.step, "trainable": state.trainable,
                     "opt_state": state.opt_state, "rng": rng}
-            tree, meta = ckpt.restore(tree)
+            tree, meta, last_good = ckpt.restore_usable(tree, warn=_warn if primary else _mute)
             state = training.TrainState(tree["step"], tree["trainable"], tree["opt_state"])
             rng, positions = tree["rng"], list(meta["positions"])
             history = meta.get("last_metrics", {})
@@ -119,15 +159,23 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
         hint = ("Rerun the same command on every host to resume from the last checkpoint "
                 f"in {ckpt.directory}.")
 
-        def save(step):
+        def save(step, metrics):
+            nonlocal last_good
+            # Never save a diverged state: the metrics of the step just taken, and the tree.
+            finite = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+            ok = bool(distributed.fetch(_all_finite(state.trainable)))
+            finite["parameters"] = 0.0 if ok else np.nan
+            _check_finite(program, step, finite, last_good, ckpt.directory)
             tree = {"step": state.step, "trainable": state.trainable,
                     "opt_state": state.opt_state, "rng": rng}
             ckpt.save(step, tree, {"positions": positions, "last_metrics": history})
+            last_good = step
 
         def evaluate(step):
             batch = global_batch(eval_batchers, [0] * len(eval_batchers), mesh,
                                           many=program.many)
             m = _to_json(program.evaluate(base, frozen, state.trainable, batch))
+            _check_finite(program, step, {"eval_loss": m["loss"]}, last_good, ckpt.directory)
             line = {"step": step, "eval_loss": m["loss"], "eval_tokens": m["tokens"]}
             if primary:
                 with open(metrics_path, "a") as f:
@@ -151,8 +199,12 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
                     state, metrics = step_fn(base, frozen, state, batch)
                     positions = [p + b.batch_size for p, b in zip(positions, batchers)]
                     done = step + 1
+                    m = None
                     if done % tcfg.log_every == 0 or done == program.steps:
                         m = _to_json(metrics)
+                        _check_finite(program, done, {"loss": m["loss"],
+                                                      "grad_norm": m["grad_norm"]},
+                                      last_good, ckpt.directory)
                         now = time.perf_counter()
                         m.update(step=done, seconds=now - t_last)
                         t_last = now
@@ -170,7 +222,7 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
                         history["eval_loss"] = evaluate(done)
                     if done == program.steps or (tcfg.checkpoint_every
                                                  and done % tcfg.checkpoint_every == 0):
-                        save(done)
+                        save(done, m if m is not None else _to_json(metrics))
                     if bar is not None:
                         bar.update(1)
         finally:

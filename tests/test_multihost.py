@@ -255,8 +255,8 @@ def test_pod_checkpoint_restores_in_one_process_on_other_meshes(pod_run):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from goose_jax.checkpoint import TrainCheckpointer
     from goose_jax.sharding import make_mesh
+    from goose_jax.train_checkpoint import TrainCheckpointer
 
     root, _ = pod_run
     final = library_tensors(root / "pod_lib")
@@ -313,8 +313,8 @@ def test_two_processes_evaluate_like_one(pod_run, world):
 
 @pytest.mark.slow  # 52-102 s measured on 2 shared cores
 def test_a_killed_process_stops_the_other_and_a_rerun_resumes(world, tmp_path):
-    from goose_jax.checkpoint import TrainCheckpointer
     from goose_jax.distributed import PEER_LOST_EXIT
+    from goose_jax.train_checkpoint import TrainCheckpointer
 
     _, base, data = world
     work, lib = tmp_path / "work", tmp_path / "lib"

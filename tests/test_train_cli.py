@@ -12,9 +12,9 @@ import pytest
 from conftest import tool
 
 from goose_jax import config_files, training
-from goose_jax.checkpoint import TrainCheckpointer
 from goose_jax.errors import TrainConfigError
 from goose_jax.library import ExpertLibrary
+from goose_jax.train_checkpoint import TrainCheckpointer
 from goose_jax.train_runs import load_train_config as load_config
 
 main = tool("goose-train")

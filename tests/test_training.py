@@ -330,3 +330,20 @@ def test_jsonl_source_reports_bad_files(tmp_path):
         batching.JsonlSource(empty)
     with pytest.raises(DataError, match="cannot read"):
         batching.JsonlSource(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_source_names_the_line_of_bad_bytes_and_token_ids(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"input": "a", "target": "b"}\n\n{"input": "caf\xe9", "target": "c"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:3: not UTF-8 text \(byte 0xe9"):
+        batching.JsonlSource(latin1)
+    negative = tmp_path / "negative.jsonl"
+    negative.write_text('{"input": [4, 5], "target": "c"}\n{"input": "a", "target": [3, -1]}\n')
+    with pytest.raises(DataError, match=r"negative.jsonl:2: 'target' holds the token id -1"):
+        batching.JsonlSource(negative)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input": [4, 5], "target": "c"}\n\n{"input": [7, 101], "target": "d"}\n')
+    source = batching.JsonlSource(ids)
+    source.check_token_ids(102)
+    with pytest.raises(DataError, match=r"ids.jsonl:3: 'input' holds the token id 101"):
+        batching.ConcatSource([source]).check_token_ids(101)

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True, help="checkpoints and metrics of both stages")
     ap.add_argument("--mesh", help="device mesh sizes, e.g. data=2,expert=4")
     ap.add_argument("--overwrite", action="store_true",
-                    help="replace experts that already exist in the library")
+                    help="replace experts (and gates) that already exist in the library")
     distributed.add_arguments(ap)
     ap.set_defaults(run=_run)
     return run_tool(PROG, ap, argv, interrupted_hint="rerun the same command to resume")
@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace) -> None:
                   mesh=args.mesh)
     run_experts(RunArgs("experts", workdir=os.path.join(args.workdir, "experts"),
                         overwrite=args.overwrite, **common))
-    run_gate(RunArgs("gate", workdir=os.path.join(args.workdir, "gates"), **common))
+    run_gate(RunArgs("gate", workdir=os.path.join(args.workdir, "gates"),
+                     overwrite=args.overwrite, **common))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,12 +59,18 @@ class JsonlSource:
         self.path = os.path.abspath(os.fspath(path))
         self.name = os.path.splitext(os.path.basename(self.path))[0]
         try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
         except OSError as e:
             raise DataError(f"{self.path}: cannot read the data file: {e.strerror}") from None
         self.examples = []
-        for i, line in enumerate(lines, 1):
+        self.line_numbers = []  # the file line of each example, for messages
+        for i, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{self.path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                f"column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -76,9 +82,27 @@ class JsonlSource:
             if not ok:
                 raise DataError(f"{self.path}:{i}: expected a JSON object with 'input' and "
                                 "'target' (strings or lists of ints)")
+            for key in ("input", "target"):
+                if isinstance(row[key], list) and row[key] and min(row[key]) < 0:
+                    raise DataError(f"{self.path}:{i}: {key!r} holds the token id "
+                                    f"{min(row[key])}; ids are >= 0")
             self.examples.append((row["input"], row["target"]))
+            self.line_numbers.append(i)
         if not self.examples:
             raise DataError(f"{self.path}: no examples (empty dataset)")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Checks every pre-tokenised id against the model's vocabulary, before any work.
+
+        Raises:
+          DataError: naming the file, the line and the id, for an id >= ``vocab_size``.
+        """
+        for (inp, tgt), i in zip(self.examples, self.line_numbers):
+            for key, part in (("input", inp), ("target", tgt)):
+                if isinstance(part, list) and part and max(part) >= vocab_size:
+                    raise DataError(f"{self.path}:{i}: {key!r} holds the token id {max(part)}, "
+                                    f"outside the model's vocabulary (0 .. {vocab_size - 1}); "
+                                    "tokenised for another model?")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -105,6 +129,19 @@ class ConcatSource:
     def __getitem__(self, index: int):
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.sources[k][index - int(self.offsets[k])]
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """``JsonlSource.check_token_ids`` of every source that has it."""
+        for source in self.sources:
+            check_token_ids(source, vocab_size)
+
+
+def check_token_ids(source: ExampleSource, vocab_size: int) -> None:
+    """Checks ``source``'s pre-tokenised ids against ``vocab_size`` where it can (one pass over
+    the ids; sources without a ``check_token_ids`` method are checked batch by batch)."""
+    check = getattr(source, "check_token_ids", None)
+    if check is not None:
+        check(vocab_size)
 
 
 class Batcher:
@@ -161,9 +198,11 @@ class Batcher:
             if not isinstance(p, str):
                 p = list(p)[:max_length]
                 ids[i, :len(p)], mask[i, :len(p)] = p, 1
-        if self.vocab_size is not None and ids.size and ids.max() >= self.vocab_size:
-            raise DataError(f"{getattr(self.source, 'path', 'data')}: token id {ids.max()} is "
-                            f"outside the model's vocabulary ({self.vocab_size}); wrong "
+        if self.vocab_size is not None and ids.size and (ids.max() >= self.vocab_size
+                                                         or ids.min() < 0):
+            bad = ids.max() if ids.max() >= self.vocab_size else ids.min()
+            raise DataError(f"{getattr(self.source, 'path', 'data')}: token id {bad} is "
+                            f"outside the model's vocabulary (0 .. {self.vocab_size - 1}); wrong "
                             "tokenizer for this model?")
         return ids, mask
 
