@@ -12,13 +12,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
 
 
-def run_script(name, *argv):
+def run_script(name, *argv, code=0):
     """``python train/NAME ARGV`` in a fresh process, as a user runs it from the checkout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run([sys.executable, str(TRAIN / name), *map(str, argv)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == code, proc.stdout + proc.stderr
     return proc
 
 
@@ -46,6 +46,12 @@ def test_make_world_base_writes_a_loadable_base(tmp_path):
     cfg, params = load_hf_t5(out)
     assert (cfg.d_model, cfg.num_encoder_layers) == (128, 4) and "lm_head" in params
     assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
+    # A model already in --out is replaced only with --overwrite, refused before any training.
+    before = (out / "model.safetensors").read_bytes()
+    proc = run_script("make_world_base.py", "--steps", 4, "--batch", 4, "--fast-compile",
+                      "--out", out, "--workdir", tmp_path / "work2", code=1)
+    assert "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "work2").exists() and (out / "model.safetensors").read_bytes() == before
 
 
 def test_experts_and_gates_trains_both_into_the_library(tmp_path):

@@ -1,6 +1,6 @@
 """Pre-trains the miniature world's base T5 and writes it into the package.
 
-    python train/make_world_base.py                       # about 6 min on 2 idle CPU cores
+    python train/make_world_base.py --overwrite           # about 6 min on 2 idle CPU cores
     python train/make_world_base.py --steps 50 --out DIR  # a quick try
 
 The result (``goose_jax/assets/world_base``: HF-format ``config.json`` + ``model.safetensors``
@@ -24,7 +24,9 @@ import goose_jax as gj
 from goose_jax import training
 from goose_jax.data import world
 from goose_jax.data.batching import Batcher
-from goose_jax.interop.hf import save_hf_t5
+from goose_jax.interop.hf import check_hf_folder, save_hf_t5
+from goose_jax.tensorfile import write_atomic
+from goose_jax.tool import run_tool
 from goose_jax.trainer import train_loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,7 +53,15 @@ def main(argv=None) -> int:
                     "temporary directory named after the settings, so a rerun resumes)")
     ap.add_argument("--fast-compile", action="store_true",
                     help="compile with XLA's backend optimisation off (quick tries, tests)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a model already in --out (the shipped base, by default)")
+    ap.set_defaults(run=_run)
+    return run_tool("train/make_world_base.py", ap, argv,
+                    interrupted_hint="rerun the same command to resume")
+
+
+def _run(args: argparse.Namespace) -> None:
+    check_hf_folder(args.out, overwrite=args.overwrite)  # before the pre-training, not after
     workdir = args.workdir or os.path.join(
         tempfile.gettempdir(), f"goose_world_pretrain_seed{args.seed}_batch{args.batch}_"
         f"lr{args.lr}")
@@ -78,15 +88,13 @@ def main(argv=None) -> int:
     print(f"pre-training took {time.perf_counter() - t0:.0f}s; last loss "
           f"{history.get('loss')}")
     params16 = jax.tree.map(lambda x: np.asarray(x, dtype=jax.numpy.bfloat16), state.trainable)
-    paths = save_hf_t5(cfg.replace(dtype=gj.DTypePolicy("bfloat16")), params16, args.out)
-    with open(os.path.join(args.out, "world.json"), "w") as f:
-        json.dump({"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                   "final_loss": history.get("loss"),
-                   "vocabulary_size": tok.vocab_size}, f, indent=2)
-        f.write("\n")
+    paths = save_hf_t5(cfg.replace(dtype=gj.DTypePolicy("bfloat16")), params16, args.out,
+                       overwrite=args.overwrite)
+    write_atomic(os.path.join(args.out, "world.json"), json.dumps(
+        {"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+         "final_loss": history.get("loss"), "vocabulary_size": tok.vocab_size}, indent=2) + "\n")
     sizes = sum(os.path.getsize(p) for p in paths)
     print(f"wrote {args.out} ({sizes / 1e6:.2f} MB)")
-    return 0
 
 
 if __name__ == "__main__":
