@@ -23,7 +23,7 @@ from calibrate import print_calibration
 import goose_jax as gj
 from goose_jax import training
 from goose_jax.experts import init_experts
-from goose_jax.t5 import random_params
+from goose_jax.t5 import init_params
 
 
 def make_batches(E: int, steps: int, A: int, M: int, L: int, T: int, vocab: int, seed: int = 0):
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                                 grad_accum=args.grad_accum, lora_rank=args.rank,
                                 max_input_length=args.length,
                                 max_target_length=args.target_length)
-    params = random_params(cfg, 0)
+    params = init_params(cfg, 0)
     keys = [jax.random.key(e) for e in range(E)]
     experts = init_experts(cfg, tcfg.lora, keys)
     program = training.Program("expert", cfg, tcfg, tcfg.steps, tcfg.lora.lora_scale)

@@ -54,14 +54,14 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
 
     check_base(spec)
     if spec.startswith(RANDOM):
-        from goose_jax.t5 import random_params
+        from goose_jax.t5 import init_params
 
         try:
             cfg = T5Config.preset(spec[len(RANDOM):])
         except ValueError as e:
             raise CheckpointError(f"base {spec!r}: {e}") from None
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
-        return cfg, random_params(cfg, seed)
+        return cfg, init_params(cfg, seed)
     if checkpoint.is_checkpoint(spec):
         return checkpoint.load_model(spec)
     from goose_jax.interop.hf import load_hf_t5

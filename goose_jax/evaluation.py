@@ -33,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goose_jax.config import T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.errors import DataError, EvalError, NonFiniteError
 from goose_jax.experts import EXPERTS, flatten_sites
 from goose_jax.generation import generate_greedy
 from goose_jax.metrics import generation_score, rank_prediction
 from goose_jax.routers import PER_EXAMPLE, TELEMETRY, collect_counts, telemetry_masks
-from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5
+from goose_jax.t5 import T5
 
 Array = jax.Array
 
@@ -153,7 +153,7 @@ class Evaluator:
       fixed_shapes: pad every batch to ``batch_size`` rows, at least 4 choices and the maximum
         lengths, so each method compiles one rank-classification and one generation shape (for
         short inputs and many methods, e.g. the miniature world, compiling dominates).
-      fast_compile: compile with XLA's CPU optimisations off (``t5.FAST_COMPILE_OPTIONS``):
+      fast_compile: compile with XLA's CPU optimisations off (``config.FAST_COMPILE_OPTIONS``):
         several times faster to compile, slower to run; for small models.
     """
 

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goose_jax.config import T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.errors import ConfigError
-from goose_jax.t5 import FAST_COMPILE_OPTIONS, site_shapes
+from goose_jax.t5 import site_shapes
 
 Array = jax.Array
 

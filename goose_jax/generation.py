@@ -20,11 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from goose_jax.config import T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.errors import ConfigError, NonFiniteError
 from goose_jax.routers import TELEMETRY, collect_counts, telemetry_masks
 from goose_jax.t5 import (
-    FAST_COMPILE_OPTIONS,
     T5,
     Adapter,
     _ones_mask,
@@ -118,7 +117,8 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
       routing: a ``goose_jax.routers.Routed`` (any routing method over an expert library).
       adapter: optional site adapter (LoRA, gates, routing).
       collections: extra variable collections the adapter reads (e.g. ``{"lora": ...}``).
-      fast_compile: compile with ``t5.FAST_COMPILE_OPTIONS`` (quicker to compile, slower to run).
+      fast_compile: compile with ``config.FAST_COMPILE_OPTIONS`` (quicker to compile, slower
+        to run).
       telemetry: also return the per-site top-1 expert counts of the routing decoding computed;
         the adapter must sow them (``build_routed(..., telemetry=True)``).
       check_finite: raise ``NonFiniteError`` when the logits of a real row become NaN or inf

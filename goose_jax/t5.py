@@ -523,11 +523,6 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def random_params(cfg: T5Config, seed: int) -> dict:
-    """``init_params(cfg, seed)``: a seeded random base, for smoke runs and tests."""
-    return init_params(cfg, seed)
-
-
 def param_logical_axes(cfg: T5Config) -> dict:
     """The logical axis names of every base parameter, as a pytree of PartitionSpec."""
     return nn.get_partition_spec(_abstract_variables(cfg))["params"]
@@ -603,9 +598,3 @@ def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attenti
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
     return _logits(cfg, _variables(params, collections), input_ids_BL, decoder_input_ids_BT,
                    mask, adapter=adapter)
-
-
-# XLA's CPU backend spends most of a small model's compile time in LLVM optimisation and its
-# fusion emitters; without them small models compile several times faster and run up to 2x
-# slower (tests, smoke runs, the miniature world).
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from goose_jax import sharding
-from goose_jax.config import T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.errors import ConfigError, TrainConfigError
 from goose_jax.experts import (
     DEFAULT_SITES,
@@ -58,7 +58,7 @@ from goose_jax.experts import (
     LoRAConfig,
     select_sites,
 )
-from goose_jax.t5 import FAST_COMPILE_OPTIONS, T5
+from goose_jax.t5 import T5
 
 Array = jax.Array
 

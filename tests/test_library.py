@@ -15,7 +15,7 @@ from goose_jax import training
 from goose_jax.errors import GooseError, LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.library import ExpertLibrary, weights_fingerprint
-from goose_jax.t5 import random_params
+from goose_jax.t5 import init_params
 
 CFG = gj.T5Config.preset("tiny")
 LORA = LoRAConfig(rank=4, sites=r".*/(self_attn/[qv]|cross_attn/k|ffn/wo)")
@@ -27,7 +27,7 @@ LORA = LoRAConfig(rank=4, sites=r".*/(self_attn/[qv]|cross_attn/k|ffn/wo)")
 
 @pytest.fixture(scope="module")
 def base():
-    return jax.tree.map(np.asarray, random_params(CFG, 0))
+    return jax.tree.map(np.asarray, init_params(CFG, 0))
 
 
 def random_experts(E, seed=0):

@@ -189,12 +189,12 @@ def _worker(argv: list[str]) -> int:
 def world(tmp_path_factory):
     import goose_jax as gj
     from goose_jax.checkpoint import save_model
-    from goose_jax.t5 import random_params
+    from goose_jax.t5 import init_params
 
     root = tmp_path_factory.mktemp("pod")
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
                                              num_decoder_layers=1)
-    base = save_model(root / "base", cfg, random_params(cfg, 0))
+    base = save_model(root / "base", cfg, init_params(cfg, 0))
     data = [write_jsonl(root / f"{name}.jsonl", [(f"{name}: {w}", fn(w)) for w in WORDS])
             for name, fn in TASKS.items()]
     return root, base, data

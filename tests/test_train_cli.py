@@ -34,11 +34,11 @@ def base(tmp_path_factory):
     """A random base checkpoint: the tiny preset with one block each side, byte vocabulary."""
     import goose_jax as gj
     from goose_jax.checkpoint import save_model
-    from goose_jax.t5 import random_params
+    from goose_jax.t5 import init_params
 
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
                                              num_decoder_layers=1)
-    return save_model(tmp_path_factory.mktemp("base") / "model", cfg, random_params(cfg, 0))
+    return save_model(tmp_path_factory.mktemp("base") / "model", cfg, init_params(cfg, 0))
 
 
 @pytest.fixture(scope="module")

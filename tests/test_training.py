@@ -21,7 +21,7 @@ from goose_jax.experts import (
     init_gates,
     nest_sites,
 )
-from goose_jax.t5 import T5, random_params
+from goose_jax.t5 import T5, init_params
 
 # The tiny preset with 1 + 2 blocks: compiling train steps dominates this file's time.
 CFG = gj.T5Config.preset("tiny").replace(num_encoder_layers=1, num_decoder_layers=2)
@@ -40,7 +40,7 @@ FAST = training.FAST_COMPILE_OPTIONS  # compile in a fraction of the time
 
 @pytest.fixture(scope="module")
 def params():
-    return random_params(CFG, 0)
+    return init_params(CFG, 0)
 
 
 @functools.partial(jax.jit, static_argnames="adapter", compiler_options=FAST)
