@@ -27,6 +27,7 @@ from goose_jax.tool import run_tool
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eval/paper.py", description=__doc__.splitlines()[0])
     zeroshot.add_arguments(ap)
+    distributed.add_arguments(ap)
     ap.add_argument("--methods", help="comma-separated subset of the methods to run "
                     "(default: every one the library supports)")
     ap.set_defaults(run=_run)

@@ -31,6 +31,7 @@ import jax
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, one_line
+from goose_jax.tensorfile import check_folder_writable  # noqa: F401  (re-exported for writers)
 
 META_NAME = "goose_meta.json"
 TREE_DIR = "params"
@@ -145,28 +146,6 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> No
         if not overwrite:
             raise CheckpointError(f"{path}: checkpoint already exists (pass overwrite=True, or "
                                   "--overwrite on the command line, to replace it)")
-
-
-def check_folder_writable(path: str | os.PathLike, *, error: type[Exception] = CheckpointError,
-                          fix: str = "") -> None:
-    """Fails unless ``path`` is a directory, or can be created as one, that this process may
-    write into (every writer of a folder calls it before its work).
-
-    Args:
-      path: the folder.
-      error: the error class to raise.
-      fix: appended to the message (e.g. "; pass another --out").
-    """
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise error(f"{path}: exists and is not a directory{fix}")
-    parent = os.path.dirname(_abs(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise error(f"{path}: cannot be created: {parent} is a file{fix}")
-    if not os.access(path if os.path.isdir(path) else parent, os.W_OK | os.X_OK):
-        raise error(f"{path}: not writable{fix}")
 
 
 def _sha256(file: str) -> str:

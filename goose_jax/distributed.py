@@ -19,8 +19,8 @@ with jax 0.10.2; errors it raises instead become a ``DistributedError``); a peer
 mid-run breaks the next collective at once (the CPU backend's gloo connections close), or, if
 no collective is running, is declared dead by the coordination service after the heartbeat
 timeout, which then ends every process. ``exit_on_peer_failure`` turns the first case into one
-clear line and exit status ``PEER_LOST_EXIT`` instead of a traceback and a wait on the shutdown
-barrier.
+clear line and exit status ``errors.PEER_LOST`` (75) instead of a traceback and a wait on the
+shutdown barrier.
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from goose_jax.errors import PEER_LOST, DistributedError
-
-PEER_LOST_EXIT = PEER_LOST  # errors.py holds the table of exit codes
+from goose_jax.errors import PEER_LOST, DistributedError, one_line
 
 DEFAULT_TIMEOUTS = {"initialization_timeout": 300, "heartbeat_timeout_seconds": 60,
                     "shutdown_timeout_seconds": 60}
@@ -224,19 +222,19 @@ def exit_on_peer_failure(e: BaseException, hint: str = "") -> None:
     """In a process group, ends this process at once with one clear line about ``e``.
 
     Returns (doing nothing) on a single host or for an exception that is not a runtime
-    failure. Otherwise prints why to stderr and leaves with ``PEER_LOST_EXIT`` through
+    failure. Otherwise prints why to stderr and leaves with ``errors.PEER_LOST`` (75) through
     ``os._exit``: an orderly exit would wait on the runtime's shutdown barrier for the dead
     process, up to the shutdown timeout, and then abort.
     """
     if not _is_runtime_failure(e) or not jax.distributed.is_initialized():
         return
-    detail = " ".join(str(e).split())[:300]
+    detail = one_line(e)[:300]
     print(f"{_PROG['name']}: error: process {jax.process_index()} of {jax.process_count()}: "
           "a cross-process operation failed, most likely because another process of this run "
           f"died or was killed ({detail}). {hint or 'Rerun the same command on every host.'}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(PEER_LOST_EXIT)
+    os._exit(PEER_LOST)
 
 
 @contextlib.contextmanager

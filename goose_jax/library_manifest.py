@@ -97,7 +97,7 @@ def _read_manifest(path: str) -> dict[str, Any]:
         with open(mpath, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise LibraryError(f"{mpath}: cannot read as JSON: {' '.join(str(e).split())}"
+        raise LibraryError(f"{mpath}: cannot read as JSON: {one_line(e)}"
                            ) from None
     _check_manifest(manifest, path)
     return manifest

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -429,3 +430,32 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray],
     from safetensors.numpy import save
 
     return save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+
+
+def check_folder_writable(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
+                          fix: str = "") -> None:
+    """Fails unless ``path`` is a directory, or can be created as one, that this process may
+    write into: every writer of a folder calls it before its work. Writes nothing but a
+    temporary probe file in the nearest existing folder, removed at once (permission bits alone
+    say nothing to root, nor about read-only file systems).
+
+    Args:
+      path: the folder.
+      error: the error class to raise.
+      fix: appended to the message (e.g. "; pass another --out").
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise error(f"{path}: exists and is not a directory{fix}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise error(f"{path}: cannot be created: {parent} is a file{fix}")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise error(f"{parent}: cannot write here ({e.strerror}), so {path} cannot be "
+                    f"used{fix}") from None
+

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 
@@ -55,11 +54,11 @@ from goose_jax.data.batching import (
     JsonlSource,
     check_token_ids,
 )
-from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError
+from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError, one_line
 from goose_jax.experts import LoRAConfig, init_experts, init_gates
 from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.t5 import param_logical_axes
-from goose_jax.tensorfile import write_atomic
+from goose_jax.tensorfile import check_folder_writable, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
 
@@ -166,7 +165,8 @@ class Setup:
             raise DataError(f"{args.command}: needs at least {min_files} --data file(s)")
         self.sources = [JsonlSource(p) for p in args.data]
         self.eval_sources = [JsonlSource(p) for p in args.eval_data]
-        check_writable_dir(args.workdir, "--workdir")
+        check_folder_writable(args.workdir, error=TrainConfigError,
+                              fix="; choose another --workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1
         self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
         self.base_spec = args.base or tcfg.base_model
@@ -202,28 +202,6 @@ class Setup:
 # --- run bookkeeping ------------------------------------------------------------------------------
 
 
-def check_writable_dir(path: str, flag: str) -> None:
-    """Raises ``TrainConfigError`` unless ``path`` is a directory this process can write into,
-    or can be created (its nearest existing ancestor is a writable directory). Writes nothing
-    but a temporary probe file, removed at once."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TrainConfigError(f"{path}: {flag} exists and is not a directory; choose another "
-                               f"{flag}")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise TrainConfigError(f"{parent}: is a file, so {flag} {path} cannot be created; "
-                               f"choose another {flag}")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise TrainConfigError(f"{parent}: cannot write here ({e.strerror}), so {flag} {path} "
-                               f"cannot be used; choose a {flag} you can write to") from None
-
-
 def _run_key(identity: dict) -> dict:
     identity = json.loads(json.dumps(identity))
     identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
@@ -247,7 +225,7 @@ def read_run(workdir: str, identity: dict) -> dict | None:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
     except (OSError, ValueError) as e:
-        raise TrainConfigError(f"{path}: cannot read the run record ({' '.join(str(e).split())}"
+        raise TrainConfigError(f"{path}: cannot read the run record ({one_line(e)}"
                                "); use a new --workdir") from None
     if not isinstance(old, dict):
         raise TrainConfigError(f"{path}: not a run record; use a new --workdir")
@@ -271,17 +249,6 @@ def record_run(workdir: str, identity: dict, finished: bool = False) -> None:
         os.makedirs(workdir, exist_ok=True)
         record = {**json.loads(json.dumps(identity)), **({"finished": True} if finished else {})}
         write_atomic(os.path.join(workdir, "run.json"), json.dumps(record, indent=1))
-
-
-def check_run(workdir: str, identity: dict) -> bool:
-    """Records the run in ``run.json``; returns whether this is a resumed run.
-
-    Raises ``TrainConfigError`` if the work directory holds a different run. Runs that can be
-    refused after this check use ``read_run`` and ``record_run`` instead."""
-    resumed = read_run(workdir, identity) is not None
-    if not resumed:
-        record_run(workdir, identity)
-    return resumed
 
 
 def stream_id(name: str) -> int:
@@ -326,7 +293,7 @@ def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary
     none yet, and it can be created there); reads only."""
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
-    check_writable_dir(path, "--library")
+    check_folder_writable(path, error=TrainConfigError, fix="; choose another --library")
     if os.path.isdir(path) and os.listdir(path):
         raise LibraryError(f"{os.path.abspath(path)}: exists and is neither an empty directory "
                            f"nor an expert library (no {MANIFEST}); choose another --library")
@@ -480,20 +447,6 @@ def run_gate(args: RunArgs) -> int:
     return 0
 
 
-def _check_model_out(out: str, resumed: bool, overwrite: bool) -> None:
-    # Before training: the model directory must be free, or a goose-jax checkpoint that
-    # --overwrite (or this run's own earlier, interrupted write) may replace.
-    check_writable_dir(out, "--out")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if not checkpoint.is_checkpoint(out):
-        raise TrainConfigError(f"{os.path.abspath(out)}: --out exists, is not empty and is not "
-                               "a goose-jax checkpoint; choose another --out")
-    if not (resumed or overwrite):
-        raise TrainConfigError(f"{os.path.abspath(out)}: a model already exists here; pass "
-                               "--overwrite to replace it")
-
-
 def run_multitask(args: RunArgs) -> int:
     """``multitask``: trains one LoRA expert (into the library) or the whole model (into
     ``args.out``) on the mixture of the data files. Returns 0."""
@@ -513,7 +466,7 @@ def run_multitask(args: RunArgs) -> int:
         evals = [setup.batcher(ConcatSource(setup.eval_sources), stream_id(args.name))]
     key = jax.random.key(tcfg.seed)
     if full:
-        _check_model_out(args.out, recorded is not None, args.overwrite)
+        checkpoint.check_destination(args.out, overwrite=recorded is not None or args.overwrite)
         if recorded is None:
             record_run(args.workdir, identity)
         program = Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype), tcfg,

@@ -79,6 +79,47 @@ def tool(name: str):
     return ep.load()
 
 
+def tree_hash(*paths) -> dict:
+    """path -> sha256 of every file under ``paths`` (a file path: that file; a missing path:
+    nothing; a symlink: its target's name), to show that a refused command changed nothing."""
+    import hashlib
+
+    out = {}
+    for root in map(str, paths):
+        files = [root] if os.path.isfile(root) else [
+            os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+        for p in files:
+            out[p] = (os.readlink(p) if os.path.islink(p) else
+                      hashlib.sha256(open(p, "rb").read()).hexdigest())
+    return out
+
+
+def one_line(err: str, prog: str) -> str:
+    """The single line a tool printed on stderr (asserting there is one, without a traceback,
+    starting with the tool's name or its subcommand's)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    assert lines[0].startswith((f"{prog}: ", f"{prog} ")), lines[0]
+    return lines[0]
+
+
+def write_jsonl(path, rows) -> str:
+    """Training data: one ``{"input": ..., "target": ...}`` line per (input, target) pair."""
+    import json
+
+    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
+    return str(path)
+
+
+def script(path: str):
+    """A top-level script (``train/...``, ``eval/...``) as its ``main(argv) -> exit code``."""
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return runpy.run_path(os.path.join(root, path), run_name="goose_script")["main"]
+
+
 def random_batch(rng: np.random.Generator, batch: int, enc_len: int, dec_len: int, vocab: int):
     """Encoder ids with ragged padding, its mask, and decoder ids starting with 0."""
     ids = rng.integers(2, vocab, (batch, enc_len))

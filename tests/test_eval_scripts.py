@@ -1,20 +1,13 @@
 """The card's eval/ scripts run from a checkout on the tiny goose-eval fixtures."""
 
 import json
-import os
-import runpy
 
+from conftest import script
 from test_eval_cli import _args, world  # noqa: F401  (goose-eval's tiny base, library, BBH files)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name: str):
-    return runpy.run_path(os.path.join(ROOT, "eval", name), run_name="eval_script")["main"]
 
 
 def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys):  # noqa: F811
-    main = _script("paper.py")
+    main = script("eval/paper.py")
     out = tmp_path / "paper"
     args = _args(world, out, "--library", str(world / "lib"), "--tasks", "bbh/boolean_expressions")
     assert main(args) == 0

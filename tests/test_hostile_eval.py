@@ -7,15 +7,13 @@ after). The cases that must fail before any work name an input that would fail l
 missing data folder or base), so the order of the checks is asserted as well.
 """
 
-import hashlib
 import os
 import shutil
 
 import numpy as np
 import pytest
-from conftest import build_hf_t5, tool
+from conftest import build_hf_t5, one_line, script, tool, tree_hash
 from test_eval_cli import world  # noqa: F401  (goose-eval's tiny base, library and BBH files)
-from test_tools import _one_line, _script
 
 from goose_jax import errors
 
@@ -25,32 +23,19 @@ TASK = ["--tasks", "bbh/boolean_expressions"]
 
 
 def _main(prog):
-    return _script(prog) if prog.endswith(".py") else tool(prog)
-
-
-def _hash(*roots) -> dict:
-    """Relative path -> sha256 of every file under each root (a missing root: absent)."""
-    out = {}
-    for root in map(str, roots):
-        if os.path.isfile(root):
-            out[root] = hashlib.sha256(open(root, "rb").read()).hexdigest()
-        for folder, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(folder, name)
-                out[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
+    return script(prog) if prog.endswith(".py") else tool(prog)
 
 
 def _refused(capsys, prog, argv, code, words, watch=()):
     """Runs one case; checks code, the one line, its words and that nothing watched changed."""
-    before = _hash(*watch)
+    before = tree_hash(*watch)
     got = _main(prog)([str(a) for a in argv])
     err = capsys.readouterr().err
     assert got == code, err
-    line = _one_line(err, prog)
+    line = one_line(err, prog)
     for word in words:
         assert word in line, line
-    assert _hash(*watch) == before
+    assert tree_hash(*watch) == before
     return line
 
 
@@ -263,7 +248,7 @@ def _damaged(hostile, tmp_path, how):
     ("flip", ["sha256 differs", "re-create it"]),
     ("meta", ["goose_meta.json: cannot read as JSON"]),
 ])
-def test_a_damaged_model_checkpoint_is_one_line(world, hostile, tmp_path, capsys, how,  # noqa: F811
+def test_a_damaged_model_checkpoint_isone_line(world, hostile, tmp_path, capsys, how,  # noqa: F811
                                                  words):
     ckpt = _damaged(hostile, tmp_path, how)
     out = tmp_path / "out"

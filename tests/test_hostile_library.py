@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tool
-from test_tools import _one_line
+from conftest import one_line, tool, tree_hash
 
 import goose_jax as gj
 from goose_jax.errors import LibraryError
@@ -69,17 +68,6 @@ def _flat(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
 
 
-def tree_hash(path):
-    """path -> sha256 of every file under ``path`` (symlinks by their target)."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = (os.readlink(p) if os.path.islink(p) else
-                                             hashlib.sha256(open(p, "rb").read()).hexdigest())
-    return out
-
-
 @pytest.fixture
 def lib(world, tmp_path):
     """A private copy of the world's library (corrupt it freely)."""
@@ -114,7 +102,7 @@ def assert_refused_everywhere(world, lib, tmp_path, capsys, expert, *parts):
                             "bbh/boolean_expressions"])]
     for name, argv in runs:
         assert tool(name)(argv) == 1
-        line = _one_line(capsys.readouterr().err, name)
+        line = one_line(capsys.readouterr().err, name)
         assert all(p in line for p in parts), line
     assert not (tmp_path / "peft").exists()
     assert tree_hash(lib) == before

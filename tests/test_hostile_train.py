@@ -1,7 +1,6 @@
 """goose-train against careless and hostile input: every refusal is one line, an exit code of the
 table, and comes before any write; divergence, a corrupt checkpoint and Ctrl-C lose no work."""
 
-import hashlib
 import json
 import os
 import pathlib
@@ -14,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import tool
+from conftest import one_line, tool, tree_hash, write_jsonl
 
 from goose_jax import errors
 from goose_jax.library import ExpertLibrary
@@ -24,32 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 PROG = "goose-train"
 main = tool(PROG)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
-    return str(path)
-
-
-def tree_hash(*paths) -> dict:
-    """sha256 of every file under ``paths`` (those that exist)."""
-    out = {}
-    for root in map(str, paths):
-        if os.path.isfile(root):
-            out[root] = hashlib.sha256(open(root, "rb").read()).hexdigest()
-        for d, _, files in os.walk(root):
-            for f in files:
-                p = os.path.join(d, f)
-                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
-def one_line(err: str, prog: str = PROG) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    assert lines[0].startswith(f"{prog}: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +54,7 @@ def refused(capsys, argv, code, *parts, watch=()):
     before = tree_hash(*watch)
     capsys.readouterr()
     assert main(argv) == code
-    line = one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err, PROG)
     for part in parts:
         assert part in line, (part, line)
     assert tree_hash(*watch) == before
@@ -296,7 +269,7 @@ def test_ctrl_c_mid_training_is_one_line_and_resumes(data, tmp_path, delay):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == errors.INTERRUPTED, err
-    assert "interrupted" in one_line(err)
+    assert "interrupted" in one_line(err, PROG)
     with TrainCheckpointer(work / "checkpoints") as ckpt:
         stopped = ckpt.latest_step()
     assert stopped is not None and stopped < 60

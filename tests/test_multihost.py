@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import needs_8_devices
+from conftest import needs_8_devices, write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -90,11 +90,6 @@ def wait(procs, log_dir: pathlib.Path, tag: str, timeout: float = 150) -> list[i
 def logs(log_dir: pathlib.Path, tag: str) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}"
                      for f in sorted(log_dir.glob(f"{tag}.*")))
-
-
-def write_jsonl(path: pathlib.Path, rows) -> str:
-    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
-    return str(path)
 
 
 def train_argv(base, data, lib, work, *extra) -> list[str]:
@@ -313,7 +308,7 @@ def test_two_processes_evaluate_like_one(pod_run, world):
 
 @pytest.mark.slow  # 52-102 s measured on 2 shared cores
 def test_a_killed_process_stops_the_other_and_a_rerun_resumes(world, tmp_path):
-    from goose_jax.distributed import PEER_LOST_EXIT
+    from goose_jax.errors import PEER_LOST
     from goose_jax.train_checkpoint import TrainCheckpointer
 
     _, base, data = world
@@ -355,7 +350,7 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(world, tmp_path):
     # (Orbax's commit of an asynchronous save), the coordination service declares process 1
     # dead after the heartbeat timeout and JAX itself aborts the process with its own message.
     line = [x for x in err.splitlines() if x.startswith("goose-train: error:")]
-    if code == PEER_LOST_EXIT:
+    if code == PEER_LOST:
         assert line and "another process of this run died or was killed" in line[-1], err
         assert "Rerun the same command" in line[-1]
     else:

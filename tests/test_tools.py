@@ -2,32 +2,11 @@
 goose_jax.errors and exactly one line on stderr, never a traceback."""
 
 import json
-import os
-import runpy
 
 import pytest
-from conftest import tool
+from conftest import one_line, script, tool
 
 from goose_jax import errors
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _one_line(err: str, prog: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err
-    assert lines[0].startswith((f"{prog}: ", f"{prog} ")), lines[0]
-    return lines[0]
-
-
-def _script(path: str):
-    """A top-level script (train/..., eval/...) as a ``main(argv)`` callable."""
-    def main(argv):
-        module = runpy.run_path(os.path.join(ROOT, path), run_name="goose_script")
-        return module["main"](argv)
-
-    return main
 
 
 @pytest.fixture
@@ -77,15 +56,15 @@ def _cases(tmp_path, jsonl):
 
 
 def _main(name):
-    return _script(name) if name.endswith(".py") else tool(name)
+    return script(name) if name.endswith(".py") else tool(name)
 
 
-def test_each_tool_each_error_class_one_line(tmp_path, jsonl, capsys):
+def test_each_tool_each_error_classone_line(tmp_path, jsonl, capsys):
     for name, argv, code, word in _cases(tmp_path, jsonl):
         got = _main(name)(argv)
         err = capsys.readouterr().err
         assert got == code, (name, argv, err)
-        line = _one_line(err, name)
+        line = one_line(err, name)
         assert word in line, (name, line)
         if code == errors.USAGE:
             assert line.endswith("--help)") and f"(see {name}" in line, line
@@ -110,7 +89,7 @@ def test_ctrl_c_is_one_line_and_130(name, argv, hint, tmp_path, jsonl, capsys, m
     monkeypatch.setattr(goose_jax.base_model, "load_base", interrupt)
     argv = [a.format(jsonl=jsonl, tmp=tmp_path) for a in argv]
     assert _main(name)(argv) == errors.INTERRUPTED
-    line = _one_line(capsys.readouterr().err, name)
+    line = one_line(capsys.readouterr().err, name)
     assert "interrupted" in line and hint in line
 
 
@@ -123,7 +102,7 @@ def test_goose_eval_ctrl_c(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(zeroshot, "run_eval", interrupt)
     code = tool("goose-eval")(["--base", "b", "--tasks", "bbh/x", "--out", str(tmp_path / "o")])
     assert code == errors.INTERRUPTED
-    assert "interrupted" in _one_line(capsys.readouterr().err, "goose-eval")
+    assert "interrupted" in one_line(capsys.readouterr().err, "goose-eval")
 
 
 def test_every_exception_class_is_a_goose_error_defined_in_errors():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
@@ -22,17 +23,11 @@ def run_script(name, *argv, code=0):
     return proc
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
-    return str(path)
-
-
 def test_train_is_not_a_package():
     # Scripts run from the checkout; an installed top-level package named `train` would shadow
     # users' own modules.
     assert not (TRAIN / "__init__.py").exists()
-    assert sorted(p.name for p in TRAIN.glob("*.py")) == ["experts_and_gates.py",
-                                                          "make_world_base.py"]
+    assert {"experts_and_gates.py", "make_world_base.py"} <= {p.name for p in TRAIN.glob("*.py")}
 
 
 def test_make_world_base_writes_a_loadable_base(tmp_path):

@@ -138,7 +138,7 @@ class ConcatSource:
 
 def check_token_ids(source: ExampleSource, vocab_size: int) -> None:
     """Checks ``source``'s pre-tokenised ids against ``vocab_size`` where it can (one pass over
-    the ids; sources without a ``check_token_ids`` method are checked batch by batch)."""
+    the ids); the ids of other sources are checked as ``Batcher`` encodes their batches."""
     check = getattr(source, "check_token_ids", None)
     if check is not None:
         check(vocab_size)

@@ -21,7 +21,7 @@ import json
 import os
 
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError
+from goose_jax.errors import DataError, one_line
 
 PROMPT_SUFFIX = "\nAnswer:"
 
@@ -79,7 +79,7 @@ def _read_saved(path: str) -> dict[str, list[dict]]:
         ds = load_from_disk(path)
     except Exception as e:  # datasets raises FileNotFoundError, ValueError and others.
         raise DataError(f"{path}: cannot load the saved dataset: {type(e).__name__}: "
-                        f"{' '.join(str(e).split())}") from None
+                        f"{one_line(e)}") from None
     if isinstance(ds, DatasetDict):
         return {name: split.to_list() for name, split in ds.items()}
     assert isinstance(ds, Dataset)

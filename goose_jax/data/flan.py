@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError
+from goose_jax.errors import DataError, one_line
 
 ZERO_SHOT = ("zs_opt", "zs_noopt")
 COLUMNS = ("inputs", "targets", "_task_name", "_template_type")
@@ -54,7 +54,7 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
             return pq.read_table(path, columns=list(columns), filters=filters).to_pydict()
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"{path}: cannot read FLAN rows ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())})") from None
+                            f"{one_line(e)})") from None
     out: dict[str, list] = {c: [] for c in columns}
     lineno = 0
     try:

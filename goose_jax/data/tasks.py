@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from goose_jax.data import bigbench, flan, p3
 from goose_jax.data.examples import EvalTask, Example, example_target
-from goose_jax.errors import DataError
+from goose_jax.errors import DataError, one_line
 
 BENCHMARKS = ("t0_heldout", "t0_heldin", "bbh", "bbl", "flan")
 FLAN_MAX_NEW_TOKENS = 64
@@ -100,7 +100,7 @@ def tfds_examples(name: str, split: str = "validation", *, data_dir: str | None 
     except Exception as e:  # tfds raises AssertionError / DatasetNotFoundError for missing data.
         raise DataError(f"tfds dataset {name} split {split} not found under "
                         f"{data_dir or 'the default tfds data dir'} (goose-eval never downloads): "
-                        f"{' '.join(str(e).split())[:200]}") from None
+                        f"{one_line(e)[:200]}") from None
     out = []
     for i, ex in enumerate(tfds.as_numpy(ds)):
         ex = {k: _text(v) for k, v in ex.items()}

@@ -358,7 +358,7 @@ def get_world_task(name: str) -> WorldTask:
 
 
 class TaskSource:
-    """``(input, target)`` training pairs of one task (the ``training.ExampleSource`` protocol)."""
+    """``(input, target)`` training pairs of one task (``data.batching.ExampleSource``)."""
 
     def __init__(self, name: str, size: int, split: str = "train", seed: int = 0):
         self.name, self.size, self.split, self.seed = name, size, split, seed

@@ -176,9 +176,9 @@ def write_library(imported: ImportedExperts, out: str | os.PathLike, cfg: T5Conf
     Returns:
       The ``ExpertLibrary``.
     """
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library import MANIFEST, ExpertLibrary
 
-    if append and os.path.isfile(os.path.join(os.fspath(out), "manifest.json")):
+    if append and os.path.isfile(os.path.join(os.fspath(out), MANIFEST)):
         lib = ExpertLibrary.open(out, cfg, params)
         if lib.rank != imported.rank or lib.scale != imported.scale or \
                 lib.sites != imported.sites:
