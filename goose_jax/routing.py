@@ -289,11 +289,11 @@ def check_temperature(temperature) -> float | str:
         return RELEASE
     if isinstance(temperature, (bool, str)) or not isinstance(temperature, (int, float,
                                                                                np.number)):
-        raise RoutingError(f"Arrow temperature must be a number > 0 or {RELEASE!r}; found "
-                           f"{temperature!r}")
+        raise RoutingError(f"Arrow temperature must be > 0 (a finite number) or {RELEASE!r}; "
+                           f"found {temperature!r}")
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
-        raise RoutingError(f"Arrow temperature must be a finite number > 0 or {RELEASE!r}; "
+        raise RoutingError(f"Arrow temperature must be > 0 (a finite number) or {RELEASE!r}; "
                            f"found {temperature!r}")
     return value
 
