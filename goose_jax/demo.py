@@ -222,7 +222,10 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
             rows.append((x["inputs"][0], x["input_mask"][0], dec,
                          (tgt != tok.pad_id).astype(np.int32)))
         batches.append(rows)
-    protos = compute_average_activations(cfg, params, experts, batches, scale=scale)
+    # Token pooling, as the demo's published numbers were measured (the release pools per
+    # example, the library's default).
+    protos = compute_average_activations(cfg, params, experts, batches, scale=scale,
+                                         pooling="token")
     save_prototypes(protos, path)
     return protos
 

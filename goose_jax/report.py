@@ -234,34 +234,82 @@ def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[st
 # --- prototype files ----------------------------------------------------------------------------
 
 
-def save_prototypes(prototypes: dict, path: str) -> None:
-    """Writes average-activation router vectors as ``<site>/gate`` (E, I) safetensors tensors.
+# The prototypes a library holds (``goose-train prototypes``), beside its manifest.json.
+PROTOTYPES_FILE = "prototypes.safetensors"
+
+
+def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = None,
+                    info: dict | None = None) -> None:
+    """Writes average-activation router vectors as ``<site>/gate`` (E, I) safetensors tensors,
+    atomically (a temporary file renamed into place).
 
     Args:
       prototypes: per-site ``{"gate": (E, I)}`` tree (``routers.compute_average_activations``).
       path: the file to write (what ``goose-eval --prototypes`` reads).
+      names: the E experts' names, in row order (stored in the header, so a reader can pick
+        rows by name); None: rows are in the library's order.
+      info: how they were computed (pooling, examples per expert), stored in the header.
     """
     from goose_jax.experts import flatten_sites
     from goose_jax.tensorfile import write_safetensors
 
     flat = {f"{site}/gate": np.asarray(v["gate"])
             for site, v in flatten_sites(prototypes).items()}
-    write_safetensors(path, flat)
+    meta = {} if names is None else {"experts": json.dumps(list(names))}
+    if info:
+        meta["info"] = json.dumps(info)
+    write_safetensors(path, flat, metadata=meta or None)
 
 
-def load_prototypes(path: str) -> dict:
-    """The per-site ``{"gate": (E, I)}`` tree of a file ``save_prototypes`` wrote.
+def prototype_names(path: str) -> list[str] | None:
+    """The expert names a prototypes file stores in its header (None: a file without them,
+    whose rows are in library order). Reads the header only.
 
     Raises:
-      DataError: the file is missing, is not safetensors, or holds no ``<site>/gate`` tensor.
+      DataError: the file is not safetensors, or its expert list is malformed.
+    """
+    from goose_jax.tensorfile import SafetensorsFile
+
+    raw = SafetensorsFile(path, error=DataError).metadata.get("experts")
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: header field 'experts' is not a JSON list of names; "
+                        "recompute the file with goose-train prototypes")
+    return names
+
+
+def load_prototypes(path: str, names: list[str] | None = None) -> dict:
+    """The per-site ``{"gate": (E, I)}`` tree of a file ``save_prototypes`` wrote.
+
+    Args:
+      path: the file.
+      names: the experts wanted, in this order; a file that stores its expert names gives
+        exactly these rows. None, or a file without names: every row, as stored.
+
+    Raises:
+      DataError: the file is missing, is not safetensors, holds no ``<site>/gate`` tensor, or
+        lacks a wanted expert.
     """
     from goose_jax.experts import nest_sites
     from goose_jax.tensorfile import read_safetensors
 
     if not os.path.isfile(path):
         raise DataError(f"{path}: prototypes file does not exist")
+    stored = prototype_names(path)
     flat = read_safetensors(path, error=DataError)
     sites = {k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items() if k.endswith("/gate")}
     if not sites:
         raise DataError(f"{path}: no '<site>/gate' tensors")
+    if names is not None and stored is not None:
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise DataError(f"{path}: no prototypes for experts {missing[:3]} (it has "
+                            f"{stored[:8]}); recompute them with goose-train prototypes")
+        rows = [stored.index(n) for n in names]
+        sites = {k: {"gate": v["gate"][rows]} for k, v in sites.items()}
     return nest_sites(sites)

@@ -59,6 +59,8 @@ class RoutedAdapter:
     ``scoring="standardized"`` the vectors are already standardized (``routing.prepare_router``);
     for ``scoring="abs_dot"`` they are Arrow's unit vectors. For ``scoring="example"`` the
     router entry is ``router/<site>/example_index`` (B,) and each example uses one expert.
+    ``temperature`` divides the ``abs_dot`` scores (``routing.arrow_scores``: a float, or
+    ``"release"`` for ``10 * sqrt(I)``).
     With ``telemetry`` each site sows per-expert counts of its top-1 choices, the mean top-1
     weight and the mean routing entropy into the ``intermediates`` collection, from the routing
     the forward computes anyway. When the site has a ``telemetry/<site>/mask`` variable (shaped
@@ -71,6 +73,7 @@ class RoutedAdapter:
     scoring: str = "standardized"
     backend: str = "auto"
     telemetry: bool = False
+    temperature: float | str = 1.0
 
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
@@ -89,7 +92,7 @@ class RoutedAdapter:
         if self.scoring == "standardized":
             scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
         else:
-            scores = routing.arrow_scores(x, vectors_EI)
+            scores = routing.arrow_scores(x, vectors_EI, temperature=self.temperature)
         route = routing.topk_softmax(scores, self.top_k)
         delta = routing.combine_lora(x, a_EIR, b_ERO, route.weights, route.index, self.scale,
                                      backend=self.backend)
@@ -210,7 +213,7 @@ def _check_vectors(name: str, vectors, E: int, d_in: int, what: str) -> None:
 def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
                  gates: dict | None = None, prototypes: dict | None = None, top_k: int = 2,
                  scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
-                 telemetry: bool = False) -> Routed:
+                 telemetry: bool = False, temperature: float | str = 1.0) -> Routed:
     """Everything ``gj.t5_logits(..., routing=...)`` needs to run ``method``.
 
     Args:
@@ -225,9 +228,14 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
       expert: the expert index, for ``single``.
       backend: combination backend of ``routing.combine_lora``.
       telemetry: sow routing statistics (per-token methods).
+      temperature: for ``arrow``, the divisor of ``|x . u|`` before the softmax: 1.0 (the
+        default, as mttl and the paper's formula), a float > 0, or ``"release"`` for the
+        original release's ``10 * sqrt(d_in)`` per site, which makes the top-k weights near
+        even. It never changes which experts are kept.
 
     Raises:
       LibraryMismatchError: unknown method, bad k, empty or mismatched library, NaN vectors.
+      RoutingError: an Arrow temperature that is neither a number > 0 nor ``"release"``.
     """
     if method not in METHODS:
         raise LibraryMismatchError(f"unknown routing method {method!r}; expected one of "
@@ -256,9 +264,10 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry)
         return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
     if method == "arrow":
+        temperature = routing.check_temperature(temperature)
         vectors = {name: {"vectors": _arrow_vectors(leaf["lora_a"], leaf["lora_b"])}
                    for name, leaf in flat.items()}
-        adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry)
+        adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry, temperature)
         return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
     if method == "merged":
         return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: merge_products(experts)})
@@ -308,9 +317,13 @@ def merge_products(experts: dict) -> dict:
 # --- average activation -----------------------------------------------------------------------
 
 
+POOLINGS = ("example", "token")
+
+
 @dataclasses.dataclass(frozen=True)
 class _CaptureAdapter:
-    """Applies the active expert's LoRA and sows each site's masked input sum and token count.
+    """Applies the active expert's LoRA and sows each site's per-example masked input sums
+    (B, I) and token counts (B,).
 
     Each site's ``capture/<site>/mask`` (B, S) says which of its tokens count (encoder tokens for
     encoder sites and cross-attention k / v, target tokens for other decoder sites).
@@ -324,8 +337,9 @@ class _CaptureAdapter:
         y = y + lora_delta(x.astype(y.dtype), module.get_variable(EXPERTS, "lora_a"),
                            module.get_variable(EXPERTS, "lora_b"), None, self.scale).astype(y.dtype)
         mask_BS = module.get_variable("capture", "mask").astype(jnp.float32)
-        module.sow("intermediates", "sum", jnp.einsum("bs,bsi->i", mask_BS, x.astype(jnp.float32)))
-        module.sow("intermediates", "count", jnp.sum(mask_BS))
+        module.sow("intermediates", "sum",
+                   jnp.einsum("bs,bsi->bi", mask_BS, x.astype(jnp.float32)))
+        module.sow("intermediates", "count", jnp.sum(mask_BS, axis=1))
         return y
 
 
@@ -333,25 +347,51 @@ def _uses_encoder_tokens(site: str) -> bool:
     return site.startswith("encoder/") or site.endswith(("cross_attn/k", "cross_attn/v"))
 
 
+def _pool(sum_BI: Array, count_B: Array, pooling: str) -> tuple[Array, Array]:
+    """A batch's share of the prototype: (numerator (I,), denominator ()).
+
+    ``token``: the masked sum over all tokens and their number. ``example``: the sum of the
+    examples' own masked means and the number of examples with at least one token (an example
+    with none, a padding row, is left out).
+    """
+    if pooling == "token":
+        return jnp.sum(sum_BI, axis=0), jnp.sum(count_B)
+    real_B = (count_B > 0).astype(jnp.float32)
+    mean_BI = sum_BI / jnp.maximum(count_B, 1.0)[:, None]
+    return jnp.einsum("b,bi->i", real_B, mean_BI), jnp.sum(real_B)
+
+
 def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batches, *,
-                                scale: float = 1 / 16) -> dict:
-    """Average-activation router vectors: per expert and site, the masked mean site input.
+                                scale: float = 1 / 16, pooling: str = "example") -> dict:
+    """Average-activation router vectors: per expert and site, the mean site input.
 
     Expert n's prototypes are computed with expert n's LoRA active, over its own examples;
-    decoder sites are teacher-forced and averaged over non-pad target tokens.
+    decoder sites are teacher-forced and read non-pad target tokens, encoder sites (and
+    cross-attention k / v) non-pad input tokens.
 
     Args:
       cfg: base model config; params: base parameters; experts: stacked library (E experts).
       batches: a sequence of length E; ``batches[n]`` is an iterable of
         ``(input_ids_BL, enc_mask_BL, decoder_input_ids_BT, dec_mask_BT)`` for expert n.
       scale: LoRA scale.
+      pooling: ``"example"`` (the original release's): each example's masked mean over its
+        tokens, then the mean over examples (an example with no token at a site is left out);
+        ``"token"``: one masked mean over every token of every example, so long examples
+        weigh more.
 
     Returns:
       per-site ``{"gate": (E, I)}`` float32 tree, ready for ``build_routed("average_activation",
       ..., prototypes=...)``.
+
+    Raises:
+      LibraryMismatchError: an unknown pooling, a batch source per expert missing, or an expert
+        with no token to average.
     """
     from goose_jax.t5 import T5
 
+    if pooling not in POOLINGS:
+        raise LibraryMismatchError(f"unknown pooling {pooling!r}; expected one of "
+                                   f"{list(POOLINGS)}")
     E = check_library(cfg, experts)
     if len(batches) != E:
         raise LibraryMismatchError(f"need one batch source per expert ({E}); found {len(batches)}")
@@ -365,7 +405,8 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
         _, state = model.apply({"params": params, EXPERTS: one, "capture": masks}, ids, dec,
                                enc_mask, mutable=["intermediates"])
         inter = flatten_sites(state["intermediates"])
-        return {name: (inter[name]["sum"][0], inter[name]["count"][0]) for name in flat}
+        return {name: _pool(inter[name]["sum"][0], inter[name]["count"][0], pooling)
+                for name in flat}
 
     out = {name: np.zeros((E, np.shape(leaf["lora_a"])[1]), np.float32)
            for name, leaf in flat.items()}
@@ -378,10 +419,11 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
             res = sums(params, one, jnp.asarray(ids, jnp.int32), jnp.asarray(enc_mask),
                        jnp.asarray(dec, jnp.int32), jnp.asarray(dec_mask))
             for name, (s, c) in res.items():
-                total[name] = total[name] + np.asarray(s)
+                total[name] = total[name] + np.asarray(s, np.float64)
                 count[name] += float(c)
         for name in flat:
             if count[name] == 0:
-                raise LibraryMismatchError(f"expert {n}: no tokens to average (empty batches?)")
+                raise LibraryMismatchError(f"expert {n}: no tokens to average at site {name} "
+                                           "(empty batches?)")
             out[name][n] = total[name] / count[name]
     return nest_sites({name: {"gate": jnp.asarray(v)} for name, v in out.items()})

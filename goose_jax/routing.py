@@ -51,10 +51,13 @@ Array = jax.Array
 LN_EPS = 1e-5
 # The original release divides Arrow scores by a temperature of 10 and by sqrt(d_in).
 ARROW_RELEASE_TEMPERATURE = 10.0
+# ``temperature="release"`` selects that divisor, 10 * sqrt(I), per site.
+RELEASE = "release"
 
 __all__ = [
-    "ARROW_RELEASE_TEMPERATURE", "LN_EPS", "RouteOutput", "RouteStats", "RoutingError",
-    "arrow_route", "arrow_scores", "arrow_vectors", "choose_backend", "combine_lora",
+    "ARROW_RELEASE_TEMPERATURE", "LN_EPS", "RELEASE", "RouteOutput", "RouteStats", "RoutingError",
+    "arrow_route", "arrow_scores", "arrow_temperature", "arrow_vectors", "check_temperature",
+    "choose_backend", "combine_lora",
     "phatgoose_route", "phatgoose_scores", "prepare_router", "route_stats", "standardize",
     "topk_softmax",
 ]
@@ -276,6 +279,34 @@ def arrow_vectors(lora_a_EDR: Array, lora_b_ERO: Array) -> Array:
     return jnp.einsum("eir,er->ei", q_EIR, u_ERR[:, :, 0])
 
 
+def check_temperature(temperature) -> float | str:
+    """An Arrow temperature as routing uses it: a finite float > 0, or ``"release"``.
+
+    Raises:
+      RoutingError: anything else (a bool, a non-positive or non-finite number, another word).
+    """
+    if temperature == RELEASE:
+        return RELEASE
+    if isinstance(temperature, (bool, str)) or not isinstance(temperature, (int, float,
+                                                                               np.number)):
+        raise RoutingError(f"Arrow temperature must be > 0 (a finite number) or {RELEASE!r}; "
+                           f"found {temperature!r}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise RoutingError(f"Arrow temperature must be > 0 (a finite number) or {RELEASE!r}; "
+                           f"found {temperature!r}")
+    return value
+
+
+def arrow_temperature(temperature: float | Literal["release"], d_in: int) -> float:
+    """The divisor of a site's Arrow scores: ``temperature``, or ``10 * sqrt(I)`` for
+    ``"release"`` (the original release's ``Router.temperature`` and ``scaling_scores``)."""
+    temperature = check_temperature(temperature)
+    if temperature == RELEASE:
+        return ARROW_RELEASE_TEMPERATURE * math.sqrt(d_in)
+    return temperature
+
+
 def arrow_scores(
     x_TD: Array, vectors_ED: Array, *, temperature: float | Literal["release"] = 1.0,
 ) -> Array:
@@ -292,11 +323,7 @@ def arrow_scores(
     """
     d_in = _check_x(x_TD)
     _check_vectors(vectors_ED, d_in, "Arrow router vectors")
-    if temperature == "release":
-        temperature = ARROW_RELEASE_TEMPERATURE * math.sqrt(d_in)
-    if isinstance(temperature, str) or not float(temperature) > 0:
-        raise RoutingError(f"temperature must be > 0 or 'release'; found {temperature!r}")
-    return _arrow_scores(x_TD, vectors_ED, float(temperature))
+    return _arrow_scores(x_TD, vectors_ED, arrow_temperature(temperature, d_in))
 
 
 @jax.jit

@@ -20,8 +20,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from goose_jax import routing
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError, LibraryError, UsageError
+from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError
 from goose_jax.routers import METHODS, PER_EXAMPLE
 
 
@@ -43,7 +44,10 @@ class EvalSettings:
         ``<dataset>/<template>/<example id>``, to an expert name.
       retrieval_index: for ``retrieval``: the index file (None: the library's own).
       embedder: for ``retrieval``: a sentence-transformers directory (None: the packaged one).
-      prototypes: for ``average_activation``: the ``report.save_prototypes`` file.
+      prototypes: for ``average_activation``: the ``report.save_prototypes`` file (None: the
+        library's own, ``<library>/prototypes.safetensors`` from ``goose-train prototypes``).
+      arrow_temperature: for ``arrow``: the divisor of ``|x . u|`` (a number > 0, or
+        ``"release"`` for the original release's ``10 * sqrt(d_in)``); see ``build_routed``.
       p3_root, bbh_root, bbl_root, flan_root, tfds_dir: where each data source lives.
       flan_grouping: a JSON file mapping FLAN task names to expert names.
       tokenizer: tokenizer directory (None: the base's).
@@ -71,6 +75,7 @@ class EvalSettings:
     retrieval_index: str | None = None
     embedder: str | None = None
     prototypes: str | None = None
+    arrow_temperature: float | str = 1.0
     p3_root: str | None = None
     bbh_root: str | None = None
     bbl_root: str | None = None
@@ -106,9 +111,12 @@ class EvalSettings:
             raise UsageError(f"--method {method!r}: expected one of {list(METHODS)}")
         if method != "base" and not self.library:
             raise UsageError(f"--method {method} needs --library")
+        try:
+            routing.check_temperature(self.arrow_temperature)
+        except RoutingError:
+            raise UsageError(f"--arrow-temperature {self.arrow_temperature!r}: expected a "
+                             "number > 0 or 'release'") from None
         needs = {"single": ("expert", "--expert (a name or an index)"),
-                 "average_activation": ("prototypes", "--prototypes (the mean site activations "
-                                        "per expert, see routers.compute_average_activations)"),
                  "example": ("expert_map", "--expert-map (or use --method retrieval)")}
         if method in needs and getattr(self, needs[method][0]) is None:
             raise UsageError(f"--method {method} needs {needs[method][1]}")
@@ -117,6 +125,27 @@ class EvalSettings:
     def routing_method(self) -> str:
         """The method that runs (``method``, or its default)."""
         return self.method or ("phatgoose" if self.library else "base")
+
+    @property
+    def prototypes_path(self) -> str | None:
+        """The prototypes file ``average_activation`` reads: ``prototypes``, else the
+        library's own (which may not exist)."""
+        from goose_jax.report import PROTOTYPES_FILE
+
+        if self.prototypes is not None:
+            return self.prototypes
+        return os.path.join(self.library, PROTOTYPES_FILE) if self.library else None
+
+
+def parse_temperature(text: str) -> float | str:
+    """``--arrow-temperature``'s value: ``release`` or a number > 0 (argparse ``type``)."""
+    if text == routing.RELEASE:
+        return text
+    try:
+        return routing.check_temperature(float(text))
+    except (ValueError, RoutingError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a number > 0 or 'release'") from None
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -133,7 +162,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--embedder", help="for --method retrieval: a local sentence-transformers "
                     "model directory (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--prototypes", help="average_activation router vectors: a safetensors file "
-                    "with '<site>/gate' tensors (E, d_in), experts in library order")
+                    "with '<site>/gate' tensors (E, d_in) (default: the library's own "
+                    "prototypes.safetensors, written by goose-train prototypes)")
+    ap.add_argument("--arrow-temperature", type=parse_temperature, default=1.0,
+                    metavar="{1,release,T}",
+                    help="Arrow: divide |x . u| by this before the softmax. 1 (default: the "
+                    "paper's formula and mttl's, near one-hot top-2 weights, as goose-jax has "
+                    "always run it); 'release': the original release's 10 * sqrt(d_in), "
+                    "near-even top-2 weights, as the paper's Arrow numbers were measured; or "
+                    "any number > 0. The kept experts are the same either way")
     ap.add_argument("--benchmark", help="comma-separated: t0_heldout, t0_heldin, bbh, bbl, flan")
     ap.add_argument("--tasks", help="comma-separated task names (e.g. t0_heldout/rte,bbh/navigate)")
     ap.add_argument("--p3-root", help="P3 release directory (with data/<task>/ folders)")
@@ -212,12 +249,15 @@ def build_method(s: EvalSettings, cfg, params):
     if method == "single":
         expert = names.index(s.expert) if s.expert in names else (
             int(s.expert) if s.expert.isdigit() else s.expert)
-    prototypes = load_prototypes(s.prototypes) if method == "average_activation" else None
+    prototypes = None
+    if method == "average_activation":
+        prototypes = load_prototypes(s.prototypes_path, names)
     if method == "phatgoose" and gates is None:
         raise LibraryError(f"{s.library}: --method phatgoose needs every expert's trained gate; "
                            "some experts have none")
     return build_routed(method, cfg, experts, gates=gates, prototypes=prototypes,
-                        top_k=s.top_k, scale=scale, expert=expert), names
+                        top_k=s.top_k, scale=scale, expert=expert,
+                        temperature=s.arrow_temperature), names
 
 
 def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[int]]:
@@ -288,17 +328,32 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
     return table
 
 
-def _check_prototypes(path: str, n_experts: int) -> None:
+def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
+    """The prototypes file exists and has a vector for every routed expert (header only)."""
+    from goose_jax.report import PROTOTYPES_FILE, prototype_names
     from goose_jax.tensorfile import SafetensorsFile
 
+    path = s.prototypes_path
     if not os.path.isfile(path):
-        raise DataError(f"{path}: prototypes file does not exist (--prototypes)")
+        if s.prototypes is not None:
+            raise DataError(f"{path}: prototypes file does not exist (--prototypes)")
+        raise LibraryError(f"{s.library}: --method average_activation needs prototypes and the "
+                           f"library has no {PROTOTYPES_FILE}; compute them with goose-train "
+                           "prototypes, or pass --prototypes")
+    stored = prototype_names(path)
+    if stored is not None:
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise DataError(f"{path}: no prototypes for experts {missing[:3]} (it has "
+                            f"{stored[:8]}); recompute them with goose-train prototypes "
+                            "--overwrite, or route fewer --experts")
     f = SafetensorsFile(path, error=DataError)   # the header only
+    rows = len(names) if stored is None else len(stored)
     wrong = {k: f.shape_of(k)[0] for k in f if k.endswith("/gate") and
-             f.shape_of(k)[:1] != (n_experts,)}
+             f.shape_of(k)[:1] != (rows,)}
     if wrong:
         key = sorted(wrong)[0]
-        raise DataError(f"{path}: {key} holds {wrong[key]} expert vectors but {n_experts} "
+        raise DataError(f"{path}: {key} holds {wrong[key]} expert vectors but {rows} "
                         "experts are routed (--prototypes must match the library and --experts)")
 
 
@@ -333,7 +388,7 @@ def _check_library(s: EvalSettings) -> list[str]:
     if method == "example":
         map_chooser(s.expert_map, names)   # reads and checks the map
     if method == "average_activation":
-        _check_prototypes(s.prototypes, len(names))
+        _check_prototypes(s, names)
     if method == "retrieval":
         from goose_jax import retrieval
 
@@ -447,6 +502,9 @@ def run_eval(s: EvalSettings, *, base=None) -> dict:
             "library": s.library and os.path.abspath(s.library), "experts": names,
             "tasks": [t.name for t in tasks], "batch_size": batch_size,
             "length_normalize": s.length_normalize, "encoder_once": s.encoder_once,
+            **({"arrow_temperature": s.arrow_temperature} if routed.method == "arrow" else {}),
+            **({"prototypes": os.path.abspath(s.prototypes_path)}
+               if routed.method == "average_activation" else {}),
             "devices": jax.device_count(), "seconds": round(seconds, 2),
             "examples_per_second": round(n / max(seconds, 1e-9), 2),
             "compiled_shapes": len(evaluator.compiled_shapes)}
@@ -466,8 +524,9 @@ def paper_methods(s: EvalSettings) -> dict[str, EvalSettings]:
     """The paper's zero-shot methods that ``s.library`` supports, one settings each.
 
     PHATGOOSE (top-2; when every expert has a gate), merged experts, Arrow, average activation
-    (when ``s.prototypes`` is given), retrieval (when an index is given or the library holds
-    one), and the base model alone; each writes to ``<s.out>/<method>``.
+    (when ``s.prototypes`` is given or the library holds its own), retrieval (when an index is
+    given or the library holds one), and the base model alone; each writes to
+    ``<s.out>/<method>``.
     """
     from goose_jax import retrieval
     from goose_jax.library import ExpertLibrary
@@ -478,7 +537,7 @@ def paper_methods(s: EvalSettings) -> dict[str, EvalSettings]:
         if all(lib.info(n).get("has_gate") for n in (s.experts or lib.names)):
             methods.append("phatgoose")
         methods += ["merged", "arrow"]
-        if s.prototypes:
+        if s.prototypes or os.path.isfile(s.prototypes_path):
             methods.append("average_activation")
         index = s.retrieval_index or os.path.join(s.library, retrieval.INDEX_FILE)
         if os.path.isfile(index):

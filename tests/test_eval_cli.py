@@ -175,3 +175,28 @@ def test_rerun_into_results_needs_overwrite_and_replaces_them_whole(world, tmp_p
     assert json.loads((out / "results.json").read_text())["method"] == "single"
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "results.json",
                                                      "results.md"]
+
+
+def test_arrow_temperature_flag(world, tmp_path, capsys):
+    """--arrow-temperature reaches the routers (the choice scores change) and the results;
+    1 is the default; anything but a number > 0 or 'release' is a usage error."""
+    scores = {}
+    for name, extra in (("default", []), ("release", ["--arrow-temperature", "release"]),
+                        ("one", ["--arrow-temperature", "1"])):
+        out = tmp_path / name
+        assert main(_args(world, out, "--library", str(world / "lib"), "--method", "arrow",
+                          "--tasks", "bbh/boolean_expressions", *extra)) == 0
+        summary = json.loads((out / "results.json").read_text())
+        scores[name] = [json.loads(x)["scores"] for x in
+                        (out / "predictions.jsonl").read_text().splitlines()]
+        assert summary["arrow_temperature"] == ("release" if name == "release" else 1.0)
+    np.testing.assert_array_equal(scores["default"], scores["one"])
+    assert not np.allclose(scores["release"], scores["one"], atol=1e-4)
+    capsys.readouterr()
+    for bad in ("0", "-2", "nan", "hot"):
+        assert main(_args(world, tmp_path / "bad", "--library", str(world / "lib"), "--method",
+                          "arrow", "--tasks", "bbh/boolean_expressions",
+                          "--arrow-temperature", bad)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--arrow-temperature" in err and "'release'" in err and "\n" not in err, err
+    assert not (tmp_path / "bad").exists()

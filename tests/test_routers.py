@@ -170,7 +170,8 @@ def test_average_activation_first_site_matches_numpy(world):
     for _ in range(E):
         ids, mask, dec = random_batch(rng, 2, 9, 4, CFG.vocab_size)
         batches.append([(ids, mask, dec, np.ones_like(dec))])
-    protos = routers.compute_average_activations(CFG, params, lib, batches, scale=SCALE)
+    protos = routers.compute_average_activations(CFG, params, lib, batches, scale=SCALE,
+                                                 pooling="token")
     got = np.asarray(ex.flatten_sites(protos)["encoder/block_0/self_attn/q"]["gate"])
     emb = np.asarray(params["shared"]["embedding"], np.float64)
     scale = np.asarray(params["encoder"]["block_0"]["self_attn_norm"]["scale"], np.float64)
@@ -181,6 +182,110 @@ def test_average_activation_first_site_matches_numpy(world):
         np.testing.assert_allclose(got[n], ref, atol=1e-5)
     routed = build_routed("average_activation", CFG, lib, prototypes=protos, scale=SCALE)
     assert np.isfinite(_logits(params, world[3], routed)).all()
+
+
+def _rms(h, scale):
+    return h / np.sqrt(np.mean(h**2, -1, keepdims=True) + CFG.layer_norm_epsilon) * scale
+
+
+@pytest.mark.parametrize("pooling", ["example", "token"])
+def test_average_activation_pooling_matches_numpy_loops(world, pooling):
+    """Both poolings at an encoder and a decoder site, against loops over examples and tokens;
+    ragged masks, and an example with no target token (left out of the example mean)."""
+    params, lib, _, _ = world
+    rng = np.random.default_rng(11)
+    batches = []
+    for _ in range(E):
+        rows = []
+        for _ in range(2):
+            ids, mask, dec = random_batch(rng, 3, 12, 5, CFG.vocab_size)
+            dec_mask = np.ones_like(dec)
+            dec_mask[1, 2:] = 0
+            dec_mask[2, :] = 0
+            rows.append((ids, mask, dec, dec_mask))
+        batches.append(rows)
+    protos = ex.flatten_sites(routers.compute_average_activations(
+        CFG, params, lib, batches, scale=SCALE, pooling=pooling))
+    emb = np.asarray(params["shared"]["embedding"], np.float64)
+    for site, side, ids_at, mask_at in (("encoder/block_0/self_attn/q", "encoder", 0, 1),
+                                        ("decoder/block_0/self_attn/q", "decoder", 2, 3)):
+        norm = np.asarray(params[side]["block_0"]["self_attn_norm"]["scale"], np.float64)
+        got = np.asarray(protos[site]["gate"])
+        for n in range(E):
+            example_means, tokens = [], []
+            for batch in batches[n]:
+                ids, mask = batch[ids_at], batch[mask_at]
+                for b in range(ids.shape[0]):
+                    mine = [_rms(emb[ids[b, s]], norm) for s in range(ids.shape[1])
+                            if mask[b, s]]
+                    tokens += mine
+                    if mine:
+                        example_means.append(np.mean(mine, axis=0))
+            ref = np.mean(example_means if pooling == "example" else tokens, axis=0)
+            np.testing.assert_allclose(got[n], ref, atol=1e-5, err_msg=f"{site} expert {n}")
+    with pytest.raises(LibraryMismatchError, match="unknown pooling 'mean'"):
+        routers.compute_average_activations(CFG, params, lib, batches, pooling="mean")
+
+
+def _release_arrow(x_NI, u_EI, k):
+    """The original release's Arrow router (moe.py, score_type="arrow"), in NumPy: |x . u| over
+    Router.temperature 10, times sqrt(1 / d) (scaling_scores), softmax over all experts, top-k,
+    renormalised."""
+    scores = np.abs(x_NI @ u_EI.T) / 10.0 * np.sqrt(1.0 / x_NI.shape[-1])
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    index = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    kept = np.take_along_axis(probs, index, -1)
+    return kept / kept.sum(-1, keepdims=True), index
+
+
+def test_arrow_release_temperature_is_the_release_formula():
+    """A constructed case: |x . u| = 12, 4, 1, 0 for experts 0-3. The release's temperature
+    gives near-even top-2 weights; 1 gives near one-hot ones; the kept experts are the same."""
+    from goose_jax import routing
+
+    d = 64
+    u_EI = np.eye(4, d)
+    x_NI = np.zeros((2, d))
+    x_NI[0, :3] = [12.0, -4.0, 1.0]
+    x_NI[1, :4] = [0.5, 3.0, -9.0, 0.0]
+    ref_w, ref_i = _release_arrow(x_NI, u_EI, 2)
+    w, i = routing.arrow_route(jnp.asarray(x_NI, jnp.float32), jnp.asarray(u_EI, jnp.float32),
+                               top_k=2, temperature="release")
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
+    np.testing.assert_allclose(np.asarray(w), ref_w, atol=1e-6)
+    assert np.all(np.abs(np.asarray(w) - 0.5) < 0.15)           # near even
+    w1, i1 = routing.arrow_route(jnp.asarray(x_NI, jnp.float32), jnp.asarray(u_EI, jnp.float32),
+                                 top_k=2, temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(i1), ref_i)
+    assert np.all(np.asarray(w1)[:, 0] > 0.997)                 # near one-hot
+
+
+def _top1_weights(params, lib, batch, **kw):
+    from goose_jax.t5 import T5
+
+    ids, dec, mask = batch
+    routed = build_routed("arrow", CFG, lib, scale=SCALE, telemetry=True, **kw)
+    _, state = T5(CFG, routed.adapter).apply({"params": params, **routed.collections}, ids, dec,
+                                             mask, mutable=["intermediates"])
+    return {name: float(leaf["mean_top1_weight"][0])
+            for name, leaf in ex.flatten_sites(state["intermediates"]).items()}
+
+
+def test_arrow_temperature_reaches_every_site(world):
+    """``build_routed(temperature="release")`` divides every site's scores by 10 sqrt(d_in):
+    top-2 weights near even; with 1 they are further from even at every site."""
+    params, lib, _, batch = world
+    release = _top1_weights(params, lib, batch, temperature="release")
+    one = _top1_weights(params, lib, batch, temperature=1.0)
+    assert set(release) == set(one) and len(one) > 10
+    for site in one:
+        assert 0.5 <= release[site] < 0.55, site
+        assert one[site] > release[site] + 0.02, site
+    assert _top1_weights(params, lib, batch) == one   # 1 is the default
+    for bad in (0.0, -1.0, float("nan"), "hot", True):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            build_routed("arrow", CFG, lib, scale=SCALE, temperature=bad)
 
 
 def test_telemetry_counts_every_token(world):

@@ -6,9 +6,13 @@
                           --workdir W
     goose-train multitask --config C --base B --data a.jsonl b.jsonl ... --workdir W
                           (--library LIB | --set multitask_mode=full --out MODEL_DIR)
+    goose-train prototypes --base B --library LIB --data a.jsonl ... --names a ...
+                          [--examples 1000] [--pooling example|token]
 
 Argument parsing and dispatch only; the runs are ``goose_jax.train_runs`` (its docstring is the
-user documentation: configs, data files, resuming). Rerunning an interrupted command resumes it.
+user documentation: configs, data files, resuming) and ``goose_jax.prototypes`` (the
+average-activation baseline's router vectors, stored in the library). Rerunning an interrupted
+training command resumes it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from goose_jax import distributed, train_runs
+from goose_jax import distributed, prototypes, train_runs
 from goose_jax.tool import run_tool
 
 PROG = "goose-train"
@@ -62,9 +66,45 @@ def _common(p: argparse.ArgumentParser, many: bool) -> None:
     distributed.add_arguments(p)
 
 
+def _run_prototypes(args: argparse.Namespace) -> int:
+    return prototypes.run_prototypes(prototypes.PrototypeArgs(
+        library=args.library, data=args.data, names=args.names, base=args.base,
+        config=args.config, overrides=tuple(args.set or ()), examples=args.examples,
+        pooling=args.pooling, batch_size=args.batch_size, overwrite=args.overwrite))
+
+
+def _prototypes_parser(sub) -> None:
+    help_text = ("compute the average-activation prototypes of library experts from their "
+                 "data and store them in the library (goose-eval finds them there)")
+    p = sub.add_parser("prototypes", help=help_text, description=help_text)
+    p.add_argument("--config", help="python file with get_config() -> TrainConfig: tokenizer, "
+                                    "lengths, seed, dtypes (default: the paper's settings)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set tokenizer=byte")
+    p.add_argument("--base", help="the library's base model (default: the config's base_model)")
+    p.add_argument("--library", required=True, help="expert library directory; the prototypes "
+                   "go to its prototypes.safetensors")
+    p.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+                   help="each expert's training data, {\"input\": ..., \"target\": ...} per line")
+    p.add_argument("--names", nargs="+", help="expert names, in --data order (default: the "
+                                              "files' stems)")
+    p.add_argument("--examples", type=int, default=prototypes.DEFAULT_EXAMPLES,
+                   help="at most this many examples per expert (default: %(default)s, as the "
+                        "paper)")
+    p.add_argument("--pooling", choices=("example", "token"), default="example",
+                   help="example: each example's mean over its tokens, then the mean over "
+                        "examples (default, the original release's); token: one mean over "
+                        "all tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the prototypes the library already holds")
+    p.set_defaults(run=_run_prototypes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train LoRA experts, PHATGOOSE gates and multitask baselines.")
+        prog=PROG, description="Train LoRA experts, PHATGOOSE gates and multitask baselines; "
+        "compute average-activation prototypes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     specs = {
         "expert": ("train one LoRA expert", False, train_runs.run_experts),
@@ -88,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expert library directory (created if missing)")
         if name == "multitask":
             p.add_argument("--out", help="model directory (multitask_mode=full)")
+    _prototypes_parser(sub)
     return parser
 
 
