@@ -5,8 +5,9 @@ library supports, each run exactly as ``goose-eval`` runs it, then one table.
         --p3-root P3/ --out runs/t0_heldout
 
 Methods: the base model alone, PHATGOOSE (top-2; when every expert has a trained gate), merged
-experts, Arrow (top-2), average activation (with ``--prototypes``) and retrieval (when the
-library holds a retrieval index or ``--retrieval-index`` is given). Each method's results folder
+experts, Arrow (top-2), average activation (when the library holds prototypes written by
+``goose-train prototypes``, or ``--prototypes`` is given) and retrieval (when the library holds a
+retrieval index or ``--retrieval-index`` is given). Each method's results folder
 is ``<out>/<method>``; ``<out>/comparison.md`` holds the table and ``<out>/comparison.json`` every
 summary. The base model is read once for all methods. Every method's folder and flags are checked
 before the first is scored; results already there are replaced only with ``--overwrite``.

@@ -105,7 +105,7 @@ def load_world_base(path: str = ASSET):
     """(cfg, params) of the miniature base; a clear error if the files are missing."""
     from goose_jax.base_model import load_base
 
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+    if path == ASSET and not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise CheckpointError(f"{path}: the miniature base is missing; recreate it with "
                               "`python train/make_world_base.py`")
     return load_base(path)
@@ -272,8 +272,7 @@ def _evaluate(name, cfg, params, tok, routed, tasks, examples, cache: str, *, ch
     results = ev.evaluate(evaluator, tasks, examples=examples, progress=_progress())
     out = {"scores": {k.removeprefix("world/"): r.score for k, r in results.items()},
            "telemetry": telemetry_table(results) if telemetry else {}}
-    with open(cache, "w") as f:
-        json.dump(out, f)
+    write_atomic(cache, json.dumps(out))
     _say(f"  {name}: " + ", ".join(f"{k.split('_')[0]} {v:.0f}"
                                     for k, v in out["scores"].items()))
     return out

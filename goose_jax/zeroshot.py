@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from goose_jax import routing
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError
+from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError, one_line
 from goose_jax.routers import METHODS, PER_EXAMPLE
 
 
@@ -320,7 +320,7 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the {what} ({flag}): {' '.join(str(e).split())}; "
+        raise DataError(f"{path}: cannot read the {what} ({flag}): {one_line(e)}; "
                         f"pass a JSON object file") from None
     if not isinstance(table, dict):
         raise DataError(f"{path}: the {what} ({flag}) must be a JSON object, found "

@@ -120,6 +120,46 @@ def script(path: str):
     return runpy.run_path(os.path.join(root, path), run_name="goose_script")["main"]
 
 
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """goose-eval's tiny world, built once for the session and only read by the tests: a random
+    T5 in HF format (``base``), a 3-expert gated library (``lib``) and BBH files (``bbh``)."""
+    from datasets import Dataset, DatasetDict
+
+    import goose_jax as gj
+    from goose_jax.experts import LoRAConfig, nest_sites
+    from goose_jax.library import ExpertLibrary
+
+    root = tmp_path_factory.mktemp("world")
+    cfg = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40,
+                      num_encoder_layers=1, num_decoder_layers=1,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    params = gj.init_params(cfg, 5)
+    gj.save_hf_t5(cfg, params, root / "base")
+    # Experts at three sites only (compiles stay short); one per layer for the heatmaps.
+    sites = r"encoder/block_0/self_attn/q|decoder/block_0/(cross_attn/k|ffn/wo)"
+    lib = ExpertLibrary.create(root / "lib", cfg, params, LoRAConfig(rank=2, sites=sites))
+    rng = np.random.default_rng(0)
+    for name in ("alpha", "beta", "gamma"):
+        experts, gates = {}, {}
+        for site, (d_in, d_out) in lib.sites.items():
+            experts[site] = {"lora_a": rng.standard_normal((d_in, 2), np.float32),
+                             "lora_b": rng.standard_normal((2, d_out), np.float32)}
+            gates[site] = {"gate": rng.standard_normal((d_in,), np.float32)}
+        lib.add(name, nest_sites(experts), nest_sites(gates))
+    bbh = root / "bbh"
+    DatasetDict({"test": Dataset.from_list(
+        [{"input": f"{a} and {b}", "target": str(a and b)}
+         for a in (True, False) for b in (True, False)])}).save_to_disk(
+        str(bbh / "boolean_expressions"))
+    DatasetDict({"train": Dataset.from_list(
+        [{"idx": i, "inputs": f"count {i}", "targets": [str(i)], "multiple_choice_targets": [],
+          "multiple_choice_scores": []} for i in range(3)])}).save_to_disk(
+        str(bbh / "object_counting"))
+    return root
+
+
 def random_batch(rng: np.random.Generator, batch: int, enc_len: int, dec_len: int, vocab: int):
     """Encoder ids with ragged padding, its mask, and decoder ids starting with 0."""
     ids = rng.integers(2, vocab, (batch, enc_len))

@@ -7,46 +7,7 @@ import numpy as np
 import pytest
 from conftest import tool
 
-import goose_jax as gj
-
 main = tool("goose-eval")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from datasets import Dataset, DatasetDict
-
-    from goose_jax.experts import LoRAConfig, nest_sites
-    from goose_jax.library import ExpertLibrary
-
-    root = tmp_path_factory.mktemp("world")
-    cfg = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40,
-                      num_encoder_layers=1, num_decoder_layers=1,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    params = gj.init_params(cfg, 5)
-    gj.save_hf_t5(cfg, params, root / "base")
-    # Experts at three sites only (compiles stay short); one per layer for the heatmaps.
-    sites = r"encoder/block_0/self_attn/q|decoder/block_0/(cross_attn/k|ffn/wo)"
-    lib = ExpertLibrary.create(root / "lib", cfg, params, LoRAConfig(rank=2, sites=sites))
-    rng = np.random.default_rng(0)
-    for name in ("alpha", "beta", "gamma"):
-        experts, gates = {}, {}
-        for site, (d_in, d_out) in lib.sites.items():
-            experts[site] = {"lora_a": rng.standard_normal((d_in, 2), np.float32),
-                             "lora_b": rng.standard_normal((2, d_out), np.float32)}
-            gates[site] = {"gate": rng.standard_normal((d_in,), np.float32)}
-        lib.add(name, nest_sites(experts), nest_sites(gates))
-    bbh = root / "bbh"
-    DatasetDict({"test": Dataset.from_list(
-        [{"input": f"{a} and {b}", "target": str(a and b)}
-         for a in (True, False) for b in (True, False)])}).save_to_disk(
-        str(bbh / "boolean_expressions"))
-    DatasetDict({"train": Dataset.from_list(
-        [{"idx": i, "inputs": f"count {i}", "targets": [str(i)], "multiple_choice_targets": [],
-          "multiple_choice_scores": []} for i in range(3)])}).save_to_disk(
-        str(bbh / "object_counting"))
-    return root
 
 
 def _args(world, out, *extra):

@@ -3,10 +3,10 @@
 import json
 
 from conftest import script
-from test_eval_cli import _args, world  # noqa: F401  (goose-eval's tiny base, library, BBH files)
+from test_eval_cli import _args
 
 
-def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys):  # noqa: F811
+def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys):
     main = script("eval/paper.py")
     out = tmp_path / "paper"
     args = _args(world, out, "--library", str(world / "lib"), "--tasks", "bbh/boolean_expressions")

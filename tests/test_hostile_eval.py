@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 from conftest import build_hf_t5, one_line, script, tool, tree_hash
-from test_eval_cli import world  # noqa: F401  (goose-eval's tiny base, library and BBH files)
 
 from goose_jax import errors
 
@@ -39,13 +38,13 @@ def _refused(capsys, prog, argv, code, words, watch=()):
     return line
 
 
-def _eval_args(world, out, *extra, bbh=None):  # noqa: F811
+def _eval_args(world, out, *extra, bbh=None):
     return ["--base", world / "base", "--byte-tokenizer", "--bbh-root", bbh or world / "bbh",
             "--out", out, "--no-progress", "--batch-size", "4", *extra]
 
 
 @pytest.fixture(scope="module")
-def hostile(world, tmp_path_factory):  # noqa: F811
+def hostile(world, tmp_path_factory):
     """Bad inputs built from the goose-eval world: a library without gates, a base whose head
     overflows float32, a library whose B overflows, a goose-jax checkpoint of the base, a PEFT
     adapter, and another Hugging Face model."""
@@ -83,7 +82,7 @@ def hostile(world, tmp_path_factory):  # noqa: F811
 # --- 1. work overwritten without asking ---------------------------------------------------------
 
 
-def test_goose_eval_refuses_an_out_that_holds_results(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_goose_eval_refuses_an_out_that_holds_results(world, hostile, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text('{"score": 61.0}')
@@ -92,7 +91,7 @@ def test_goose_eval_refuses_an_out_that_holds_results(world, hostile, tmp_path, 
              errors.USER_ERROR, ["already holds results", "--overwrite"], [out])
 
 
-def test_paper_refuses_an_out_that_holds_a_comparison_or_a_method(world, tmp_path, capsys):  # noqa: F811
+def test_paper_refuses_an_out_that_holds_a_comparison_or_a_method(world, tmp_path, capsys):
     lib = ["--library", world / "lib"]
     out = tmp_path / "paper"
     out.mkdir()
@@ -123,7 +122,7 @@ def test_hf_to_orbax_refuses_before_reading_the_model(hostile, tmp_path, capsys)
              errors.USER_ERROR, ["not a goose-jax checkpoint; refusing"], [hostile / "adapter"])
 
 
-def test_to_peft_refuses_a_folder_with_adapter_weights(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_to_peft_refuses_a_folder_with_adapter_weights(world, hostile, tmp_path, capsys):
     dst = tmp_path / "half"
     dst.mkdir()
     shutil.copy(hostile / "adapter" / "adapter_model.safetensors", dst)
@@ -131,7 +130,7 @@ def test_to_peft_refuses_a_folder_with_adapter_weights(world, hostile, tmp_path,
              ["already holds a PEFT adapter", "adapter_model.safetensors"], [dst])
 
 
-def test_library_imports_refuse_an_existing_library_or_expert(world, hostile, tmp_path,  # noqa: F811
+def test_library_imports_refuse_an_existing_library_or_expert(world, hostile, tmp_path,
                                                               capsys):
     lib = world / "lib"
     missing = tmp_path / "missing"   # the base: never read
@@ -150,7 +149,7 @@ def test_library_imports_refuse_an_existing_library_or_expert(world, hostile, tm
 # --- 2. checked before any work -----------------------------------------------------------------
 
 
-def test_goose_eval_checks_paths_and_flags_first(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_goose_eval_checks_paths_and_flags_first(world, hostile, tmp_path, capsys):
     no_bbh = tmp_path / "no_bbh"   # every case would also fail on the data, later
     out = tmp_path / "out"
     lib = ["--library", world / "lib"]
@@ -178,7 +177,7 @@ def test_goose_eval_checks_paths_and_flags_first(world, hostile, tmp_path, capsy
         assert not out.exists()
 
 
-def test_paper_checks_every_method_first(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_paper_checks_every_method_first(world, hostile, tmp_path, capsys):
     _refused(capsys, PAPER, _eval_args(world, hostile / "a_file" / "sub", "--library",
                                        world / "lib", *TASK), errors.USER_ERROR, ["a_file"])
     out = tmp_path / "paper"
@@ -190,7 +189,7 @@ def test_paper_checks_every_method_first(world, hostile, tmp_path, capsys):  # n
     assert not out.exists()
 
 
-def test_goose_convert_checks_outputs_first(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_goose_convert_checks_outputs_first(world, hostile, tmp_path, capsys):
     missing = tmp_path / "missing"
     below_a_file = hostile / "a_file" / "sub"
     _refused(capsys, CONVERT, ["orbax-to-hf", missing, below_a_file], errors.USER_ERROR,
@@ -248,7 +247,7 @@ def _damaged(hostile, tmp_path, how):
     ("flip", ["sha256 differs", "re-create it"]),
     ("meta", ["goose_meta.json: cannot read as JSON"]),
 ])
-def test_a_damaged_model_checkpoint_isone_line(world, hostile, tmp_path, capsys, how,  # noqa: F811
+def test_a_damaged_model_checkpoint_isone_line(world, hostile, tmp_path, capsys, how,
                                                  words):
     ckpt = _damaged(hostile, tmp_path, how)
     out = tmp_path / "out"
@@ -261,7 +260,7 @@ def test_a_damaged_model_checkpoint_isone_line(world, hostile, tmp_path, capsys,
     assert not (tmp_path / "hf").exists()
 
 
-def test_non_finite_scores_are_refused_not_reported(world, hostile, tmp_path, capsys):  # noqa: F811
+def test_non_finite_scores_are_refused_not_reported(world, hostile, tmp_path, capsys):
     out = tmp_path / "out"
     args = _eval_args(world, out, *TASK)
     args[args.index("--base") + 1] = hostile / "huge_head"

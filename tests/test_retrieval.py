@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import tool
-from test_eval_cli import _args, world  # noqa: F401  (goose-eval's tiny base, library, BBH files)
+from test_eval_cli import _args
 
 import goose_jax as gj
 from goose_jax import evaluation as ev
@@ -195,7 +195,7 @@ EXAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def small(world):  # noqa: F811
+def small(world):
     """goose-eval's tiny base and its three experts (alpha, beta, gamma) at three sites."""
     from goose_jax.library import ExpertLibrary
 
@@ -229,7 +229,7 @@ def test_evaluation_with_retrieval_equals_the_chosen_single_expert(small, embedd
         ev.Evaluator(cfg, params, TOK, routed)
 
 
-def test_goose_eval_method_retrieval(world, tmp_path, embedder, capsys):  # noqa: F811
+def test_goose_eval_method_retrieval(world, tmp_path, embedder, capsys):
     main = tool("goose-eval")
     lib = str(world / "lib")
     tasks = ("--tasks", "bbh/boolean_expressions")

@@ -9,7 +9,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from conftest import tool
+from conftest import tool, write_jsonl
 
 from goose_jax import config_files, training
 from goose_jax.errors import TrainConfigError
@@ -22,11 +22,6 @@ apply_overrides = functools.partial(config_files.apply_overrides, error=TrainCon
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.py")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps({"input": i, "target": t}) + "\n" for i, t in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
