@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from goose_jax.errors import LibraryError, UsageError
+from goose_jax.errors import LibraryError, TrainConfigError, UsageError
 
 DEFAULT_EXAMPLES = 1000  # per expert, as the paper and the release
 
@@ -125,7 +125,8 @@ def run_prototypes(args: PrototypeArgs) -> int:
     from goose_jax.library import ExpertLibrary
     from goose_jax.report import save_prototypes
     from goose_jax.routers import compute_average_activations
-    from goose_jax.train_runs import check_writable_dir, load_train_base, load_train_config
+    from goose_jax.tensorfile import check_folder_writable
+    from goose_jax.train_runs import load_train_base, load_train_config
     from goose_jax.training import cast_floats
 
     names = _names(args)
@@ -141,7 +142,7 @@ def run_prototypes(args: PrototypeArgs) -> int:
                            "replace them")
     if os.path.isdir(out):
         raise LibraryError(f"{out}: is a directory; remove it to write the prototypes there")
-    check_writable_dir(lib.path, "--library")
+    check_folder_writable(lib.path, error=TrainConfigError, fix="; choose another --library")
     sources = [JsonlSource(p) for p in args.data]
     cfg, params, tok = load_train_base(args.base or tcfg.base_model, tcfg)
     for source in sources:

@@ -28,12 +28,12 @@ def world(tmp_path_factory):
     from goose_jax.checkpoint import save_model
     from goose_jax.experts import LoRAConfig, nest_sites
     from goose_jax.library import ExpertLibrary
-    from goose_jax.t5 import random_params
+    from goose_jax.t5 import init_params
 
     root = tmp_path_factory.mktemp("protos")
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
                                              num_decoder_layers=1)
-    params = random_params(cfg, 0)
+    params = init_params(cfg, 0)
     save_model(root / "base", cfg, params)
     lib = ExpertLibrary.create(root / "lib", cfg, params, LoRAConfig(rank=2, sites=SITES))
     rng = np.random.default_rng(0)
