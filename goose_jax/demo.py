@@ -105,9 +105,13 @@ def load_world_base(path: str = ASSET):
     """(cfg, params) of the miniature base; a clear error if the files are missing."""
     from goose_jax.base_model import load_base
 
-    if path == ASSET and not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise CheckpointError(f"{path}: the miniature base is missing; recreate it with "
-                              "`python train/make_world_base.py`")
+    # Any base format load_base reads is welcome; the shipped asset is one safetensors file.
+    shipped = path == ASSET
+    if not os.path.isdir(path) or (shipped and not os.path.isfile(
+            os.path.join(path, "model.safetensors"))):
+        fix = ("recreate it with `python train/make_world_base.py --overwrite`" if shipped else
+               "pass an existing directory as --base (or leave it out for the shipped one)")
+        raise CheckpointError(f"{path}: the miniature base is missing; {fix}")
     return load_base(path)
 
 
