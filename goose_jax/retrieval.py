@@ -274,8 +274,9 @@ class SentenceEmbedder:
 
         Texts are sorted by length; a batch is padded to its longest text rounded up to a
         multiple of 32 (at most ``max_seq_length``) and a short last batch to a power of two,
-        so a long list compiles at most ``max_seq_length / 32`` lengths and wastes little work. A tqdm bar is shown for more than four
-        batches on a terminal (``progress=None``), always (True) or never (False).
+        so a long list compiles at most ``max_seq_length / 32`` lengths and wastes little work.
+        A tqdm bar is shown for more than four batches on a terminal (``progress=None``),
+        always (True) or never (False).
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of strings, not one string")
