@@ -54,6 +54,38 @@ def test_embedder_matches_sentence_transformers(embedder):
     assert embedder.encode([]).shape == (0, 384)
 
 
+def test_embedder_pads_little_and_batching_does_not_change_embeddings(embedder, monkeypatch):
+    shapes, embed = [], rt._embed
+
+    def recording(params, ids_BL, mask_BL, **kw):
+        shapes.append((ids_BL.shape, int(mask_BL.sum(axis=1).max())))
+        return embed(params, ids_BL, mask_BL, **kw)
+
+    monkeypatch.setattr(rt, "_embed", recording)
+    texts = [" ".join(["goose"] * n) for n in (1, 30, 31, 70, 100, 130, 200, 300, 5, 64)]
+    one = embedder.encode(texts, batch_size=1)
+    assert len(shapes) == len(texts)
+    for (B, L), longest in shapes:  # a text's own length rounded up to a multiple of 32
+        assert B == 1 and L >= longest and (L % 32 == 0 or L == 256) and L - longest < 32
+    shapes.clear()
+    three = embedder.encode(texts, batch_size=3)
+    assert [s[0][0] for s in shapes] == [3, 3, 3, 1]   # sorted by length; the last row alone
+    np.testing.assert_allclose(three, one, atol=2e-6)
+
+
+def test_attention_in_row_steps_equals_one_product():
+    rng = np.random.default_rng(0)
+    B, L, H, K = 6, 32, 2, 4
+    assert rt._attention_rows(B, L) == 2 and rt._attention_rows(5, L) == 1
+    q, k, v = (rng.standard_normal((B, L, H, K)).astype(np.float32) for _ in range(3))
+    mask_BL = np.arange(L)[None, :] < rng.integers(1, L + 1, B)[:, None]
+    bias_BL = np.where(mask_BL, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    s = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(K) + bias_BL[:, None, None, :]
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    want = np.einsum("bhqs,bshk->bqhk", p / p.sum(axis=-1, keepdims=True), v)
+    np.testing.assert_allclose(np.asarray(rt._attention(q, k, v, bias_BL)), want, atol=1e-5)
+
+
 def test_embedder_imports_no_torch(embedder):
     import subprocess
 
