@@ -302,7 +302,10 @@ def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary
 
 def create_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary:
     """The library at ``path`` for ``setup``'s base, created if missing."""
-    # Process 0 creates (or checks) the library; the others open it once it exists.
+    # Process 0 creates (or checks) the library; the others open it once it exists. No process
+    # writes before every process has checked its inputs (``existing_library`` reads a folder
+    # that process 0 would otherwise already be filling).
+    distributed.barrier("goose-train: inputs checked")
     lib = None
     if distributed.is_primary():
         lib = ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
