@@ -345,10 +345,15 @@ class ExpertLibrary:
             for leaf in leaves:
                 if leaf not in flat[site]:
                     raise LibraryError(f"{self.path}: {what} lacks {site}/{leaf}")
-                x = np.asarray(jax.device_get(flat[site][leaf]))
+                x = flat[site][leaf]
                 if index is not None:
-                    x = x[index]
-                elif x.ndim == len(want[leaf]) + 1:
+                    if not 0 <= index < np.shape(x)[0]:
+                        raise LibraryError(f"{self.path}: {what} {site}/{leaf} holds "
+                                           f"{np.shape(x)[0]} experts; index {index} is out of "
+                                           "range")
+                    x = x[index]  # one expert to the host, not the whole stack
+                x = np.asarray(jax.device_get(x))
+                if index is None and x.ndim == len(want[leaf]) + 1:
                     if x.shape[0] != 1:
                         raise LibraryError(f"{self.path}: {what} {site}/{leaf} holds "
                                            f"{x.shape[0]} experts; pass index= to pick one")

@@ -225,3 +225,16 @@ def test_fingerprint_sees_values_at_bfloat16_precision():
     assert weights_fingerprint(a) != weights_fingerprint(b)
     assert weights_fingerprint(a) == weights_fingerprint(c)
     assert weights_fingerprint(a) == weights_fingerprint({"w": a["w"].astype(ml_dtypes.bfloat16)})
+
+
+def test_add_from_device_arrays_picks_the_indexed_expert(lib):
+    # Stacked experts as they come back from training (device arrays): add copies one expert to
+    # the host, and an index past the stack is refused (JAX indexing would clamp it silently).
+    lib, experts = lib
+    on_device = jax.tree.map(jax.numpy.asarray, experts)
+    lib.add("d", on_device, index=2)
+    assert_exact(lib.load(["d"])[0], training.slice_tree(experts, 2))
+    with pytest.raises(LibraryError) as e:
+        lib.add("e", on_device, index=3)
+    one_line_error(e, "holds 3 experts", "index 3")
+    assert "e" not in ExpertLibrary.open(lib.path)
