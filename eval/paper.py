@@ -9,8 +9,9 @@ experts, Arrow (top-2), average activation (when the library holds prototypes wr
 ``goose-train prototypes``, or ``--prototypes`` is given) and retrieval (when the library holds a
 retrieval index or ``--retrieval-index`` is given). Each method's results folder
 is ``<out>/<method>``; ``<out>/comparison.md`` holds the table and ``<out>/comparison.json`` every
-summary. The base model is read once for all methods. Every method's folder and flags are checked
-before the first is scored; results already there are replaced only with ``--overwrite``.
+summary. The base model and the benchmark's data are read once for all methods. Every method's
+folder and flags are checked before the first is scored; results already there are replaced only
+with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def _run(args: argparse.Namespace) -> None:
         if os.path.exists(os.path.join(settings.out, name)):
             os.remove(os.path.join(settings.out, name))
     base = zeroshot.load_base_model(settings)
+    data = zeroshot.load_tasks(settings)   # one benchmark: read and capped once for all methods
     summaries = {}
     for method, s in runs.items():
         print(f"== {method}", flush=True)
-        summaries[method] = zeroshot.run_eval(s, base=base)
+        summaries[method] = zeroshot.run_eval(s, base=base, data=data)
     table = report.comparison_table(summaries)
     if not distributed.is_primary():
         return

@@ -31,7 +31,10 @@ import jax
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, one_line
-from goose_jax.tensorfile import check_folder_writable  # noqa: F401  (re-exported for writers)
+from goose_jax.tensorfile import (
+    check_folder_writable,  # noqa: F401  (re-exported for writers)
+    read_json,
+)
 
 META_NAME = "goose_meta.json"
 TREE_DIR = "params"
@@ -57,11 +60,7 @@ def _read_meta(path: str) -> dict[str, Any]:
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path}: not a goose-jax checkpoint (no {META_NAME}; an "
                               "interrupted save, or a different format?)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: cannot read as JSON: {one_line(e)}") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a goose-jax checkpoint (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")

@@ -28,7 +28,6 @@ this module only says what a manifest is.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Any
 
 from goose_jax.config import T5Config
 from goose_jax.errors import GooseError, LibraryError, one_line
+from goose_jax.tensorfile import read_json
 
 MANIFEST = "manifest.json"
 EXPERT_DIR = "experts"
@@ -93,12 +93,7 @@ def _read_manifest(path: str) -> dict[str, Any]:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise LibraryError(f"{path}: not an expert library (no {MANIFEST})")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LibraryError(f"{mpath}: cannot read as JSON: {one_line(e)}"
-                           ) from None
+    manifest = read_json(mpath, error=LibraryError)
     _check_manifest(manifest, path)
     return manifest
 

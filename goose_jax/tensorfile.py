@@ -459,3 +459,14 @@ def check_folder_writable(path: str | os.PathLike, *, error: ErrorClass = Checkp
         raise error(f"{parent}: cannot write here ({e.strerror}), so {path} cannot be "
                     f"used{fix}") from None
 
+
+def read_json(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
+              what: str = "as JSON", fix: str = "") -> Any:
+    """The JSON value in the file ``path``; a missing, unreadable or malformed file is one
+    ``error`` line: ``{path}: cannot read {what}: {detail}{fix}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{os.fspath(path)}: cannot read {what}: {one_line(e)}{fix}") from None
+

@@ -54,11 +54,11 @@ from goose_jax.data.batching import (
     JsonlSource,
     check_token_ids,
 )
-from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError, one_line
+from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError
 from goose_jax.experts import LoRAConfig, init_experts, init_gates
 from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.t5 import param_logical_axes
-from goose_jax.tensorfile import check_folder_writable, write_atomic
+from goose_jax.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
 
@@ -221,12 +221,8 @@ def read_run(workdir: str, identity: dict) -> dict | None:
             raise TrainConfigError(f"{workdir}: has checkpoints but no run.json; use a new "
                                    "--workdir")
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TrainConfigError(f"{path}: cannot read the run record ({one_line(e)}"
-                               "); use a new --workdir") from None
+    old = read_json(path, error=TrainConfigError, what="the run record",
+                    fix="; use a new --workdir")
     if not isinstance(old, dict):
         raise TrainConfigError(f"{path}: not a run record; use a new --workdir")
     a_run, b_run = _run_key(old), _run_key(identity)

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
 
 from goose_jax import routing
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError, one_line
+from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError
 from goose_jax.routers import METHODS, PER_EXAMPLE
+from goose_jax.tensorfile import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,12 +316,8 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
     Raises:
       DataError: the file is missing, is not JSON, or holds no object (naming file and flag).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the {what} ({flag}): {one_line(e)}; "
-                        f"pass a JSON object file") from None
+    table = read_json(path, error=DataError, what=f"the {what} ({flag})",
+                      fix="; pass a JSON object file")
     if not isinstance(table, dict):
         raise DataError(f"{path}: the {what} ({flag}) must be a JSON object, found "
                         f"{type(table).__name__}")
@@ -452,13 +448,15 @@ def load_base_model(s: EvalSettings):
     return cfg, params, tok
 
 
-def run_eval(s: EvalSettings, *, base=None) -> dict:
+def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     """Runs one evaluation and writes its results folder; returns the summary (results.json).
 
     Args:
       s: the settings.
       base: an already loaded ``(cfg, params, tokenizer)`` of ``s.base`` (several runs over one
         base read it once); None: loaded here.
+      data: an already loaded ``(tasks, examples)`` of ``load_tasks(s)`` (several methods over
+        one benchmark read and cap its data once); None: loaded here.
 
     Raises:
       GooseError: any input a user controls that cannot be used (one line each).
@@ -469,7 +467,7 @@ def run_eval(s: EvalSettings, *, base=None) -> dict:
     from goose_jax.progress import progress_enabled
 
     validate(s)
-    tasks, examples = load_tasks(s)
+    tasks, examples = data if data is not None else load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s)
     routed, names = build_method(s, cfg, params)
     batch_size, mesh = s.batch_size, None

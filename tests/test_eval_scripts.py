@@ -6,7 +6,12 @@ from conftest import script
 from test_eval_cli import _args
 
 
-def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys):
+def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys, monkeypatch):
+    from goose_jax import zeroshot
+
+    reads = []
+    load_tasks = zeroshot.load_tasks
+    monkeypatch.setattr(zeroshot, "load_tasks", lambda s: reads.append(s) or load_tasks(s))
     main = script("eval/paper.py")
     out = tmp_path / "paper"
     args = _args(world, out, "--library", str(world / "lib"), "--tasks", "bbh/boolean_expressions")
@@ -15,6 +20,7 @@ def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys):
     methods = ["base", "phatgoose", "merged", "arrow"]
     summaries = json.loads((out / "comparison.json").read_text())
     assert list(summaries) == methods
+    assert len(reads) == 1   # the benchmark's data is read once, not once per method
     for m in methods:
         run = json.loads((out / m / "results.json").read_text())
         assert run["method"] == m and run["datasets"]["bbh/boolean_expressions"]["examples"] == 4

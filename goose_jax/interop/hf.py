@@ -29,7 +29,7 @@ import numpy as np
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, one_line
 from goose_jax.progress import progress_bar, progress_enabled
-from goose_jax.tensorfile import open_tensors, write_atomic, write_safetensors
+from goose_jax.tensorfile import open_tensors, read_json, write_atomic, write_safetensors
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -390,12 +390,7 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
                               f"a {CONFIG_NAME}")
-    try:
-        with open(config_path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: cannot read the config as JSON: "
-                              f"{one_line(e)}") from None
+    d = read_json(config_path, what="the config as JSON")
     if not isinstance(d, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
     try:

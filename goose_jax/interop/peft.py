@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import AdapterError, one_line
+from goose_jax.errors import AdapterError
 from goose_jax.experts import peft_scale
 from goose_jax.interop.hf import (
     check_model_folder,
@@ -53,7 +53,7 @@ from goose_jax.interop.stacking import (
     stack_experts,
 )
 from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_tensors
+from goose_jax.tensorfile import read_json, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -193,11 +193,7 @@ def read_adapter_config(path: str) -> dict:
     file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(file):
         raise AdapterError(f"{file}: missing; a PEFT adapter directory needs {ADAPTER_CONFIG}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{file}: cannot read as JSON: {one_line(e)}") from None
+    config = read_json(file, error=AdapterError)
     if not isinstance(config, dict) or "peft_type" not in config:
         raise AdapterError(f"{file}: not a PEFT adapter config (no 'peft_type')")
     peft_type = str(config["peft_type"])
