@@ -40,7 +40,7 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -321,6 +321,20 @@ def write_experts(lib: ExpertLibrary, entries: Sequence[tuple]) -> None:
     distributed.barrier("goose-train: library written")
 
 
+def write_trained(lib: ExpertLibrary, names: Sequence[str], experts, gates, history: dict,
+                  info: Callable[[int, dict], dict], label: str) -> None:
+    """Writes expert ``i`` of a many-experts run as ``names[i]`` (with its gates, if given), its
+    manifest facts ``info(i, its metrics)``, and prints its last ``label`` (see
+    ``write_experts``)."""
+    entries = []
+    for i, name in enumerate(names):
+        metrics = expert_metrics(history, i)
+        entries.append((name, experts, gates, i, info(i, metrics),
+                        f"{name}: {label} {_mean(metrics.get('loss', np.nan)):.4f} -> "
+                        f"{lib.path}"))
+    write_experts(lib, entries)
+
+
 def eval_batchers(setup: Setup, names: Sequence[str]) -> list[Batcher] | None:
     """The held-out batchers, one per expert, or None without eval data."""
     if not setup.eval_sources:
@@ -382,16 +396,12 @@ def run_experts(args: RunArgs) -> int:
                                      mesh=setup.mesh, desc=f"{len(names)} expert(s)",
                                      seed_key=root)
     if not already_written(ran == 0, lib, names, args.workdir):
-        trained = distributed.fetch(state.trainable)
-        entries = []
-        for i, (name, path) in enumerate(zip(names, args.data)):
-            metrics = expert_metrics(history, i)
-            info = {"data": args.description or os.path.abspath(path), "steps": tcfg.steps,
-                    "metrics": metrics, "train_config": tcfg.to_dict()}
-            entries.append((name, trained, None, i, info,
-                            f"{name}: loss {_mean(metrics.get('loss', np.nan)):.4f} -> "
-                            f"{lib.path}"))
-        write_experts(lib, entries)
+        def info(i, metrics):
+            return {"data": args.description or os.path.abspath(args.data[i]),
+                    "steps": tcfg.steps, "metrics": metrics, "train_config": tcfg.to_dict()}
+
+        write_trained(lib, names, distributed.fetch(state.trainable), None, history, info,
+                      "loss")
     record_run(args.workdir, identity, finished=True)
     return 0
 
@@ -431,17 +441,13 @@ def run_gate(args: RunArgs) -> int:
                                      mesh=setup.mesh, desc=f"{len(names)} gate(s)",
                                      seed_key=jax.random.key(tcfg.seed))
     if not already_written(ran == 0, lib, names, args.workdir, gates=True):
-        gates = distributed.fetch(state.trainable)
-        entries = []
-        for i, name in enumerate(names):
-            info = lib.info(name)
-            metrics = expert_metrics(history, i)
-            info["gate"] = {"steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
-                            "metrics": metrics}
-            entries.append((name, experts, gates, i, info,
-                            f"{name}: gate loss {_mean(metrics.get('loss', np.nan)):.4f} -> "
-                            f"{lib.path}"))
-        write_experts(lib, entries)
+        def info(i, metrics):
+            return {**lib.info(names[i]), "gate": {
+                "steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
+                "metrics": metrics}}
+
+        write_trained(lib, names, experts, distributed.fetch(state.trainable), history, info,
+                      "gate loss")
     record_run(args.workdir, identity, finished=True)
     return 0
 
