@@ -42,6 +42,7 @@ setup(
             "goose-demo=goose_jax.cli.demo:main",
             "goose-train=goose_jax.cli.train:main",
             "goose-eval=goose_jax.cli.eval:main",
+            "goose-data=goose_jax.cli.data:main",
         ],
     },
 )

@@ -32,6 +32,7 @@ def _cases(tmp_path, jsonl):
          "--benchmark"),
         ("goose-convert", [], errors.USAGE, "COMMAND"),
         ("goose-demo", ["--preset", "enormous"], errors.USAGE, "enormous"),
+        ("goose-data", ["flan", missing], errors.USAGE, "OUT_DIR"),
         # user errors: a path that does not exist, a file that is not what it should be, a value
         ("goose-train", ["experts", "--data", missing, *train, "--base", "random:tiny",
                          "--set", "tokenizer=byte"], errors.USER_ERROR, "missing"),
@@ -48,6 +49,9 @@ def _cases(tmp_path, jsonl):
          "a_file"),
         ("goose-demo", ["--base", missing, "--out", str(tmp_path / "demo")],
          errors.USER_ERROR, "missing"),
+        ("goose-data", ["p3-heldin", missing, str(tmp_path / "built")], errors.USER_ERROR,
+         "missing"),
+        ("goose-data", ["flan", missing, a_file], errors.USER_ERROR, "a_file"),
         ("train/experts_and_gates.py", ["--data", missing, "--base", "random:tiny", "--set",
                                         "tokenizer=byte", *train], errors.USER_ERROR, "missing"),
         ("eval/paper.py", ["--base", missing, "--library", missing, "--tasks", "bbh/navigate",
@@ -103,6 +107,29 @@ def test_goose_eval_ctrl_c(tmp_path, capsys, monkeypatch):
     code = tool("goose-eval")(["--base", "b", "--tasks", "bbh/x", "--out", str(tmp_path / "o")])
     assert code == errors.INTERRUPTED
     assert "interrupted" in one_line(capsys.readouterr().err, "goose-eval")
+
+
+def test_goose_data_ctrl_c_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import os
+
+    from goose_jax.data import build_flan
+
+    flan_dir = tmp_path / "flan"
+    flan_dir.mkdir()
+    (flan_dir / "rows.jsonl").write_text(json.dumps(
+        {"inputs": "q", "targets": "a", "_task_name": "t", "_template_type": "zs_opt"}) + "\n")
+
+    def interrupt(stage, *args, **kwargs):  # half-way through writing
+        (tmp_path / "seen").write_text(stage)
+        with open(os.path.join(stage, "half.jsonl"), "w") as f:
+            f.write("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_flan, "write_build", interrupt)
+    code = tool("goose-data")(["flan", str(flan_dir), str(tmp_path / "out")])
+    assert code == errors.INTERRUPTED
+    assert "interrupted" in one_line(capsys.readouterr().err, "goose-data")
+    assert sorted(os.listdir(tmp_path)) == ["flan", "seen"]  # no OUT_DIR, no staging folder
 
 
 def test_every_exception_class_is_a_goose_error_defined_in_errors():

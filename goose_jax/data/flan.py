@@ -42,6 +42,13 @@ def data_files(root: str | os.PathLike) -> list[str]:
     return files
 
 
+def _check_columns(where: str, have, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise DataError(f"{where}: FLAN data without the column(s) {', '.join(missing)} (the "
+                        f"Open-Orca/FLAN layout has {', '.join(COLUMNS)}); is this a FLAN file?")
+
+
 def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
                template_types: Sequence[str]) -> dict[str, list]:
     if path.endswith(".parquet"):
@@ -51,7 +58,10 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
         if tasks is not None:
             filters.append(("_task_name", "in", sorted(tasks)))
         try:
+            _check_columns(path, pq.read_schema(path).names, columns)
             return pq.read_table(path, columns=list(columns), filters=filters).to_pydict()
+        except DataError:
+            raise
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"{path}: cannot read FLAN rows ({type(e).__name__}: "
                             f"{one_line(e)})") from None
@@ -64,12 +74,17 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
                 if not line.strip():
                     continue
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                _check_columns(f"{path}: line {lineno}", row, columns)
                 if row.get("_template_type") not in template_types:
                     continue
                 if tasks is not None and row.get("_task_name") not in tasks:
                     continue
                 for c in columns:
                     out[c].append(row.get(c))
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: line {lineno}: unreadable FLAN data ({e})") from None
     return out
@@ -105,22 +120,46 @@ def rows(root: str | os.PathLike, expert: str, *, grouping: Mapping[str, str] | 
     tasks = {expert} if grouping is None else {t for t, e in grouping.items() if e == expert}
     if not tasks:
         raise DataError(f"FLAN expert {expert!r} has no task in the grouping")
-    out = []
+    return rows_by_expert(root, [expert], grouping=grouping,
+                          template_types=template_types).get(expert, [])
+
+
+def rows_by_expert(root: str | os.PathLike, wanted: Sequence[str] | None = None, *,
+                   grouping: Mapping[str, str] | None = None,
+                   template_types: Sequence[str] = ZERO_SHOT
+                   ) -> dict[str, list[tuple[str, str, str]]]:
+    """``{expert: [(inputs, targets, template_type), ...]}`` in file order, empty rows dropped,
+    reading each file once (``wanted``: only these experts; None: all).
+
+    Raises:
+      DataError: a file that cannot be read or lacks one of ``COLUMNS``.
+    """
+    tasks = None
+    if wanted is not None:
+        tasks = (set(wanted) if grouping is None
+                 else {t for t, e in grouping.items() if e in set(wanted)})
+    out: dict[str, list[tuple[str, str, str]]] = {}
     for f in data_files(root):
         cols = _read_file(f, COLUMNS, tasks, template_types)
-        for inp, tgt, _, tt in zip(*(cols[c] for c in COLUMNS)):
-            if inp and tgt and str(inp).strip() and str(tgt).strip():
-                out.append((str(inp), str(tgt), str(tt)))
+        for inp, tgt, task, tt in zip(*(cols[c] for c in COLUMNS)):
+            expert = _expert_of(task, grouping)
+            if expert is None or (inp is None or tgt is None):
+                continue
+            if str(inp).strip() and str(tgt).strip():
+                out.setdefault(expert, []).append((str(inp), str(tgt), str(tt)))
     return out
 
 
-def split_rows(items: list, split: str, seed: int = SEED) -> list:
-    """The original split: shuffle, first min(10%, 10k) validation, rest train (<= 500k)."""
+def split_rows(items: list, split: str, seed: int = SEED, max_train: int | None = MAX_TRAIN
+               ) -> list:
+    """The original split: shuffle, first min(10%, 10k) validation, rest train (at most
+    ``max_train``, None: all)."""
     if split not in ("train", "validation"):
         raise DataError(f"FLAN split must be 'train' or 'validation', got {split!r}")
     order = np.random.RandomState(seed).permutation(len(items))
     n_val = min(int(0.1 * len(items)), MAX_VALIDATION)
-    picked = order[:n_val] if split == "validation" else order[n_val:n_val + MAX_TRAIN]
+    end = None if max_train is None else n_val + max_train
+    picked = order[:n_val] if split == "validation" else order[n_val:end]
     return [items[i] for i in picked]
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import json
 import os
+import struct
 from collections.abc import Iterator
 
 from goose_jax.data.examples import Example
@@ -257,10 +258,32 @@ def _py(value):
     return value
 
 
+def check_framing(shard: str) -> int:
+    """The number of records in a TFRecord file, after checking that its records' length
+    headers tile the file exactly (TensorFlow reads a file cut short as if it ended early).
+
+    Raises:
+      DataError: a truncated file, naming it and the record that runs past its end.
+    """
+    size, pos, count = os.path.getsize(shard), 0, 0
+    with open(shard, "rb") as f:
+        while pos < size:
+            header = f.read(12)  # uint64 length, uint32 masked CRC of the length
+            end = pos + 12 + (struct.unpack("<Q", header[:8])[0] if len(header) == 12 else 0) + 4
+            if len(header) < 12 or end > size:
+                raise DataError(f"{shard}: truncated TFRecord file (record {count} runs past "
+                                f"its end at byte {size}); download the file again")
+            pos, count = end, count + 1
+            f.seek(pos)
+    return count
+
+
 def read_records(path: str, split: str) -> Iterator[dict]:
     """The records of one split as plain Python values (str, int, bool, lists)."""
     import tensorflow as tf
 
+    for shard in _shards(path, split):
+        check_framing(shard)
     try:
         for ex in tf_dataset(path, split).as_numpy_iterator():
             yield {k: _py(v) for k, v in ex.items()}
