@@ -5,7 +5,7 @@ subclass of ``GooseError``, defined here and nowhere else, so a command-line too
 one-line message instead of a traceback. Each also derives from the matching built-in type, so
 ``except ValueError`` keeps working for callers that do not know about goose-jax.
 
-Exit codes of every goose-jax tool (goose-train, goose-eval, goose-convert, goose-demo):
+Exit codes of every goose-jax tool (goose-train, goose-eval, goose-convert, goose-demo, goose-data):
 
 =====  ===========  =========================================================================
 code   name         meaning

@@ -101,7 +101,8 @@ T0_HELDIN: dict[str, DatasetPrefix] = {
     "commonsense_qa": DatasetPrefix("commonsense_qa_"),
     "cos_e": DatasetPrefix("cos_e_v1.11_"),
     "wiki_hop": DatasetPrefix("wiki_hop_original_"),
-    "hotpot_qa": DatasetPrefix("hotpot_qa_fullwiki_"),
+    # P3 stores its HotpotQA templates under KILT's copy of the dataset.
+    "hotpot_qa": DatasetPrefix("kilt_tasks_hotpotqa_"),
     "app_reviews": DatasetPrefix("app_reviews_"),
     "trec": DatasetPrefix("trec_", splits=_TEST_SPLIT),
     "multi_news": DatasetPrefix("multi_news_"),
