@@ -9,7 +9,7 @@ rules table never names an axis that does not exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -224,3 +224,18 @@ def local_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
         if device in mine:
             rows.update(range(*index[0].indices(shape[0])))
     return sorted(rows)
+
+
+def read_into(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+              read: Callable[[], np.ndarray]) -> jax.Array:
+    """A global array of ``shape`` laid out by ``sharding`` from a host reader: ``read()`` (the
+    whole value, as NumPy) is called at most once in this process, and only if one of its own
+    devices holds a part; each device keeps only its slice; the value is then dropped."""
+    value: list[np.ndarray] = []
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        if not value:
+            value.append(read())
+        return value[0][index]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, block)
