@@ -187,3 +187,20 @@ def test_checkpoint_and_random_bases_restore_into_their_layout(base_dirs):
     _assert_laid_out(loaded, params, mesh, np.float32)
     _, drawn = base_model.load_base("random:tiny", seed=3, mesh=mesh)
     _assert_laid_out(drawn, params, mesh, np.float32)
+
+
+def test_a_corrupt_file_fails_the_sharded_load_in_one_line(world, tmp_path):
+    import shutil
+
+    from goose_jax.errors import LibraryError
+
+    lib, _ = world
+    copy = shutil.copytree(lib.path, tmp_path / "lib")
+    file = copy / "experts" / "x3.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 1
+    file.write_bytes(bytes(data))
+    with pytest.raises(LibraryError) as e:
+        ExpertLibrary.open(copy).load(mesh=sharding.make_mesh(data=2, expert=4))
+    assert "\n" not in str(e.value) and "x3.safetensors" in str(e.value) and "sha256" in str(
+        e.value)
