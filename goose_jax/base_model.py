@@ -12,9 +12,13 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 RANDOM = "random:"
 
@@ -34,9 +38,15 @@ def check_base(spec: str) -> None:
                               "goose-jax checkpoint; nothing is downloaded) nor random:PRESET")
 
 
-def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
-              min_vocab_size: int = 0) -> tuple[T5Config, dict]:
+def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_size: int = 0,
+              mesh: Mesh | None = None) -> tuple[T5Config, dict]:
     """(cfg, params) of the base model ``spec`` (see the module doc).
+
+    With ``mesh`` the parameters come back as global arrays laid out by the one rules table
+    (``interop.hf.base_shardings``), each process holding only its devices' slices: a Hugging
+    Face directory is read one tensor at a time straight into that layout; a goose-jax
+    checkpoint is restored by Orbax with those target shardings (each process reads only its
+    chunks); a ``random:`` base is drawn on the host, then placed.
 
     Args:
       spec: a directory or ``random:PRESET``.
@@ -45,15 +55,18 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
       seed: the seed of a ``random:`` base.
       min_vocab_size: a ``random:`` base's vocabulary is grown to at least this (so that a
         tokenizer's ids fit).
+      mesh: lay the parameters out on this (data, model, expert) mesh; it may span processes.
 
     Raises:
       CheckpointError: an empty spec, a path that is not a local directory, an unknown preset, or
         any unreadable file (naming the file).
     """
     from goose_jax import checkpoint
+    from goose_jax.interop.hf import base_shardings, load_hf_t5
 
     check_base(spec)
     if spec.startswith(RANDOM):
+        from goose_jax.sharding import put_global
         from goose_jax.t5 import init_params
 
         try:
@@ -61,12 +74,28 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0,
         except ValueError as e:
             raise CheckpointError(f"base {spec!r}: {e}") from None
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
-        return cfg, init_params(cfg, seed)
+        params = init_params(cfg, seed)
+        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
     if checkpoint.is_checkpoint(spec):
-        return checkpoint.load_model(spec)
-    from goose_jax.interop.hf import load_hf_t5
+        shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
+        return checkpoint.load_model(spec, shardings=shardings)
+    return load_hf_t5(spec, dtype=DTypePolicy(dtype, dtype) if dtype else None, mesh=mesh)
 
-    return load_hf_t5(spec, dtype=DTypePolicy(dtype, dtype) if dtype else None)
+
+def _checkpoint_shardings(spec: str, mesh: Mesh):
+    """The target shardings of a goose-jax model checkpoint's params on ``mesh``, from the
+    architecture its metadata records; None when that is unreadable (``load_model`` then says
+    what is wrong with it)."""
+    from goose_jax import checkpoint
+    from goose_jax.interop.hf import base_shardings
+
+    meta = checkpoint.read_metadata(spec)
+    try:
+        cfg = T5Config.from_hf_dict(meta["t5_config"], source=spec).replace(
+            tie_word_embeddings=bool(meta["tie_word_embeddings"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return base_shardings(cfg, mesh)
 
 
 def load_tokenizer(spec: str | None, cfg: T5Config | None = None, *, byte: bool = False):

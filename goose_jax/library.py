@@ -52,7 +52,7 @@ import ml_dtypes
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.errors import LibraryError
+from goose_jax.errors import ConfigError, LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.library_manifest import (
     EXPERT_DIR,
@@ -66,6 +66,7 @@ from goose_jax.library_manifest import (
     _strict_json,
     check_expert_name,
 )
+from goose_jax.sharding import expert_sharding, expert_shards, padded_count
 from goose_jax.t5 import site_shapes
 from goose_jax.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
 
@@ -481,25 +482,38 @@ class ExpertLibrary:
         return out
 
     def load(self, names: Sequence[str] | None = None, *, dtype=jnp.float32,
-             gates: bool | None = None, verify: bool = True) -> tuple[dict, dict | None]:
+             gates: bool | None = None, verify: bool = True,
+             mesh: jax.sharding.Mesh | None = None) -> tuple[dict, dict | None]:
         """Loads experts stacked on a leading axis, in the order of ``names``.
 
+        Each file is read once, checked, and cast to ``dtype`` as it is read (no float32 copy
+        of the library). With ``mesh`` the stacks are built straight into their layout
+        (``sharding.expert_sharding``) by ``jax.make_array_from_callback``: each process reads
+        only the files of the experts its own devices hold. The expert axis is padded to E_pad
+        = ``sharding.padded_count(E, sharding.expert_shards(mesh))`` to split evenly; rows E ..
+        E_pad - 1 are inert (all-zero ``lora_a``, ``lora_b``, ``gate``) and a router must never
+        choose them (a zero gate still scores 0).
+
         Args:
-          names: which experts (default: all, in manifest order).
-          dtype: dtype of the returned arrays.
+          names: which experts (default: all, in manifest order); E = their number.
+          dtype: dtype of the returned arrays (bfloat16 for the large settings); None keeps
+            the stored dtype (without a mesh only).
           gates: True requires every chosen expert to have a gate; False never loads gates;
             None (default) loads them when every chosen expert has one.
           verify: check each file's sha256 against the manifest (the default: the bytes are
             hashed as they are read, each file read once; ``bench/library_load.py`` measures
             the cost). Without it only the size and the safetensors header are checked.
+          mesh: lay the stacks out on this (data, model, expert) mesh; it may span processes.
 
         Returns:
           (experts, gates): ``experts`` per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O);
-          ``gates`` per site ``gate`` (E, I), or None.
+          ``gates`` per site ``gate`` (E, I), or None. With ``mesh``: (E_pad, ...) global
+          arrays, the first E rows the experts of ``names`` in order, the rest zero.
 
         Raises:
           LibraryError: naming the expert and its file, for a missing, truncated or corrupt
-            file, a file outside the library, a wrong shape, or non-finite weights.
+            file, a file outside the library, a wrong shape, or non-finite weights. With a mesh
+            spanning processes, only the process that reads a bad file raises it.
         """
         names = self.names if names is None else list(names)
         if not names:
@@ -510,12 +524,79 @@ class ExpertLibrary:
             lacking = [e["name"] for e in entries if not e.get("has_gate")]
             raise LibraryError(f"{self.path}: experts without a trained gate: {lacking[:5]}")
         want_gate = have_gates if gates is None else bool(gates)
-        files = [self._read(e, want_gate, verify) for e in entries]
+        rows = _ExpertRows(self, entries, want_gate, verify, dtype)
+        if mesh is None:
+            stack = functools.partial(_stack_on_host, rows, len(entries))
+        elif dtype is None:
+            raise ConfigError(f"{self.path}: loading onto a mesh needs a dtype (float32 or "
+                              "bfloat16), not None")
+        else:
+            sharding = expert_sharding(mesh)
+            count = padded_count(len(entries), expert_shards(mesh))
+            stack = functools.partial(_stack_into, rows, count, sharding)
         experts, gate_tree = {}, {}
-        for site in self.sites:
-            experts[site] = {leaf: jnp.asarray(np.stack([f[f"{site}/{leaf}"] for f in files]),
-                                               dtype) for leaf in LEAVES}
+        for site, (d_in, d_out) in self.sites.items():
+            shapes = {"lora_a": (d_in, self.rank), "lora_b": (self.rank, d_out)}
+            experts[site] = {leaf: stack(f"{site}/{leaf}", shape)
+                             for leaf, shape in shapes.items()}
             if want_gate:
-                gate_tree[site] = {GATE: jnp.asarray(np.stack([f[f"{site}/{GATE}"]
-                                                               for f in files]), dtype)}
+                gate_tree[site] = {GATE: stack(f"{site}/{GATE}", (d_in,))}
         return nest_sites(experts), (nest_sites(gate_tree) if want_gate else None)
+
+
+class _ExpertRows:
+    """Rows of the stacked library, read on demand: each expert's file is read (and checked)
+    the first time one of its tensors is asked for, cast to the load's dtype, and kept only
+    until every leaf has taken its tensor (``release``). Rows past the real experts are zero.
+
+    ``read`` records the names of the experts whose files were read, in order.
+    """
+
+    def __init__(self, lib: ExpertLibrary, entries: list[dict], want_gate: bool, verify: bool,
+                 dtype):
+        self.lib, self.entries, self.want_gate, self.verify = lib, entries, want_gate, verify
+        self.dtype = None if dtype is None else jnp.dtype(dtype)  # None: as stored
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self.read: list[str] = []
+
+    def expert(self, row: int) -> dict[str, np.ndarray]:
+        if row not in self._cache:
+            entry = self.entries[row]
+            tensors = self.lib._read(entry, self.want_gate, self.verify)
+            leaves = LEAVES + ((GATE,) if self.want_gate else ())
+            self._cache[row] = {key: tensors[key] if self.dtype is None else
+                                tensors[key].astype(self.dtype, copy=False)
+                                for key in (f"{s}/{leaf}" for s in self.lib.sites
+                                            for leaf in leaves)}
+            self.read.append(entry["name"])
+        return self._cache[row]
+
+    def block(self, key: str, shape: tuple[int, ...], index: tuple[slice, ...],
+              count: int) -> np.ndarray:
+        """The ``index`` block of leaf ``key`` stacked to (count, *shape)."""
+        rows = range(*index[0].indices(count))
+        real = {i: self.expert(row)[key] for i, row in enumerate(rows) if row < len(self.entries)}
+        out = np.zeros((len(rows), *shape), self.dtype or np.result_type(*real.values()))
+        for i, x in real.items():
+            out[i] = x
+        return out[(slice(None), *index[1:])]
+
+    def release(self, key: str) -> None:
+        for tensors in self._cache.values():
+            tensors.pop(key, None)
+
+
+def _stack_on_host(rows: _ExpertRows, count: int, key: str, shape: tuple[int, ...]) -> jax.Array:
+    value = rows.block(key, shape, (slice(0, count),), count)
+    rows.release(key)
+    return jnp.asarray(value)
+
+
+def _stack_into(rows: _ExpertRows, count: int, sharding: jax.sharding.Sharding, key: str,
+                shape: tuple[int, ...]) -> jax.Array:
+    # Called once per local device; devices that hold the same rows (replicas over `data`)
+    # share the rows read for the first.
+    value = jax.make_array_from_callback((count, *shape), sharding,
+                                         lambda index: rows.block(key, shape, index, count))
+    rows.release(key)
+    return value

@@ -9,7 +9,7 @@ rules table never names an axis that does not exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -183,3 +183,59 @@ def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Places an [E, A, M, L] batch: experts over ``expert``, microbatch rows over ``data``."""
     return shard_leading(batch, mesh, (None, "batch"))
+
+
+# --- loading straight into the expert layout -----------------------------------------------------
+
+
+def expert_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a leaf that leads with the expert axis E: E over the mesh axis the rules
+    table gives ``expert``, every other axis replicated (as ``shard_experts`` places it)."""
+    return logical_to_sharding(PartitionSpec("expert"), mesh)
+
+
+def expert_shards(mesh: Mesh) -> int:
+    """X: how many ways ``expert_sharding(mesh)`` splits the expert axis."""
+    axes = expert_sharding(mesh).spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def padded_count(count: int, multiple: int) -> int:
+    """E_pad: the least multiple of ``multiple`` (X) that is at least ``count`` (E).
+
+    An expert axis of E_pad splits evenly over X devices; rows E .. E_pad - 1 hold inert experts.
+    """
+    if count < 0 or multiple < 1:
+        raise ValueError(f"padded_count: count {count} must be >= 0 and multiple {multiple} >= 1")
+    return -(-count // multiple) * multiple
+
+
+def local_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...],
+               devices: Sequence[jax.Device] | None = None) -> list[int]:
+    """The rows of the leading axis of a ``shape`` array laid out by ``sharding`` that
+    ``devices`` hold (default: this process's own devices), ascending.
+
+    A loader reads exactly these rows' sources: each process only what its devices keep.
+    """
+    mine = set(sharding.addressable_devices if devices is None else devices)
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map(tuple(shape)).items():
+        if device in mine:
+            rows.update(range(*index[0].indices(shape[0])))
+    return sorted(rows)
+
+
+def read_into(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+              read: Callable[[], np.ndarray]) -> jax.Array:
+    """A global array of ``shape`` laid out by ``sharding`` from a host reader: ``read()`` (the
+    whole value, as NumPy) is called at most once in this process, and only if one of its own
+    devices holds a part; each device keeps only its slice; the value is then dropped."""
+    value: list[np.ndarray] = []
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        if not value:
+            value.append(read())
+        return value[0][index]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, block)

@@ -13,9 +13,12 @@ devices, cross-process collectives over gloo. The reference is one process with 
 - a routed model (PHATGOOSE over the pod's experts) evaluated by both processes gives the
   single-process predictions, and only process 0 writes them;
 - killing one process mid-run makes the other exit non-zero with one clear line within a
-  bound, and rerunning the same command resumes from the last checkpoint.
+  bound, and rerunning the same command resumes from the last checkpoint;
+- a library loaded onto a mesh whose expert axis spans both processes: each process opens only
+  the files of the experts its own devices hold, and holds them exactly.
 
-This file is also the evaluation worker the pod runs: ``python tests/test_multihost.py eval``.
+This file is also the workers the pod runs: ``python tests/test_multihost.py eval`` (evaluation)
+and ``python tests/test_multihost.py load`` (a sharded library load).
 """
 
 from __future__ import annotations
@@ -160,20 +163,56 @@ def evaluate_routed(base: str, library: str, out: str) -> None:
     distributed.barrier("test: predictions written")
 
 
+def load_sharded(library: str, out: str) -> None:
+    """Loads ``library`` in bfloat16 onto a (data 2, expert 4) mesh whose expert axis spans the
+    two processes (expert columns 0-1 on process 0's devices, 2-3 on process 1's, each column
+    on two devices), recording every expert file this process opens; writes what it opened and
+    the rows its devices hold to ``out``.<process>.npz."""
+    import jax
+
+    from goose_jax.library import EXPERT_DIR, ExpertLibrary
+    from goose_jax.sharding import make_mesh
+
+    p0, p1 = ([d for d in jax.devices() if d.process_index == p] for p in range(2))
+    mesh = make_mesh(data=2, expert=4, devices=[*p0[:2], *p1[:2], *p0[2:], *p1[2:]])
+    lib = ExpertLibrary.open(library)
+    folder = os.path.join(lib.path, EXPERT_DIR)
+    opened = []
+
+    def hook(event, args):  # every file this process opens, whoever opens it
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(folder):
+            opened.append(os.path.basename(args[0]))
+
+    sys.addaudithook(hook)
+    experts, gates = lib.load(dtype="bfloat16", mesh=mesh)
+    folder = "\0"  # stop recording
+    rows = {}
+    for path, x in jax.tree_util.tree_flatten_with_path((experts, gates))[0]:
+        key = "/".join(str(k.key) for k in path[1:])
+        for shard in x.addressable_shards:
+            start = shard.index[0].start or 0
+            for i, row in enumerate(np.asarray(shard.data).astype(np.float32)):
+                rows[f"{key}@{start + i}"] = row
+    np.savez(f"{out}.{jax.process_index()}.npz", opened=np.asarray(opened, dtype=str), **rows)
+
+
 def _worker(argv: list[str]) -> int:
     import argparse
 
     from goose_jax import distributed
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["eval"])
-    ap.add_argument("--base", required=True)
+    ap.add_argument("command", choices=["eval", "load"])
+    ap.add_argument("--base")
     ap.add_argument("--library", required=True)
     ap.add_argument("--out", required=True)
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     distributed.maybe_initialize(args, prog="test-worker")
-    evaluate_routed(args.base, args.library, args.out)
+    if args.command == "load":
+        load_sharded(args.library, args.out)
+    else:
+        evaluate_routed(args.base, args.library, args.out)
     return 0
 
 
@@ -304,6 +343,48 @@ def test_two_processes_evaluate_like_one(pod_run, world):
         if "scores" in b:
             np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
     assert pod["telemetry"] == one["telemetry"] and pod["telemetry"]
+
+
+def test_each_process_reads_only_its_own_experts_files(tmp_path):
+    import ml_dtypes
+
+    import goose_jax as gj
+    from goose_jax.experts import LoRAConfig, nest_sites, select_sites
+    from goose_jax.library import ExpertLibrary
+    from goose_jax.t5 import init_params
+
+    cfg = gj.T5Config.preset("tiny")
+    lora = LoRAConfig(rank=2, sites=r".*/ffn/wo|encoder/block_0/self_attn/q")
+    lib = ExpertLibrary.create(tmp_path / "lib", cfg, init_params(cfg, 0), lora)
+    rng = np.random.default_rng(0)
+    written = {}  # "site/leaf@row" -> the expert as the worker should hold it (bfloat16)
+    for e in range(7):  # padded to 8 over the 4 expert shards: the last row is inert
+        tree = {}
+        for site, (d_in, d_out) in select_sites(cfg, lora).items():
+            leaves = {"lora_a": rng.normal(size=(d_in, 2)), "lora_b": rng.normal(size=(2, d_out)),
+                      "gate": rng.normal(size=(d_in,))}
+            tree[site] = {k: v.astype(np.float32) for k, v in leaves.items()}
+            written.update({f"{site}/{k}@{e}": v.astype(ml_dtypes.bfloat16).astype(np.float32)
+                            for k, v in leaves.items()})
+        flat = {s: {k: v for k, v in t.items() if k != "gate"} for s, t in tree.items()}
+        gates = {s: {"gate": t["gate"]} for s, t in tree.items()}
+        lib.add(f"x{e}", nest_sites(flat), nest_sites(gates))
+    procs = launch([__file__, "load", "--library", str(lib.path), "--out", str(tmp_path / "got")],
+                   free_port(), tmp_path, "load")
+    assert wait(procs, tmp_path, "load") == [0, 0], logs(tmp_path, "load")
+    want_files = [[f"x{e}.safetensors" for e in range(4)],
+                  [f"x{e}.safetensors" for e in range(4, 7)]]
+    for pid in range(2):
+        got = np.load(tmp_path / f"got.{pid}.npz")
+        assert sorted(got["opened"]) == want_files[pid], pid  # each file once, only its own
+        held = {k for k in got.files if k != "opened"}
+        assert {int(k.split("@")[1]) for k in held} == set(range(4 * pid, 4 * pid + 4)), pid
+        for key in held:
+            want = written.get(key)
+            if want is None:  # the inert padding row
+                assert key.endswith("@7") and not got[key].any(), key
+            else:
+                np.testing.assert_array_equal(got[key], want, err_msg=key)
 
 
 @pytest.mark.slow  # 52-102 s measured on 2 shared cores

@@ -18,17 +18,21 @@ not exactly equal to the shared embedding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, one_line
 from goose_jax.progress import progress_bar, progress_enabled
+from goose_jax.sharding import read_into
 from goose_jax.tensorfile import open_tensors, read_json, write_atomic, write_safetensors
 
 CONFIG_NAME = "config.json"
@@ -197,8 +201,12 @@ def infer_tie_word_embeddings(state: Mapping[str, Any]) -> bool:
 
 
 def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
-                            source: str = "state dict", progress: bool = False) -> Params:
+                            source: str = "state dict", progress: bool = False,
+                            mesh: Mesh | None = None) -> Params:
     """Maps a Hugging Face T5 state dict onto our params pytree.
+
+    One tensor at a time is read, transposed and cast on the host (never a float32 copy of the
+    model); with ``mesh``, straight into its layout (``base_shardings``, ``sharding.read_into``).
 
     Args:
       cfg: the model's config; ``cfg.tie_word_embeddings`` decides whether ``lm_head`` is read and
@@ -207,6 +215,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
         ``shared.weight`` may be absent if ``encoder.embed_tokens.weight`` is present.
       source: the file the state came from, named in error messages.
       progress: draw a tqdm bar over the tensors.
+      mesh: lay the parameters out on this (data, model, expert) mesh; it may span processes.
 
     Returns:
       Nested dict of jax arrays in ``cfg.dtype.param``; see ``tensor_specs`` for names and shapes,
@@ -248,21 +257,40 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
                               f"does not match {CONFIG_NAME}: {shown}{more}")
 
     param_dtype = np.dtype(cfg.dtype.param)
+    shardings = _flatten(base_shardings(cfg, mesh)) if mesh is not None else None
+
+    def value(s: TensorSpec) -> np.ndarray:
+        x = np.asarray(state[lookup[s.hf_key]])
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise CheckpointError(f"{_where(state, lookup[s.hf_key], source)}: tensor {s.hf_key} "
+                                  f"has dtype {x.dtype}, expected a floating-point type")
+        # Cast on the host (exact for widening, round-to-nearest-even for narrowing) so that one
+        # tensor at a time, not the whole float32 model, passes through memory.
+        return np.ascontiguousarray((x.T if s.transpose else x).astype(param_dtype, copy=False))
+
     params: Params = {}
     for s in progress_bar(specs, "reading tensors", "tensor", progress):
-        value = np.asarray(state[lookup[s.hf_key]])
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise CheckpointError(f"{_where(state, lookup[s.hf_key], source)}: tensor {s.hf_key} "
-                                  f"has dtype {value.dtype}, expected a floating-point type")
-        if s.transpose:
-            value = value.T
-        node = params
-        for key in s.path[:-1]:
-            node = node.setdefault(key, {})
-        # Cast on the host (exact for widening, round-to-nearest-even for narrowing) so that one
-        # tensor at a time, not the whole float32 model, passes through device memory.
-        node[s.path[-1]] = jnp.asarray(np.ascontiguousarray(value.astype(param_dtype, copy=False)))
+        _put(params, s.path, jnp.asarray(value(s)) if shardings is None else
+             read_into(s.param_shape, shardings[s.path], functools.partial(value, s)))
     return params
+
+
+def _put(tree: Params, path: tuple[str, ...], leaf: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = leaf
+
+
+def base_shardings(cfg: T5Config, mesh: Mesh) -> Params:
+    """The ``NamedSharding`` of every base parameter of a T5 with ``cfg`` on ``mesh``: the
+    parameters' logical axes (``t5.param_logical_axes``) mapped by the one rules table
+    (``sharding.param_shardings``), from shapes alone; a tree like the params."""
+    from goose_jax import sharding, t5
+
+    abstract: Params = {}
+    for s in tensor_specs(cfg):
+        _put(abstract, s.path, jax.ShapeDtypeStruct(s.param_shape, np.dtype(cfg.dtype.param)))
+    return sharding.param_shardings(abstract, t5.param_logical_axes(cfg), mesh)
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -426,8 +454,8 @@ def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], st
                           f"{SAFE_INDEX_NAME}, {TORCH_WEIGHTS_NAME}, {TORCH_INDEX_NAME}){hint}")
 
 
-def load_hf_t5(path: str | os.PathLike, *,
-               dtype: DTypePolicy | None = None) -> tuple[T5Config, Params]:
+def load_hf_t5(path: str | os.PathLike, *, dtype: DTypePolicy | None = None,
+               mesh: Mesh | None = None) -> tuple[T5Config, Params]:
     """Loads a local Hugging Face T5 checkpoint directory.
 
     Args:
@@ -435,6 +463,7 @@ def load_hf_t5(path: str | os.PathLike, *,
         Face cache entry ``models--org--name`` (its ``refs/main`` snapshot is used).
       dtype: dtype policy of the returned config; parameters are cast to ``dtype.param``.
         Default: float32 parameters and compute, whatever the file stores.
+      mesh: read each tensor straight into its layout on this mesh (``base_shardings``).
 
     Returns:
       (cfg, params): ``cfg.tie_word_embeddings`` is decided from the weights (see module doc);
@@ -449,7 +478,8 @@ def load_hf_t5(path: str | os.PathLike, *,
         cfg = cfg.replace(dtype=dtype)
     state, source = read_hf_state(path)
     cfg = cfg.replace(tie_word_embeddings=infer_tie_word_embeddings(state))
-    params = hf_state_dict_to_params(cfg, state, source=source, progress=progress_enabled())
+    params = hf_state_dict_to_params(cfg, state, source=source, progress=progress_enabled(),
+                                     mesh=mesh)
     return cfg, params
 
 
