@@ -10,7 +10,7 @@ of an expert group holding the same tokens:
 
     1. each device scores its own e experts:            (N, e) from its (e, I) router vectors
     2. the scores are all-gathered over ``expert``:     (N, E), small; padding experts at -inf
-    3. every device takes the same top-k and softmax    (the single-device routing, bit for bit)
+    3. every device takes the same top-k and softmax    (the single-device routing rule)
     4. each device combines only the choices it owns    ``routing.combine_lora`` on its (e, I, R)
                                                         and (e, R, O) slice, local indices
     5. the partial outputs are summed over ``expert``   (N, O) psum
@@ -18,13 +18,13 @@ of an expert group holding the same tokens:
 Why this layout and not an all-to-all dispatch, counted per site and per data shard (b bytes per
 activation value; T5-XL: I, O about 2,048 to 5,120, R 16, k 2, E 166):
 
-  - this layout moves the scores' all-gather, N * E * 4 bytes (E << O), and one all-reduce of the
-    partial outputs, about 2 * N * O * b bytes on a ring. Each device does the LoRA rows of its
-    own assignments only, about N * k / X of the N * k (the other choices carry index e, one past
-    the local slice, and weight 0: every backend gives them nothing, and grouped and ragged no
-    rows of work), so 2 * N * k * R * (I + O) * (1 - 1 / X) FLOPs are saved per device; they are
-    only k * R * (I + O) / (I * O), 1.5 to 3 %, of the base matmul at T5-XL sizes, so the layout
-    is chosen for bytes and memory, not FLOPs.
+  - this layout moves the scores' all-gather, N * E * 4 bytes (E of 36 to 1,000 against O of
+    2,048 to 5,120), and one all-reduce of the partial outputs, about 2 * N * O * b bytes on a
+    ring. Each device does the LoRA rows of its own assignments only, about N * k / X of the
+    N * k (the other choices carry index e, one past the local slice, and weight 0: every
+    backend gives them nothing, and grouped no rows of work), saving 2 * N * k * R * (I + O) *
+    (1 - 1 / X) FLOPs per device; but those are only k * R * (I + O) / (I * O), 2 to 3 %, of the
+    base matmul at T5-XL sizes, so the layout is chosen for bytes and memory, not FLOPs.
   - an all-to-all dispatch (tokens split over ``expert`` too, each assignment's row sent to its
     expert's device and its output sent back) must equal the single-device model, so it cannot
     drop tokens over a capacity: its static buffers must hold the worst case, every assignment of
