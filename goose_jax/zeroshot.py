@@ -273,7 +273,8 @@ def build_method(s: EvalSettings, cfg, params, mesh=None):
                            "some experts have none")
     return build_routed(method, cfg, experts, gates=gates, prototypes=prototypes,
                         top_k=s.top_k, scale=scale, expert=expert,
-                        temperature=s.arrow_temperature, mesh=mesh), names
+                        temperature=s.arrow_temperature, mesh=mesh,
+                        num_experts=len(names)), names
 
 
 def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[int]]:
