@@ -149,7 +149,11 @@ class Evaluator:
       encoder_once: score choices with one encoder pass per example (False: the naive way).
       telemetry: count top-1 experts per site (per-token routing methods only).
       choose_experts: for method ``example``, maps a list of examples to one expert index each.
-      mesh: optional device mesh with a ``data`` axis; batches are split over it.
+      mesh: optional device mesh (``sharding.make_mesh``); batches are split over its ``data``
+        axis. ``params`` and ``routed`` are expected on it already: the base by the rules table
+        (``sharding.shard_params``), the library over ``expert`` (``build_routed(mesh=...)``,
+        whose adapter then routes without gathering the library), as ``zeroshot.run_eval``
+        lays them out.
       fixed_shapes: pad every batch to ``batch_size`` rows, at least 4 choices and the maximum
         lengths, so each method compiles one rank-classification and one generation shape (for
         short inputs and many methods, e.g. the miniature world, compiling dominates).
@@ -319,7 +323,8 @@ class Evaluator:
             out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
                                       self._put(mask), adapter=self.adapter,
                                       collections=coll or None, fast_compile=self.fast_compile,
-                                      telemetry=self.telemetry, check_finite=True)
+                                      telemetry=self.telemetry, check_finite=True,
+                                      mesh=self.mesh)
             toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())

@@ -103,8 +103,8 @@ _generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
 def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
                     attention_mask_BL=None, *, routing=None, adapter: Adapter | None = None,
                     collections: dict | None = None, fast_compile: bool = False,
-                    telemetry: bool = False,
-                    check_finite: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+                    telemetry: bool = False, check_finite: bool = False,
+                    mesh=None) -> Array | tuple[Array, dict[str, Array]]:
     """Greedy decoding with a key/value cache, jitted with static shapes.
 
     Args:
@@ -123,6 +123,10 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
         the adapter must sow them (``build_routed(..., telemetry=True)``).
       check_finite: raise ``NonFiniteError`` when the logits of a real row become NaN or inf
         before it finishes (argmax over NaN would quietly emit token 0); waits for the result.
+      mesh: the device mesh ``params`` and the routing collections are laid out on
+        (``sharding.make_mesh``): the rows are placed over its ``data`` axis (when it divides B);
+        a routing built with this mesh (``build_routed(mesh=...)``) decodes with its library
+        split over ``expert``, never gathered.
 
     Returns:
       int32 (B, T): the new tokens without the decoder start token; a row stops at its EOS and is
@@ -135,6 +139,10 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     adapter, collections = _resolve(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+    if mesh is not None and input_ids_BL.shape[0] % mesh.shape["data"] == 0:
+        from goose_jax.sharding import batch_sharding, put_global
+
+        input_ids_BL, mask = put_global((input_ids_BL, mask), batch_sharding(mesh))
     fn = _generate_fast if fast_compile else _generate
     tokens_BT, counts, finite_B = fn(cfg, _variables(params, collections), input_ids_BL, mask,
                                      int(max_new_tokens), adapter=adapter,

@@ -34,8 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from goose_jax import routing
+from goose_jax import expert_parallel, routing, sharding
 from goose_jax.config import T5Config
 from goose_jax.errors import LibraryMismatchError
 from goose_jax.experts import EXPERTS, LoRAAdapter, flatten_sites, lora_delta, nest_sites
@@ -66,6 +67,12 @@ class RoutedAdapter:
     the forward computes anyway. When the site has a ``telemetry/<site>/mask`` variable (shaped
     like the site input's leading axes, 1 for a real token), only masked-in tokens count, so
     padding never enters the statistics.
+
+    ``num_experts`` (0: all) is the number of real experts when the stack is padded
+    (``sharding.pad_experts``): the rest are never routed to. With a ``mesh`` whose ``expert``
+    axis is larger than 1, the library is split over it and each site routes and combines
+    without gathering it (``goose_jax.expert_parallel``); without one, the site runs on whatever
+    layout jit gives it.
     """
 
     scale: float
@@ -74,12 +81,22 @@ class RoutedAdapter:
     backend: str = "auto"
     telemetry: bool = False
     temperature: float | str = 1.0
+    num_experts: int = 0
+    mesh: Any = None
 
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
             return y
         a_EIR = module.get_variable(EXPERTS, "lora_a")
         b_ERO = module.get_variable(EXPERTS, "lora_b")
+        num_real = self.num_experts or a_EIR.shape[0]
+        if self.mesh is not None:
+            router = module.get_variable(
+                ROUTER, "example_index" if self.scoring == "example" else "vectors")
+            delta, route = expert_parallel.routed_delta(self, x, router, a_EIR, b_ERO)
+            if self.telemetry and self.scoring != "example":
+                _sow_stats(module, route, num_real)
+            return y + delta.astype(y.dtype)
         if self.scoring == "example":
             idx_B = module.get_variable(ROUTER, "example_index")
             # One expert per example: gather its factors, then a batched rank-R product.
@@ -93,11 +110,13 @@ class RoutedAdapter:
             scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
         else:
             scores = routing.arrow_scores(x, vectors_EI, temperature=self.temperature)
+        if num_real < a_EIR.shape[0]:
+            scores = expert_parallel.mask_padding(scores, 0, num_real)
         route = routing.topk_softmax(scores, self.top_k)
         delta = routing.combine_lora(x, a_EIR, b_ERO, route.weights, route.index, self.scale,
                                      backend=self.backend)
         if self.telemetry:
-            _sow_stats(module, route, a_EIR.shape[0])
+            _sow_stats(module, route, num_real)
         return y + delta.astype(y.dtype)
 
 
@@ -213,14 +232,17 @@ def _check_vectors(name: str, vectors, E: int, d_in: int, what: str) -> None:
 def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
                  gates: dict | None = None, prototypes: dict | None = None, top_k: int = 2,
                  scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
-                 telemetry: bool = False, temperature: float | str = 1.0) -> Routed:
+                 telemetry: bool = False, temperature: float | str = 1.0, mesh=None,
+                 num_experts: int | None = None) -> Routed:
     """Everything ``gj.t5_logits(..., routing=...)`` needs to run ``method``.
 
     Args:
       method: one of ``METHODS``.
       cfg: the base model config (the library is checked against its site shapes).
-      experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)).
-      gates: per-site ``gate`` (E, I), for ``phatgoose``.
+      experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)); host
+        arrays, or arrays already placed on ``mesh``. Its leading axis may be padded with zero
+        experts (``sharding.pad_experts``) when ``num_experts`` says how many are real.
+      gates: per-site ``gate`` (E, I), for ``phatgoose`` (rows past the real experts ignored).
       prototypes: per-site ``gate`` (E, I) mean activations, for ``average_activation``
         (``compute_average_activations``).
       top_k: experts per token for the per-token methods.
@@ -232,6 +254,12 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         default, as mttl and the paper's formula), a float > 0, or ``"release"`` for the
         original release's ``10 * sqrt(d_in)`` per site, which makes the top-k weights near
         even. It never changes which experts are kept.
+      mesh: a ``sharding.make_mesh`` mesh: the collections are placed on it, the library's
+        expert axis over ``expert`` (padded to a multiple of it with inert experts), and with
+        an ``expert`` axis larger than 1 the per-token and per-example methods route without
+        gathering the library (``goose_jax.expert_parallel``). None: left where they are.
+      num_experts: the real experts of a library whose leading axis is already padded (None:
+        every expert of ``experts`` is real).
 
     Raises:
       LibraryMismatchError: unknown method, bad k, empty or mismatched library, NaN vectors.
@@ -244,8 +272,17 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         return Routed("base", None, {})
     if experts is None:
         raise LibraryMismatchError(f"method {method!r} needs an expert library")
-    E = check_library(cfg, experts)
-    flat = flatten_sites(experts)
+    stacked = check_library(cfg, experts)
+    E = stacked if num_experts is None else num_experts
+    if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E <= stacked:
+        raise LibraryMismatchError(f"num_experts must be an integer in [1, {stacked}] (the "
+                                   f"library's stacked experts); found {num_experts!r}")
+    X = expert_parallel.expert_axis_size(mesh)
+    lib = sharding.pad_experts(experts, X) if X > 1 else experts
+    padded = _num_experts(lib) > E
+    flat = flatten_sites(lib)
+    # Expert parallel only where the split library is routed per token or per example.
+    routed = {"num_experts": E if padded else 0, "mesh": mesh if X > 1 else None}
     if method in ("phatgoose", "average_activation", "arrow"):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
             raise LibraryMismatchError(f"top_k must be an integer in [1, E={E}]; found {top_k!r}")
@@ -259,57 +296,97 @@ def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
         for name, leaf in flat.items():
             if name not in src:
                 raise LibraryMismatchError(f"site {name}: the library has experts but no {what}")
-            _check_vectors(name, src[name]["gate"], E, np.shape(leaf["lora_a"])[1], what)
-            vectors[name] = {"vectors": routing.prepare_router(jnp.asarray(src[name]["gate"]))}
-        adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry)
-        return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
+            rows = src[name]["gate"]
+            if np.shape(rows)[0] in (stacked, _num_experts(lib)):   # a padded stack's rows
+                rows = rows[:E]
+            _check_vectors(name, rows, E, np.shape(leaf["lora_a"])[1], what)
+            # Standardized from the real experts only, then padded: a padding row is never
+            # routed to (its score is masked), so it only has to exist.
+            vectors[name] = {"vectors": _pad_rows(routing.prepare_router(jnp.asarray(rows)),
+                                                  np.shape(leaf["lora_a"])[0])}
+        adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry, **routed)
+        return _placed(method, adapter, {EXPERTS: lib, ROUTER: nest_sites(vectors)}, mesh)
     if method == "arrow":
         temperature = routing.check_temperature(temperature)
-        vectors = {name: {"vectors": _arrow_vectors(leaf["lora_a"], leaf["lora_b"])}
+        vectors = {name: {"vectors": _arrow_vectors(leaf["lora_a"], leaf["lora_b"], E)}
                    for name, leaf in flat.items()}
-        adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry, temperature)
-        return Routed(method, adapter, {EXPERTS: experts, ROUTER: nest_sites(vectors)})
+        adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry, temperature,
+                                **routed)
+        return _placed(method, adapter, {EXPERTS: lib, ROUTER: nest_sites(vectors)}, mesh)
     if method == "merged":
-        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: merge_products(experts)})
+        merged = merge_products(lib, E)
+        if mesh is not None:   # the concatenated rank axis (E*R) over ``expert`` where it divides
+            specs = nest_sites({name: {"lora_a": P(None, None, "expert"),
+                                       "lora_b": P(None, "expert", None)}
+                                for name in flatten_sites(merged)})
+            merged = sharding.shard_params(merged, specs, mesh)
+        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: merged})
     if method == "merged_factors":
-        merged = {name: {k: jnp.mean(v, axis=0, keepdims=True) for k, v in leaf.items()
-                         if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
-        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(merged)})
+        mean = (lambda v: jnp.sum(v, axis=0, keepdims=True) / E) if padded else (
+            lambda v: jnp.mean(v, axis=0, keepdims=True))
+        merged = {name: {k: mean(v) for k, v in leaf.items() if k in ("lora_a", "lora_b")}
+                  for name, leaf in flat.items()}
+        return _placed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(merged)}, mesh,
+                       replicated=True)
     if method == "uniform":
-        return Routed(method, LoRAAdapter(scale, "mean"), {EXPERTS: experts})
+        if not padded:
+            return _placed(method, LoRAAdapter(scale, "mean"), {EXPERTS: lib}, mesh)
+        # The mean over the real experts: padding experts add zero to the sum.
+        return _placed(method, LoRAAdapter(scale / E, "sum"), {EXPERTS: lib}, mesh)
     if method == "single":
         if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < E:
             raise LibraryMismatchError(
                 f"method 'single' needs expert in [0, {E}); found {expert!r}")
         one = {name: {k: v[expert:expert + 1] for k, v in leaf.items()
                       if k in ("lora_a", "lora_b")} for name, leaf in flat.items()}
-        return Routed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)})
+        return _placed(method, LoRAAdapter(scale, "sum"), {EXPERTS: nest_sites(one)}, mesh,
+                       replicated=True)
     # "example", "retrieval": the caller supplies each example's expert (with_example_index).
-    return Routed(method, RoutedAdapter(scale, 1, "example", backend), {EXPERTS: experts})
+    adapter = RoutedAdapter(scale, 1, "example", backend, **routed)
+    return _placed(method, adapter, {EXPERTS: lib}, mesh)
 
 
-def _arrow_vectors(a_EIR, b_ERO) -> Array:
-    """Arrow vectors with zero rows for experts absent at a site (all-zero A or B).
+def _pad_rows(x, rows: int):
+    """``x`` (n, ...) with zero rows appended up to ``rows``."""
+    extra = rows - x.shape[0]
+    return x if not extra else jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
+
+
+def _placed(method: str, adapter, collections: dict, mesh, replicated: bool = False) -> Routed:
+    """A ``Routed`` whose collections are on ``mesh``: each leaf's leading expert axis over
+    ``expert`` (the rules table), or whole on every device for a one-expert tree."""
+    if mesh is not None:
+        collections = (sharding.replicate(collections, mesh) if replicated
+                       else sharding.shard_experts(collections, mesh))
+    return Routed(method, adapter, collections)
+
+
+def _arrow_vectors(a_EIR, b_ERO, num_real: int | None = None) -> Array:
+    """Arrow vectors with zero rows for experts absent at a site (all-zero A or B) and for
+    padding experts (index >= ``num_real``).
 
     An imported adapter that does not cover a site holds zeros there; its singular vector would
     be an arbitrary direction that still wins tokens. A zero row scores 0, the lowest possible.
     """
     present_E = (jnp.abs(a_EIR).max(axis=(1, 2)) > 0) & (jnp.abs(b_ERO).max(axis=(1, 2)) > 0)
+    if num_real is not None:
+        present_E = present_E & (jnp.arange(present_E.shape[0]) < num_real)
     return routing.arrow_vectors(a_EIR, b_ERO) * present_E[:, None]
 
 
-def merge_products(experts: dict) -> dict:
+def merge_products(experts: dict, num_experts: int | None = None) -> dict:
     """The exact average of the experts' products as one rank-E*R expert.
 
     ``mean_e A_e B_e = [A_1 ... A_E] [B_1; ...; B_E] / E``: concatenate A along the rank axis and
-    B along the rank axis divided by E. Returns a tree with E = 1.
+    B along the rank axis divided by E. Returns a tree with E = 1. ``num_experts``: the real
+    experts of a padded stack (the padding adds zero columns and is not counted in the mean).
     """
     out = {}
     for name, leaf in flatten_sites(experts).items():
         a_EIR, b_ERO = jnp.asarray(leaf["lora_a"]), jnp.asarray(leaf["lora_b"])
         E, I, R = a_EIR.shape
         a_cat = jnp.transpose(a_EIR, (1, 0, 2)).reshape(1, I, E * R)
-        b_cat = (b_ERO / E).reshape(1, E * R, b_ERO.shape[-1])
+        b_cat = (b_ERO / (num_experts or E)).reshape(1, E * R, b_ERO.shape[-1])
         out[name] = {"lora_a": a_cat, "lora_b": b_cat}
     return nest_sites(out)
 

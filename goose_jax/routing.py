@@ -413,7 +413,10 @@ def combine_lora(
       lora_a_EDR: (E, I, R) stacked A (shrink) factors.
       lora_b_ERO: (E, R, O) stacked B (expand) factors.
       weights_Tk: (..., k) routing weights.
-      index_Tk: (..., k) integer expert indices.
+      index_Tk: (..., k) integer expert indices. Under a trace, index E (one past the stack)
+        with weight 0 marks a choice that another device's slice of the library serves
+        (``goose_jax.expert_parallel``): every backend adds nothing for it (gathers clamp,
+        scatters drop), and grouped gives it no rows of work.
       scale: LoRA scale (1 / r for PHATGOOSE experts); a Python float or a scalar array.
       backend: "auto", "dense", "gather", "grouped" or "ragged" (see ``routing_backends``).
       precision: matmul precision; None uses the platform default (on TPU, float32 matmuls then

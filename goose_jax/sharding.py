@@ -239,3 +239,37 @@ def read_into(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
         return value[0][index]
 
     return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+# --- an expert axis the mesh does not divide ----------------------------------------------------
+# A NamedSharding splits an axis only into equal parts, and real libraries rarely divide: FLAN's
+# 166 experts are 2 x 83, so on 16 chips the expert axis could be split at most 2 ways and each
+# chip would hold half the library. Padding to a multiple of the axis with inert experts (zero
+# LoRA, never routed to: the routers mask them by a static count of real experts) costs at most
+# X - 1 zero experts of memory (166 -> 176 on 16 chips, 6 %) and no routed work, and keeps every
+# shard the same shape, which jit, shard_map and the collectives need. The other layouts cost
+# more: uneven per-device slices cannot be expressed as one sharded array, and keeping the
+# remainder replicated puts it whole on every chip.
+
+
+def pad_experts(tree: Any, multiple: int) -> Any:
+    """``tree`` with zeros appended on every leaf's leading (expert) axis up to a multiple of
+    ``multiple``; host-side (NumPy). Leaves already a multiple are returned unchanged.
+
+    Args:
+      tree: a pytree whose leaves all lead with the same expert axis E (an expert library,
+        router vectors).
+      multiple: the ``expert`` mesh axis size X.
+
+    Returns:
+      the tree with leading axis ``padded_count(E, X)``; the added experts are all zero.
+    """
+    def pad(x):
+        n = np.shape(x)[0]
+        extra = padded_count(n, multiple) - n
+        if not extra:
+            return x
+        host = np.asarray(x)
+        return np.concatenate([host, np.zeros((extra,) + host.shape[1:], host.dtype)])
+
+    return jax.tree.map(pad, tree)

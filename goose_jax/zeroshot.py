@@ -7,8 +7,8 @@ of a benchmark, and a results folder. What ``goose-eval`` and the ``eval/`` scri
 
 The run reads the data first (a wrong path fails in seconds, before a large model is read), then
 the base model, the library and the method's router vectors; it scores every task with an
-``evaluation.Evaluator`` (batches split over every device) and writes the results folder of
-``goose_jax.report`` from process 0.
+``evaluation.Evaluator`` (batches over the mesh's ``data`` axis, the library over its ``expert``
+axis) and writes the results folder of ``goose_jax.report`` from process 0.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class EvalSettings:
       tokenizer: tokenizer directory (None: the base's).
       byte_tokenizer: use the byte-level tokenizer.
       dtype: ``float32`` or ``bfloat16`` (a Hugging Face base's parameters and compute).
+      mesh: device mesh sizes, ``data=D,model=M,expert=X`` (``sharding.parse_mesh``); None:
+        every device on ``data`` (one device: no mesh).
       batch_size, max_input_length, max_target_length: see ``evaluation.Evaluator``.
       max_examples: at most this many examples per template (quick runs).
       length_normalize: mean choice NLL (the paper); False: the sum.
@@ -85,6 +87,7 @@ class EvalSettings:
     tokenizer: str | None = None
     byte_tokenizer: bool = False
     dtype: str = "float32"
+    mesh: str | None = None
     batch_size: int = 16
     max_input_length: int = 512
     max_target_length: int = 512
@@ -116,6 +119,14 @@ class EvalSettings:
         except RoutingError:
             raise UsageError(f"--arrow-temperature {self.arrow_temperature!r}: expected a "
                              "number > 0 or 'release'") from None
+        if self.mesh is not None:
+            from goose_jax.errors import ConfigError
+            from goose_jax.sharding import parse_mesh
+
+            try:
+                parse_mesh(self.mesh)
+            except ConfigError as e:
+                raise UsageError(f"--mesh: {e}") from None
         needs = {"single": ("expert", "--expert (a name or an index)"),
                  "example": ("expert_map", "--expert-map (or use --method retrieval)")}
         if method in needs and getattr(self, needs[method][0]) is None:
@@ -183,6 +194,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--byte-tokenizer", action="store_true", help="use the byte-level tokenizer")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="parameter and compute dtype for a Hugging Face base model")
+    ap.add_argument("--mesh", help="device mesh sizes, e.g. data=2,expert=4 or "
+                    "data=2,model=2,expert=2: batches over data, the base model's large kernels "
+                    "over model, the expert library over expert (never whole on one device); "
+                    "the sizes multiply to the device count (default: every device on data)")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per batch")
     ap.add_argument("--max-input-length", type=int, default=512)
     ap.add_argument("--max-target-length", type=int, default=512)
@@ -231,8 +246,9 @@ def _load_library(path: str, cfg, params, names: Sequence[str]):
     return experts, gates, list(names or lib.names), lib.scale
 
 
-def build_method(s: EvalSettings, cfg, params):
-    """(``routers.Routed``, expert names) of the settings' method over its library.
+def build_method(s: EvalSettings, cfg, params, mesh=None):
+    """(``routers.Routed``, expert names) of the settings' method over its library, its
+    collections placed on ``mesh`` (``routers.build_routed``).
 
     Raises:
       LibraryError: a library that cannot serve the method (phatgoose without every gate).
@@ -257,7 +273,8 @@ def build_method(s: EvalSettings, cfg, params):
                            "some experts have none")
     return build_routed(method, cfg, experts, gates=gates, prototypes=prototypes,
                         top_k=s.top_k, scale=scale, expert=expert,
-                        temperature=s.arrow_temperature), names
+                        temperature=s.arrow_temperature, mesh=mesh,
+                        num_experts=len(names)), names
 
 
 def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[int]]:
@@ -395,6 +412,27 @@ def _check_library(s: EvalSettings) -> list[str]:
     return names
 
 
+def eval_mesh(s: EvalSettings):
+    """The run's device mesh: ``s.mesh``'s sizes, else every device on ``data`` (None on one
+    device).
+
+    Raises:
+      ConfigError: sizes that do not multiply to the device count (before anything compiles).
+    """
+    import jax
+
+    from goose_jax.errors import ConfigError
+    from goose_jax.sharding import make_mesh, parse_mesh
+
+    if s.mesh is None:
+        return make_mesh(data=-1) if jax.device_count() > 1 else None
+    try:
+        return make_mesh(**parse_mesh(s.mesh))
+    except ConfigError as e:
+        raise ConfigError(f"--mesh {s.mesh}: {e}; give sizes whose product is "
+                          f"{jax.device_count()}") from None
+
+
 def validate(s: EvalSettings) -> None:
     """Checks every path and flag of a run before any data or model is read: the output folder
     (not a file, not already holding results without ``overwrite``), the base and tokenizer
@@ -419,6 +457,7 @@ def validate(s: EvalSettings) -> None:
         read_json_flag(s.flan_grouping, "--flan-grouping", "FLAN grouping")
     if s.library:
         _check_library(s)
+    eval_mesh(s)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -467,20 +506,21 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     from goose_jax.progress import progress_enabled
 
     validate(s)
+    mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s)
-    routed, names = build_method(s, cfg, params)
-    batch_size, mesh = s.batch_size, None
-    if jax.device_count() > 1:
-        # All global devices, batches split over them; in a process group every process scores
-        # the same batches in step and process 0 alone writes the results.
-        from goose_jax.sharding import make_mesh, replicate
+    batch_size = s.batch_size
+    if mesh is not None:
+        # Batches over ``data``, the base by the rules table (``model`` splits its large
+        # kernels), the library over ``expert``; in a process group every process scores the
+        # same batches in step and process 0 alone writes the results.
+        from goose_jax.sharding import shard_params
+        from goose_jax.t5 import param_logical_axes
 
-        mesh = make_mesh(data=-1)
-        params = replicate(params, mesh)
-        routed = type(routed)(routed.method, routed.adapter,
-                              replicate(routed.collections, mesh))
-        batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+        params = shard_params(params, param_logical_axes(cfg), mesh)
+        data_size = mesh.shape["data"]
+        batch_size = -(-batch_size // data_size) * data_size
+    routed, names = build_method(s, cfg, params, mesh)
     chooser = None
     if routed.method == "example":
         chooser = map_chooser(s.expert_map, names)
@@ -503,7 +543,9 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
             **({"arrow_temperature": s.arrow_temperature} if routed.method == "arrow" else {}),
             **({"prototypes": os.path.abspath(s.prototypes_path)}
                if routed.method == "average_activation" else {}),
-            "devices": jax.device_count(), "seconds": round(seconds, 2),
+            "devices": jax.device_count(),
+            **({"mesh": dict(mesh.shape)} if mesh is not None else {}),
+            "seconds": round(seconds, 2),
             "examples_per_second": round(n / max(seconds, 1e-9), 2),
             "compiled_shapes": len(evaluator.compiled_shapes)}
     summary = report.summarize(results, benchmark=",".join(s.benchmarks), meta=meta)
