@@ -237,12 +237,26 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 # --- routing from a library -------------------------------------------------------------------
 
 
-def _load_library(path: str, cfg, params, names: Sequence[str]):
-    """(experts, gates or None, expert names, LoRA scale) of a library on disk."""
+# Methods whose library is read straight into its expert sharding (each process reads only its
+# own experts' files, padded to the axis): those the expert-parallel forward routes per token.
+_SHARDED_LOAD = ("phatgoose", "average_activation", "arrow")
+
+
+def _load_library(path: str, cfg, params, names: Sequence[str], *, mesh=None, dtype=None,
+                  method: str = ""):
+    """(experts, gates or None, expert names, LoRA scale) of a library on disk; on a mesh with
+    an ``expert`` axis, per-token methods get it already padded and placed."""
+    import jax.numpy as jnp
+
     from goose_jax.library import ExpertLibrary
+    from goose_jax.sharding import expert_shards
 
     lib = ExpertLibrary.open(path, cfg, params)
-    experts, gates = lib.load(list(names) or None)
+    load_dtype = jnp.dtype(dtype) if dtype else jnp.float32
+    if mesh is not None and method in _SHARDED_LOAD and expert_shards(mesh) > 1:
+        experts, gates = lib.load(list(names) or None, dtype=load_dtype, mesh=mesh)
+    else:
+        experts, gates = lib.load(list(names) or None, dtype=load_dtype)
     return experts, gates, list(names or lib.names), lib.scale
 
 
@@ -260,7 +274,8 @@ def build_method(s: EvalSettings, cfg, params, mesh=None):
     method = s.routing_method
     if method == "base":
         return build_routed("base", cfg), []
-    experts, gates, names, scale = _load_library(s.library, cfg, params, s.experts)
+    experts, gates, names, scale = _load_library(s.library, cfg, params, s.experts, mesh=mesh,
+                                                 dtype=s.dtype, method=method)
     expert = None
     if method == "single":
         expert = names.index(s.expert) if s.expert in names else (
@@ -477,11 +492,12 @@ def load_tasks(s: EvalSettings):
     return tasks, {k: cap_examples(v, s.max_examples) for k, v in load_all(tasks).items()}
 
 
-def load_base_model(s: EvalSettings):
-    """(cfg, params, tokenizer) of the settings' base model."""
+def load_base_model(s: EvalSettings, mesh=None):
+    """(cfg, params, tokenizer) of the settings' base model; with ``mesh``, read straight into
+    the rules table's layout (``base_model.load_base``)."""
     from goose_jax.base_model import load_base, load_tokenizer
 
-    cfg, params = load_base(s.base, dtype=s.dtype)
+    cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh)
     tok = load_tokenizer(s.tokenizer or s.base, None if s.tokenizer else cfg,
                          byte=s.byte_tokenizer)
     return cfg, params, tok
@@ -508,7 +524,7 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     validate(s)
     mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
-    cfg, params, tok = base if base is not None else load_base_model(s)
+    cfg, params, tok = base if base is not None else load_base_model(s, mesh)
     batch_size = s.batch_size
     if mesh is not None:
         # Batches over ``data``, the base by the rules table (``model`` splits its large
