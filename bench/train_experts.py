@@ -60,6 +60,7 @@ def _tiny_setting(steps: int, overrides: tuple[str, ...], folder: str):
     from goose_jax import train_runs
 
     data = []
+    os.makedirs(folder, exist_ok=True)
     for name, fn in (("reverse", lambda w: w[::-1]), ("upper", str.upper)):
         path = os.path.join(folder, f"{name}.jsonl")
         with open(path, "w") as f:

@@ -5,7 +5,8 @@ A work directory holds the loop's state:
 
     checkpoints/    the last ``keep_checkpoints`` steps: trainable tree, optimiser state, step,
                     RNG, and each stream's data position (``train_checkpoint.TrainCheckpointer``)
-    metrics.jsonl   one JSON line per logged step (loss, grad_norm, lr, seconds) and per eval
+    metrics.jsonl   one JSON line per logged step (loss, grad_norm, lr, seconds), per eval and
+                    per validation (each expert's score and best step so far)
     tensorboard/    the same scalars, if ``tensorboardX`` is installed
 
 Rerunning after an interruption continues from the last checkpoint and ends with the parameters
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,9 @@ from goose_jax.data.batching import Batcher, global_batch
 from goose_jax.errors import TrainingDivergedError
 from goose_jax.progress import progress_enabled
 from goose_jax.train_checkpoint import TrainCheckpointer
+
+if TYPE_CHECKING:
+    from goose_jax.validation import BestKeeper
 
 PREFETCH = 2  # batches built ahead of the step that runs
 
@@ -163,7 +167,8 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
                batchers: Sequence[Batcher], workdir: str, *,
                eval_batchers: Sequence[Batcher] | None = None,
                mesh: jax.sharding.Mesh | None = None, desc: str = "train",
-               seed_key: jax.Array | None = None) -> tuple[training.TrainState, dict, int]:
+               seed_key: jax.Array | None = None,
+               best: BestKeeper | None = None) -> tuple[training.TrainState, dict, int]:
     """Runs (or resumes) ``program`` to ``program.steps``.
 
     Args:
@@ -176,6 +181,9 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
       mesh: optional mesh; the expert axis is split over its ``expert`` axis.
       desc: progress-bar label.
       seed_key: the run's RNG (saved with the state; kept for dropout and sampling to come).
+      best: validation and best-step keeping (``validation.BestKeeper``), run at step 0, every
+        ``eval_every`` steps and at the last step; its state is part of every checkpoint. The
+        trainable leaves must lead with the expert axis (kind ``"expert"``).
 
     Returns:
       (state, last metrics, steps run by this call): 0 steps when the work directory already
@@ -204,7 +212,11 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
         if ckpt.latest_step() is not None:
             tree = {"step": state.step, "trainable": state.trainable,
                     "opt_state": state.opt_state, "rng": rng}
+            if best is not None:
+                tree["best"] = state.trainable  # the best slices: shaped as the trainable tree
             tree, meta, last_good = ckpt.restore_usable(tree, warn=_warn if primary else _mute)
+            if best is not None:
+                best.restore(tree["best"], meta["validation"])
             state = training.TrainState(tree["step"], tree["trainable"], tree["opt_state"])
             rng, positions = tree["rng"], list(meta["positions"])
             history = meta.get("last_metrics", {})
@@ -225,7 +237,10 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
             _check_finite(program, step, finite, last_good, ckpt.directory)
             tree = {"step": state.step, "trainable": state.trainable,
                     "opt_state": state.opt_state, "rng": rng}
-            ckpt.save(step, tree, {"positions": positions, "last_metrics": history})
+            meta = {"positions": positions, "last_metrics": history}
+            if best is not None:
+                tree["best"], meta["validation"] = best.trainable, best.meta()
+            ckpt.save(step, tree, meta)
             last_good = step
 
         def evaluate(step):
@@ -238,6 +253,12 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
             return m["loss"]
+
+        def validate(step):
+            line = best.update(step, state.trainable)
+            if primary:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
 
         bar = None
         if progress_enabled() and primary:
@@ -286,6 +307,8 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
             with distributed.peer_failure_guard(hint):
                 if eval_batchers and start == 0:
                     history["eval_loss"] = evaluate(0)
+                if best is not None and start == 0:
+                    validate(0)
                 batches = _Prefetcher(make_batch, start, program.steps)
                 for step in range(start, program.steps):
                     state, metrics = step_fn(base, frozen, state, batches.next())
@@ -294,15 +317,18 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
                     write_pending()  # the previous logged step's line, one step late
                     if done % tcfg.log_every == 0 or done == program.steps:
                         pending = (done, metrics)
-                    evaluating = bool(eval_batchers and tcfg.eval_every and (
-                        done % tcfg.eval_every == 0 or done == program.steps))
+                    eval_step = bool(tcfg.eval_every) and (done % tcfg.eval_every == 0
+                                                           or done == program.steps)
+                    evaluating = eval_step and bool(eval_batchers or best is not None)
                     saving = done == program.steps or bool(
                         tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)
                     m = None
                     if evaluating or saving:  # the loop waits on the device here anyway
                         m = write_pending()
-                    if evaluating:
+                    if evaluating and eval_batchers:
                         history["eval_loss"] = evaluate(done)
+                    if evaluating and best is not None:
+                        validate(done)
                     if saving:
                         save(done, m if m is not None else _to_json(metrics))
                     if bar is not None:
