@@ -1,4 +1,5 @@
-"""Training E experts at once (one vmapped, jitted step) against E sequential single-expert runs.
+"""Training E experts at once (one vmapped, jitted step) against E sequential single-expert runs;
+with ``--loop``, goose-train's loop (``trainer.train_loop``) against an older copy of it.
 
 Both sides run the same code (``goose_jax.training.Program``, E = 8 versus E = 1 called 8
 times) on the same tiny random T5 (d_model 64), the same batches and the same hyper-parameters,
@@ -8,12 +9,27 @@ experts at once over training them one after another.
 
     python bench/train_experts.py
     python bench/train_experts.py --experts 8 --steps 10 --repeats 5 --micro-batch 4
+
+``--loop`` times whole ``train_loop`` calls in steps per second, as goose-train and the demo run
+them (batches built from text, metrics logged, checkpoints written), on the tiny config
+(``configs/tiny.py``, two experts, ``random:tiny``) and on the demo's experts stage (the world
+base, its eight held-in tasks, the ``full`` preset's settings), each call in a fresh work
+directory with fresh example sources. ``--before FILE`` is another version of
+``goose_jax/trainer.py`` (e.g. ``git show REV:goose_jax/trainer.py > /tmp/trainer_before.py``)
+timed in the same process, the two alternating after one warm-up call each (compilation);
+medians are reported:
+
+    python bench/train_experts.py --loop tiny demo --before /tmp/trainer_before.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import pathlib
 import statistics
+import tempfile
 import time
 
 import jax
@@ -36,10 +52,123 @@ def make_batches(E: int, steps: int, A: int, M: int, L: int, T: int, vocab: int,
     return out
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny_setting(steps: int, overrides: tuple[str, ...], folder: str):
+    """goose-train experts --config configs/tiny.py on two small files, as its run does it."""
+    from goose_jax import train_runs
+
+    data = []
+    os.makedirs(folder, exist_ok=True)
+    for name, fn in (("reverse", lambda w: w[::-1]), ("upper", str.upper)):
+        path = os.path.join(folder, f"{name}.jsonl")
+        with open(path, "w") as f:
+            for i in range(64):
+                word = f"goose{i} jax{i * 7 % 13} flax"
+                f.write(f'{{"input": "{name}: {word}", "target": "{fn(word)}"}}\n')
+        data.append(path)
+    args = train_runs.RunArgs("experts", data, os.path.join(folder, "w"),
+                              config=str(ROOT / "configs" / "tiny.py"),
+                              overrides=(f"steps={steps}",) + overrides)
+    setup = train_runs.Setup(args)
+    tcfg = setup.tcfg
+    names = train_runs.expert_names(args, tcfg, len(data))
+    root = jax.random.key(tcfg.seed)
+    program = training.Program("expert", setup.cfg, tcfg, tcfg.steps, tcfg.lora.lora_scale)
+    base = setup.frozen_base()
+
+    def call(loop, workdir):
+        batchers = [setup.batcher(train_runs.JsonlSource(p), train_runs.stream_id(n))
+                    for p, n in zip(data, names)]
+        trainable = init_experts(setup.cfg, tcfg.lora, [
+            jax.random.fold_in(root, train_runs.stream_id(n)) for n in names],
+            fast_compile=tcfg.fast_compile)
+        loop(program, base, None, trainable, batchers, workdir, seed_key=root)
+    return call
+
+
+def _demo_setting(steps: int, overrides: tuple[str, ...], folder: str):
+    """The demo's experts stage (goose_jax.demo.train_experts, preset full), ``steps`` long."""
+    from goose_jax import config_files, demo
+    from goose_jax.data import world
+    from goose_jax.data.tokenizers import ByteTokenizer
+    from goose_jax.errors import TrainConfigError
+
+    cfg, params = demo.load_world_base()
+    p = demo.PRESETS["full"]
+    tcfg = config_files.apply_overrides(demo._train_config(p, steps, p.expert_batch, 0),
+                                        overrides, error=TrainConfigError)
+    names = [t.name for t in world.HELDIN]
+    root = jax.random.key(0)
+    program = training.Program("expert", cfg, tcfg, tcfg.steps, tcfg.lora.lora_scale)
+
+    def call(loop, workdir):
+        batchers = demo._batchers(tcfg, ByteTokenizer(), cfg, names, p.train_size, 0)
+        init = init_experts(cfg, tcfg.lora, [jax.random.fold_in(root, i + 1)
+                                             for i in range(len(names))],
+                            fast_compile=p.fast_compile)
+        loop(program, params, None, init, batchers, workdir, seed_key=root)
+    return call
+
+
+def _load_loop(path: str):
+    spec = importlib.util.spec_from_file_location("trainer_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train_loop
+
+
+def bench_loop(args) -> None:
+    """``--loop``: steps per second of whole train_loop calls, this version and ``--before``."""
+    from goose_jax.trainer import train_loop
+
+    os.environ["GOOSE_QUIET"] = "1"
+    loops = {"now": train_loop}
+    if args.before:
+        loops = {"before": _load_loop(args.before), **loops}
+    settings = {"tiny": _tiny_setting, "demo": _demo_setting}
+    steps = {"tiny": args.steps or 60, "demo": args.steps or 40}
+    with tempfile.TemporaryDirectory() as folder:
+        for which in args.loop:
+            call = settings[which](steps[which], tuple(args.set or ()),
+                                   os.path.join(folder, which))
+            runs = 0
+
+            def timed(loop):
+                nonlocal runs
+                runs += 1
+                t0 = time.perf_counter()
+                call(loop, os.path.join(folder, which, f"run{runs}"))
+                return steps[which] / (time.perf_counter() - t0)
+
+            for loop in loops.values():  # compile
+                timed(loop)
+            rates = {k: [] for k in loops}
+            for _ in range(args.repeats):
+                for k, loop in loops.items():
+                    rates[k].append(timed(loop))
+            extra = f" ({', '.join(args.set)})" if args.set else ""
+            parts = [f"{k} {statistics.median(v):6.2f} steps/s "
+                     f"[{min(v):.2f}-{max(v):.2f}]" for k, v in rates.items()]
+            line = f"loop {which}{extra}, {steps[which]} steps, median of {args.repeats}: "
+            line += "; ".join(parts)
+            if len(rates) == 2:
+                ratio = statistics.median(rates["now"]) / statistics.median(rates["before"])
+                line += f"; now / before {ratio:.2f}x"
+            print(line, flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loop", nargs="+", choices=("tiny", "demo"),
+                    help="time goose-train's loop on these settings instead")
+    ap.add_argument("--before", help="another goose_jax/trainer.py to time beside this one")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="--loop: override a TrainConfig field of the setting")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per timed repeat (default 10; --loop: tiny 60, demo 40)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -49,6 +178,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args(argv)
     print_calibration()
+    if args.loop:
+        bench_loop(args)
+        return
+    args.steps = args.steps or 10
 
     E = args.experts
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, d_model=args.d_model, d_kv=16,

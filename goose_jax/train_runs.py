@@ -25,6 +25,12 @@ not a file in the way), and that nothing would be replaced without ``overwrite``
 writes nothing, not even its ``run.json``. Training that diverges (a non-finite loss or
 parameters) stops with one line and writes nothing to the output.
 
+Validation (``expert`` / ``experts``; ``goose_jax.validation``): each expert's validation split
+(``--validation``, or ``<name>.validation.jsonl`` beside each training file ``<name>.jsonl``) is
+scored by its task metric at step 0, every ``eval_every`` steps and at the last step; each
+expert keeps the step that scored best (ties: the later), and the library gets that step's
+expert, with the step and score in its manifest entry (``info["validation"]``).
+
 Resumable: the work directory keeps the last checkpoints (trainable trees, optimiser state,
 step, data positions) and ``run.json``; rerunning the same command after an interruption
 continues from the last checkpoint and ends with the same parameters as an uninterrupted run.
@@ -61,6 +67,7 @@ from goose_jax.t5 import param_logical_axes
 from goose_jax.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
+from goose_jax.validation import BestKeeper, Validator, read_validation, validation_files
 
 COMMANDS = ("expert", "experts", "gate", "multitask")
 
@@ -78,6 +85,8 @@ class RunArgs:
       overrides: ``key=value`` overrides of config fields.
       base: the base model (default: the config's ``base_model``).
       eval_data: held-out files in ``data`` order, evaluated every ``eval_every`` steps.
+      validation: validation files in ``data`` order, or ``["none"]``; empty: each data file's
+        ``<name>.validation.jsonl`` where they exist (``goose_jax.validation``).
       library: the expert library (created if missing; required but for ``multitask_mode=full``).
       names: expert names in ``data`` order (default: the config's ``expert_names`` when their
         number fits, else the data files' stems).
@@ -102,11 +111,12 @@ class RunArgs:
     overwrite: bool = False
     mesh: str | None = None
     out: str | None = None
+    validation: Sequence[str] = ()
 
     def __post_init__(self):
         if self.command not in COMMANDS:
             raise UsageError(f"RunArgs.command must be one of {COMMANDS}, got {self.command!r}")
-        for name in ("data", "overrides", "eval_data"):
+        for name in ("data", "overrides", "eval_data", "validation"):
             if isinstance(getattr(self, name), str):
                 raise UsageError(f"RunArgs.{name} must be a sequence of strings, not one string")
 
@@ -165,6 +175,9 @@ class Setup:
             raise DataError(f"{args.command}: needs at least {min_files} --data file(s)")
         self.sources = [JsonlSource(p) for p in args.data]
         self.eval_sources = [JsonlSource(p) for p in args.eval_data]
+        self.validation = None
+        if args.command in ("expert", "experts") and tcfg.eval_every:
+            self.validation = validation_files(args.data, args.validation)
         check_folder_writable(args.workdir, error=TrainConfigError,
                               fix="; choose another --workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1
@@ -194,9 +207,11 @@ class Setup:
 
     def identity(self, **extra) -> dict:
         """What ``run.json`` records of this run (a rerun must match it to resume)."""
+        validation = {"validation": self.validation} if self.validation else {}
         return {"command": self.args.command, "config": self.tcfg.to_dict(),
                 "base": self.base_spec, "data": [os.path.abspath(p) for p in self.args.data],
-                "eval_data": [os.path.abspath(p) for p in self.args.eval_data], **extra}
+                "eval_data": [os.path.abspath(p) for p in self.args.eval_data], **validation,
+                **extra}
 
 
 # --- run bookkeeping ------------------------------------------------------------------------------
@@ -322,16 +337,17 @@ def write_experts(lib: ExpertLibrary, entries: Sequence[tuple]) -> None:
 
 
 def write_trained(lib: ExpertLibrary, names: Sequence[str], experts, gates, history: dict,
-                  info: Callable[[int, dict], dict], label: str) -> None:
+                  info: Callable[[int, dict], dict], label: str,
+                  note: Callable[[int], str] | None = None) -> None:
     """Writes expert ``i`` of a many-experts run as ``names[i]`` (with its gates, if given), its
-    manifest facts ``info(i, its metrics)``, and prints its last ``label`` (see
-    ``write_experts``)."""
+    manifest facts ``info(i, its metrics)``, and prints its last ``label`` (after ``note(i)``,
+    if given; see ``write_experts``)."""
     entries = []
     for i, name in enumerate(names):
         metrics = expert_metrics(history, i)
         entries.append((name, experts, gates, i, info(i, metrics),
-                        f"{name}: {label} {_mean(metrics.get('loss', np.nan)):.4f} -> "
-                        f"{lib.path}"))
+                        f"{name}: {note(i) if note else ''}{label} "
+                        f"{_mean(metrics.get('loss', np.nan)):.4f} -> {lib.path}"))
     write_experts(lib, entries)
 
 
@@ -383,6 +399,7 @@ def run_experts(args: RunArgs) -> int:
                                "replace them")
     batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     evals = eval_batchers(setup, names)
+    examples = [read_validation(p, n) for p, n in zip(setup.validation or (), names)]
     lib = create_library(args.library, setup, lora)
     if recorded is None:
         record_run(args.workdir, identity)
@@ -391,17 +408,32 @@ def run_experts(args: RunArgs) -> int:
         setup.cfg, lora, [jax.random.fold_in(root, stream_id(n)) for n in names],
         fast_compile=tcfg.fast_compile)
     program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale)
+    best = None
+    if examples:
+        validator = Validator(setup.cfg, setup.frozen_base(), setup.tokenizer, examples,
+                              lora_scale=lora.lora_scale, tcfg=tcfg, mesh=setup.mesh)
+        best = BestKeeper(validator.scores, validator.metrics)
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
                                      args.workdir, eval_batchers=evals,
                                      mesh=setup.mesh, desc=f"{len(names)} expert(s)",
-                                     seed_key=root)
+                                     seed_key=root, best=best)
     if not already_written(ran == 0, lib, names, args.workdir):
         def info(i, metrics):
-            return {"data": args.description or os.path.abspath(args.data[i]),
-                    "steps": tcfg.steps, "metrics": metrics, "train_config": tcfg.to_dict()}
+            record = {"data": args.description or os.path.abspath(args.data[i]),
+                      "steps": tcfg.steps, "metrics": metrics, "train_config": tcfg.to_dict()}
+            if best is not None:
+                record["validation"] = {"data": setup.validation[i],
+                                        "examples": len(examples[i]),
+                                        "every": tcfg.eval_every, **best.expert(i)}
+            return record
 
-        write_trained(lib, names, distributed.fetch(state.trainable), None, history, info,
-                      "loss")
+        def note(i):
+            return (f"step {best.step[i]} ({best.metrics[i]} {best.score[i]:.1f} on validation), "
+                    "last ")
+
+        trained = best.trainable if best is not None else state.trainable
+        write_trained(lib, names, distributed.fetch(trained), None, history, info, "loss",
+                      note if best is not None else None)
     record_run(args.workdir, identity, finished=True)
     return 0
 

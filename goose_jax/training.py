@@ -84,7 +84,9 @@ class TrainConfig:
       seed: initialisation and data order.
       max_input_length, max_target_length: tokens, EOS included; longer texts are truncated.
       eval_every, checkpoint_every, log_every: intervals in steps (0 disables eval / periodic
-        checkpoints; the final step is always checkpointed).
+        checkpoints; the final step is always checkpointed). Evaluation (held-out loss, and
+        validation with the best step kept, ``goose_jax.validation``) also runs at step 0 and
+        at the last step.
       keep_checkpoints: how many training checkpoints a work directory keeps.
       lora_rank, lora_sites, lora_scale, lora_init_std: the experts (see ``LoRAConfig``).
       freeze: regular expression full-matched against each trainable leaf's path
@@ -104,6 +106,8 @@ class TrainConfig:
         empty: one device on a single process, and in a process group all global devices with
         the expert axis as large as the expert and device counts allow. Not part of a run's
         identity: a run may resume on another mesh.
+      validation_metric: how experts whose validation examples have no choices are scored
+        during training (``goose_jax.validation``): ``"exact_match"`` or ``"rouge_l"``.
     """
 
     steps: int = 1000
@@ -138,6 +142,7 @@ class TrainConfig:
     expert_names: tuple[str, ...] = ()
     fast_compile: bool = False
     mesh: str = ""
+    validation_metric: str = "exact_match"
 
     def __post_init__(self):
         def fail(name, want):
@@ -164,7 +169,9 @@ class TrainConfig:
                   "compute_dtype": (lambda v: v in _DTYPES, f"one of {_DTYPES}"),
                   "tokenizer": (lambda v: v in ("base", "byte"), "'base' or 'byte'"),
                   "multitask_mode": (lambda v: v in ("lora", "full"), "'lora' or 'full'"),
-                  "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings")}
+                  "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings"),
+                  "validation_metric": (lambda v: v in ("exact_match", "rouge_l"),
+                                        "'exact_match' or 'rouge_l'")}
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):
                 fail(name, want)

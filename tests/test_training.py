@@ -347,3 +347,76 @@ def test_jsonl_source_names_the_line_of_bad_bytes_and_token_ids(tmp_path):
     source.check_token_ids(102)
     with pytest.raises(DataError, match=r"ids.jsonl:3: 'input' holds the token id 101"):
         batching.ConcatSource([source]).check_token_ids(101)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+class CountedSource(ListSource):
+    """Pre-tokenised examples; reading example ``bad`` raises, as a broken file would."""
+
+    bad = None
+
+    def __getitem__(self, index):
+        if index == self.bad:
+            raise DataError(f"example {index} cannot be read")
+        return super().__getitem__(index)
+
+
+def loop_setup(tmp_path, steps, bad_position=None):
+    from goose_jax.trainer import train_loop
+
+    source = CountedSource(([2 + i, 3 + i, 4], [5 + i, 6]) for i in range(10))
+    tcfg = TCFG.replace(steps=steps, micro_batch=1, grad_accum=1, log_every=1, eval_every=0,
+                        checkpoint_every=1 if bad_position else 0)
+    batcher = batching.Batcher.from_config(source, ByteTokenizer(), tcfg, stream=1)
+    if bad_position is not None:
+        source.bad = int(batcher.indices(bad_position)[0])
+    program = training.Program("expert", CFG, tcfg, steps, SCALE)
+    return lambda params: train_loop(program, params, None, expert_stack(1), [batcher],
+                                     str(tmp_path / "work"))
+
+
+def test_train_loop_reads_each_logged_step_after_dispatching_the_next(params, tmp_path,
+                                                                      monkeypatch):
+    from goose_jax import trainer
+
+    events, step, to_json = [], training.Program.step, trainer._to_json
+
+    def dispatch(self, *args):
+        events.append("step")
+        return step(self, *args)
+
+    def fetch(metrics):
+        events.append("read")
+        return to_json(metrics)
+
+    monkeypatch.setattr(training.Program, "step", dispatch)
+    monkeypatch.setattr(training.Program, "step_donating", dispatch)
+    monkeypatch.setattr(trainer, "_to_json", fetch)
+    _, history, ran = loop_setup(tmp_path, 4)(params)
+    # Step n's metrics are read once step n + 1 is queued; the last step's at the end.
+    assert events == ["step", "step", "read", "step", "read", "step", "read", "read"]
+    lines = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4] and ran == 4 and np.isfinite(history["loss"]).all()
+
+
+def test_train_loop_raises_a_batch_error_at_the_step_of_that_batch(params, tmp_path,
+                                                                   monkeypatch):
+    from goose_jax.train_checkpoint import TrainCheckpointer
+
+    calls, step = [], training.Program.step
+
+    def dispatch(self, *args):
+        calls.append(1)
+        return step(self, *args)
+
+    monkeypatch.setattr(training.Program, "step", dispatch)
+    monkeypatch.setattr(training.Program, "step_donating", dispatch)
+    # Step 3 reads position 2: the batches of steps 3 and 4 were built ahead, on another thread.
+    with pytest.raises(DataError, match=r"^example \d+ cannot be read$"):
+        loop_setup(tmp_path, 4, bad_position=2)(params)
+    assert len(calls) == 2
+    with TrainCheckpointer(tmp_path / "work" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [1, 2]

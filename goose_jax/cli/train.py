@@ -2,6 +2,7 @@
 
     goose-train expert    --config C --base B --data task.jsonl --library LIB --workdir W
     goose-train experts   --config C --base B --data a.jsonl b.jsonl ... --library LIB --workdir W
+                          [--validation a.validation.jsonl b.validation.jsonl ... | none]
     goose-train gate      --config C --base B --data a.jsonl ... --names a ... --library LIB
                           --workdir W
     goose-train multitask --config C --base B --data a.jsonl b.jsonl ... --workdir W
@@ -39,7 +40,7 @@ def _run_args(args: argparse.Namespace) -> train_runs.RunArgs:
         command=args.command, data=args.data, workdir=args.workdir, config=args.config,
         overrides=tuple(args.set or ()), base=args.base, eval_data=tuple(args.eval_data or ()),
         library=args.library, description=args.description, overwrite=args.overwrite,
-        mesh=args.mesh, **extra)
+        mesh=args.mesh, validation=tuple(getattr(args, "validation", None) or ()), **extra)
 
 
 def _runner(body: Callable[[train_runs.RunArgs], int]) -> Callable[[argparse.Namespace], int]:
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="expert library directory (created if missing)")
         if name == "multitask":
             p.add_argument("--out", help="model directory (multitask_mode=full)")
+        if name in ("expert", "experts"):
+            p.add_argument("--validation", nargs="+", metavar="JSONL",
+                           help="validation files in --data order ({\"input\", \"target\"[, "
+                                "\"choices\"]} lines), or 'none'; default: each data file's "
+                                "<name>.validation.jsonl where they exist. Scored at step 0 and "
+                                "every eval_every steps; each expert keeps its best step")
     _prototypes_parser(sub)
     return parser
 

@@ -1,0 +1,265 @@
+"""Validation during expert training: each expert's task metric on its validation split, and the
+best step kept per expert (the paper's model selection).
+
+Shapes follow the package legend (the ``goose_jax`` module docstring); E counts the experts
+trained side by side.
+
+Validation files. Each expert's validation split is a JSON-lines file of
+``{"input": str, "target": str}`` lines, with an optional ``"choices": [str, ...]`` holding the
+target among them. By convention it lies beside the expert's training file and is named after
+it: ``<name>.jsonl`` trains, ``<name>.validation.jsonl`` validates (what ``goose-data`` builders
+write). A file whose lines have choices is scored by rank-classification accuracy (the choice
+with the lowest mean token NLL, ``goose_jax.evaluation``); one without, by the greedy generation
+of at most ``max_target_length`` tokens against the target (``TrainConfig.validation_metric``:
+exact match, or ROUGE-L as the release's FLAN experts). A file holds one kind of line.
+
+Model selection (the original release's): validate at step 0 (the untrained expert, whose zero
+``B`` is the base model), every ``eval_every`` steps and at the last step; keep, per expert, the
+trainable slice of the step with the best score, a later step winning a tie. ``BestKeeper``
+holds that slice on the devices, next to the training state, and is part of each checkpoint, so
+a resumed run keeps its best-so-far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from goose_jax.data.examples import EvalTask, Example
+from goose_jax.errors import DataError, UsageError
+
+SUFFIX = ".validation.jsonl"
+NONE = "none"  # --validation none: no validation even where the files exist
+
+
+def sibling(path: str) -> str:
+    """The validation file that goes with the training file ``path`` (``a.jsonl`` ->
+    ``a.validation.jsonl``)."""
+    stem, _ = os.path.splitext(path)
+    return stem + SUFFIX
+
+
+def validation_files(data: Sequence[str], given: Sequence[str] = ()) -> list[str] | None:
+    """Each training file's validation file, in ``data`` order, or None (no validation).
+
+    Args:
+      data: the training files.
+      given: ``--validation``: one file per training file, or ``["none"]``; empty: each
+        training file's ``sibling`` when every one exists, None when none does.
+
+    Raises:
+      UsageError: a count that does not match ``data``.
+      DataError: only some training files have a sibling, or a training file is another's
+        validation file (a glob such as ``OUT/*.jsonl`` picks up both).
+    """
+    given = list(given or ())
+    if given == [NONE]:
+        return None
+    for path in data:
+        if path.endswith(SUFFIX) and any(sibling(p) == path for p in data):
+            raise DataError(f"{os.path.abspath(path)}: is the validation split of another "
+                            "--data file; pass only training files to --data (each one's "
+                            f"<name>{SUFFIX} beside it is found by itself)")
+    if given:
+        if len(given) != len(data):
+            raise UsageError(f"--validation: {len(given)} files for {len(data)} --data files "
+                             "(one per --data file, in the same order, or 'none')")
+        return [os.path.abspath(p) for p in given]
+    found = [os.path.isfile(sibling(p)) for p in data]
+    if not any(found):
+        return None
+    if not all(found):
+        missing = [sibling(p) for p, ok in zip(data, found) if not ok]
+        raise DataError(f"{os.path.abspath(missing[0])}: missing, while other --data files "
+                        f"have their {SUFFIX} ({len(missing)} missing in all); add them, pass "
+                        "--validation FILE ... explicitly, or --validation none")
+    return [os.path.abspath(sibling(p)) for p in data]
+
+
+def read_validation(path: str, name: str) -> list[Example]:
+    """The examples of one validation file (see the module doc), tagged ``dataset=name``.
+
+    Raises:
+      DataError: naming the file and line: unreadable, not UTF-8, not a JSON object with string
+        ``input`` and ``target``, ``choices`` not a list of strings holding the target, lines
+        with and without choices mixed, or no lines at all.
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the validation file: {e.strerror}") from None
+    out, kinds = [], set()
+    for i, raw in enumerate(lines, 1):
+        where = f"{path}:{i}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file "
+                            "as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("input"), str)
+                and isinstance(row.get("target"), str) and row["input"].strip()):
+            raise DataError(f"{where}: expected a JSON object with string 'input' (not empty) "
+                            "and 'target' (and optionally 'choices', a list of strings)")
+        choices = row.get("choices")
+        if choices is not None:
+            if not (isinstance(choices, list) and choices
+                    and all(isinstance(c, str) for c in choices)):
+                raise DataError(f"{where}: 'choices' must be a non-empty list of strings")
+            if row["target"] not in choices:
+                raise DataError(f"{where}: the target {row['target']!r} is not one of its "
+                                f"choices {choices}")
+            ex = Example(row["input"], tuple(choices), (choices.index(row["target"]),),
+                         dataset=name, example_id=str(i))
+        else:
+            ex = Example(row["input"], references=(row["target"],), dataset=name,
+                         example_id=str(i))
+        kinds.add(choices is not None)
+        if len(kinds) > 1:
+            raise DataError(f"{where}: lines with and without 'choices' are mixed; a validation "
+                            "file is scored by one metric (split it, or give every line choices)")
+        out.append(ex)
+    if not out:
+        raise DataError(f"{path}: no validation examples (empty file)")
+    return out
+
+
+class Validator:
+    """Scores E experts of one stacked trainable tree, each on its own validation examples.
+
+    The goose-eval ``Evaluator`` does the work, with per-example routing (method ``example``):
+    every example uses its own expert, so the examples of all experts share batches, and one
+    call scores them all.
+
+    Args:
+      cfg: the model config (with the training's dtype policy).
+      params: the frozen base parameters.
+      tokenizer: the training's tokenizer.
+      examples: per expert, its ``read_validation`` examples.
+      lora_scale: the experts' LoRA scale.
+      tcfg: the ``TrainConfig`` (lengths, batch size, generation metric, fast compile).
+      mesh: the training's mesh, or None.
+    """
+
+    def __init__(self, cfg, params, tokenizer, examples: Sequence[Sequence[Example]], *,
+                 lora_scale: float, tcfg, mesh=None):
+        from goose_jax.evaluation import Evaluator
+
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.lora_scale = lora_scale
+        self.names = [ex[0].dataset for ex in examples]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.metrics = ["accuracy" if ex[0].choices else tcfg.validation_metric
+                        for ex in examples]
+        self.sizes = [len(ex) for ex in examples]
+        self.tasks = []
+        for metric in dict.fromkeys(self.metrics):
+            group = [e for ex, m in zip(examples, self.metrics) if m == metric for e in ex]
+            self.tasks.append((EvalTask(
+                f"validation/{metric}", "validation", "rank" if metric == "accuracy" else
+                "generate", metric, lambda g=group: g, max_new_tokens=tcfg.max_target_length),
+                group))
+        self.evaluator_args = dict(
+            batch_size=tcfg.micro_batch, max_input_length=tcfg.max_input_length,
+            max_target_length=tcfg.max_target_length, mesh=mesh,
+            fast_compile=tcfg.fast_compile,
+            choose_experts=lambda exs: [self.index[e.dataset] for e in exs])
+        self._evaluator = Evaluator
+
+    def scores(self, trainable) -> np.ndarray:
+        """(E,) float64: each expert's metric on its validation split, in percent.
+
+        Args:
+          trainable: the stacked experts (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)).
+        """
+        from goose_jax.routers import build_routed
+
+        routed = build_routed("example", self.cfg, trainable, scale=self.lora_scale)
+        evaluator = self._evaluator(self.cfg, self.params, self.tokenizer, routed,
+                                    **self.evaluator_args)
+        totals, counts = np.zeros(len(self.names)), np.zeros(len(self.names))
+        for task, group in self.tasks:
+            result = evaluator.evaluate_task(task, group)
+            for pred in result.predictions:
+                i = self.index[pred["dataset"]]
+                totals[i] += pred["value"]
+                counts[i] += 1
+        return 100.0 * totals / np.maximum(counts, 1)
+
+
+@jax.jit
+def _keep_better(better_E, trainable, best):
+    def pick(x, b):
+        return jnp.where(better_E.reshape(better_E.shape + (1,) * (x.ndim - 1)), x, b)
+
+    return jax.tree.map(pick, trainable, best)
+
+
+class BestKeeper:
+    """Per expert, the trainable slice of its best validated step so far (see the module doc).
+
+    ``trainer.train_loop`` calls ``update`` at each validated step and saves ``trainable`` and
+    ``meta()`` in every checkpoint; after the loop, ``trainable`` is the stacked tree of every
+    expert's best slice (on the devices, laid out as the training state), ``step`` and ``score``
+    say where each came from.
+
+    Args:
+      score: maps the stacked trainable tree (leading axis E) to (E,) scores, higher better
+        (``Validator.scores``).
+      metrics: each expert's metric name, for the record.
+    """
+
+    def __init__(self, score, metrics: Sequence[str] = ()):
+        self._score = score
+        self.metrics = list(metrics)
+        self.trainable: Any = None
+        self.step: list[int] = []
+        self.score: list[float] = []
+        self.history: list[list] = []  # [step, [score per expert]] of every validated step
+
+    def update(self, step: int, trainable) -> dict:
+        """Scores ``trainable`` (the state after ``step`` steps) and keeps, per expert, the
+        better of it and the best so far (ties: the later step). Returns the metrics line."""
+        scores = np.asarray(self._score(trainable), np.float64)
+        if not np.isfinite(scores).all():
+            raise DataError(f"validation at step {step}: non-finite scores {scores.tolist()}")
+        if self.trainable is None:
+            better = np.ones(scores.shape, bool)
+            self.trainable = jax.tree.map(jnp.copy, trainable)
+        else:
+            better = scores >= np.asarray(self.score)
+            self.trainable = _keep_better(better, trainable, self.trainable)
+        self.step = [step if b else s for b, s in zip(better, self.step or [step] * len(better))]
+        self.score = [float(x) if b else s for b, x, s in zip(
+            better, scores, self.score or scores.tolist())]
+        self.history.append([step, scores.tolist()])
+        return {"step": step, "validation": scores.tolist(), "best_step": list(self.step)}
+
+    def meta(self) -> dict:
+        """The JSON half of the checkpointed state (the arrays are ``trainable``)."""
+        return {"best_step": self.step, "best_score": self.score, "history": self.history}
+
+    def restore(self, trainable, meta: dict) -> None:
+        """Takes back what a checkpoint holds (``trainable`` and ``meta()``)."""
+        self.trainable = trainable
+        self.step = list(meta["best_step"])
+        self.score = list(meta["best_score"])
+        self.history = [list(h) for h in meta["history"]]
+
+    def expert(self, i: int) -> dict:
+        """Expert ``i`` 's record for the library manifest."""
+        return {"best_step": self.step[i], "score": self.score[i],
+                "metric": self.metrics[i] if self.metrics else "score",
+                "scores": {str(s): v[i] for s, v in self.history}}
