@@ -95,6 +95,11 @@ def run_blocks(block_cls: type, num_layers: int, carry, *shared, **attrs):
     return carry
 
 
+def per_layer(cfg):
+    """``cfg`` unrolled: the user-facing per-layer scopes (site names, HF conversion)."""
+    return cfg.replace(scan_layers=False, remat="none")
+
+
 # --- tree layouts --------------------------------------------------------------------------------
 
 
@@ -163,7 +168,7 @@ def stack_layers(tree: Any, cfg=None) -> Any:
             layers.append({p: have[p] if p in have else _zeros_like(leaf)
                            for p, leaf in template.items()})
         stacked = {}
-        for p, leaf in template.items():
+        for p in template:
             shapes = {tuple(jnp.shape(layer[p])) for layer in layers}
             if len(shapes) != 1:
                 name = jax.tree_util.keystr(p)

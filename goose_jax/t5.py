@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
-from goose_jax.layers import run_blocks, stack_layers
+from goose_jax.layers import per_layer, run_blocks, stack_layers
 
 Array = jax.Array
 # Added to attention scores at masked positions. Finite so that bias + mask cannot overflow.
@@ -337,8 +337,8 @@ class DecoderBlock(nn.Module):
     ``y_BTD`` (B, T, D) is the residual stream (T = 1 when decoding), ``enc_BLD`` (B, L, D) the
     encoder output, ``self_bias`` float32 (1, H, T, T) the relative-position bias plus the causal
     mask ((1, H, 1, max_len) when decoding), ``cross_bias`` float32 (B, 1, 1, L) the encoder's
-    padding mask; ``decode``, ``pos`` and ``max_len`` as in ``Attention`` (the static two are
-    attributes, so that scan and remat see only arrays). Returns (B, T, D).
+    padding mask; ``decode``, ``pos`` and ``max_len`` as in ``Attention`` (the static two as
+    attributes: scan and remat pass only arrays). Returns (B, T, D).
     """
 
     cfg: T5Config
@@ -512,7 +512,7 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
       with ``cfg.scan_layers`` (the same draws as the per-layer tree, ``layers.stack_layers``).
     """
     if cfg.scan_layers:
-        return stack_layers(init_params(_per_layer(cfg), rng), cfg)
+        return stack_layers(init_params(per_layer(cfg), rng), cfg)
     if isinstance(rng, (int, np.integer)):
         gen = np.random.default_rng(int(rng))
     else:
@@ -530,11 +530,6 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _per_layer(cfg: T5Config) -> T5Config:
-    """``cfg`` unrolled, with user-facing per-layer scopes (site names, HF conversion)."""
-    return cfg.replace(scan_layers=False, remat="none")
-
-
 def param_logical_axes(cfg: T5Config) -> dict:
     """The logical axis names of every base parameter, as a pytree of PartitionSpec (with
     ``cfg.scan_layers``, the stacked tree's, each block parameter led by ``"layers"``)."""
@@ -545,10 +540,9 @@ def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
     """Every adapter site of the model, ``{"encoder/block_0/self_attn/q": (I, O), ...}``.
 
     Ordered encoder first, then decoder, blocks ascending, as the model calls them. Computed from
-    abstract shapes, so it costs nothing even for XL. The names are per layer whatever
-    ``cfg.scan_layers`` says.
+    abstract shapes, so it costs nothing even for XL. Per layer even with ``cfg.scan_layers``.
     """
-    abstract = nn.meta.unbox(_abstract_variables(_per_layer(cfg)))
+    abstract = nn.meta.unbox(_abstract_variables(per_layer(cfg)))
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]:
         names = [k.key for k in path]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from goose_jax import sharding
-from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, REMAT_NAMES, T5Config
 from goose_jax.errors import ConfigError, TrainConfigError
 from goose_jax.experts import (
     DEFAULT_SITES,
@@ -104,6 +104,9 @@ class TrainConfig:
         empty: one device on a single process, and in a process group all global devices with
         the expert axis as large as the expert and device counts allow. Not part of a run's
         identity: a run may resume on another mesh.
+      remat: activation rematerialisation per block during training (``T5Config.remat``):
+        "none", "block" (keep each block's inputs, recompute the rest in the backward pass) or
+        "dots" (keep the sites' matmul outputs). Changes memory and time, not the numbers.
     """
 
     steps: int = 1000
@@ -138,6 +141,7 @@ class TrainConfig:
     expert_names: tuple[str, ...] = ()
     fast_compile: bool = False
     mesh: str = ""
+    remat: str = "none"
 
     def __post_init__(self):
         def fail(name, want):
@@ -164,7 +168,8 @@ class TrainConfig:
                   "compute_dtype": (lambda v: v in _DTYPES, f"one of {_DTYPES}"),
                   "tokenizer": (lambda v: v in ("base", "byte"), "'base' or 'byte'"),
                   "multitask_mode": (lambda v: v in ("lora", "full"), "'lora' or 'full'"),
-                  "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings")}
+                  "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings"),
+                  "remat": (lambda v: v in REMAT_NAMES, f"one of {REMAT_NAMES}")}
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):
                 fail(name, want)
@@ -377,7 +382,9 @@ class Program:
 
     def _nll(self, base, frozen, trainable, micro):
         variables = self.variables(base, self._expand(frozen), self._expand(trainable))
-        return token_nll(self.model, variables, micro, self.adapter)
+        model = self.model if self.train.remat == "none" else \
+            self.model.replace(remat=self.train.remat)
+        return token_nll(model, variables, micro, self.adapter)
 
     def _update(self, base, frozen, trainable, opt_state, batch):
         def micro(carry, mb):
