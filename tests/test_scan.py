@@ -23,10 +23,12 @@ E, R = 5, 4
 @pytest.fixture(scope="module")
 def world():
     params = gj.init_params(CFG, 0)
-    lib = ex.init_experts(CFG, ex.LoRAConfig(rank=R), E, 1)
-    keys = iter(jax.random.split(jax.random.key(2), 1000))
-    lib = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), lib)
-    gates = jax.tree.map(lambda g: jax.random.normal(next(keys), g.shape), ex.init_gates(lib))
+    lib = ex.init_experts(CFG, ex.LoRAConfig(rank=R), E, 1, fast_compile=True)
+    rng = np.random.default_rng(2)
+    # Non-zero B (fresh experts have B = 0 and would all be the base model).
+    lib = jax.tree.map(lambda x: jnp.asarray(x + 0.2 * rng.standard_normal(x.shape), x.dtype), lib)
+    gates = jax.tree.map(lambda g: jnp.asarray(rng.standard_normal(g.shape), g.dtype),
+                         ex.init_gates(lib))
     ids, mask, dec = random_batch(np.random.default_rng(0), 3, 11, 6, CFG.vocab_size)
     return params, lib, gates, (ids, dec, mask)
 
