@@ -27,6 +27,9 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion
 
 # HF spells a T5 feed-forward as "{act}" or "gated-{act}"; "gated-gelu" historically means the
 # tanh approximation ("gelu_new"), which is what T5 v1.1 and FLAN-T5 were trained with.
+# Activation rematerialisation policies per block (``goose_jax.layers.REMAT_POLICIES``).
+REMAT_NAMES = ("none", "block", "dots")
+
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 
 
@@ -70,6 +73,11 @@ class T5Config:
       tie_word_embeddings: the output head reuses ``shared/embedding`` (no ``lm_head`` params).
       scale_decoder_outputs: multiply the final decoder states by ``d_model ** -0.5`` before the
         head (T5 v1.0 does; v1.1 / FLAN-T5 do not).
+      scan_layers: run each stack as one ``nn.scan`` over its blocks (one block body to compile,
+        not 24 + 24 at XL sizes); the model then reads trees stacked along a leading layer axis
+        (``goose_jax.layers``). Not part of the checkpoint format: HF files stay per layer.
+      remat: activation rematerialisation per block: "none", "block" (keep only each block's
+        inputs) or "dots" (keep the sites' matmul outputs); see ``layers.REMAT_POLICIES``.
     """
 
     vocab_size: int = 32128
@@ -90,6 +98,8 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     dtype: DTypePolicy = DTypePolicy()
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
@@ -112,6 +122,12 @@ class T5Config:
         if self.layer_norm_epsilon <= 0:
             raise ConfigError(
                 f"T5Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"T5Config.scan_layers must be True or False, got "
+                              f"{self.scan_layers!r}")
+        if self.remat not in REMAT_NAMES:
+            raise ConfigError(f"T5Config.remat must be one of {list(REMAT_NAMES)}, got "
+                              f"{self.remat!r}")
         if not isinstance(self.dtype, DTypePolicy):
             raise ConfigError(
                 f"T5Config.dtype must be a DTypePolicy, got {type(self.dtype).__name__}")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.errors import ConfigError, NonFiniteError
+from goose_jax.layers import stack_layers, unstack_layers
 from goose_jax.routers import TELEMETRY, collect_counts, telemetry_masks
 from goose_jax.t5 import (
     T5,
@@ -43,12 +44,17 @@ def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapte
     sites = tuple(site_shapes(cfg)) if telemetry else ()
 
     def apply(vs, masks, *args, mutable, **kwargs):
-        # Returns (output, mutated collections); with telemetry the sown counts among them.
+        # Returns (output, mutated collections); with telemetry the sown counts among them,
+        # per layer (a scanned model reads stacked masks and sows stacked counts).
         if telemetry:
+            masks = stack_layers(masks, cfg) if cfg.scan_layers else masks
             vs, mutable = {**vs, TELEMETRY: masks}, [*mutable, "intermediates"]
         if not mutable:
             return model.apply(vs, *args, **kwargs), {}
-        return model.apply(vs, *args, mutable=mutable, **kwargs)
+        out, state = model.apply(vs, *args, mutable=mutable, **kwargs)
+        if telemetry and cfg.scan_layers:
+            state = {**state, "intermediates": unstack_layers(state["intermediates"])}
+        return out, state
 
     enc_sites = [s for s in sites if s.startswith("encoder/")]
     enc_BLD, enc_state = apply(variables, telemetry_masks(enc_sites, mask_BL, mask_BL, mask_BL),
@@ -144,7 +150,7 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
 
         input_ids_BL, mask = put_global((input_ids_BL, mask), batch_sharding(mesh))
     fn = _generate_fast if fast_compile else _generate
-    tokens_BT, counts, finite_B = fn(cfg, _variables(params, collections), input_ids_BL, mask,
+    tokens_BT, counts, finite_B = fn(cfg, _variables(cfg, params, collections), input_ids_BL, mask,
                                      int(max_new_tokens), adapter=adapter,
                                      telemetry=bool(telemetry))
     if check_finite and not bool(jnp.all(finite_B)):

@@ -35,6 +35,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("joined_kv", "model"),
     ("relpos_buckets", None),
+    ("layers", None),
     ("expert", "expert"),
     ("lora_rank", None),
 )

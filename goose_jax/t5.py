@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.config import T5Config
+from goose_jax.layers import per_layer, run_blocks, stack_layers
 
 Array = jax.Array
 # Added to attention scores at masked positions. Finite so that bias + mask cannot overflow.
@@ -336,19 +337,22 @@ class DecoderBlock(nn.Module):
     ``y_BTD`` (B, T, D) is the residual stream (T = 1 when decoding), ``enc_BLD`` (B, L, D) the
     encoder output, ``self_bias`` float32 (1, H, T, T) the relative-position bias plus the causal
     mask ((1, H, 1, max_len) when decoding), ``cross_bias`` float32 (B, 1, 1, L) the encoder's
-    padding mask; ``decode``, ``pos`` and ``max_len`` as in ``Attention``. Returns (B, T, D).
+    padding mask; ``decode``, ``pos`` and ``max_len`` as in ``Attention`` (the static two as
+    attributes: scan and remat pass only arrays). Returns (B, T, D).
     """
 
     cfg: T5Config
     adapter: Any = None
+    decode: bool = False
+    max_len: int | None = None
 
     @nn.compact
-    def __call__(self, y_BTD: Array, enc_BLD: Array, self_bias: Array, cross_bias: Array, *,
-                 decode: bool = False, pos: Array | None = None,
-                 max_len: int | None = None) -> Array:
+    def __call__(self, y_BTD: Array, enc_BLD: Array, self_bias: Array, cross_bias: Array,
+                 pos: Array | None = None) -> Array:
+        decode = self.decode
         h_BTD = RMSNorm(self.cfg, name="self_attn_norm")(y_BTD)
         y_BTD = y_BTD + Attention(self.cfg, self.adapter, name="self_attn")(
-            h_BTD, h_BTD, self_bias, decode=decode, pos=pos, max_len=max_len)
+            h_BTD, h_BTD, self_bias, decode=decode, pos=pos, max_len=self.max_len)
         h_BTD = RMSNorm(self.cfg, name="cross_attn_norm")(y_BTD)
         y_BTD = y_BTD + Attention(self.cfg, self.adapter, cross=True, name="cross_attn")(
             h_BTD, enc_BLD, cross_bias, decode=decode)
@@ -380,8 +384,8 @@ class Encoder(nn.Module):
                                                cfg.relative_attention_max_distance)
         bias_1HLL = RelativePositionBias(cfg, name="relpos_bias")(jnp.asarray(buckets_LL))
         bias_BHLL = bias_1HLL + _padding_bias(mask_BL)
-        for i in range(cfg.num_encoder_layers):
-            x_BLD = EncoderBlock(cfg, self.adapter, name=f"block_{i}")(x_BLD, bias_BHLL)
+        x_BLD = run_blocks(EncoderBlock, cfg.num_encoder_layers, x_BLD, bias_BHLL,
+                           cfg=cfg, adapter=self.adapter)
         return RMSNorm(cfg, name="final_norm")(x_BLD)
 
 
@@ -420,9 +424,9 @@ class Decoder(nn.Module):
             causal_TT = np.where(np.tril(np.ones((T, T), dtype=bool)), 0.0, _MASKED)
             self_bias = bias_1HTT + jnp.asarray(causal_TT, jnp.float32)[None, None]
         cross_bias = _padding_bias(enc_mask_BL)
-        for i in range(cfg.num_decoder_layers):
-            y_BTD = DecoderBlock(cfg, self.adapter, name=f"block_{i}")(
-                y_BTD, enc_BLD, self_bias, cross_bias, decode=decode, pos=pos, max_len=max_len)
+        y_BTD = run_blocks(DecoderBlock, cfg.num_decoder_layers, y_BTD, enc_BLD, self_bias,
+                           cross_bias, pos, cfg=cfg, adapter=self.adapter, decode=decode,
+                           max_len=max_len)
         return RMSNorm(cfg, name="final_norm")(y_BTD)
 
 
@@ -504,8 +508,11 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
       rng: an int seed, or a JAX PRNG key (its key data seeds the generator).
 
     Returns:
-      The base parameter tree (plain arrays, no partitioning boxes).
+      The base parameter tree (plain arrays, no partitioning boxes); stacked along the layers
+      with ``cfg.scan_layers`` (the same draws as the per-layer tree, ``layers.stack_layers``).
     """
+    if cfg.scan_layers:
+        return stack_layers(init_params(per_layer(cfg), rng), cfg)
     if isinstance(rng, (int, np.integer)):
         gen = np.random.default_rng(int(rng))
     else:
@@ -524,7 +531,8 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
 
 
 def param_logical_axes(cfg: T5Config) -> dict:
-    """The logical axis names of every base parameter, as a pytree of PartitionSpec."""
+    """The logical axis names of every base parameter, as a pytree of PartitionSpec (with
+    ``cfg.scan_layers``, the stacked tree's, each block parameter led by ``"layers"``)."""
     return nn.get_partition_spec(_abstract_variables(cfg))["params"]
 
 
@@ -532,9 +540,9 @@ def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
     """Every adapter site of the model, ``{"encoder/block_0/self_attn/q": (I, O), ...}``.
 
     Ordered encoder first, then decoder, blocks ascending, as the model calls them. Computed from
-    abstract shapes, so it costs nothing even for XL.
+    abstract shapes, so it costs nothing even for XL. Per layer even with ``cfg.scan_layers``.
     """
-    abstract = nn.meta.unbox(_abstract_variables(cfg))
+    abstract = nn.meta.unbox(_abstract_variables(per_layer(cfg)))
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]:
         names = [k.key for k in path]
@@ -553,8 +561,10 @@ _SITE_ORDER = tuple(f"{a}/{p}" for a in ("self_attn", "cross_attn") for p in "qk
     f"ffn/{p}" for p in ("wi", "wi_0", "wi_1", "wo"))
 
 
-def _variables(params, collections):
-    return {"params": params, **(collections or {})}
+def _variables(cfg, params, collections):
+    variables = {"params": params, **(collections or {})}
+    # Either layout is accepted; a stacked tree passes through unchanged (no copy).
+    return stack_layers(variables, cfg) if cfg.scan_layers else variables
 
 
 def _ones_mask(ids):
@@ -596,5 +606,5 @@ def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attenti
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     decoder_input_ids_BT = jnp.asarray(decoder_input_ids_BT, jnp.int32)
     mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
-    return _logits(cfg, _variables(params, collections), input_ids_BL, decoder_input_ids_BT,
+    return _logits(cfg, _variables(cfg, params, collections), input_ids_BL, decoder_input_ids_BT,
                    mask, adapter=adapter)

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from goose_jax import sharding
-from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
+from goose_jax.config import FAST_COMPILE_OPTIONS, REMAT_NAMES, T5Config
 from goose_jax.errors import ConfigError, TrainConfigError
 from goose_jax.experts import (
     DEFAULT_SITES,
@@ -108,6 +108,9 @@ class TrainConfig:
         identity: a run may resume on another mesh.
       validation_metric: how experts whose validation examples have no choices are scored
         during training (``goose_jax.validation``): ``"exact_match"`` or ``"rouge_l"``.
+      remat: activation rematerialisation per block during training (``T5Config.remat``):
+        "none", "block" (keep each block's inputs, recompute the rest in the backward pass) or
+        "dots" (keep the sites' matmul outputs). Changes memory and time, not the numbers.
     """
 
     steps: int = 1000
@@ -143,6 +146,7 @@ class TrainConfig:
     fast_compile: bool = False
     mesh: str = ""
     validation_metric: str = "exact_match"
+    remat: str = "none"
 
     def __post_init__(self):
         def fail(name, want):
@@ -171,7 +175,8 @@ class TrainConfig:
                   "multitask_mode": (lambda v: v in ("lora", "full"), "'lora' or 'full'"),
                   "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings"),
                   "validation_metric": (lambda v: v in ("exact_match", "rouge_l"),
-                                        "'exact_match' or 'rouge_l'")}
+                                        "'exact_match' or 'rouge_l'"),
+                  "remat": (lambda v: v in REMAT_NAMES, f"one of {REMAT_NAMES}")}
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):
                 fail(name, want)
@@ -384,7 +389,9 @@ class Program:
 
     def _nll(self, base, frozen, trainable, micro):
         variables = self.variables(base, self._expand(frozen), self._expand(trainable))
-        return token_nll(self.model, variables, micro, self.adapter)
+        model = self.model if self.train.remat == "none" else \
+            self.model.replace(remat=self.train.remat)
+        return token_nll(model, variables, micro, self.adapter)
 
     def _update(self, base, frozen, trainable, opt_state, batch):
         def micro(carry, mb):
