@@ -38,8 +38,9 @@ from goose_jax.data.examples import EvalTask, Example
 from goose_jax.errors import DataError, EvalError, NonFiniteError
 from goose_jax.experts import EXPERTS, flatten_sites
 from goose_jax.generation import generate_greedy
+from goose_jax.layers import stack_layers, unstack_layers
 from goose_jax.metrics import generation_score, rank_prediction
-from goose_jax.routers import PER_EXAMPLE, TELEMETRY, collect_counts, telemetry_masks
+from goose_jax.routers import PER_EXAMPLE, ROUTER, TELEMETRY, collect_counts, telemetry_masks
 from goose_jax.t5 import T5
 
 Array = jax.Array
@@ -90,6 +91,8 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
         real_M = (jnp.sum(tmask_MT, axis=-1, keepdims=True) > 0).astype(mask_ML.dtype)
         enc_real = mask_ML * real_M if naive else mask_BL
         masks = {TELEMETRY: telemetry_masks(sites, enc_real, tmask_MT, mask_ML * real_M)}
+        if cfg.scan_layers:
+            masks = stack_layers(masks, cfg)
         enc_vars, dec_vars = {**enc_vars, **masks}, {**dec_vars, **masks}
     enc_ids = jnp.repeat(ids_BL, C, axis=0) if naive else ids_BL
     res = model.apply(enc_vars, enc_ids, enc_rows, method=T5.encode, mutable=mutable)
@@ -102,6 +105,10 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
     gold_MT = jnp.take_along_axis(logits_MTV, tgt_MT[..., None], axis=-1)[..., 0]
     nll_MT = (jax.nn.logsumexp(logits_MTV, axis=-1) - gold_MT) * tmask_MT
     nll_BC = jnp.sum(nll_MT, axis=-1).reshape(B, C)
+    if cfg.scan_layers and sites:
+        enc_state, dec_state = (
+            {**st, "intermediates": unstack_layers(st["intermediates"])}
+            for st in (enc_state, dec_state))
     counts = {**collect_counts(enc_state), **collect_counts(dec_state)}
     return nll_BC, counts
 
@@ -189,6 +196,11 @@ class Evaluator:
         self.adapter = adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
+        if cfg.scan_layers:
+            # The scanned model reads trees stacked along the layer axis: stacked once here
+            # (already stacked trees pass through), not on every call.
+            self.params = stack_layers(self.params, cfg)
+            self.collections = stack_layers(self.collections, cfg)
         self.compiled_shapes: set[tuple] = set()
         self.last_counts: dict[str, np.ndarray] = {}
 
@@ -224,7 +236,10 @@ class Evaluator:
         if experts_B is None:
             return {"params": self.params, **self.collections}
         routed = self.routed.with_example_index(np.repeat(experts_B, repeat))
-        return {"params": self.params, **routed.collections}
+        if not self.cfg.scan_layers:
+            return {"params": self.params, **routed.collections}
+        router = stack_layers(routed.collections[ROUTER], self.cfg)
+        return {"params": self.params, **self.collections, ROUTER: router}
 
     def _experts(self, batch: Sequence[Example], rows: int) -> np.ndarray | None:
         if self.choose_experts is None:

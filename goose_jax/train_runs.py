@@ -217,9 +217,18 @@ class Setup:
 # --- run bookkeeping ------------------------------------------------------------------------------
 
 
+# Config fields that change how a run is laid out or how much memory it takes, never its numbers:
+# a run may resume under other values.
+_LAYOUT_FIELDS = ("mesh", "remat")
+
+
 def _run_key(identity: dict) -> dict:
     identity = json.loads(json.dumps(identity))
-    identity["config"] = {k: v for k, v in identity.get("config", {}).items() if k != "mesh"}
+    # A field at its default counts as absent, so a run recorded before the field existed
+    # resumes under the default.
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    identity["config"] = {k: v for k, v in identity.get("config", {}).items()
+                          if k not in _LAYOUT_FIELDS and not (k in defaults and v == defaults[k])}
     identity.pop("finished", None)
     return identity
 

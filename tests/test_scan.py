@@ -147,3 +147,36 @@ def test_remat_gradients_equal_plain_gradients(world):
         assert jax.tree.structure(got) == jax.tree.structure(plain)
         for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-7)
+
+
+def test_evaluator_on_a_scanned_model_equals_the_unrolled(world):
+    from goose_jax.data.examples import Example
+    from goose_jax.data.tokenizers import ByteTokenizer
+    from goose_jax.evaluation import Evaluator
+
+    params, lib, gates, _ = world
+    cfg = CFG.replace(vocab_size=max(CFG.vocab_size, 259))
+    params = gj.init_params(cfg, 0)
+    tok = ByteTokenizer()
+    examples = [Example("is a goose a bird?", ("yes", "no", "maybe"), (0,)),
+                Example("route me", ("left", "right"), (1,))]
+    out = {}
+    for name, c in (("unrolled", cfg), ("scanned", cfg.replace(scan_layers=True))):
+        routed = build_routed("phatgoose", c, lib, gates=gates, top_k=2, scale=1 / R)
+        evaluator = Evaluator(c, params, tok, routed, batch_size=2, telemetry=True,
+                              max_target_length=8)
+        scores = evaluator.score_choices(examples)
+        score_counts = dict(evaluator.last_counts)
+        texts = evaluator.generate(examples, 4)
+        example = build_routed("example", c, lib, scale=1 / R)
+        per_example = Evaluator(c, params, tok, example, batch_size=2,
+                                choose_experts=lambda b: [1] * len(b)).score_choices(examples)
+        out[name] = (scores, score_counts, texts, dict(evaluator.last_counts), per_example)
+    a, b = out["unrolled"], out["scanned"]
+    for x, y in zip(a[0] + a[4], b[0] + b[4]):
+        np.testing.assert_allclose(y, x, atol=1e-5)
+    assert a[2] == b[2]
+    for counts_a, counts_b in ((a[1], b[1]), (a[3], b[3])):
+        assert counts_a and set(counts_a) == set(counts_b)
+        for site in counts_a:
+            np.testing.assert_array_equal(counts_b[site], counts_a[site])

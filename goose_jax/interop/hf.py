@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, one_line
+from goose_jax.layers import per_layer, unstack_layers
 from goose_jax.progress import progress_bar, progress_enabled
 from goose_jax.sharding import read_into
 from goose_jax.tensorfile import open_tensors, read_json, write_atomic, write_safetensors
@@ -609,7 +610,9 @@ def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike, *,
         ``check_model_folder``).
     """
     check_hf_folder(path, overwrite=overwrite)
-    state = params_to_hf_state_dict(cfg, params, progress=progress_enabled())
+    # HF checkpoints are per layer: a scanned model's stacked blocks are unstacked first.
+    state = params_to_hf_state_dict(per_layer(cfg), unstack_layers(params),
+                                    progress=progress_enabled())
     text = json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n"
     return write_model_folder(path, SAFE_WEIGHTS_NAME, state, CONFIG_NAME, text,
                               superseded=(*_WEIGHT_FILES, *_SHARD_PATTERNS))
