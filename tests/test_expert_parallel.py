@@ -56,7 +56,10 @@ def test_goose_eval_on_an_expert_mesh_gives_the_single_device_results(world, tmp
                         str(tmp_path / "p.st"))
         extra += ["--prototypes", str(tmp_path / "p.st")]
     runs = {}
-    for name, mesh in (("plain", []), ("mesh", ["--mesh", "data=2,expert=4"])):
+    variants = [("plain", []), ("mesh", ["--mesh", "data=2,expert=4"])]
+    if method == "phatgoose":   # the scanned blocks on the same mesh, too
+        variants.append(("scan", ["--mesh", "data=2,expert=4", "--scan-layers"]))
+    for name, mesh in variants:
         assert main(_args(world, tmp_path / name, *extra, *mesh)) == 0
         out = tmp_path / name
         runs[name] = ([json.loads(line) for line in
@@ -70,6 +73,13 @@ def test_goose_eval_on_an_expert_mesh_gives_the_single_device_results(world, tmp
         if "scores" in a:   # written rounded to 5 decimals
             np.testing.assert_allclose(b["scores"], a["scores"], rtol=0, atol=1.0001e-5)
     assert mesh_tele == plain_tele
+    if "scan" in runs:
+        scan, scan_tele, _ = runs["scan"]
+        assert [p["prediction"] for p in scan] == [p["prediction"] for p in plain]
+        for a, b in zip(plain, scan):
+            if "scores" in a:
+                np.testing.assert_allclose(b["scores"], a["scores"], rtol=0, atol=1.0001e-5)
+        assert scan_tele == plain_tele
 
 
 @needs_8_devices
