@@ -238,3 +238,14 @@ def test_goose_eval_world_benchmark_checks(tmp_path, capsys):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert list(res["datasets"]) == ["world/animals_any", "world/sports_label"]
     assert res["world_seed"] == 2 and res["datasets"]["world/animals_any"]["examples"] == 3
+    # The seed's test examples: the first of each template.
+    want = []
+    for name in ("animals_any", "sports_label"):
+        seen = set()
+        for i in range(64):
+            ex = world.make_example(name, "test", i, seed=2)
+            if ex.template not in seen:
+                seen.add(ex.template)
+                want.append((ex.dataset, ex.template, ex.example_id))
+    preds = [json.loads(line) for line in open(tmp_path / "o" / "predictions.jsonl")]
+    assert sorted((p["dataset"], p["template"], p["id"]) for p in preds) == sorted(want)
