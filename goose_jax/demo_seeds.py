@@ -13,8 +13,6 @@ import json
 import os
 from collections.abc import Sequence
 
-import numpy as np
-
 from goose_jax import paper_table as pt
 from goose_jax.tensorfile import write_atomic
 
@@ -32,11 +30,10 @@ def seed_runs(summary: dict) -> list[pt.Run]:
     def scores(by_task):
         return {f"world/{t}": v for t, v in by_task.items()}
 
-    runs = [pt.Run(path=f"seed {seed}", row=ROWS.get(m, m), scores=scores(s), base="world",
-                   repeat=seed)
+    runs = [pt.Run(path=f"seed {seed}", row=ROWS.get(m, m), scores=scores(s), repeat=seed)
             for m, s in summary["scores"].items() if m not in DERIVED]
-    runs += [pt.Run(path=f"seed {seed}", row="single", scores=scores(s), base="world",
-                    repeat=seed, expert=n) for n, s in summary["experts"].items()]
+    runs += [pt.Run(path=f"seed {seed}", row="single", scores=scores(s), repeat=seed,
+                    expert=n) for n, s in summary["experts"].items()]
     return runs
 
 
@@ -69,7 +66,8 @@ def report_seeds(summaries: Sequence[dict], out: str, preset: str) -> dict:
     lines += ["", "## Per-token top-1 agreement with the task's own expert (held-in tasks)", "",
               f"Chance is {1 / len(names):.3f}.", ""]
     if agree:
-        layers = list(next(iter(agree.values()))["by_layer"])
+        layers = sorted(next(iter(agree.values()))["by_layer"],
+                        key=lambda layer: (not layer.startswith("encoder"), layer))
         lines += ["| method | mean over sites | " + " | ".join(layers) + " |",
                   "|---|---:|" + "---:|" * len(layers)]
         for m, a in agree.items():
@@ -77,7 +75,7 @@ def report_seeds(summaries: Sequence[dict], out: str, preset: str) -> dict:
                 pt.fmt(a["by_layer"][layer], 2) for layer in layers) + " |")
     seconds = [s.get("seconds", 0.0) for s in summaries]
     lines += ["", "Per-seed tables, heatmaps and summaries: " + ", ".join(
-        f"seed{x}/" for x in seeds) + f"; model part {np.sum(seconds) / 60:.1f} min in all."]
+        f"seed{x}/" for x in seeds) + "."]
     write_atomic(os.path.join(out, "results.md"), text + "\n".join(lines) + "\n")
     write_atomic(os.path.join(out, "results.png"), pt.figure_png(
         table, title=f"goose-demo, seeds {', '.join(map(str, seeds))}: mean and range"))

@@ -334,8 +334,10 @@ def _best_row(repeats: Mapping[str, dict], cols, groups) -> dict:
 
 
 def _means_header(table: dict) -> list[str]:
-    return [g for g in ("held-in", "held-out") if table["held_in" if g == "held-in"
-                                                         else "held_out"]]
+    """The held means worth a column: those of groups of two benchmarks or more (a group of one
+    benchmark has that benchmark's number as its mean)."""
+    return [g for g, key in (("held-in", "held_in"), ("held-out", "held_out"))
+            if len(table[key]) > 1]
 
 
 def markdown(table: dict, *, title: str = "Results") -> str:
