@@ -10,6 +10,11 @@ Stages (each cached under ``<out>/work``; a rerun reuses what is done):
   5. router vectors of the other methods: average activation, Arrow, the retrieval index;
   6. every method on every held-in and held-out task;
   7. ``results.md``, ``results.json``, heatmaps, the library, and a plain-language summary.
+
+With several seeds (``DemoSettings(seeds=(0, 1, 2))``, ``goose-demo --seeds 0,1,2``) each seed
+runs in turn (its own library and cache; its tables under ``<out>/seed<N>/``), then
+``results.md``, ``results.json`` and ``results.png`` give every table as the mean and range
+over the seeds (``goose_jax.paper_table``, the layout of ``goose-eval report``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class DemoSettings:
       seed: the seed of the data and the training.
       base: a different base model directory (HF format; None: the shipped miniature base).
       retrieval: run the retrieval baseline (it loads a sentence encoder).
+      seeds: several seeds, run one after another and reported as mean and range (empty:
+        ``seed`` alone).
     """
 
     preset: str = "full"
@@ -74,11 +81,15 @@ class DemoSettings:
     seed: int = 0
     base: str | None = None
     retrieval: bool = True
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise UsageError(f"unknown demo preset {self.preset!r}; expected one of "
                              f"{sorted(PRESETS)}")
+        if len(set(self.seeds)) != len(self.seeds) or any(x < 0 for x in self.seeds):
+            raise UsageError(f"--seeds {','.join(map(str, self.seeds))}: expected distinct "
+                             "seeds >= 0")
 
 
 def _say(msg: str) -> None:
@@ -328,13 +339,31 @@ def check_out(out: str) -> None:
 
 def run_demo(settings: DemoSettings) -> dict:
     """Runs every stage (each reused when cached under ``<out>/work``); writes ``results.md``,
-    ``results.json`` and the heatmaps to ``settings.out``; returns the summary (results.json)."""
+    ``results.json`` and the heatmaps to ``settings.out``; returns the summary (results.json).
+    With several ``seeds``: each seed's outputs go to ``<out>/seed<N>/`` and the results files
+    to ``out`` hold every table as the mean and range over the seeds."""
+    check_out(settings.out)
+    if len(settings.seeds) > 1:
+        from goose_jax.demo_seeds import report_seeds
+
+        out = os.path.abspath(settings.out)
+        summaries = [_run_one(dataclasses.replace(settings, seed=s),
+                              os.path.join(out, f"seed{s}")) for s in settings.seeds]
+        summary = report_seeds(summaries, out, settings.preset)
+        _say(summary["plain_summary"])
+        return summary
+    if settings.seeds:
+        settings = dataclasses.replace(settings, seed=settings.seeds[0])
+    return _run_one(settings, os.path.abspath(settings.out))
+
+
+def _run_one(settings: DemoSettings, dest: str) -> dict:
+    """One seed's run; its tables, heatmaps and summary go to ``dest``."""
     from goose_jax.data import world
     from goose_jax.routers import build_routed
 
     p = PRESETS[settings.preset]
     out = os.path.abspath(settings.out)
-    check_out(settings.out)
     work = os.path.join(out, "work", f"{settings.preset}_seed{settings.seed}")
     os.makedirs(work, exist_ok=True)
     stages = _Stages()
@@ -396,19 +425,21 @@ def run_demo(settings: DemoSettings) -> dict:
         return res
 
     res = stages.run("evaluation", evaluate_all)
-    summary = stages.run("report", report, res, names, lib, out, settings, stages)
+    os.makedirs(dest, exist_ok=True)
+    summary = stages.run("report", report, res, names, lib, dest, settings, stages)
     summary["method_seconds"] = {k: round(v, 1) for k, v in timings.items()}
     total = time.perf_counter() - stages.t0
     summary["seconds"] = round(total, 1)
-    write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=2))
+    write_atomic(os.path.join(dest, "results.json"), json.dumps(summary, indent=2))
     _say(summary["plain_summary"])
-    _say(f"\ngoose-demo finished in {total / 60:.1f} min (model part); outputs in {out}")
+    _say(f"\ngoose-demo finished in {total / 60:.1f} min (model part); outputs in {dest}")
     return summary
 
 
 def report(res: dict, names: list[str], lib, out: str, settings: DemoSettings, stages) -> dict:
     """Tables, heatmaps and the summary (stage 7)."""
     from goose_jax.data import world
+    from goose_jax.paper_table import best_expert, oracle
     from goose_jax.report import write_heatmaps
 
     heldin = [t.name for t in world.HELDIN]
@@ -416,13 +447,13 @@ def report(res: dict, names: list[str], lib, out: str, settings: DemoSettings, s
     scores = {m: r["scores"] for m, r in res.items()}
     singles = {m.split(":", 1)[1]: s for m, s in scores.items() if m.startswith("expert:")}
     table = {m: s for m, s in scores.items() if not m.startswith("expert:")}
-    table["oracle"] = {t: max(s[t] for s in singles.values()) for t in heldin + heldout}
+    table["oracle"] = oracle(singles)
 
     def mean(s, group):
         return float(np.mean([s[t] for t in group]))
 
-    best = {g: max(singles, key=lambda n: mean(singles[n], grp))
-            for g, grp in (("held-in", heldin), ("held-out", heldout))}
+    best = {g: best_expert(singles, grp) for g, grp in (("held-in", heldin),
+                                                        ("held-out", heldout))}
     table["best_individual"] = {**{t: singles[best["held-in"]][t] for t in heldin},
                                 **{t: singles[best["held-out"]][t] for t in heldout}}
     means = {m: {"held-in": mean(s, heldin), "held-out": mean(s, heldout)}
@@ -482,8 +513,8 @@ def report(res: dict, names: list[str], lib, out: str, settings: DemoSettings, s
                          f"{len(heatmaps)} PNGs in {os.path.join(out, 'heatmaps')}; library: "
                          f"{lib.path}")
     return {"preset": settings.preset, "seed": settings.seed, "scores": table, "means": means,
-            "own_task": own, "best_individual": best, "agreement": agree_summary,
-            "agreement_per_site": agree, "stage_seconds": stages.times,
+            "experts": singles, "own_task": own, "best_individual": best,
+            "agreement": agree_summary, "agreement_per_site": agree, "stage_seconds": stages.times,
             "heatmaps": heatmaps, "library": lib.path,
             "plain_summary": "\n".join(summary_lines)}
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # --- aggregation --------------------------------------------------------------------------------
 
 
-def _family(name: str, benchmark: str) -> str:
+def family(name: str, benchmark: str) -> str:
+    """The benchmark of a dataset name: its prefix before ``/``, else ``benchmark``."""
     return name.split("/")[0] if "/" in name else (benchmark or "all")
 
 
@@ -52,7 +53,7 @@ def summarize(results: dict[str, DatasetResult], *, benchmark: str = "",
     groups: dict[str, list[float]] = {}
     for name, d in datasets.items():
         if d["score"] is not None:
-            groups.setdefault(_family(name, benchmark), []).append(d["score"])
+            groups.setdefault(family(name, benchmark), []).append(d["score"])
     scored = [v for g in groups.values() for v in g]
     return {"benchmark": benchmark, "score": float(np.mean(scored)) if scored else None,
             "num_datasets": len(scored),

@@ -25,6 +25,8 @@ from goose_jax.errors import DataError, LibraryError, RoutingError, UsageError
 from goose_jax.routers import METHODS, PER_EXAMPLE
 from goose_jax.tensorfile import read_json
 
+WORLD = "world"   # the miniature world's benchmark (goose_jax.data.world, what goose-demo trains)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
@@ -34,7 +36,8 @@ class EvalSettings:
       base: base model (a Hugging Face T5 directory, a goose-jax checkpoint, ``random:PRESET``).
       out: the results folder.
       tasks: task names (``t0_heldout/rte``, ``bbh/navigate``).
-      benchmarks: whole benchmarks (``t0_heldout``, ``t0_heldin``, ``bbh``, ``bbl``, ``flan``).
+      benchmarks: whole benchmarks (``t0_heldout``, ``t0_heldin``, ``bbh``, ``bbl``, ``flan``,
+        ``world``: the miniature world's tasks, on a library ``goose-demo`` wrote).
       library: the expert library directory (None: only method ``base``).
       method: one of ``routers.METHODS`` (None: ``phatgoose`` with a library, else ``base``).
       top_k: experts per token (per-token methods).
@@ -50,6 +53,8 @@ class EvalSettings:
         ``"release"`` for the original release's ``10 * sqrt(d_in)``); see ``build_routed``.
       p3_root, bbh_root, bbl_root, flan_root, tfds_dir: where each data source lives.
       flan_grouping: a JSON file mapping FLAN task names to expert names.
+      world_seed: the seed of the world's test examples (the demo's ``--seed`` reproduces its
+        own test set; any seed is a fresh draw of the same tasks).
       tokenizer: tokenizer directory (None: the base's).
       byte_tokenizer: use the byte-level tokenizer.
       dtype: ``float32`` or ``bfloat16`` (a Hugging Face base's parameters and compute).
@@ -84,6 +89,7 @@ class EvalSettings:
     bbl_root: str | None = None
     flan_root: str | None = None
     flan_grouping: str | None = None
+    world_seed: int = 0
     tfds_dir: str | None = None
     tokenizer: str | None = None
     byte_tokenizer: bool = False
@@ -133,6 +139,15 @@ class EvalSettings:
                  "example": ("expert_map", "--expert-map (or use --method retrieval)")}
         if method in needs and getattr(self, needs[method][0]) is None:
             raise UsageError(f"--method {method} needs {needs[method][1]}")
+        if self.world and len(self.world) < len(self.tasks) + len(self.benchmarks):
+            raise UsageError("the world's tasks use the world's own tokenizer: evaluate them "
+                             "apart from other benchmarks")
+
+    @property
+    def world(self) -> tuple[str, ...]:
+        """The miniature world's benchmark and task names among ``benchmarks`` and ``tasks``."""
+        return tuple(n for n in self.benchmarks + self.tasks
+                     if n == WORLD or n.startswith(f"{WORLD}/"))
 
     @property
     def routing_method(self) -> str:
@@ -184,7 +199,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "always run it); 'release': the original release's 10 * sqrt(d_in), "
                     "near-even top-2 weights, as the paper's Arrow numbers were measured; or "
                     "any number > 0. The kept experts are the same either way")
-    ap.add_argument("--benchmark", help="comma-separated: t0_heldout, t0_heldin, bbh, bbl, flan")
+    ap.add_argument("--benchmark", help="comma-separated: t0_heldout, t0_heldin, bbh, bbl, flan; "
+                    "or world (the miniature world's tasks, on a library goose-demo wrote)")
+    ap.add_argument("--world-seed", type=int, default=0, help="--benchmark world: the seed of "
+                    "the test examples (a demo's --seed gives its own test set)")
     ap.add_argument("--tasks", help="comma-separated task names (e.g. t0_heldout/rte,bbh/navigate)")
     ap.add_argument("--p3-root", help="P3 release directory (with data/<task>/ folders)")
     ap.add_argument("--bbh-root", help="BIG-bench Hard: one saved HF dataset per task")
@@ -468,7 +486,7 @@ def validate(s: EvalSettings) -> None:
 
     check_out_dir(s.out, overwrite=s.overwrite)
     check_base(s.base)
-    if not s.byte_tokenizer:
+    if not s.byte_tokenizer and not (s.world and s.tokenizer is None):
         if s.tokenizer is not None and not os.path.isdir(s.tokenizer):
             raise CheckpointError(f"{s.tokenizer}: --tokenizer is not a directory")
         if s.tokenizer is None and s.base.startswith(RANDOM):
@@ -486,8 +504,14 @@ def validate(s: EvalSettings) -> None:
 def load_tasks(s: EvalSettings):
     """(tasks, examples by task name) of the settings: every task read and capped up front."""
     from goose_jax.data import tasks as T
+    from goose_jax.data import world
     from goose_jax.evaluation import load_all
 
+    if s.world:   # evaluated apart (EvalSettings)
+        names = [n.removeprefix(f"{WORLD}/") for n in s.world if n != WORLD]
+        tasks = world.eval_tasks(None if WORLD in s.world else names, split="test",
+                                 seed=s.world_seed)
+        return tasks, {t.name: cap_examples(t.load(), s.max_examples) for t in tasks}
     grouping = None
     if s.flan_grouping:
         grouping = read_json_flag(s.flan_grouping, "--flan-grouping", "FLAN grouping")
@@ -503,6 +527,10 @@ def load_base_model(s: EvalSettings, mesh=None):
     from goose_jax.base_model import load_base, load_tokenizer
 
     cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh)
+    if s.world and not (s.tokenizer or s.byte_tokenizer):
+        from goose_jax.data.world import WorldTokenizer
+
+        return cfg, params, WorldTokenizer()
     tok = load_tokenizer(s.tokenizer or s.base, None if s.tokenizer else cfg,
                          byte=s.byte_tokenizer)
     return cfg, params, tok
@@ -573,6 +601,9 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
             "tasks": [t.name for t in tasks], "batch_size": batch_size,
             "length_normalize": s.length_normalize, "encoder_once": s.encoder_once,
             **({"arrow_temperature": s.arrow_temperature} if routed.method == "arrow" else {}),
+            **({"expert": s.expert if s.expert in names else names[int(s.expert)]}
+               if routed.method == "single" else {}),
+            **({"world_seed": s.world_seed} if s.world else {}),
             **({"prototypes": os.path.abspath(s.prototypes_path)}
                if routed.method == "average_activation" else {}),
             "devices": jax.device_count(),

@@ -78,3 +78,105 @@ def test_missing_base_is_a_clear_error(tmp_path, capsys):
     assert main(["--preset", "small", "--out", str(tmp_path / "o"),
                       "--base", str(tmp_path / "nowhere")]) == 1
     assert "the miniature base is missing" in capsys.readouterr().err
+
+
+def _fake_seed(seed, rng):
+    """A seed's demo summary (results.json) with random scores."""
+    tasks = [t.name for t in world.HELDIN + world.HELDOUT]
+    names = [t.name for t in world.HELDIN]
+
+    def scores():
+        return {t: float(rng.integers(0, 65)) * 100 / 64 for t in tasks}
+
+    methods = ("base", "multitask", "merged", "average_activation", "arrow", "retrieval",
+               "phatgoose_k1", "phatgoose_k2")
+    experts = {n: scores() for n in names}
+    agreement = {m: {"mean": float(rng.random()), "by_layer": {"encoder/block_0": float(
+        rng.random()), "decoder/block_0": float(rng.random())}} for m in ("phatgoose_k2",)}
+    return {"seed": seed, "scores": {m: scores() for m in methods}, "experts": experts,
+            "own_task": {n: experts[n][n] for n in names}, "agreement": agreement,
+            "seconds": 1.0}
+
+
+def test_several_seeds_are_reported_as_mean_and_range(tmp_path):
+    from goose_jax.demo_seeds import report_seeds
+
+    rng = np.random.default_rng(0)
+    seeds = [_fake_seed(s, rng) for s in (0, 4, 7)]
+    out = report_seeds(seeds, str(tmp_path), "small")
+    heldin = [t.name for t in world.HELDIN]
+    heldout = [t.name for t in world.HELDOUT]
+
+    def check(cell, values):
+        np.testing.assert_allclose([cell["mean"], cell["min"], cell["max"]],
+                                   [np.mean(values), np.min(values), np.max(values)])
+        assert cell["n"] == len(values)
+
+    rows = out["table"]["rows"]
+    for method, row in (("phatgoose_k2", "phatgoose k=2"), ("merged", "merged"),
+                        ("arrow", "arrow k=2")):
+        for group, tasks in (("held-in", heldin), ("held-out", heldout)):
+            check(rows[row][group], [np.mean([s["scores"][method][t] for t in tasks])
+                                     for s in seeds])
+        check(rows[row]["datasets"]["world/food_label"],
+              [s["scores"][method]["food_label"] for s in seeds])
+    for group, tasks in (("held-in", heldin), ("held-out", heldout)):
+        check(rows["oracle"][group], [np.mean([max(e[t] for e in s["experts"].values())
+                                               for t in tasks]) for s in seeds])
+        check(rows["best individual"][group], [max(np.mean([e[t] for t in tasks])
+                                                   for e in s["experts"].values())
+                                               for s in seeds])
+    check(out["own_task"]["animals_any"]["own task"],
+          [s["experts"]["animals_any"]["animals_any"] for s in seeds])
+    check(out["agreement"]["phatgoose_k2"]["by_layer"]["decoder/block_0"],
+          [s["agreement"]["phatgoose_k2"]["by_layer"]["decoder/block_0"] for s in seeds])
+    text = (tmp_path / "results.md").read_text()
+    c = rows["phatgoose k=2"]["held-out"]
+    assert f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})" in text
+    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0, 4, 7]
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_flag(tmp_path, capsys):
+    assert main(["--seeds", "0,x", "--out", str(tmp_path / "o")]) == 2
+    assert "comma-separated seeds" in capsys.readouterr().err
+    assert main(["--seeds", "1,1", "--out", str(tmp_path / "o")]) == 2
+    assert "distinct" in capsys.readouterr().err
+    assert main(["--seeds", "1,2", "--seed", "3", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_goose_eval_world_on_the_demo_library(smoke, tmp_path):
+    """goose-eval --benchmark world on the library the demo wrote scores every world task on
+    the demo's test examples of that seed, as the demo's own evaluation path does."""
+    from goose_jax.library import ExpertLibrary
+    from goose_jax.routers import build_routed
+    from goose_jax.zeroshot import cap_examples
+
+    lib_path = smoke / "library_small_seed1"
+    out = tmp_path / "pg"
+    assert tool("goose-eval")(["--base", demo.ASSET, "--library", str(lib_path), "--method",
+                               "phatgoose", "--top-k", "2", "--benchmark", "world",
+                               "--world-seed", "1", "--max-examples", "1", "--no-progress",
+                               "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_seed"] == 1
+    tasks = world.eval_tasks(split="test", seed=1)
+    assert sorted(res["datasets"]) == sorted(t.name for t in tasks)
+    # The same examples: the first of each template among the seed's test examples.
+    examples = {t.name: cap_examples([world.make_example(t.name.removeprefix("world/"), "test",
+                                                         i, 1) for i in range(64)], 1)
+                for t in tasks}
+    preds = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert sorted((p["dataset"], p["id"]) for p in preds) == sorted(
+        (e.dataset, e.example_id) for v in examples.values() for e in v)
+    # The demo's evaluation path over those examples gives the same scores.
+    cfg, params = demo.load_world_base()
+    lib = ExpertLibrary.open(str(lib_path), cfg, params)
+    experts, gates = lib.load()
+    routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2, scale=lib.scale)
+    ref = demo._evaluate("pg", cfg, params, world.WorldTokenizer(), routed, tasks, examples,
+                         str(tmp_path / "ref.json"))
+    for name, d in res["datasets"].items():
+        assert d["score"] == pytest.approx(ref["scores"][name.removeprefix("world/")]), name

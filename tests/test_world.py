@@ -216,3 +216,36 @@ def test_shipped_base_fits_the_vocabulary():
     pretrain_ids = {i for k in range(len(src)) for text in src[k] for i in tok.encode(text)}
     assert max(pretrain_ids) < made["vocabulary_size"] <= config["vocab_size"]
     assert os.path.getsize(os.path.join(ASSET, "model.safetensors")) < 5e6
+
+
+def test_goose_eval_world_benchmark_checks(tmp_path, capsys):
+    from conftest import one_line, tool
+
+    from goose_jax.demo import ASSET
+
+    main = tool("goose-eval")
+    args = ["--base", ASSET, "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*args, "--benchmark", "world,bbh"]) == 2
+    assert "apart from other benchmarks" in one_line(capsys.readouterr().err, "goose-eval")
+    assert main([*args, "--tasks", "world/nope"]) == 1
+    assert "unknown world task 'nope'" in one_line(capsys.readouterr().err, "goose-eval")
+    assert not (tmp_path / "o").exists()
+    # The base alone on two world tasks, with the world's tokenizer and test examples.
+    assert main([*args, "--tasks", "world/animals_any,world/sports_label", "--world-seed", "2",
+                 "--max-examples", "1"]) == 0
+    import json
+
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(res["datasets"]) == ["world/animals_any", "world/sports_label"]
+    assert res["world_seed"] == 2 and res["datasets"]["world/animals_any"]["examples"] == 3
+    # The seed's test examples: the first of each template.
+    want = []
+    for name in ("animals_any", "sports_label"):
+        seen = set()
+        for i in range(64):
+            ex = world.make_example(name, "test", i, seed=2)
+            if ex.template not in seen:
+                seen.add(ex.template)
+                want.append((ex.dataset, ex.template, ex.example_id))
+    preds = [json.loads(line) for line in open(tmp_path / "o" / "predictions.jsonl")]
+    assert sorted((p["dataset"], p["template"], p["id"]) for p in preds) == sorted(want)

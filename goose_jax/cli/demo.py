@@ -17,7 +17,11 @@ PROG = "goose-demo"
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", type=_seed_list, default=(), metavar="0,1,2",
+                       help="run these seeds one after another and report every table as the "
+                       "mean and range over them (each seed's own tables under OUT/seed<N>/)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--base", default=None, help="a different base model directory (HF format)")
@@ -27,9 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated seeds, e.g. "
+                                         "0,1,2") from None
+
+
 def _run(args: argparse.Namespace) -> None:
     run_demo(DemoSettings(preset=args.preset, out=args.out, seed=args.seed, base=args.base,
-                          retrieval=not args.no_retrieval))
+                          retrieval=not args.no_retrieval, seeds=args.seeds))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

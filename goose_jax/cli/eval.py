@@ -8,11 +8,16 @@ Writes to ``--out``: ``results.json`` (per-dataset and benchmark scores, setting
 routing methods ``telemetry.json`` (per site and dataset, how often each expert was the top-1
 choice over real tokens) with one heatmap per layer (dataset x expert) under ``telemetry/``.
 The run itself is ``goose_jax.zeroshot.run_eval``; exit codes are those of ``goose_jax.errors``.
+
+    goose-eval report runs/* --out report/
+
+lays any set of runs out as the paper's table (``goose_jax.paper_table.write_report``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from goose_jax import distributed, zeroshot
@@ -41,8 +46,33 @@ def _run(args: argparse.Namespace) -> None:
     zeroshot.run_eval(zeroshot.settings_from_args(args))
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=f"{PROG} report", description="The paper's table (methods x benchmarks, held-in "
+        "and held-out means, oracle and best individual from single-expert runs; several seeds "
+        "as mean and range) of goose-eval runs, as report.md, report.json and report.png.")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="goose-eval --out folders; "
+                    "NAME=RUN_DIR names the run's row (and exempts it from the one-base check, "
+                    "e.g. multitask=runs/t0_3b)")
+    ap.add_argument("--out", required=True, help="the report folder")
+    ap.add_argument("--overwrite", action="store_true", help="replace a report already there")
+    ap.set_defaults(run=_report)
+    return ap
+
+
+def _report(args: argparse.Namespace) -> None:
+    from goose_jax.paper_table import write_report
+
+    write_report(args.runs, args.out, overwrite=args.overwrite)
+    print(f"report of {len(args.runs)} runs in {args.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-eval``; returns the exit code (the table in ``goose_jax.errors``)."""
+    """Runs ``goose-eval`` (or ``goose-eval report``); returns the exit code (the table in
+    ``goose_jax.errors``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return run_tool(f"{PROG} report", build_report_parser(), argv[1:])
     return run_tool(PROG, build_parser(), argv)
 
 
