@@ -22,7 +22,8 @@ library, as goose-eval's ``Evaluator.score_choices`` calls it); ``generation``'s
 is one decode step). Rank 16 at every site. The base is laid out by the rules table, every
 expert-stacked tree with E over ``expert``, batches over ``data``.
 
-Each setting has a mesh (printed; ``--mesh`` replaces it). A setting whose arguments alone (the
+Each setting has a mesh for training and one for evaluation (printed, and why beside
+``SETTINGS``; ``--mesh`` replaces both). A setting whose arguments alone (the
 parameters, exactly as laid out) exceed the chip fails before anything compiles, in one line
 that says by how much and which axis would help. ``--layers N`` compiles N + N blocks instead of
 24 + 24 (compiling the full depth is slow on a small CPU). The last line is the worst fraction
@@ -53,19 +54,24 @@ class Setting:
     devices: int
     chip: str
     chip_gib: float
-    mesh: str
+    train_mesh: str  # goose-train's --mesh for the experts and gate steps
+    eval_mesh: str  # goose-eval's --mesh for rank classification and generation
     programs: tuple[str, ...]
     config: str  # configs/<config>.py: the training hyper-parameters of this setting
 
 
 SETTINGS = {
-    "t0": Setting("t0", 36, 16, "v4", 32, "data=1,model=4,expert=4",
+    "t0": Setting("t0", 36, 16, "v4", 32, "data=4,model=1,expert=4", "data=1,model=4,expert=4",
                   ("experts", "gate", "rank", "generate"), "t0_heldin"),
-    "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=8,expert=2",
-                    ("experts", "gate", "rank", "generate"), "flan"),
-    "ocean": Setting("ocean", 1000, 64, "v5e", 16, "data=1,model=8,expert=8",
+    "flan": Setting("flan", 166, 16, "v5e", 16, "data=8,model=1,expert=2",
+                    "data=1,model=8,expert=2", ("experts", "gate", "rank", "generate"), "flan"),
+    "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=8,expert=8",
                      ("rank", "generate"), "flan"),
 }
+# Why these meshes: a train step's activations grow with the rows each device holds (E / X
+# experts x micro_batch / D rows), so training splits rows over ``data`` (up to the micro batch
+# of 8) and experts over ``expert`` (a divisor of E: 36 = 4 x 9, 166 = 2 x 83); evaluation holds
+# the whole library and the base, so it splits the base's kernels over ``model`` instead.
 PROGRAMS = ("experts", "gate", "rank", "generate")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 RANK_SHAPE = dict(batch=64, choices=4, input_length=256, target_length=8)
@@ -96,7 +102,7 @@ class Built:
     args: tuple
     kwargs: dict
     base: object  # the base params among the arguments
-    shared: int = 0  # per-device bytes of an argument passed twice (one buffer on the device)
+    shared: int = 0  # per-device bytes of an argument passed twice (one buffer on a device)
 
 
 def abstract_base(cfg, mesh):
@@ -201,8 +207,9 @@ def rank_program(cfg, lora, E, mesh):
     ids, mask = batch_input((B, L), mesh), batch_input((B, L), mesh)
     tgt, tmask = batch_input((B, C, T), mesh), batch_input((B, C, T), mesh)
     fn = evaluation._CHOICE_NLL[False]  # the scorer Evaluator.score_choices calls
-    # The encoder's and the decoder's variables are one tree (as the Evaluator passes them),
-    # held once on a device though the executable counts each argument.
+    # The encoder's and the decoder's variables are one tree (as the Evaluator passes them):
+    # held once on a device. (jit drops the half of each copy its side does not use, so the
+    # executable's argument bytes count it once too.)
     args = (cfg, adapter, variables, variables, ids, mask, tgt, tmask)
     return Built(fn, args, {"naive": False, "sites": ()}, variables["params"],
                  per_device_bytes(variables))
@@ -301,7 +308,6 @@ def measure(built: Built) -> dict:
     mem = compiled.memory_analysis()
     sizes = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
              ("argument", "output", "temp", "generated_code", "alias")}
-    sizes["argument"] -= built.shared
     total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + \
         sizes["generated_code"]
     return {**sizes, "total": total, "collectives": collectives(compiled.as_text()),
@@ -321,18 +327,20 @@ def run(args) -> int:
     from goose_jax.config import T5Config
     from goose_jax.errors import UsageError
 
+    import jax
+
+    devices = jax.devices()
     settings = [SETTINGS[s] for s in args.settings.split(",")]
     programs = args.programs.split(",")
     plan = []
     for s in settings:  # every request checked, and every fit estimated, before compiling
-        mesh_text = args.mesh or s.mesh
-        mesh = sharding.make_mesh(**sharding.parse_mesh(mesh_text),
-                                  devices=__import__("jax").devices()[:s.devices])
         tcfg = load_config(s.config)
         cfg = T5Config.preset("t5-xl-lm-adapt").replace(
             num_encoder_layers=args.layers, num_decoder_layers=args.layers).with_dtypes(
             tcfg.param_dtype, tcfg.compute_dtype)
         for name in (p for p in programs if p in s.programs):
+            mesh_text = args.mesh or (s.train_mesh if name in ("experts", "gate") else s.eval_mesh)
+            mesh = sharding.make_mesh(**sharding.parse_mesh(mesh_text), devices=devices[:s.devices])
             built = build(name, s, cfg, tcfg, mesh)
             check_fits(s, name, built, mesh_text)
             plan.append((s, mesh_text, name, built))
