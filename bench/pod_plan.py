@@ -323,11 +323,11 @@ def load_config(name: str):
 
 
 def run(args) -> int:
+    import jax
+
     from goose_jax import sharding
     from goose_jax.config import T5Config
     from goose_jax.errors import UsageError
-
-    import jax
 
     devices = jax.devices()
     settings = [SETTINGS[s] for s in args.settings.split(",")]
