@@ -11,7 +11,7 @@ counts once, not once per iteration).
     setting  base                     experts  devices  chip         programs
     t0       T5-XL LM-adapt, bf16     36       16       v4, 32 GiB   experts step, gate step,
                                                                      rank classification, generate
-    flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same
+    flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same (trained 16 at a time)
     ocean    T5-XL LM-adapt, bf16     1000     64       v5e, 16 GiB  rank classification, generate
 
 The programs: ``training.Program(...).step_fn`` for kinds "expert" (all experts at once, the
@@ -58,13 +58,15 @@ class Setting:
     eval_mesh: str  # goose-eval's --mesh for rank classification and generation
     programs: tuple[str, ...]
     config: str  # configs/<config>.py: the training hyper-parameters of this setting
+    train_experts: int = 0  # experts one goose-train run trains at once (0: all of them)
 
 
 SETTINGS = {
     "t0": Setting("t0", 36, 16, "v4", 32, "data=4,model=1,expert=4", "data=1,model=4,expert=4",
                   ("experts", "gate", "rank", "generate"), "t0_heldin"),
-    "flan": Setting("flan", 166, 16, "v5e", 16, "data=8,model=1,expert=2",
-                    "data=1,model=8,expert=2", ("experts", "gate", "rank", "generate"), "flan"),
+    "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=1,expert=16",
+                    "data=1,model=8,expert=2", ("experts", "gate", "rank", "generate"), "flan",
+                    train_experts=16),
     "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=8,expert=8",
                      ("rank", "generate"), "flan"),
 }
@@ -72,6 +74,9 @@ SETTINGS = {
 # experts x micro_batch / D rows), so training splits rows over ``data`` (up to the micro batch
 # of 8) and experts over ``expert`` (a divisor of E: 36 = 4 x 9, 166 = 2 x 83); evaluation holds
 # the whole library and the base, so it splits the base's kernels over ``model`` instead.
+# FLAN trains in runs of 16 experts (166 = 10 x 16 + 6; each run writes into the one library):
+# all 166 in one step need 38 GiB per device of float32 state alone on 16 chips at expert=2, the
+# largest divisor of 166 that 16 devices allow.
 PROGRAMS = ("experts", "gate", "rank", "generate")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 RANK_SHAPE = dict(batch=64, choices=4, input_length=256, target_length=8)
@@ -275,7 +280,7 @@ def build(name, setting, cfg, tcfg, mesh):
     lora = tcfg.lora
     if name in ("experts", "gate"):
         return train_program("expert" if name == "experts" else name, cfg, tcfg,
-                             setting.experts, mesh)
+                             setting.train_experts or setting.experts, mesh)
     return (rank_program if name == "rank" else generate_program)(cfg, lora, setting.experts,
                                                                   mesh)
 
@@ -290,13 +295,13 @@ def check_fits(setting, name, built: Built, mesh_text) -> None:
         return
     base = per_device_bytes(built.base)
     rest = need - base
-    axis = ("expert (it splits the expert-stacked trees)" if rest >= base
-            else "model (it splits the base's kernels)")
+    axis = ("`expert` axis (it splits the expert-stacked trees)" if rest >= base
+            else "`model` axis (it splits the base's kernels)")
     raise ConfigError(
         f"setting {setting.name}, {name}: its arguments alone need {fmt_gib(need)} GiB per "
         f"device on {mesh_text}, {fmt_gib(need - chip)} GiB over the {setting.chip} chip's "
         f"{setting.chip_gib:g} GiB (base {fmt_gib(base)}, the rest {fmt_gib(rest)} GiB); a "
-        f"larger {axis} axis would help: pass --mesh")
+        f"larger {axis} would help: pass --mesh")
 
 
 def measure(built: Built) -> dict:
