@@ -353,16 +353,17 @@ def run(args) -> int:
         raise UsageError(f"no program of {programs} belongs to the settings {args.settings}")
     print(f"T5-XL LM-adapt with {args.layers} + {args.layers} blocks, bf16; per device, GiB; "
           "collectives: kind instructions/MiB of results")
-    print("| setting | program | mesh | args | out | temp | code | total | chip | fraction "
+    print("| setting | program | E | mesh | args | out | temp | code | total | chip | fraction "
           "| collectives | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = (0.0, "")
     for s, mesh_text, name, built in plan:
         r = measure(built)
         frac = r["total"] / (s.chip_gib * GIB)
         coll = ", ".join(f"{k} {n}/{b / 2**20:.0f}" for k, (n, b) in r["collectives"].items()
                          if n) or "none"
-        print(f"| {s.name} | {name} | {mesh_text} | {fmt_gib(r['argument'])} | "
+        E = s.train_experts or s.experts if name in ("experts", "gate") else s.experts
+        print(f"| {s.name} | {name} | {E} | {mesh_text} | {fmt_gib(r['argument'])} | "
               f"{fmt_gib(r['output'])} | {fmt_gib(r['temp'])} | "
               f"{fmt_gib(r['generated_code'])} | {fmt_gib(r['total'])} | {s.chip} "
               f"{s.chip_gib:g} | {frac:.2f} | {coll} | {r['lower_s'] + r['compile_s']:.0f} |",
