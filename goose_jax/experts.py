@@ -29,7 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from goose_jax import sharding
 from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.errors import ConfigError
 from goose_jax.t5 import site_shapes
@@ -124,7 +126,8 @@ def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
 
 
 def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array],
-                 rng: Array | int = 0, dtype=jnp.float32, *, fast_compile: bool = False) -> dict:
+                 rng: Array | int = 0, dtype=jnp.float32, *, fast_compile: bool = False,
+                 mesh: Mesh | None = None) -> dict:
     """Fresh experts stacked on a leading axis: A ~ N(0, init_std^2) (E, I, R), B = 0 (E, R, O).
 
     Expert e is drawn from its own key alone, as one normal vector cut into the sites' A
@@ -140,6 +143,10 @@ def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array]
       rng: the root key (or seed) of a count; ignored with keys.
       dtype: the returned leaves' dtype.
       fast_compile: compile with XLA's backend optimisation off (tests, smoke runs).
+      mesh: build the stack already laid out on this mesh, E over ``expert``
+        (``sharding.leading_shardings``): one jitted program with output shardings in which each
+        device draws only its own experts, so the whole stack never exists on one device or
+        host. The values are those of ``mesh=None``.
 
     Raises:
       ConfigError: no experts, or ``lora.sites`` matches no site of ``cfg``.
@@ -151,7 +158,21 @@ def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array]
     if len(experts) < 1:
         raise ConfigError(f"init_experts needs at least one expert, got {len(experts)}")
     select_sites(cfg, lora)  # one clear error outside jit when no site matches
-    stack = _init_fn(fast_compile)(cfg, lora, jnp.stack(list(experts)))
+    keys = jnp.stack(list(experts))
+    if mesh is None:
+        stack = _init_fn(fast_compile)(cfg, lora, keys)
+    else:
+        # Key data, replicated as host values: a jit over a mesh of several processes takes
+        # global arrays only.
+        impl = jax.random.key_impl(keys)
+        key_data = sharding.replicate(np.asarray(jax.random.key_data(keys)), mesh)
+
+        def draw(data):
+            return _init_stack(cfg, lora, jax.random.wrap_key_data(data, impl=impl))
+
+        out = sharding.leading_shardings(jax.eval_shape(draw, key_data), mesh)
+        stack = jax.jit(draw, out_shardings=out, compiler_options=FAST_COMPILE_OPTIONS
+                        if fast_compile else None)(key_data)
     return jax.tree.map(lambda x: x.astype(dtype), stack) if dtype != jnp.float32 else stack
 
 
@@ -176,11 +197,21 @@ def _init_stack(cfg: T5Config, lora: LoRAConfig, keys) -> dict:
     return jax.vmap(one)(keys)
 
 
-def init_gates(experts: dict, dtype=jnp.float32) -> dict:
-    """Zero gate vectors (E, I) for every site of ``experts`` (sigmoid starts at 0.5)."""
-    flat = flatten_sites(experts)
-    return nest_sites({name: {"gate": jnp.zeros(leaf["lora_a"].shape[:2], dtype)}
-                       for name, leaf in flat.items()})
+def init_gates(experts: dict, dtype=jnp.float32, *, mesh: Mesh | None = None) -> dict:
+    """Zero gate vectors (E, I) for every site of ``experts`` (sigmoid starts at 0.5).
+
+    ``experts`` may be abstract (shapes only). With ``mesh`` the gates are built laid out, E over
+    ``expert``, each device writing only its own share.
+    """
+    shapes = nest_sites({name: {"gate": jax.ShapeDtypeStruct(leaf["lora_a"].shape[:2], dtype)}
+                         for name, leaf in flatten_sites(experts).items()})
+
+    def zeros():
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=sharding.leading_shardings(shapes, mesh))()
 
 
 def lora_delta(x_D: Array, lora_a_EDR: Array, lora_b_ERO: Array, weights_E: Array | None,

@@ -274,3 +274,45 @@ def pad_experts(tree: Any, multiple: int) -> Any:
         return np.concatenate([host, np.zeros((extra,) + host.shape[1:], host.dtype)])
 
     return jax.tree.map(pad, tree)
+
+
+# --- layouts of whole programs (declared shardings, abstract trees) ------------------------------
+
+
+def leading_shardings(tree: Any, mesh: Mesh, rest_logical: tuple = ()) -> Any:
+    """The ``NamedSharding`` of every leaf of a tree that leads with the expert axis E, as
+    ``shard_leading`` places it: E over ``expert``, the next axes by ``rest_logical``, the rest
+    replicated; scalars, and axes the mesh does not divide, replicated. ``tree`` may be abstract
+    (``jax.ShapeDtypeStruct`` leaves): nothing is placed or built."""
+    def spec(x):
+        axes = (("expert",) + rest_logical)[:np.ndim(x)]
+        while axes and axes[-1] is None:
+            axes = axes[:-1]
+        return PartitionSpec(*axes)
+
+    return param_shardings(tree, jax.tree.map(spec, tree), mesh)
+
+
+def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding(mesh, P())`` for every leaf of ``tree`` (as ``replicate`` places it)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda _: replicated, tree)
+
+
+def batch_shardings(batch: Any, mesh: Mesh, many: bool) -> Any:
+    """Shardings of a train batch as ``data.batching.global_batch`` lays it out: [E, A, M, ...]
+    experts over ``expert`` and rows over ``data`` (``many``), else [A, M, ...] rows over
+    ``data``."""
+    if many:
+        return leading_shardings(batch, mesh, (None, "batch"))
+    return param_shardings(batch, jax.tree.map(lambda _: PartitionSpec(None, "batch"), batch),
+                           mesh)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves with ``shardings`` (one, or a matching tree) for
+    ``jit(...).lower``: shapes and layouts only, nothing materialised."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)

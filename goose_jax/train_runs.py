@@ -415,8 +415,8 @@ def run_experts(args: RunArgs) -> int:
     root = jax.random.key(tcfg.seed)
     trainable = init_experts(
         setup.cfg, lora, [jax.random.fold_in(root, stream_id(n)) for n in names],
-        fast_compile=tcfg.fast_compile)
-    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale)
+        fast_compile=tcfg.fast_compile, mesh=setup.mesh)
+    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, mesh=setup.mesh)
     best = None
     if examples:
         validator = Validator(setup.cfg, setup.frozen_base(), setup.tokenizer, examples,
@@ -476,8 +476,9 @@ def run_gate(args: RunArgs) -> int:
     frozen = cast_floats(experts, setup.cfg.dtype.param)
     if setup.mesh is not None:
         frozen = sharding.shard_experts(frozen, setup.mesh)
-    program = Program("gate", setup.cfg, tcfg, tcfg.gate_steps, lib.scale)
-    state, history, ran = train_loop(program, setup.frozen_base(), frozen, init_gates(experts),
+    program = Program("gate", setup.cfg, tcfg, tcfg.gate_steps, lib.scale, mesh=setup.mesh)
+    gates = init_gates(experts, mesh=setup.mesh)
+    state, history, ran = train_loop(program, setup.frozen_base(), frozen, gates,
                                      batchers, args.workdir, eval_batchers=evals,
                                      mesh=setup.mesh, desc=f"{len(names)} gate(s)",
                                      seed_key=jax.random.key(tcfg.seed))
@@ -516,7 +517,7 @@ def run_multitask(args: RunArgs) -> int:
         if recorded is None:
             record_run(args.workdir, identity)
         program = Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype), tcfg,
-                          tcfg.steps, many=False)
+                          tcfg.steps, many=False, mesh=setup.mesh)
         state, history, _ = train_loop(program, None, None, setup.params, batchers,
                                        args.workdir, eval_batchers=evals, mesh=setup.mesh,
                                        desc="multitask (full)", seed_key=key)
@@ -540,8 +541,9 @@ def run_multitask(args: RunArgs) -> int:
     if recorded is None:
         record_run(args.workdir, identity)
     trainable = init_experts(setup.cfg, lora, [jax.random.fold_in(key, stream_id(args.name))],
-                             fast_compile=tcfg.fast_compile)
-    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, many=False)
+                             fast_compile=tcfg.fast_compile, mesh=setup.mesh)
+    program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, many=False,
+                      mesh=setup.mesh)
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
                                      args.workdir, eval_batchers=evals, mesh=setup.mesh,
                                      desc="multitask (lora)", seed_key=key)

@@ -45,7 +45,9 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from goose_jax import sharding
 from goose_jax.config import FAST_COMPILE_OPTIONS, REMAT_NAMES, T5Config
@@ -58,7 +60,7 @@ from goose_jax.experts import (
     LoRAConfig,
     select_sites,
 )
-from goose_jax.t5 import T5
+from goose_jax.t5 import T5, param_logical_axes
 
 Array = jax.Array
 
@@ -316,6 +318,11 @@ class Program:
       lora_scale: the LoRA scale (ignored for "full").
       many: vmap over a leading expert axis (E runs side by side); False is a plain
         single-model step (multitask).
+      mesh: the device mesh the steps run on, or None (one device, layouts left to jit). With a
+        mesh every jitted program declares its input and output shardings (``shardings``):
+        the base by the rules table, the expert-stacked trees (trainable, optimiser state,
+        frozen experts, metrics) with E over ``expert``, the batch as ``global_batch`` lays it
+        out, and ``init`` builds the state directly in its layout.
     """
 
     kind: str
@@ -324,6 +331,7 @@ class Program:
     steps: int
     lora_scale: float = 1.0
     many: bool = True
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -349,10 +357,48 @@ class Program:
         return {"params": trainable}
 
     def init(self, trainable) -> TrainState:
-        """A fresh state; ``trainable`` leaves are cast to float32."""
-        trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
-        return TrainState(jnp.zeros((), jnp.int32), trainable,
-                          self._jit(_init_impl)(self, trainable))
+        """A fresh state; ``trainable`` leaves are cast to float32. On a mesh it is built by one
+        jitted program with output shardings: each device computes only its own share of the
+        optimiser state (never the whole expert stack on one device)."""
+        if self.mesh is None:
+            trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+            return TrainState(jnp.zeros((), jnp.int32), trainable,
+                              self._jit(_init_impl)(self, trainable))
+        return self._mesh_jit(_init_state_impl, (trainable,), False)[0](trainable)
+
+    def state_shapes(self, trainable) -> TrainState:
+        """The state ``init(trainable)`` builds, as ``jax.ShapeDtypeStruct`` leaves (with their
+        shardings on a mesh): ``trainable`` may itself be abstract; nothing is computed."""
+        shapes = jax.eval_shape(functools.partial(_init_state_impl, self), trainable)
+        return shapes if self.mesh is None else sharding.abstract(
+            shapes, self._per_expert(shapes))
+
+    def shardings(self, base, frozen, state, batch) -> tuple:
+        """The declared ``NamedSharding`` trees of ``(base, frozen, state, batch)`` on the mesh
+        (the inputs of ``step``; ``evaluate`` takes the trainable tree in place of the state,
+        laid out like it). Arrays or shapes; None stays None.
+
+        Raises:
+          TrainConfigError: the program has no mesh.
+        """
+        if self.mesh is None:
+            raise TrainConfigError("Program.shardings: this program has no mesh")
+        return (None if base is None else sharding.param_shardings(
+                    base, _base_specs(self.model), self.mesh),
+                None if frozen is None else sharding.leading_shardings(frozen, self.mesh),
+                self._per_expert(state),
+                None if batch is None else sharding.batch_shardings(batch, self.mesh, self.many))
+
+    def step_fn(self, base, frozen, state, batch, *, donate: bool = False):
+        """The jitted step for inputs shaped like these (arrays or ``jax.ShapeDtypeStruct``):
+        call it as ``step_fn(...)(base, frozen, state, batch)``. On a mesh its input and output
+        shardings are declared (``shardings``; the new state leaves as the old one came in, so
+        ``donate`` reuses its buffers), and ``.lower(...)`` of abstract inputs compiles it
+        without any data (``bench/pod_plan.py``)."""
+        if self.mesh is None:
+            return functools.partial(self._jit(_step_impl, (3,) if donate else ()), self)
+        return self._mesh_jit(_step_impl, (base, frozen, state, batch), True,
+                              (2,) if donate else ())[0]
 
     def step(self, base, frozen, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimiser step (jitted).
@@ -368,15 +414,43 @@ class Program:
           (new state, metrics): ``loss`` (mean target-token NLL), ``tokens``, ``grad_norm``
           (before clipping), each (E,) when ``many``; ``lr`` a scalar.
         """
-        return self._jit(_step_impl)(self, base, frozen, state, batch)
+        return self._run(_step_impl, (base, frozen, state, batch), ())
 
     def step_donating(self, base, frozen, state: TrainState, batch: dict):
         """``step`` that donates ``state``'s buffers (the caller must not reuse ``state``)."""
-        return self._jit(_step_impl, (3,))(self, base, frozen, state, batch)
+        return self._run(_step_impl, (base, frozen, state, batch), (2,))
 
     def evaluate(self, base, frozen, trainable, batch: dict) -> dict:
         """Mean target-token NLL (``loss``) and ``tokens`` on ``batch``, without updating."""
-        return self._jit(_evaluate_impl)(self, base, frozen, trainable, batch)
+        return self._run(_evaluate_impl, (base, frozen, trainable, batch), ())
+
+    def _run(self, fn, args: tuple, donate: tuple):
+        if self.mesh is None:
+            return self._jit(fn, tuple(i + 1 for i in donate))(self, *args)
+        jitted, in_shardings = self._mesh_jit(fn, args, True, donate)
+        # Inputs already laid out as declared pass through untouched (``put_global``).
+        return jitted(*sharding.put_global(args, in_shardings))
+
+    def _per_expert(self, tree):
+        if self.many:
+            return sharding.leading_shardings(tree, self.mesh)
+        return sharding.replicated_shardings(tree, self.mesh)
+
+    def _mesh_jit(self, fn, args: tuple, declare_inputs: bool, donate: tuple = ()):
+        # (jitted, input shardings), once per (fn, program, donation, input shapes). Outputs are
+        # laid out per expert (or replicated) like the inputs, so a state goes round unchanged.
+        leaves, treedef = jax.tree.flatten(args)
+        key = (fn, self, declare_inputs, donate, treedef,
+               tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in leaves))
+        if key not in _MESH_JITS:
+            bound = functools.partial(fn, self)
+            out = self._per_expert(jax.eval_shape(bound, *args))
+            options = FAST_COMPILE_OPTIONS if self.train.fast_compile else None
+            in_shardings = self.shardings(*args) if declare_inputs else None
+            kwargs = {"in_shardings": in_shardings} if declare_inputs else {}
+            _MESH_JITS[key] = (jax.jit(bound, out_shardings=out, donate_argnums=donate,
+                                       compiler_options=options, **kwargs), in_shardings)
+        return _MESH_JITS[key]
 
     def _jit(self, fn, donate: tuple = ()):
         # One jitted function per (fn, options); the program is its static first argument, so
@@ -435,11 +509,24 @@ def _init_impl(program: Program, trainable):
     return (jax.vmap(init) if program.many else init)(trainable)
 
 
+def _init_state_impl(program: Program, trainable):
+    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, _init_impl(program, trainable))
+
+
 def _evaluate_impl(program: Program, base, frozen, trainable, batch):
     fn = program._eval
     if program.many:
         fn = jax.vmap(fn, in_axes=(None, 0, 0, 0))
     return fn(base, frozen, trainable, batch)
+
+
+_MESH_JITS: dict = {}
+
+
+@functools.cache
+def _base_specs(model: T5Config):
+    return param_logical_axes(model)
 
 
 @functools.cache

@@ -1,0 +1,406 @@
+"""Whether the paper's settings fit a chip: the real programs compiled for simulated meshes.
+
+For each setting, the jitted programs goose-train and goose-eval run are lowered with abstract
+inputs (``jax.ShapeDtypeStruct`` with shardings: nothing is materialised) for a mesh of fake CPU
+devices, and compiled. Per program it prints, per device, the argument, output, temporary and
+code bytes of ``compiled.memory_analysis()``, their total against the chip's memory (outputs that
+alias donated arguments counted once), and the collectives of ``compiled.as_text()``: count and
+result bytes per kind, counted once per instruction of the HLO (an instruction inside a loop
+counts once, not once per iteration).
+
+    setting  base                     experts  devices  chip         programs
+    t0       T5-XL LM-adapt, bf16     36       16       v4, 32 GiB   experts step, gate step,
+                                                                     rank classification, generate
+    flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same (trained 16 at a time)
+    ocean    T5-XL LM-adapt, bf16     1000     64       v5e, 16 GiB  rank classification, generate
+
+The programs: ``training.Program(...).step_fn`` for kinds "expert" (all experts at once, the
+config's micro batch) and "gate" (as goose-train runs them); ``evaluation``'s choice-NLL scorer
+(batch 64 x 4 choices, 256 encoder and 8 decoder tokens, PHATGOOSE top-2 over the whole
+library, as goose-eval's ``Evaluator.score_choices`` calls it); ``generation``'s greedy decoder
+(batch 64, 256 encoder tokens, 8 new tokens: the encoder, the first step and the loop whose body
+is one decode step). Rank 16 at every site. The base is laid out by the rules table, every
+expert-stacked tree with E over ``expert``, batches over ``data``.
+
+Each setting has a mesh for training and one for evaluation (printed, and why beside
+``SETTINGS``; ``--mesh`` replaces both). A setting whose arguments alone (the
+parameters, exactly as laid out) exceed the chip fails before anything compiles, in one line
+that says by how much and which axis would help. ``--layers N`` compiles N + N blocks instead of
+24 + 24 (compiling the full depth is slow on a small CPU). The last line is the worst fraction
+of chip memory over every program compiled.
+
+    python bench/pod_plan.py                          # every setting, full depth
+    python bench/pod_plan.py --settings t0,flan --programs experts,gate
+    python bench/pod_plan.py --layers 2               # 2 + 2 blocks, for iteration
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import re
+import sys
+import time
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    experts: int
+    devices: int
+    chip: str
+    chip_gib: float
+    train_mesh: str  # goose-train's --mesh for the experts and gate steps
+    eval_mesh: str  # goose-eval's --mesh for rank classification and generation
+    programs: tuple[str, ...]
+    config: str  # configs/<config>.py: the training hyper-parameters of this setting
+    train_experts: int = 0  # experts one goose-train run trains at once (0: all of them)
+
+
+SETTINGS = {
+    "t0": Setting("t0", 36, 16, "v4", 32, "data=4,model=1,expert=4", "data=1,model=4,expert=4",
+                  ("experts", "gate", "rank", "generate"), "t0_heldin"),
+    "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=1,expert=16",
+                    "data=1,model=8,expert=2", ("experts", "gate", "rank", "generate"), "flan",
+                    train_experts=16),
+    "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=8,expert=8",
+                     ("rank", "generate"), "flan"),
+}
+# Why these meshes: a train step's activations grow with the rows each device holds (E / X
+# experts x micro_batch / D rows), so training splits rows over ``data`` (up to the micro batch
+# of 8) and experts over ``expert`` (a divisor of E: 36 = 4 x 9, 166 = 2 x 83); evaluation holds
+# the whole library and the base, so it splits the base's kernels over ``model`` instead.
+# FLAN trains in runs of 16 experts (166 = 10 x 16 + 6; each run writes into the one library):
+# all 166 in one step need 38 GiB per device of float32 state alone on 16 chips at expert=2, the
+# largest divisor of 166 that 16 devices allow.
+PROGRAMS = ("experts", "gate", "rank", "generate")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+RANK_SHAPE = dict(batch=64, choices=4, input_length=256, target_length=8)
+GENERATE_SHAPE = dict(batch=64, input_length=256, new_tokens=8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="pod_plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", default="t0,flan,ocean",
+                   help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--programs", default=",".join(PROGRAMS),
+                   help="comma-separated subset of the programs each setting compiles")
+    p.add_argument("--layers", type=int, default=24,
+                   help="encoder and decoder blocks each (24: T5-XL; fewer compiles faster)")
+    p.add_argument("--mesh", default="", help="replace every chosen setting's mesh, e.g. "
+                   "data=2,model=4,expert=2 (the product must be the setting's device count)")
+    return p
+
+
+# --- the programs: each one small function over the library's own API --------------------------
+
+
+@dataclasses.dataclass
+class Built:
+    """A jitted program and its abstract arguments."""
+
+    fn: object
+    args: tuple
+    kwargs: dict
+    base: object  # the base params among the arguments
+    shared: int = 0  # per-device bytes of an argument passed twice (one buffer on a device)
+
+
+def abstract_base(cfg, mesh):
+    """The base params as shapes laid out by the rules table (nothing built)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from goose_jax import sharding
+    from goose_jax.t5 import T5, param_logical_axes
+
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
+    shapes = shapes["params"]
+    return sharding.abstract(shapes, sharding.param_shardings(shapes, param_logical_axes(cfg),
+                                                              mesh))
+
+
+def abstract_library(cfg, lora, E, mesh, dtype):
+    """E experts (init_experts' shapes) in ``dtype``, E over ``expert``."""
+    import jax
+
+    from goose_jax import sharding
+    from goose_jax.experts import init_experts
+
+    shapes = jax.eval_shape(lambda: init_experts(cfg, lora, E, dtype=dtype))
+    return sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
+
+
+def abstract_batch(tcfg, E, mesh):
+    """One experts-step batch [E, A, M, L] / [E, A, M, T], laid out as global_batch lays it."""
+    import jax
+    import numpy as np
+
+    from goose_jax import sharding
+
+    lead = (E, tcfg.grad_accum, tcfg.micro_batch)
+    shapes = {"inputs": jax.ShapeDtypeStruct(lead + (tcfg.max_input_length,), np.int32),
+              "input_mask": jax.ShapeDtypeStruct(lead + (tcfg.max_input_length,), np.int32),
+              "targets": jax.ShapeDtypeStruct(lead + (tcfg.max_target_length,), np.int32)}
+    return sharding.abstract(shapes, sharding.batch_shardings(shapes, mesh, many=True))
+
+
+def train_program(kind, cfg, tcfg, E, mesh):
+    """goose-train's jitted step of kind "expert" or "gate", lowered for abstract inputs."""
+    import jax
+
+    from goose_jax.experts import init_gates
+    from goose_jax.training import Program
+
+    lora = tcfg.lora
+    steps = tcfg.steps if kind == "expert" else tcfg.gate_steps
+    program = Program(kind, cfg, tcfg, steps, lora.lora_scale, mesh=mesh)
+    base = abstract_base(cfg, mesh)
+    experts = abstract_library(cfg, lora, E, mesh, cfg.dtype.param)
+    frozen, trainable = (None, experts) if kind == "expert" else (
+        experts, jax.eval_shape(init_gates, experts))
+    state = program.state_shapes(trainable)
+    batch = abstract_batch(tcfg, E, mesh)
+    args = (base, frozen, state, batch)
+    return Built(program.step_fn(*args, donate=True), args, {}, base)
+
+
+def routed_collections(cfg, lora, E, mesh, dtype):
+    """PHATGOOSE top-2 over E experts: ``build_routed``'s adapter, and its collections as shapes.
+
+    ``build_routed`` checks concrete arrays, so it builds from a two-expert stand-in; its
+    collections (every leaf leads with E) are then declared at E, laid out over ``expert``."""
+    import jax
+    import jax.numpy as jnp
+
+    from goose_jax import sharding
+    from goose_jax.experts import init_gates
+    from goose_jax.routers import build_routed
+
+    small = abstract_library(cfg, lora, 2, mesh, dtype)
+    experts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), small)
+    gates = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), jax.eval_shape(init_gates, small))
+    extra = {"mesh": mesh} if "mesh" in inspect.signature(build_routed).parameters else {}
+    routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2,
+                          scale=lora.lora_scale, **extra)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((E,) + x.shape[1:], x.dtype),
+                          routed.collections)
+    return routed.adapter, sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
+
+
+def batch_input(shape, mesh, dtype="int32"):
+    import jax
+
+    from goose_jax.sharding import batch_sharding
+
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+
+
+def rank_program(cfg, lora, E, mesh):
+    """goose-eval's rank classification scorer (``Evaluator.score_choices``'s jitted call)."""
+    from goose_jax import evaluation
+
+    adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
+    variables = {"params": abstract_base(cfg, mesh), **collections}
+    B, C, L, T = (RANK_SHAPE[k] for k in ("batch", "choices", "input_length", "target_length"))
+    ids, mask = batch_input((B, L), mesh), batch_input((B, L), mesh)
+    tgt, tmask = batch_input((B, C, T), mesh), batch_input((B, C, T), mesh)
+    fn = evaluation._CHOICE_NLL[False]  # the scorer Evaluator.score_choices calls
+    # The encoder's and the decoder's variables are one tree (as the Evaluator passes them):
+    # held once on a device. (jit drops the half of each copy its side does not use, so the
+    # executable's argument bytes count it once too.)
+    args = (cfg, adapter, variables, variables, ids, mask, tgt, tmask)
+    return Built(fn, args, {"naive": False, "sites": ()}, variables["params"],
+                 per_device_bytes(variables))
+
+
+def generate_program(cfg, lora, E, mesh):
+    """goose-eval's greedy decoder (``generate_greedy``'s jitted call), routed."""
+    from goose_jax import generation
+
+    adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
+    variables = {"params": abstract_base(cfg, mesh), **collections}
+    B, L, T = (GENERATE_SHAPE[k] for k in ("batch", "input_length", "new_tokens"))
+    fn = generation._generate  # the decoder generate_greedy calls
+    args = (cfg, variables, batch_input((B, L), mesh), batch_input((B, L), mesh), T)
+    return Built(fn, args, {"adapter": adapter, "telemetry": False}, variables["params"])
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+    """kind -> (instructions, result bytes) in the compiled HLO text."""
+    out = {k: [0, 0] for k in COLLECTIVES}
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        nbytes = 0
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            nbytes += n * _DTYPE_BYTES[dtype]
+        out[m.group(2)][0] += 1
+        out[m.group(2)][1] += nbytes
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of the abstract (sharded) leaves of ``tree`` (the largest share)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+            total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def build(name, setting, cfg, tcfg, mesh):
+    lora = tcfg.lora
+    if name in ("experts", "gate"):
+        return train_program("expert" if name == "experts" else name, cfg, tcfg,
+                             setting.train_experts or setting.experts, mesh)
+    return (rank_program if name == "rank" else generate_program)(cfg, lora, setting.experts,
+                                                                  mesh)
+
+
+def check_fits(setting, name, built: Built, mesh_text) -> None:
+    """One line, before compiling, when the arguments alone exceed the chip."""
+    from goose_jax.errors import ConfigError
+
+    need = per_device_bytes(built.args) - built.shared
+    chip = setting.chip_gib * GIB
+    if need <= chip:
+        return
+    base = per_device_bytes(built.base)
+    rest = need - base
+    axis = ("`expert` axis (it splits the expert-stacked trees)" if rest >= base
+            else "`model` axis (it splits the base's kernels)")
+    raise ConfigError(
+        f"setting {setting.name}, {name}: its arguments alone need {fmt_gib(need)} GiB per "
+        f"device on {mesh_text}, {fmt_gib(need - chip)} GiB over the {setting.chip} chip's "
+        f"{setting.chip_gib:g} GiB (base {fmt_gib(base)}, the rest {fmt_gib(rest)} GiB); a "
+        f"larger {axis} would help: pass --mesh")
+
+
+def measure(built: Built) -> dict:
+    t0 = time.perf_counter()
+    lowered = built.fn.lower(*built.args, **built.kwargs)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    sizes = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+             ("argument", "output", "temp", "generated_code", "alias")}
+    total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + \
+        sizes["generated_code"]
+    return {**sizes, "total": total, "collectives": collectives(compiled.as_text()),
+            "lower_s": t1 - t0, "compile_s": t2 - t1}
+
+
+def load_config(name: str):
+    from goose_jax.config_files import load_config as load
+    from goose_jax.training import TrainConfig
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return load(os.path.join(here, "..", "configs", f"{name}.py"), TrainConfig)
+
+
+def run(args) -> int:
+    import jax
+
+    from goose_jax import sharding
+    from goose_jax.config import T5Config
+    from goose_jax.errors import UsageError
+
+    devices = jax.devices()
+    settings = [SETTINGS[s] for s in args.settings.split(",")]
+    programs = args.programs.split(",")
+    plan = []
+    for s in settings:  # every request checked, and every fit estimated, before compiling
+        tcfg = load_config(s.config)
+        cfg = T5Config.preset("t5-xl-lm-adapt").replace(
+            num_encoder_layers=args.layers, num_decoder_layers=args.layers).with_dtypes(
+            tcfg.param_dtype, tcfg.compute_dtype)
+        for name in (p for p in programs if p in s.programs):
+            mesh_text = args.mesh or (s.train_mesh if name in ("experts", "gate") else s.eval_mesh)
+            mesh = sharding.make_mesh(**sharding.parse_mesh(mesh_text), devices=devices[:s.devices])
+            built = build(name, s, cfg, tcfg, mesh)
+            check_fits(s, name, built, mesh_text)
+            plan.append((s, mesh_text, name, built))
+    if not plan:
+        raise UsageError(f"no program of {programs} belongs to the settings {args.settings}")
+    print(f"T5-XL LM-adapt with {args.layers} + {args.layers} blocks, bf16; per device, GiB; "
+          "collectives: kind instructions/MiB of results")
+    print("| setting | program | E | mesh | args | out | temp | code | total | chip | fraction "
+          "| collectives | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    worst = (0.0, "")
+    for s, mesh_text, name, built in plan:
+        r = measure(built)
+        frac = r["total"] / (s.chip_gib * GIB)
+        coll = ", ".join(f"{k} {n}/{b / 2**20:.0f}" for k, (n, b) in r["collectives"].items()
+                         if n) or "none"
+        E = s.train_experts or s.experts if name in ("experts", "gate") else s.experts
+        print(f"| {s.name} | {name} | {E} | {mesh_text} | {fmt_gib(r['argument'])} | "
+              f"{fmt_gib(r['output'])} | {fmt_gib(r['temp'])} | "
+              f"{fmt_gib(r['generated_code'])} | {fmt_gib(r['total'])} | {s.chip} "
+              f"{s.chip_gib:g} | {frac:.2f} | {coll} | {r['lower_s'] + r['compile_s']:.0f} |",
+              flush=True)
+        worst = max(worst, (frac, f"{s.name} {name}"))
+    print(f"worst fraction of chip memory: {worst[0]:.2f} ({worst[1]})")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = parse_args(argv)
+    known = parser.parse_known_args(argv)[0]
+    # The fake device count must be set before jax is imported.
+    names = [s for s in known.settings.split(",") if s in SETTINGS]
+    count = max([SETTINGS[s].devices for s in names] or [1])
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from goose_jax.errors import UsageError
+    from goose_jax.tool import run_tool
+
+    def checked(args):
+        bad = [s for s in args.settings.split(",") if s not in SETTINGS]
+        badp = [p for p in args.programs.split(",") if p not in PROGRAMS]
+        if bad or badp:
+            raise UsageError(f"unknown {'setting' if bad else 'program'} "
+                             f"{(bad or badp)[0]!r}; choose from "
+                             f"{', '.join(SETTINGS if bad else PROGRAMS)}")
+        if args.layers < 1:
+            raise UsageError(f"--layers must be >= 1, got {args.layers}")
+        return run(args)
+
+    parser.set_defaults(run=checked)
+    return run_tool("pod_plan", parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
