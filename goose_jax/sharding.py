@@ -156,13 +156,7 @@ def shard_leading(tree: Any, mesh: Mesh, rest_logical: tuple = ()) -> Any:
     """Places a tree whose leaves lead with the expert axis E: that axis over ``expert`` (as the
     rules table maps it), the next axes by the logical names ``rest_logical``, the rest
     replicated. Scalars, and axes the mesh does not divide, are replicated."""
-    def spec(x):
-        axes = (("expert",) + rest_logical)[:np.ndim(x)]
-        while axes and axes[-1] is None:  # P("expert") as jit writes it, not P("expert", None)
-            axes = axes[:-1]
-        return PartitionSpec(*axes)
-
-    return shard_params(tree, jax.tree.map(spec, tree), mesh)
+    return put_global(tree, leading_shardings(tree, mesh, rest_logical))
 
 
 def shard_experts(tree: Any, mesh: Mesh) -> Any:
@@ -286,7 +280,7 @@ def leading_shardings(tree: Any, mesh: Mesh, rest_logical: tuple = ()) -> Any:
     (``jax.ShapeDtypeStruct`` leaves): nothing is placed or built."""
     def spec(x):
         axes = (("expert",) + rest_logical)[:np.ndim(x)]
-        while axes and axes[-1] is None:
+        while axes and axes[-1] is None:  # P("expert") as jit writes it, not P("expert", None)
             axes = axes[:-1]
         return PartitionSpec(*axes)
 

@@ -231,12 +231,6 @@ def stack_batches(batches: Sequence[dict]) -> dict[str, np.ndarray]:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _batch_shardings(shapes: dict, mesh: jax.sharding.Mesh, many: bool) -> dict:
-    logical = ("expert", None, "batch") if many else (None, "batch")
-    specs = {k: jax.sharding.PartitionSpec(*logical) for k in shapes}
-    return sharding.param_shardings(shapes, specs, mesh)
-
-
 def global_batch(batchers: Sequence[Batcher], positions: Sequence[int],
                  mesh: jax.sharding.Mesh | None = None, *, many: bool = True) -> dict:
     """One step's batch, built where it is needed.
@@ -266,7 +260,7 @@ def global_batch(batchers: Sequence[Batcher], positions: Sequence[int],
     lead = (len(batchers),) if many else ()
     shapes = {k: jax.ShapeDtypeStruct(lead + (b0.grad_accum, b0.micro_batch, n), np.int32)
               for k, n in lengths.items()}
-    shardings = _batch_shardings(shapes, mesh, many)
+    shardings = sharding.batch_shardings(shapes, mesh, many)
     cache: dict = {}
 
     def block(experts: range, rows: slice) -> dict:
