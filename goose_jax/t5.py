@@ -225,6 +225,23 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(bias_QSH, (2, 0, 1))[None]
 
 
+def _attend(q_BQHK: Array, k_BSHK: Array, v_BSHK: Array, bias_BHQS: Array,
+            compute: Any) -> Array:
+    """Softmax attention of every head, (B, Q, H, K) contexts; scores and softmax in float32.
+
+    Both products run with heads before positions, (B, H, Q, K) x (B, H, S, K) and
+    (B, H, Q, S) x (B, H, S, K): XLA's CPU backend lowers the positions-major einsums
+    (``bqhk,bshk->bhqs``, ``bhqs,bshk->bqhk``) to a second product whose output comes out
+    (B, H, K, Q), and that form ran 4-5x slower at T5-base sizes (bench/README.md).
+    """
+    q_BHQK, k_BHSK, v_BHSK = (t.transpose(0, 2, 1, 3) for t in (q_BQHK, k_BSHK, v_BSHK))
+    scores_BHQS = jnp.einsum("bhqk,bhsk->bhqs", q_BHQK, k_BHSK,
+                             preferred_element_type=jnp.float32) + bias_BHQS
+    probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(compute)
+    out_BHQK = jnp.einsum("bhqs,bhsk->bhqk", probs_BHQS, v_BHSK)
+    return out_BHQK.transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """Multi-head attention with q, k, v, o sites and an optional decoding cache.
 
@@ -283,10 +300,7 @@ class Attention(nn.Module):
         k_BSHK = k_BSJ.reshape(B, S, H, K)
         v_BSHK = v_BSJ.reshape(B, S, H, K)
 
-        scores_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK,
-                                 preferred_element_type=jnp.float32) + bias_BHQS
-        probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(cfg.dtype.compute)
-        out_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS, v_BSHK)
+        out_BQHK = _attend(q_BQHK, k_BSHK, v_BSHK, bias_BHQS, cfg.dtype.compute)
         return o_layer(out_BQHK.reshape(B, Q, H * K))
 
 

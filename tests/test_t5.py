@@ -226,3 +226,26 @@ def test_import_is_light():
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, f"import goose_jax pulled in: {res.stdout} {res.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("Q,bias_shape", [(5, (2, 3, 5, 7)), (5, (1, 3, 5, 7)),
+                                          (5, (2, 1, 1, 7)), (1, (1, 3, 1, 7))])
+def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape):
+    # The heads-first layout of `_attend` against softmax(q k^T + bias) v, one (b, h) at a time.
+    from goose_jax.t5 import _attend
+
+    rng = np.random.default_rng(0)
+    B, S, H, K = 2, 7, 3, 4
+    q, k, v = (rng.standard_normal(s, np.float32) for s in ((B, Q, H, K), (B, S, H, K),
+                                                             (B, S, H, K)))
+    bias = rng.standard_normal(bias_shape, np.float32)
+    ours = np.asarray(_attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                              jnp.asarray(bias), jnp.float32))
+    ref = np.zeros((B, Q, H, K), np.float64)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, :, h].astype(np.float64) @ k[b, :, h].T + bias[
+                b % bias.shape[0], h % bias.shape[1]]
+            p = np.exp(s - s.max(-1, keepdims=True))
+            ref[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
