@@ -228,14 +228,20 @@ def test_import_is_light():
     assert res.returncode == 0, f"import goose_jax pulled in: {res.stdout} {res.stderr[-500:]}"
 
 
-@pytest.mark.parametrize("Q,bias_shape", [(5, (2, 3, 5, 7)), (5, (1, 3, 5, 7)),
-                                          (5, (2, 1, 1, 7)), (1, (1, 3, 1, 7))])
-def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape):
-    # The heads-first layout of `_attend` against softmax(q k^T + bias) v, one (b, h) at a time.
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("Q,bias_shape", [(5, (4, 3, 5, 7)), (5, (1, 3, 5, 7)),
+                                          (5, (4, 1, 1, 7)), (1, (1, 3, 1, 7))])
+def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape, steps, monkeypatch):
+    # `_attend` (heads-first layout; on CPU a few batch rows a step, here forced to 2 steps)
+    # against softmax(q k^T + bias) v, one (b, h) at a time.
+    from goose_jax import t5
     from goose_jax.t5 import _attend
 
     rng = np.random.default_rng(0)
-    B, S, H, K = 2, 7, 3, 4
+    B, S, H, K = 4, 7, 3, 4
+    if steps == 2:
+        monkeypatch.setattr(t5, "_CPU_SCORES_PER_HEAD", 2 * Q * S)
+        assert t5._attention_rows(B, Q, S) == 2
     q, k, v = (rng.standard_normal(s, np.float32) for s in ((B, Q, H, K), (B, S, H, K),
                                                              (B, S, H, K)))
     bias = rng.standard_normal(bias_shape, np.float32)
