@@ -255,3 +255,19 @@ def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape, steps,
             p = np.exp(s - s.max(-1, keepdims=True))
             ref[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_forward_in_row_steps_equals_whole_batch(monkeypatch):
+    # The whole model with every attention layer forced to one batch row a step (the CPU path
+    # of long sequences) against the whole batch at once: padding, causal and cross biases.
+    from goose_jax import t5
+
+    cfg = gj.T5Config.preset("tiny")
+    params = gj.init_params(cfg, 0)
+    ids, mask, dec = random_batch(np.random.default_rng(4), 3, 12, 9, cfg.vocab_size)
+    model = t5.T5(cfg)
+    whole = np.asarray(model.apply({"params": params}, ids, dec, mask))
+    monkeypatch.setattr(t5, "_CPU_SCORES_PER_HEAD", 1)
+    assert t5._attention_rows(3, 12, 12) == 1
+    steps = np.asarray(model.apply({"params": params}, ids, dec, mask))
+    np.testing.assert_allclose(steps, whole, atol=1e-5, rtol=0)
