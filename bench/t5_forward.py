@@ -2,7 +2,12 @@
 
 Both run the same random weights on the same CPU, teacher-forced, float32, batch B with L encoder
 and T decoder tokens. Runs alternate between the two implementations so that machine noise hits
-both alike. The last line printed is the goose-jax / PyTorch throughput ratio of the last size.
+both alike. After each goose-jax run a plain jitted GEMM of the model's largest product,
+(B * (L + T), D) x (D, F), is timed too: the efficiency, the model's GFLOP/s over that GEMM's,
+says how close the forward comes to XLA's own matmul speed on this machine (each model run is
+paired with the GEMM run right after it). The same ratio in CPU seconds is printed too: on a
+loaded machine it still counts the work, though it misses cores left idle. The last line printed
+gives, for the last size, the efficiency and the goose-jax / PyTorch throughput ratio.
 
     python bench/t5_forward.py                      # t5-small and t5-base, 8 x 128
     python bench/t5_forward.py --sizes t5-small --repeats 3
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from calibrate import print_calibration
 
@@ -44,6 +50,22 @@ def build(preset: str, seed: int = 0):
     return cfg, hf_state_dict_to_params(cfg, state), model
 
 
+def gemm_call(cfg: gj.T5Config, B: int, L: int, T: int, times: int = 5):
+    """``times`` jitted float32 (B * (L + T), D) x (D, F) matmuls in a row, warmed up: the
+    call, its FLOPs and the shape's name."""
+    rng = np.random.default_rng(0)
+    M, D, F = B * (L + T), cfg.d_model, cfg.d_ff
+    a, b = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((M, D), (D, F)))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+
+    def run():
+        for _ in range(times):
+            matmul(a, b).block_until_ready()
+
+    return run, 2.0 * M * D * F * times, f"{M}x{D}x{F}"
+
+
 def time_call(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -68,7 +90,7 @@ def main(argv=None):
     B, L, T = args.batch, args.enc_len, args.dec_len
     print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); batch {B}, encoder {L}, decoder {T} tokens, fp32")
-    ratio = None
+    efficiency = ratio = None
     for preset in args.sizes:
         cfg, params, model = build(preset)
         rng = np.random.default_rng(0)
@@ -85,19 +107,37 @@ def main(argv=None):
             with torch.inference_mode():
                 model(input_ids=ids_t, attention_mask=mask_t, decoder_input_ids=dec_t)
 
+        run_gemm, gemm_flops, gemm_shape = gemm_call(cfg, B, L, T)
         run_jax(), run_torch()  # compile / warm up
-        t_jax, t_torch = [], []
+        t_jax, t_torch, t_gemm, c_jax, c_gemm = [], [], [], [], []
         for _ in range(args.repeats):
-            t_jax += time_call(run_jax, 1)
+            for fn, wall, cpu in ((run_jax, t_jax, c_jax), (run_gemm, t_gemm, c_gemm)):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             t_torch += time_call(run_torch, 1)
         flops = forward_flops(cfg, B, L, T)
-        mj, mt = statistics.median(t_jax), statistics.median(t_torch)
+        mj, mt, mg = (statistics.median(t) for t in (t_jax, t_torch, t_gemm))
         tokens = B * (L + T)
         print(f"{preset:10s} goose-jax {mj * 1e3:8.1f} ms  {tokens / mj:9.0f} tok/s "
               f"{flops / mj / 1e9:6.1f} GFLOP/s | torch {mt * 1e3:8.1f} ms  {tokens / mt:9.0f} "
               f"tok/s {flops / mt / 1e9:6.1f} GFLOP/s | ratio {mt / mj:.2f}")
+        # Each model run is paired with the GEMM run right after it, so load that drifts
+        # between pairs cancels; CPU seconds (all threads) count work done, not waiting.
+        efficiency = statistics.median(
+            (flops / tj) / (gemm_flops / tg) for tj, tg in zip(t_jax, t_gemm))
+        cpu_efficiency = statistics.median(
+            (flops / cj) / (gemm_flops / cg) for cj, cg in zip(c_jax, c_gemm))
         ratio = mt / mj
-    print(f"goose-jax / torch throughput ratio ({args.sizes[-1]}): {ratio:.2f}")
+        print(f"{preset:10s} GEMM {gemm_shape} {gemm_flops / mg / 1e9:6.1f} GFLOP/s (median "
+              f"of {args.repeats}, each 5 in a row right after a model run); per CPU second: model "
+              f"{flops / statistics.median(c_jax) / 1e9:6.1f}, GEMM "
+              f"{gemm_flops / statistics.median(c_gemm) / 1e9:6.1f} GFLOP, efficiency "
+              f"{cpu_efficiency:.2f}")
+    print(f"{args.sizes[-1]}: efficiency {efficiency:.2f} (goose-jax GFLOP/s / GEMM GFLOP/s, "
+          f"median of paired runs); "
+          f"goose-jax / torch throughput ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

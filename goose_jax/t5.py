@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from goose_jax import attention
 from goose_jax.config import T5Config
 from goose_jax.layers import per_layer, run_blocks, stack_layers
 
@@ -284,10 +285,7 @@ class Attention(nn.Module):
         k_BSHK = k_BSJ.reshape(B, S, H, K)
         v_BSHK = v_BSJ.reshape(B, S, H, K)
 
-        scores_BHQS = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BSHK,
-                                 preferred_element_type=jnp.float32) + bias_BHQS
-        probs_BHQS = jax.nn.softmax(scores_BHQS, axis=-1).astype(cfg.dtype.compute)
-        out_BQHK = jnp.einsum("bhqs,bshk->bqhk", probs_BHQS, v_BSHK)
+        out_BQHK = attention.attend(q_BQHK, k_BSHK, v_BSHK, bias_BHQS, cfg.dtype.compute)
         return o_layer(out_BQHK.reshape(B, Q, H * K))
 
 

@@ -226,3 +226,47 @@ def test_import_is_light():
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, f"import goose_jax pulled in: {res.stdout} {res.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("Q,bias_shape", [(5, (4, 3, 5, 7)), (5, (1, 3, 5, 7)),
+                                          (5, (4, 1, 1, 7)), (1, (1, 3, 1, 7))])
+def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape, steps, monkeypatch):
+    # `attend` (heads-first layout; on CPU a few batch rows a step, here forced to 2 steps)
+    # against softmax(q k^T + bias) v, one (b, h) at a time.
+    from goose_jax import attention
+
+    rng = np.random.default_rng(0)
+    B, S, H, K = 4, 7, 3, 4
+    if steps == 2:
+        monkeypatch.setattr(attention, "CPU_SCORES_PER_HEAD", 2 * Q * S)
+        assert attention.attention_rows(B, Q, S) == 2
+    q, k, v = (rng.standard_normal(s, np.float32) for s in ((B, Q, H, K), (B, S, H, K),
+                                                             (B, S, H, K)))
+    bias = rng.standard_normal(bias_shape, np.float32)
+    ours = np.asarray(attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                              jnp.asarray(bias), jnp.float32))
+    ref = np.zeros((B, Q, H, K), np.float64)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, :, h].astype(np.float64) @ k[b, :, h].T + bias[
+                b % bias.shape[0], h % bias.shape[1]]
+            p = np.exp(s - s.max(-1, keepdims=True))
+            ref[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_forward_in_row_steps_equals_whole_batch(monkeypatch):
+    # The whole model with every attention layer forced to one batch row a step (the CPU path
+    # of long sequences) against the whole batch at once: padding, causal and cross biases.
+    from goose_jax import attention, t5
+
+    cfg = gj.T5Config.preset("tiny")
+    params = gj.init_params(cfg, 0)
+    ids, mask, dec = random_batch(np.random.default_rng(4), 3, 12, 9, cfg.vocab_size)
+    model = t5.T5(cfg)
+    whole = np.asarray(model.apply({"params": params}, ids, dec, mask))
+    monkeypatch.setattr(attention, "CPU_SCORES_PER_HEAD", 1)
+    assert attention.attention_rows(3, 12, 12) == 1
+    steps = np.asarray(model.apply({"params": params}, ids, dec, mask))
+    np.testing.assert_allclose(steps, whole, atol=1e-5, rtol=0)
