@@ -39,9 +39,7 @@ Array = jax.Array
 # and one whole-array step slower, because the gathered rows, weights and outputs no longer stay
 # in cache (bench/README.md).
 _ROWS_PER_STEP = 128
-_MIN_BLOCK, _MAX_BLOCK = 8, 32
-# Measured cost of one block over the cost model's R rows (see grouped_block_size).
-_BLOCK_COST = 1.7
+_MIN_BLOCK, _MAX_BLOCK = 8, 64
 
 
 def _compute_dtype(x: Array, w: Array):
@@ -84,16 +82,14 @@ def combine_gather(x_NI, lora_a_EIR, lora_b_ERO, weights_Nk, index_Nk, scale, pr
 
 
 def grouped_block_size(num_tokens: int, top_k: int, num_experts: int, rank: int) -> int:
-    """Rows per expert block for the grouped backend, a power of two in [8, 32].
+    """Rows per expert block for the grouped backend, a power of two in [8, 64].
 
-    Padding costs about E * S rows of work and each block about (N * k / S) * R rows' worth
-    (its weights gathered, its small matmuls called), so the sum is smallest near
-    S = sqrt(N * k * R / E). On CPU (XLA's YNNPACK dots) a block's fixed cost measured higher
-    than that, and the best size sat at about 1.7 times it, rounded down to a power of two:
-    S = 32 at N = 2048, E = 36 and 166, S = 8 at E = 1000; 64 measured slower everywhere
-    (bench/README.md).
+    Padding costs about E * S rows of work and gathering each block's weights about
+    (N * k / S) * R rows' worth, so the sum is smallest near S = sqrt(N * k * R / E). On CPU the
+    best measured size sat at about half that (bench/README.md): small blocks keep each step's
+    working set in cache.
     """
-    ideal = _BLOCK_COST * math.sqrt(max(num_tokens * top_k, 1) * rank / num_experts)
+    ideal = 0.5 * math.sqrt(max(num_tokens * top_k, 1) * rank / num_experts)
     size = 1 << max(int(math.floor(math.log2(max(ideal, 1.0)))), 0)
     return int(min(max(size, _MIN_BLOCK), _MAX_BLOCK))
 

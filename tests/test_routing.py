@@ -376,14 +376,14 @@ def test_auto_rule():
 
 
 def test_grouped_block_size_rule():
-    # Measured best sizes (bench/README.md): 32 at N = 2048, E = 36 and 166; 8 at E = 1000.
+    # Half the cost model's optimum, a power of two in [8, 64] (bench/README.md).
     size = routing_backends.grouped_block_size
-    assert [size(2048, 2, e, 16) for e in (36, 166, 1000)] == [32, 32, 8]
-    assert size(1, 1, 10_000, 16) == 8 and size(10**6, 2, 2, 64) == 32
-    # The default size on a shape where the rule picks 32, against the NumPy loop.
-    x, gates, lora_a, lora_b = make_site(23, (600,), 16, 9, 12, 4)
+    assert [size(2048, 2, e, 16) for e in (36, 166, 1000)] == [16, 8, 8]
+    assert size(1, 1, 10_000, 16) == 8 and size(10**6, 2, 2, 64) == 64
+    # The default size on a shape where the rule picks 64, against the NumPy loop.
+    x, gates, lora_a, lora_b = make_site(23, (2000,), 16, 9, 2, 16)
     weights, index = (np.asarray(v) for v in routing.phatgoose_route(x, gates, top_k=2))
-    assert size(600, 2, 12, 4) == 32
+    assert size(2000, 2, 2, 16) == 64
     y = routing.combine_lora(x, lora_a, lora_b, weights, index, 0.5, backend="grouped")
     ref = np_combine(x, lora_a, lora_b, weights, index, 0.5)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
