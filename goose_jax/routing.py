@@ -231,11 +231,18 @@ def phatgoose_scores(x_TD: Array, gates_ED: Array, *, gates_normed: bool = False
 @functools.partial(jax.jit, static_argnames="gates_normed")
 def _phatgoose_scores(x_NI: Array, gates_EI: Array, gates_normed: bool) -> Array:
     gn_EI = gates_EI.astype(jnp.float32) if gates_normed else standardize(gates_EI)
+    # ln(x) . g = ((x - mean) . g) / sqrt(var + eps): x is centred, the product taken, and the
+    # per-token scale applied to the (..., E) scores, which saves writing and reading a scaled
+    # copy of x (the scores measured 20-30 % faster on CPU; bench/README.md). Centring before
+    # the product, rather than subtracting mean(x) * sum(g) after it, keeps near-constant inputs
+    # exact: that correction cancels digits when |mean(x)| is large against x's spread.
+    x_NI = x_NI.astype(jnp.float32)
+    centered_NI = x_NI - jnp.mean(x_NI, axis=-1, keepdims=True)
+    var_N1 = jnp.mean(centered_NI * centered_NI, axis=-1, keepdims=True)
     # HIGHEST keeps float32 matmuls exact on TPU, where the default uses bfloat16 passes: near
     # ties in the scores decide which experts win.
-    return jnp.einsum(
-        "...i,ei->...e", standardize(x_NI), gn_EI, precision=jax.lax.Precision.HIGHEST,
-    ) / math.sqrt(x_NI.shape[-1])
+    dots_NE = jnp.einsum("...i,ei->...e", centered_NI, gn_EI, precision=jax.lax.Precision.HIGHEST)
+    return dots_NE * (jax.lax.rsqrt(var_N1 + LN_EPS) / math.sqrt(x_NI.shape[-1]))
 
 
 def phatgoose_route(

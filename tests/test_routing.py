@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goose_jax import routing
+from goose_jax import routing, routing_backends
 
 BACKENDS = ("dense", "gather", "grouped", "ragged", "auto")
 
@@ -129,6 +129,30 @@ def test_phatgoose_scores_match_numpy():
     ref = np.array([[np_standardize(t) @ np_standardize(g) / np.sqrt(17) for g in gates]
                     for t in x])
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset,spread", [(0.0, 1.0), (3.0, 0.5), (1e3, 1e-3), (-40.0, 1e-4)])
+def test_scores_centre_before_the_product(offset, spread):
+    # The scores centre x, take the product and scale the (N, E) result (no standardized copy
+    # of x). That must equal standardizing first, including near-constant inputs (|mean| far
+    # above the spread, variance near or below eps), where subtracting mean(x) * sum(g) after
+    # the product would cancel digits and pick other experts.
+    x, gates, _, _ = make_site(31, (64,), 768, 3, 40, 2)
+    x = (offset + spread * x).astype(np.float32)
+    gn = routing.prepare_router(gates)
+    scores = np.asarray(routing.phatgoose_scores(x, gn, gates_normed=True))
+    explicit = np.asarray(jnp.einsum("ni,ei->ne", routing.standardize(x), gn,
+                                     precision=jax.lax.Precision.HIGHEST)) / np.sqrt(768)
+    ref = np.stack([[np_standardize(t) @ np_standardize(g) / np.sqrt(768) for g in gates]
+                    for t in x])
+    size = np.abs(ref).max()
+    # float32 x at 1e3 with a 1e-3 spread keeps about 4 digits of its deviations: both forms
+    # are off by the same 3e-4 of the scores' size there; subtracting mean(x) * sum(g) is off
+    # by 0.27 and picks another top-2 for half of the tokens.
+    np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-3 * size)
+    np.testing.assert_allclose(scores, explicit, rtol=0, atol=1e-4 * size)
+    _, index = routing.phatgoose_route(x, gn, top_k=2, gates_normed=True)
+    np.testing.assert_array_equal(np.asarray(index), np_phatgoose_route(x, gates, 2)[1])
 
 
 def test_route_leading_axes_and_jit():
@@ -349,6 +373,20 @@ def test_auto_rule():
     assert routing.choose_backend(2048, 2, 8, platform="cpu") == "dense"
     assert routing.choose_backend(2048, 2, 9, platform="cpu") == "grouped"
     assert routing.choose_backend(2048, 2, 166, platform="tpu") == "ragged"
+
+
+def test_grouped_block_size_rule():
+    # Half the cost model's optimum, a power of two in [8, 64] (bench/README.md).
+    size = routing_backends.grouped_block_size
+    assert [size(2048, 2, e, 16) for e in (36, 166, 1000)] == [16, 8, 8]
+    assert size(1, 1, 10_000, 16) == 8 and size(10**6, 2, 2, 64) == 64
+    # The default size on a shape where the rule picks 64, against the NumPy loop.
+    x, gates, lora_a, lora_b = make_site(23, (2000,), 16, 9, 2, 16)
+    weights, index = (np.asarray(v) for v in routing.phatgoose_route(x, gates, top_k=2))
+    assert size(2000, 2, 2, 16) == 64
+    y = routing.combine_lora(x, lora_a, lora_b, weights, index, 0.5, backend="grouped")
+    ref = np_combine(x, lora_a, lora_b, weights, index, 0.5)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several (fake) devices")
