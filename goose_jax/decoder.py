@@ -248,9 +248,9 @@ class Attention(nn.Module):
         H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         site = functools.partial(Linear, cfg=cfg, adapter=self.adapter)
         B, Q = x_BQD.shape[:2]
-        q_BQHK = site(H * K, ("embed", "joined_kv"), cfg.qkv_bias, name="q")(x_BQD)
-        k_BQGK = site(G * K, ("embed", "joined_kv"), cfg.qkv_bias, name="k")(x_BQD)
-        v_BQGK = site(G * K, ("embed", "joined_kv"), cfg.qkv_bias, name="v")(x_BQD)
+        q_BQHK = site(H * K, ("embed", "joined_kv"), use_bias=cfg.qkv_bias, name="q")(x_BQD)
+        k_BQGK = site(G * K, ("embed", "joined_kv"), use_bias=cfg.qkv_bias, name="k")(x_BQD)
+        v_BQGK = site(G * K, ("embed", "joined_kv"), use_bias=cfg.qkv_bias, name="v")(x_BQD)
         q_BQHK = apply_rotary(q_BQHK.reshape(B, Q, H, K), cos_BQK, sin_BQK)
         k_BQGK = apply_rotary(k_BQGK.reshape(B, Q, G, K), cos_BQK, sin_BQK)
         v_BQGK = v_BQGK.reshape(B, Q, G, K)
@@ -269,7 +269,7 @@ class Attention(nn.Module):
                             preferred_element_type=jnp.float32) * np.float32(K**-0.5)
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(cfg.dtype.compute)
         out_BQGnK = jnp.einsum("bgnqs,bsgk->bqgnk", probs, v_BSGK)
-        return site(cfg.d_model, ("joined_kv", "embed"), cfg.o_bias, name="o")(
+        return site(cfg.d_model, ("joined_kv", "embed"), use_bias=cfg.o_bias, name="o")(
             out_BQGnK.reshape(B, Q, H * K))
 
 
