@@ -129,7 +129,6 @@ def test_greedy_generation_matches_transformers(family):
 
 
 def test_save_round_trip_loads_in_transformers(family, tmp_path):
-    import torch
     import transformers
 
     name, model, _, cfg, params = family
