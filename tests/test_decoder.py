@@ -20,7 +20,7 @@ from goose_jax.interop.hf_decoder import load_hf_llama, save_hf_llama
 
 SIZES = dict(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+             bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
 # Llama: GQA, untied head, llama3 rotary scaling (a short original context so that all three
 # frequency bands occur at head_dim 6... and 8). Qwen2: q/k/v biases, tied head, MHA.
 # Mistral: GQA and a sliding window shorter than the test sequences.
