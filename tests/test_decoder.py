@@ -247,3 +247,14 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
         json.dump(d, f)
     with pytest.raises(CheckpointError, match="lacks 9 tensor"):
         load_hf_llama(tmp_path / "m")
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, goose_jax, goose_jax.decoder_generation, goose_jax.interop.hf_decoder; "
+            "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, f"pulled in: {res.stdout} {res.stderr[-500:]}"
