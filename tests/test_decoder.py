@@ -21,13 +21,15 @@ from goose_jax.interop.hf_decoder import load_hf_llama, save_hf_llama
 SIZES = dict(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
              bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3)
-# Llama: GQA, untied head, llama3 rotary scaling (a short original context so that all three
-# frequency bands occur at head_dim 6... and 8). Qwen2: q/k/v biases, tied head, MHA.
-# Mistral: GQA and a sliding window shorter than the test sequences.
+# Llama: GQA, untied head, llama3 rotary scaling (theta 100 and an original context of 32 put
+# the 4 frequencies of head_dim 8 in all three bands: wavelengths 6.3 < 8, 20 in [8, 32], 63 and
+# 199 > 32). Qwen2: q/k/v biases, tied head, MHA. Mistral: GQA and a sliding window shorter
+# than the test sequences. initializer_range 0.3 makes attention sharp enough that a wrong
+# position changes greedy tokens.
 FAMILIES = {
     "llama": dict(head_dim=8, tie_word_embeddings=False, rope_parameters=dict(
-        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=16)),
+        rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=32)),
     "qwen2": dict(num_key_value_heads=4, tie_word_embeddings=True),
     "mistral": dict(head_dim=6, sliding_window=5, tie_word_embeddings=False),
 }
@@ -212,6 +214,8 @@ def test_rope_llama3_matches_reference_formula():
             s = (32 / wavelen - 1) / (4 - 1)
             want.append((1 - s) * f / 8 + s * f)
     np.testing.assert_allclose(decoder.rope_inv_freq(cfg), want, rtol=1e-6)
+    linear = cfg.replace(rope_type="linear", rope_factor=4.0)
+    np.testing.assert_allclose(decoder.rope_inv_freq(linear), inv / 4, rtol=1e-6)
 
 
 def test_presets_and_config_errors():
