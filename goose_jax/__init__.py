@@ -26,6 +26,9 @@ leading axes.
 """
 
 from goose_jax.config import DTypePolicy, T5Config
+from goose_jax.decoder import decoder_logits
+from goose_jax.decoder_config import DecoderConfig
+from goose_jax.decoder_generation import generate_decoder_greedy
 from goose_jax.generation import generate_greedy
 from goose_jax.t5 import T5, init_params, param_logical_axes, site_shapes, t5_logits
 
@@ -38,10 +41,15 @@ def __getattr__(name):
         from goose_jax.interop import hf
 
         return getattr(hf, name)
+    if name in ("load_hf_llama", "save_hf_llama"):
+        from goose_jax.interop import hf_decoder
+
+        return getattr(hf_decoder, name)
     raise AttributeError(f"module 'goose_jax' has no attribute {name!r}")
 
 
 __all__ = [
-    "DTypePolicy", "T5", "T5Config", "generate_greedy", "init_params", "load_hf_t5",
-    "param_logical_axes", "save_hf_t5", "site_shapes", "t5_logits",
+    "DTypePolicy", "DecoderConfig", "T5", "T5Config", "decoder_logits", "generate_decoder_greedy",
+    "generate_greedy", "init_params", "load_hf_llama", "load_hf_t5", "param_logical_axes",
+    "save_hf_llama", "save_hf_t5", "site_shapes", "t5_logits",
 ]
