@@ -67,6 +67,9 @@ class EvalSettings:
       encoder_once: one encoder pass per example (False: per choice, for comparison).
       telemetry: count each site's top-1 experts (per-token methods).
       progress: draw a progress bar (on a terminal, process 0).
+      fast_compile: compile with XLA's CPU optimisations off and one shape per batch
+        (``Evaluator``'s ``fast_compile`` and ``fixed_shapes``): for tiny models, where
+        compiling costs more than running (the settings scripts' ``--small``).
       overwrite: replace the results an ``out`` folder already holds.
     """
 
@@ -105,6 +108,7 @@ class EvalSettings:
     telemetry: bool = True
     progress: bool = True
     overwrite: bool = False
+    fast_compile: bool = False
 
     def __post_init__(self):
         if not self.tasks and not self.benchmarks:
@@ -589,7 +593,8 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     evaluator = evaluation.Evaluator(
         cfg, params, tok, routed, batch_size=batch_size, max_input_length=s.max_input_length,
         max_target_length=s.max_target_length, length_normalize=s.length_normalize,
-        encoder_once=s.encoder_once, telemetry=s.telemetry, choose_experts=chooser, mesh=mesh)
+        encoder_once=s.encoder_once, telemetry=s.telemetry, choose_experts=chooser, mesh=mesh,
+        fixed_shapes=s.fast_compile, fast_compile=s.fast_compile)
     t0 = time.perf_counter()
     primary = jax.process_index() == 0
     results = evaluation.evaluate(evaluator, tasks, examples=examples,

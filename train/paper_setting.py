@@ -45,7 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 RETRIEVAL_EXAMPLES = 1000   # per expert, as the paper
 PROTOTYPE_EXAMPLES = 1000
-_SMALL_EVAL = dict(byte_tokenizer=True, batch_size=8, max_input_length=64, max_target_length=16)
+_SMALL_EVAL = dict(byte_tokenizer=True, batch_size=8, max_input_length=64, max_target_length=16,
+                   fast_compile=True)
 
 
 @dataclasses.dataclass(frozen=True)
