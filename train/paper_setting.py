@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 from goose_jax import routing, zeroshot
 from goose_jax.errors import UsageError
+from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ def main(setting: Setting, argv=None, add_own: Callable | None = None) -> int:
 # --- the stages --------------------------------------------------------------------------------
 
 
-def _small_inputs(setting: Setting, args, work: str) -> dict:
+def _small_inputs(setting: Setting, work: str) -> dict:
     """Writes (once) the synthetic release and the tiny base; returns what they stand for."""
     from goose_jax.data.tokenizers import ByteTokenizer
     from goose_jax.interop.hf import save_hf_t5
@@ -121,8 +122,9 @@ def _small_inputs(setting: Setting, args, work: str) -> dict:
     marker = os.path.join(release, "release.json")
     if not os.path.isfile(marker):
         source, datasets, tasks, roots = setting.write_small(release)
-        with open(marker, "w") as f:
-            json.dump({"source": source, "datasets": datasets, "tasks": tasks, "roots": roots}, f)
+        # Written last: a release interrupted before it is written again.
+        write_atomic(marker, json.dumps({"source": source, "datasets": datasets, "tasks": tasks,
+                                         "roots": roots}))
     with open(marker) as f:
         small = json.load(f)
     base = os.path.join(work, "base")
@@ -169,14 +171,19 @@ def _retrieval_index(library: str, train_files, names, embedder: str | None, see
 def run(setting: Setting, args: argparse.Namespace) -> None:
     from goose_jax import paper_table
     from goose_jax.prototypes import PrototypeArgs, prototypes_path, run_prototypes
-    from goose_jax.train_runs import RunArgs, load_train_config, run_experts, run_gate, \
-        run_multitask
+    from goose_jax.train_runs import (
+        RunArgs,
+        load_train_config,
+        run_experts,
+        run_gate,
+        run_multitask,
+    )
 
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
     source = getattr(args, setting.source)
     if args.small:
-        small = _small_inputs(setting, args, work)
+        small = _small_inputs(setting, work)
         source, datasets, base = small["source"], small["datasets"], small["base"]
         roots, tasks, benchmarks = small["roots"], tuple(small["tasks"]), ()
         config, eval_extra = args.config or TINY_CONFIG, _SMALL_EVAL
