@@ -180,18 +180,19 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     )
 
     work = os.path.abspath(args.workdir)
-    os.makedirs(work, exist_ok=True)
     source = getattr(args, setting.source)
+    if not args.small:
+        missing = [f for f, v in ((f"--{setting.source.replace('_', '-')}", source),
+                                  ("--base", args.base)) if not v]
+        if missing:
+            raise UsageError(f"needs {' and '.join(missing)} (or --small)")
+    os.makedirs(work, exist_ok=True)
     if args.small:
         small = _small_inputs(setting, work)
         source, datasets, base = small["source"], small["datasets"], small["base"]
         roots, tasks, benchmarks = small["roots"], tuple(small["tasks"]), ()
         config, eval_extra = args.config or TINY_CONFIG, _SMALL_EVAL
     else:
-        missing = [f for f, v in ((f"--{setting.source.replace('_', '-')}", source),
-                                  ("--base", args.base)) if not v]
-        if missing:
-            raise UsageError(f"needs {' and '.join(missing)} (or --small)")
         datasets, base, tasks, benchmarks = None, args.base, (), setting.benchmarks
         roots = {"bbh_root": args.bbh_root, "bbl_root": args.bbl_root,
                  **setting_roots(setting, args)}
