@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable
 
 from goose_jax import routing, zeroshot
-from goose_jax.errors import UsageError
+from goose_jax.errors import DataError, UsageError
 from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 
@@ -182,10 +182,16 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     work = os.path.abspath(args.workdir)
     source = getattr(args, setting.source)
     if not args.small:
+        # Before any training: the evaluation's roots too (found missing at the end, they
+        # would cost the whole run).
         missing = [f for f, v in ((f"--{setting.source.replace('_', '-')}", source),
-                                  ("--base", args.base)) if not v]
+                                  ("--base", args.base), ("--bbh-root", args.bbh_root),
+                                  ("--bbl-root", args.bbl_root)) if not v]
         if missing:
             raise UsageError(f"needs {' and '.join(missing)} (or --small)")
+        absent = [v for v in (source, args.bbh_root, args.bbl_root) if not os.path.isdir(v)]
+        if absent:
+            raise DataError(f"{absent[0]}: no such directory; pass the release's folder")
     os.makedirs(work, exist_ok=True)
     if args.small:
         small = _small_inputs(setting, work)
