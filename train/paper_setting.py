@@ -63,6 +63,7 @@ class Setting:
       benchmarks: what the real setting is evaluated on.
       write_small: ``(release_dir) -> (source_dir, datasets, eval tasks, EvalSettings roots)``:
         the synthetic release of ``--small``.
+      roots: ``(args) -> dict``: the EvalSettings data roots beyond BIG-bench's (T0: P3).
     """
 
     prog: str
@@ -71,6 +72,7 @@ class Setting:
     build: Callable
     benchmarks: tuple[str, ...]
     write_small: Callable
+    roots: Callable = lambda args: {}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -201,7 +203,7 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     else:
         datasets, base, tasks, benchmarks = None, args.base, (), setting.benchmarks
         roots = {"bbh_root": args.bbh_root, "bbl_root": args.bbl_root,
-                 **setting_roots(setting, args)}
+                 **setting.roots(args)}
         config, eval_extra = args.config or setting.config, {}
     summary = _build_data(setting, args, work, source, datasets)
     files = [e["file"] for e in summary["experts"].values()]
@@ -256,13 +258,6 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     table = paper_table.write_report(specs, os.path.join(work, "report"), overwrite=True)
     print(paper_table.markdown(table, title=f"{setting.prog}: the paper's table"), end="")
     print(f"report in {os.path.join(work, 'report')}")
-
-
-def setting_roots(setting: Setting, args) -> dict:
-    """The EvalSettings data roots of the real setting beyond BIG-bench (T0: the P3 root)."""
-    if setting.source == "p3_dir":
-        return {"p3_root": getattr(args, "p3_heldout_root", None) or args.p3_dir}
-    return {}
 
 
 def _evaluate(runs: dict) -> None:

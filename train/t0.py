@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     setting = protocol.Setting(
         prog="train/t0.py", config=os.path.join(protocol.ROOT, "configs", "t0_heldin.py"),
         source="p3_dir", build=_build, benchmarks=("t0_heldout", "bbh", "bbl"),
-        write_small=_small)
+        write_small=_small,
+        roots=lambda args: {"p3_root": args.p3_heldout_root or args.p3_dir})
     return protocol.main(setting, argv, _own)
 
 
