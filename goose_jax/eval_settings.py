@@ -56,6 +56,9 @@ class EvalSettings:
       encoder_once: one encoder pass per example (False: per choice, for comparison).
       telemetry: count each site's top-1 experts (per-token methods).
       progress: draw a progress bar (on a terminal, process 0).
+      fast_compile: compile with XLA's CPU optimisations off and one shape per batch
+        (``Evaluator``'s ``fast_compile`` and ``fixed_shapes``): for tiny models, where
+        compiling costs more than running (the settings scripts' ``--small``).
       overwrite: replace the results an ``out`` folder already holds.
     """
 
@@ -94,6 +97,7 @@ class EvalSettings:
     telemetry: bool = True
     progress: bool = True
     overwrite: bool = False
+    fast_compile: bool = False
 
     def __post_init__(self):
         if not self.tasks and not self.benchmarks:

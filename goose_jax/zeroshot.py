@@ -362,7 +362,8 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     evaluator = evaluation.Evaluator(
         cfg, params, tok, routed, batch_size=batch_size, max_input_length=s.max_input_length,
         max_target_length=s.max_target_length, length_normalize=s.length_normalize,
-        encoder_once=s.encoder_once, telemetry=s.telemetry, choose_experts=chooser, mesh=mesh)
+        encoder_once=s.encoder_once, telemetry=s.telemetry, choose_experts=chooser, mesh=mesh,
+        fixed_shapes=s.fast_compile, fast_compile=s.fast_compile)
     t0 = time.perf_counter()
     primary = jax.process_index() == 0
     results = evaluation.evaluate(evaluator, tasks, examples=examples,

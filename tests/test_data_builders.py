@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 from conftest import tool
-from test_tasks import write_p3
 
 from goose_jax.data import build_p3
+from goose_jax.data.synthetic import write_p3
 
 AG_CHOICES = ["World", "Sports", "Business", "Science"]
 

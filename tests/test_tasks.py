@@ -1,62 +1,16 @@
 """Data sources on fixture files written in the real on-disk formats (no network)."""
 
 import json
-import os
 
 import pytest
 
 from goose_jax.data import bigbench, flan, p3, tasks
+from goose_jax.data.synthetic import p3_score_eval as _score_eval
+from goose_jax.data.synthetic import write_p3
 from goose_jax.errors import DataError
 from goose_jax.evaluation import load_all
 
 # --- P3 fixtures: TFRecords with the release's feature names and seqio info files ---------------
-
-_INFO = {
-    "inputs": ("int32", [None]), "inputs_pretokenized": ("string", []),
-    "targets": ("int32", [None]), "targets_pretokenized": ("string", []),
-    "answer_choices": ("string", [None]), "idx": ("int32", [2]),
-    "is_correct": ("bool", []), "weight": ("float32", []),
-}
-
-
-def _feature(value):
-    import tensorflow as tf
-
-    values = value if isinstance(value, list) else [value]
-    if values and isinstance(values[0], str):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
-    if values and isinstance(values[0], float):
-        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
-
-
-def write_p3(root, folder, split, records, info=True):
-    """One P3 task folder: <split>.tfrecord-00000-of-00001 plus info / stats JSON."""
-    import tensorflow as tf
-
-    path = os.path.join(root, "data", folder)
-    os.makedirs(path, exist_ok=True)
-    with tf.io.TFRecordWriter(os.path.join(path, f"{split}.tfrecord-00000-of-00001")) as w:
-        for rec in records:
-            rec = {"inputs": [5, 6, 1], "targets": [7, 1], **rec}
-            ex = tf.train.Example(features=tf.train.Features(
-                feature={k: _feature(v) for k, v in rec.items()}))
-            w.write(ex.SerializeToString())
-    if info:
-        names = records[0].keys() | {"inputs", "targets"}
-        feats = {k: {"dtype": _INFO[k][0], "shape": _INFO[k][1]} for k in sorted(names)}
-        with open(os.path.join(path, f"info.{split}.json"), "w") as f:
-            json.dump({"features": feats, "num_shards": 1, "seqio_version": "0.0.20"}, f)
-        with open(os.path.join(path, f"stats.{split}.json"), "w") as f:
-            json.dump({"examples": len(records)}, f)
-
-
-def _score_eval(inputs, choices, correct):
-    return [{"inputs_pretokenized": inp, "targets_pretokenized": ch, "answer_choices": chs,
-             "idx": [e, c], "is_correct": c in cor, "weight": 1.0}
-            for e, (inp, chs, cor) in enumerate(zip(inputs, choices, correct))
-            for c, ch in enumerate(chs)]
-
 
 @pytest.fixture(scope="module")
 def p3_root(tmp_path_factory):

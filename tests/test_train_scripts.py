@@ -70,3 +70,13 @@ def test_experts_and_gates_trains_both_into_the_library(tmp_path):
     again = run_script("experts_and_gates.py", *argv)
     assert "already finished" in again.stdout
     assert os.stat(lib / "manifest.json").st_mtime_ns == stamp
+
+
+def test_settings_scripts_need_their_release_or_small(tmp_path):
+    # The real settings need the release and the base; without them (and without --small) one
+    # usage line, before anything is written. test_settings_scripts.py runs --small end to end.
+    for name, flag in (("t0.py", "--p3-dir"), ("flan.py", "--flan-dir")):
+        proc = run_script(name, "--workdir", tmp_path / name, "--base", tmp_path, code=2)
+        line = proc.stderr.strip()
+        assert len(line.splitlines()) == 1 and flag in line and "--small" in line
+        assert not (tmp_path / name).exists()
