@@ -59,6 +59,7 @@ class Setting:
     programs: tuple[str, ...]
     config: str  # configs/<config>.py: the training hyper-parameters of this setting
     train_experts: int = 0  # experts one goose-train run trains at once (0: all of them)
+    remat: str = "block"  # the train steps' --set remat=... (activations recomputed per block)
 
 
 SETTINGS = {
@@ -108,20 +109,24 @@ class Built:
     kwargs: dict
     base: object  # the base params among the arguments
     shared: int = 0  # per-device bytes of an argument passed twice (one buffer on a device)
+    library: tuple = ()  # (E_pad, R) of a split routed library: its gathers are counted
 
 
 def abstract_base(cfg, mesh):
-    """The base params as shapes laid out by the rules table (nothing built)."""
+    """The base params as shapes laid out by the rules table (nothing built); with
+    ``cfg.scan_layers`` the stacked tree, each block parameter led by ``layers`` (unsplit)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from goose_jax import sharding
+    from goose_jax.layers import per_layer, stack_layers
     from goose_jax.t5 import T5, param_logical_axes
 
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    shapes = nn.meta.unbox(jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids))
-    shapes = shapes["params"]
+    flat = per_layer(cfg)
+    shapes = nn.meta.unbox(jax.eval_shape(T5(flat).init, jax.random.key(0), ids, ids, ids))
+    shapes = stack_layers(shapes["params"], cfg) if cfg.scan_layers else shapes["params"]
     return sharding.abstract(shapes, sharding.param_shardings(shapes, param_logical_axes(cfg),
                                                               mesh))
 
@@ -151,7 +156,7 @@ def abstract_batch(tcfg, E, mesh):
     return sharding.abstract(shapes, sharding.batch_shardings(shapes, mesh, many=True))
 
 
-def train_program(kind, cfg, tcfg, E, mesh):
+def train_program(kind, cfg, tcfg, E, mesh, remat):
     """goose-train's jitted step of kind "expert" or "gate", lowered for abstract inputs."""
     import jax
 
@@ -159,6 +164,7 @@ def train_program(kind, cfg, tcfg, E, mesh):
     from goose_jax.training import Program
 
     lora = tcfg.lora
+    tcfg = dataclasses.replace(tcfg, remat=remat)
     steps = tcfg.steps if kind == "expert" else tcfg.gate_steps
     program = Program(kind, cfg, tcfg, steps, lora.lora_scale, mesh=mesh)
     base = abstract_base(cfg, mesh)
@@ -172,26 +178,42 @@ def train_program(kind, cfg, tcfg, E, mesh):
 
 
 def routed_collections(cfg, lora, E, mesh, dtype):
-    """PHATGOOSE top-2 over E experts: ``build_routed``'s adapter, and its collections as shapes.
+    """PHATGOOSE top-2 over E experts as goose-eval runs it: ``build_routed``'s adapter (expert
+    parallel on a mesh whose ``expert`` axis X > 1), and its collections as shapes.
 
-    ``build_routed`` checks concrete arrays, so it builds from a two-expert stand-in; its
-    collections (every leaf leads with E) are then declared at E, laid out over ``expert``."""
+    ``build_routed`` checks concrete arrays, so it builds from a two-expert stand-in without a
+    mesh; the adapter is then given the mesh and the real count, as ``build_routed(...,
+    mesh=mesh)`` sets them for a library padded to E_pad = ``padded_count(E, X)``. Its
+    collections are declared at E_pad over ``expert``; with ``cfg.scan_layers`` stacked as the
+    Evaluator stacks them, (Y, E_pad, ...): the expert axis is then axis 1."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from goose_jax import sharding
-    from goose_jax.experts import init_gates
+    from goose_jax.experts import init_experts, init_gates
+    from goose_jax.layers import per_layer, stack_layers
     from goose_jax.routers import build_routed
 
-    small = abstract_library(cfg, lora, 2, mesh, dtype)
+    flat = per_layer(cfg)
+    small = jax.eval_shape(lambda: init_experts(flat, lora, 2, dtype=dtype))
     experts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), small)
     gates = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), jax.eval_shape(init_gates, small))
-    extra = {"mesh": mesh} if "mesh" in inspect.signature(build_routed).parameters else {}
-    routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2,
-                          scale=lora.lora_scale, **extra)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((E,) + x.shape[1:], x.dtype),
+    routed = build_routed("phatgoose", flat, experts, gates=gates, top_k=2,
+                          scale=lora.lora_scale)
+    X = int(mesh.shape["expert"])
+    E_pad = sharding.padded_count(E, X)
+    adapter = dataclasses.replace(routed.adapter, mesh=mesh if X > 1 else None,
+                                  num_experts=E if E_pad > E else 0)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((E_pad,) + x.shape[1:], x.dtype),
                           routed.collections)
-    return routed.adapter, sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
+    if not cfg.scan_layers:
+        return adapter, sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
+    stacked = stack_layers(shapes, cfg)
+    split = NamedSharding(mesh, PartitionSpec(None, "expert"))
+    return adapter, sharding.abstract(stacked, split)
 
 
 def batch_input(shape, mesh, dtype="int32"):
@@ -217,7 +239,7 @@ def rank_program(cfg, lora, E, mesh):
     # executable's argument bytes count it once too.)
     args = (cfg, adapter, variables, variables, ids, mask, tgt, tmask)
     return Built(fn, args, {"naive": False, "sites": ()}, variables["params"],
-                 per_device_bytes(variables))
+                 per_device_bytes(variables), library_shape(E, mesh, lora))
 
 
 def generate_program(cfg, lora, E, mesh):
@@ -229,7 +251,15 @@ def generate_program(cfg, lora, E, mesh):
     B, L, T = (GENERATE_SHAPE[k] for k in ("batch", "input_length", "new_tokens"))
     fn = generation._generate  # the decoder generate_greedy calls
     args = (cfg, variables, batch_input((B, L), mesh), batch_input((B, L), mesh), T)
-    return Built(fn, args, {"adapter": adapter, "telemetry": False}, variables["params"])
+    return Built(fn, args, {"adapter": adapter, "telemetry": False}, variables["params"],
+                 library=library_shape(E, mesh, lora))
+
+
+def library_shape(E, mesh, lora) -> tuple[int, int]:
+    """(E_pad, R): the routed library's stacked experts on ``mesh`` and its rank."""
+    from goose_jax.sharding import padded_count
+
+    return padded_count(E, int(mesh.shape["expert"])), lora.rank
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -259,6 +289,22 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def library_gathers(hlo: str, E_pad: int, R: int) -> int:
+    """All-gathers whose result is a whole library leaf: an (E_pad, I, R) or (E_pad, R, O) block
+    (optionally led by the layer axis). Expert parallelism gathers only (N, E) scores."""
+    count = 0
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m or m.group(2) != "all-gather":
+            continue
+        for _, dims in _SHAPE.findall(m.group(1)):
+            d = [int(x) for x in filter(None, dims.split(","))]
+            if len(d) >= 3 and d[-3] == E_pad and R in d[-2:]:
+                count += 1
+                break
+    return count
+
+
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of the abstract (sharded) leaves of ``tree`` (the largest share)."""
     import jax
@@ -280,8 +326,9 @@ def build(name, setting, cfg, tcfg, mesh):
     lora = tcfg.lora
     if name in ("experts", "gate"):
         return train_program("expert" if name == "experts" else name, cfg, tcfg,
-                             setting.train_experts or setting.experts, mesh)
-    return (rank_program if name == "rank" else generate_program)(cfg, lora, setting.experts,
+                             setting.train_experts or setting.experts, mesh, setting.remat)
+    scan = cfg.replace(scan_layers=True)  # as goose-eval compiles the XL scorer: one scanned block
+    return (rank_program if name == "rank" else generate_program)(scan, lora, setting.experts,
                                                                   mesh)
 
 
@@ -315,7 +362,9 @@ def measure(built: Built) -> dict:
              ("argument", "output", "temp", "generated_code", "alias")}
     total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + \
         sizes["generated_code"]
-    return {**sizes, "total": total, "collectives": collectives(compiled.as_text()),
+    hlo = compiled.as_text()
+    gathered = library_gathers(hlo, *built.library) if built.library else None
+    return {**sizes, "total": total, "collectives": collectives(hlo), "library_gathers": gathered,
             "lower_s": t1 - t0, "compile_s": t2 - t1}
 
 
@@ -354,8 +403,8 @@ def run(args) -> int:
     print(f"T5-XL LM-adapt with {args.layers} + {args.layers} blocks, bf16; per device, GiB; "
           "collectives: kind instructions/MiB of results")
     print("| setting | program | E | mesh | args | out | temp | code | total | chip | fraction "
-          "| collectives | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| collectives | library gathers | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = (0.0, "")
     for s, mesh_text, name, built in plan:
         r = measure(built)
@@ -363,10 +412,14 @@ def run(args) -> int:
         coll = ", ".join(f"{k} {n}/{b / 2**20:.0f}" for k, (n, b) in r["collectives"].items()
                          if n) or "none"
         E = s.train_experts or s.experts if name in ("experts", "gate") else s.experts
+        if built.library and built.library[0] != E:
+            E = f"{E} ({built.library[0]})"  # padded with inert experts to a multiple of X
+        gathers = "-" if r["library_gathers"] is None else r["library_gathers"]
         print(f"| {s.name} | {name} | {E} | {mesh_text} | {fmt_gib(r['argument'])} | "
               f"{fmt_gib(r['output'])} | {fmt_gib(r['temp'])} | "
               f"{fmt_gib(r['generated_code'])} | {fmt_gib(r['total'])} | {s.chip} "
-              f"{s.chip_gib:g} | {frac:.2f} | {coll} | {r['lower_s'] + r['compile_s']:.0f} |",
+              f"{s.chip_gib:g} | {frac:.2f} | {coll} | {gathers} | "
+              f"{r['lower_s'] + r['compile_s']:.0f} |",
               flush=True)
         worst = max(worst, (frac, f"{s.name} {name}"))
     print(f"worst fraction of chip memory: {worst[0]:.2f} ({worst[1]})")
