@@ -60,15 +60,16 @@ class Setting:
     config: str  # configs/<config>.py: the training hyper-parameters of this setting
     train_experts: int = 0  # experts one goose-train run trains at once (0: all of them)
     remat: str = "block"  # the train steps' --set remat=... (activations recomputed per block)
+    scan_train: bool = True  # the train steps over a scanned model (the base passed stacked)
 
 
 SETTINGS = {
     "t0": Setting("t0", 36, 16, "v4", 32, "data=4,model=1,expert=4", "data=1,model=4,expert=4",
                   ("experts", "gate", "rank", "generate"), "t0_heldin"),
     "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=1,expert=16",
-                    "data=1,model=8,expert=2", ("experts", "gate", "rank", "generate"), "flan",
+                    "data=1,model=2,expert=8", ("experts", "gate", "rank", "generate"), "flan",
                     train_experts=16),
-    "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=8,expert=8",
+    "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=4,expert=16",
                      ("rank", "generate"), "flan"),
 }
 # Why these meshes: a train step's activations grow with the rows each device holds (E / X
@@ -156,19 +157,21 @@ def abstract_batch(tcfg, E, mesh):
     return sharding.abstract(shapes, sharding.batch_shardings(shapes, mesh, many=True))
 
 
-def train_program(kind, cfg, tcfg, E, mesh, remat):
+def train_program(kind, cfg, tcfg, E, mesh, remat, scan):
     """goose-train's jitted step of kind "expert" or "gate", lowered for abstract inputs."""
     import jax
 
     from goose_jax.experts import init_gates
+    from goose_jax.layers import per_layer
     from goose_jax.training import Program
 
     lora = tcfg.lora
     tcfg = dataclasses.replace(tcfg, remat=remat)
+    cfg = cfg.replace(scan_layers=scan)
     steps = tcfg.steps if kind == "expert" else tcfg.gate_steps
     program = Program(kind, cfg, tcfg, steps, lora.lora_scale, mesh=mesh)
     base = abstract_base(cfg, mesh)
-    experts = abstract_library(cfg, lora, E, mesh, cfg.dtype.param)
+    experts = abstract_library(per_layer(cfg), lora, E, mesh, cfg.dtype.param)  # user layout
     frozen, trainable = (None, experts) if kind == "expert" else (
         experts, jax.eval_shape(init_gates, experts))
     state = program.state_shapes(trainable)
@@ -326,7 +329,8 @@ def build(name, setting, cfg, tcfg, mesh):
     lora = tcfg.lora
     if name in ("experts", "gate"):
         return train_program("expert" if name == "experts" else name, cfg, tcfg,
-                             setting.train_experts or setting.experts, mesh, setting.remat)
+                             setting.train_experts or setting.experts, mesh, setting.remat,
+                             setting.scan_train)
     scan = cfg.replace(scan_layers=True)  # as goose-eval compiles the XL scorer: one scanned block
     return (rank_program if name == "rank" else generate_program)(scan, lora, setting.experts,
                                                                   mesh)
