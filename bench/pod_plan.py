@@ -65,10 +65,10 @@ class Setting:
 
 SETTINGS = {
     "t0": Setting("t0", 36, 16, "v4", 32, "data=4,model=1,expert=4", "data=1,model=4,expert=4",
-                  ("experts", "gate", "rank", "generate"), "t0_heldin"),
-    "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=1,expert=16",
+                  ("experts", "gate", "rank", "generate"), "t0_heldin", train_experts=12),
+    "flan": Setting("flan", 166, 16, "v5e", 16, "data=1,model=2,expert=8",
                     "data=1,model=2,expert=8", ("experts", "gate", "rank", "generate"), "flan",
-                    train_experts=16),
+                    train_experts=8),
     "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=4,expert=16",
                      ("rank", "generate"), "flan"),
 }
