@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import re
 import sys
@@ -453,6 +452,19 @@ def main(argv=None) -> int:
                              f"{', '.join(SETTINGS if bad else PROGRAMS)}")
         if args.layers < 1:
             raise UsageError(f"--layers must be >= 1, got {args.layers}")
+        if args.mesh:
+            from goose_jax.sharding import parse_mesh
+
+            axes = parse_mesh(args.mesh)
+            product = 1
+            for n in axes.values():
+                product *= n
+            for name in args.settings.split(","):
+                if product != SETTINGS[name].devices:
+                    raise UsageError(
+                        f"--mesh {args.mesh}: its axes multiply to {product}, but setting "
+                        f"{name} runs on {SETTINGS[name].devices} devices; pass axis sizes "
+                        f"whose product is {SETTINGS[name].devices}")
         return run(args)
 
     parser.set_defaults(run=checked)
