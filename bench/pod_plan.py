@@ -9,17 +9,23 @@ result bytes per kind, counted once per instruction of the HLO (an instruction i
 counts once, not once per iteration).
 
     setting  base                     experts  devices  chip         programs
-    t0       T5-XL LM-adapt, bf16     36       16       v4, 32 GiB   experts step, gate step,
-                                                                     rank classification, generate
-    flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same (trained 16 at a time)
+    t0       T5-XL LM-adapt, bf16     36       16       v4, 32 GiB   experts step, gate step (12
+                                                                     at a time), rank
+                                                                     classification, generate
+    flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same (trained 8 at a time)
     ocean    T5-XL LM-adapt, bf16     1000     64       v5e, 16 GiB  rank classification, generate
 
-The programs: ``training.Program(...).step_fn`` for kinds "expert" (all experts at once, the
-config's micro batch) and "gate" (as goose-train runs them); ``evaluation``'s choice-NLL scorer
+The programs: ``training.Program(...).step_fn`` for kinds "expert" (the experts of one run at
+once, the config's micro batch) and "gate" (as goose-train runs them), over a scanned model
+(``T5Config.scan_layers``: the base stacked, the library in its per-layer layout) with
+``remat="block"``; ``evaluation``'s choice-NLL scorer
 (batch 64 x 4 choices, 256 encoder and 8 decoder tokens, PHATGOOSE top-2 over the whole
 library, as goose-eval's ``Evaluator.score_choices`` calls it); ``generation``'s greedy decoder
 (batch 64, 256 encoder tokens, 8 new tokens: the encoder, the first step and the loop whose body
-is one decode step). Rank 16 at every site. The base is laid out by the rules table, every
+is one decode step); both scanned, as the Evaluator compiles them, and expert parallel
+(``build_routed(..., mesh=mesh)``: the library padded to a multiple of the ``expert`` axis and
+never gathered; the table counts the all-gathers whose result is a whole library leaf). Rank 16
+at every site. The base is laid out by the rules table, every
 expert-stacked tree with E over ``expert``, batches over ``data``.
 
 Each setting has a mesh for training and one for evaluation (printed, and why beside
@@ -71,13 +77,21 @@ SETTINGS = {
     "ocean": Setting("ocean", 1000, 64, "v5e", 16, "", "data=1,model=4,expert=16",
                      ("rank", "generate"), "flan"),
 }
-# Why these meshes: a train step's activations grow with the rows each device holds (E / X
-# experts x micro_batch / D rows), so training splits rows over ``data`` (up to the micro batch
-# of 8) and experts over ``expert`` (a divisor of E: 36 = 4 x 9, 166 = 2 x 83); evaluation holds
-# the whole library and the base, so it splits the base's kernels over ``model`` instead.
-# FLAN trains in runs of 16 experts (166 = 10 x 16 + 6; each run writes into the one library):
-# all 166 in one step need 38 GiB per device of float32 state alone on 16 chips at expert=2, the
-# largest divisor of 166 that 16 devices allow.
+# Why these meshes and runs (each measured at full depth, README "Several hosts"):
+# - Training: a step's activations grow with the rows a device holds (E / X experts x
+#   micro_batch / D rows), and with the stacked scan its temporaries also hold copies of the
+#   base's stacked kernels (split by ``model`` only). T0 trains its 36 experts in 3 runs of 12
+#   (12 / 4 = 3 experts x 8 / 4 = 2 rows a device; all 36 at once on data=2,model=2,expert=4
+#   extrapolates from 2 and 4 blocks to 0.90 of a v4). FLAN trains in runs of 8 (166 = 20 x 8
+#   + 6, each run writing into the one library) on model=2 (the base halved: 16 at a time, or
+#   model=1, extrapolate to 0.99 and 1.32 of a v5e).
+# - Evaluation routes expert-parallel (``expert_parallel``): each device holds E_pad / X experts
+#   of every site and gathers only the (N, E) scores, so ``expert`` is as large as the other
+#   axes allow and ``model`` splits the base. T0: model=4,expert=4 (36 divides; base and
+#   library both a quarter). FLAN: model=2,expert=8 (166 -> 168; the library an eighth, 1.4 GiB;
+#   the old model=8,expert=2 held 5.8 GiB of library). Ocean: model=4,expert=16 on 64 devices
+#   (1000 -> 1008; 4.4 GiB of library and a quarter of the base; model=8,expert=8 would hold
+#   8.8 GiB of library, estimated 0.89 of a v5e).
 PROGRAMS = ("experts", "gate", "rank", "generate")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 RANK_SHAPE = dict(batch=64, choices=4, input_length=256, target_length=8)
