@@ -77,3 +77,39 @@ def test_library_gathers_counts_whole_library_leaves_only():
     # (E_pad, I, R) and a stacked (Y, E_pad, R, O) leaf: 2; the (N, E) scores, an all-reduce and
     # another stack's leaf are not this library's gathers.
     assert plan.library_gathers(hlo, 40, 16) == 2
+
+
+def test_the_scanned_train_step_pod_plan_compiles_equals_the_unrolled_one():
+    # pod_plan compiles the experts step over a scanned model, the base passed stacked and the
+    # library in its per-layer layout (the step stacks it): one step of it must move the experts
+    # exactly as the unrolled step goose-train runs by default does.
+    import jax
+    import numpy as np
+
+    import goose_jax as gj
+    from goose_jax import training
+    from goose_jax.experts import init_experts
+    from goose_jax.layers import stack_layers
+    from goose_jax.t5 import init_params
+
+    cfg = gj.T5Config.preset("tiny").replace(num_encoder_layers=2, num_decoder_layers=2)
+    tcfg = training.TrainConfig(steps=2, lr=1e-3, warmup_ratio=0.0, micro_batch=2, grad_accum=1,
+                                max_input_length=8, max_target_length=4, fast_compile=True)
+    params = init_params(cfg, 0)
+    experts = init_experts(cfg, tcfg.lora, [jax.random.key(e) for e in range(2)],
+                           fast_compile=True)
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(2, cfg.vocab_size, (2, 1, 2, 8)).astype(np.int32),
+             "input_mask": np.ones((2, 1, 2, 8), np.int32),
+             "targets": rng.integers(2, cfg.vocab_size, (2, 1, 2, 4)).astype(np.int32)}
+    out = []
+    for scan in (False, True):
+        model = cfg.replace(scan_layers=scan)
+        program = training.Program("expert", model, tcfg, tcfg.steps, tcfg.lora.lora_scale)
+        base = stack_layers(params, model) if scan else params
+        state, metrics = program.step(base, None, program.init(experts), batch)
+        out.append((jax.device_get(state.trainable), jax.device_get(metrics["loss"])))
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert jax.tree.structure(out[1][0]) == jax.tree.structure(experts)
