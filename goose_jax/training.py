@@ -60,6 +60,7 @@ from goose_jax.experts import (
     LoRAConfig,
     select_sites,
 )
+from goose_jax.layers import stack_layers
 from goose_jax.t5 import T5, param_logical_axes
 
 Array = jax.Array
@@ -465,6 +466,8 @@ class Program:
         variables = self.variables(base, self._expand(frozen), self._expand(trainable))
         model = self.model if self.train.remat == "none" else \
             self.model.replace(remat=self.train.remat)
+        if model.scan_layers:   # a scanned model reads trees stacked along the layer axis
+            variables = stack_layers(variables, model)
         return token_nll(model, variables, micro, self.adapter)
 
     def _update(self, base, frozen, trainable, opt_state, batch):
