@@ -20,6 +20,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 needs_8_devices = pytest.mark.needs_8_devices
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test file. The whole suite compiles thousands of
+    programs in one process, and every XLA:CPU executable keeps memory mappings of its own: kept
+    all together they reach the kernel's per-process limit (``vm.max_map_count``, 65530 by
+    default), after which the next compilation crashes."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_8_devices: skipped on fewer than 8 devices")
 
