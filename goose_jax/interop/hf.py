@@ -415,6 +415,19 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
     Raises:
       CheckpointError: the file is missing, not JSON, or not a T5 config.
     """
+    d, config_path = read_config_json(path)
+    try:
+        return T5Config.from_hf_dict(d, source=config_path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
+    """(the parsed ``config.json`` of a checkpoint directory, its path), for any model family.
+
+    Raises:
+      CheckpointError: the file is missing, not JSON, or not a JSON object.
+    """
     config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
@@ -422,10 +435,7 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
     d = read_json(config_path, what="the config as JSON")
     if not isinstance(d, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
-    try:
-        return T5Config.from_hf_dict(d, source=config_path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    return d, config_path
 
 
 def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], str]:

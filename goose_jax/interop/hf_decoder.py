@@ -35,11 +35,10 @@ from goose_jax.interop.hf import (
     SAFE_WEIGHTS_NAME,
     _names,
     check_model_folder,
+    read_config_json,
     read_hf_state,
-    resolve_hf_dir,
     write_model_folder,
 )
-from goose_jax.tensorfile import read_json
 
 Params = dict[str, Any]
 _WEIGHT_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model.safetensors.index.json",
@@ -141,13 +140,7 @@ def read_hf_decoder_config(path: str | os.PathLike) -> DecoderConfig:
     Raises:
       CheckpointError: the file is missing, not JSON, or not a supported model.
     """
-    config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
-                              f"a {CONFIG_NAME}")
-    d = read_json(config_path, what="the config as JSON")
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
+    d, config_path = read_config_json(path)
     try:
         return DecoderConfig.from_hf_dict(d, source=config_path)
     except ConfigError as e:
