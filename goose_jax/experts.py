@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from goose_jax import sharding
-from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
+from goose_jax import families, sharding
+from goose_jax.config import FAST_COMPILE_OPTIONS
 from goose_jax.errors import ConfigError
-from goose_jax.t5 import site_shapes
 
 Array = jax.Array
 
@@ -42,9 +41,9 @@ EXPERTS = "experts"
 GATES = "gates"
 
 # Every attention projection (self and cross) and every FFN matrix, encoder and decoder: the
-# paper's 432 sites on T5-XL.
-DEFAULT_SITES = r"(encoder|decoder)/block_\d+/(self_attn|cross_attn)/[qkvo]|" \
-                r"(encoder|decoder)/block_\d+/ffn/(wi|wi_0|wi_1|wo)"
+# paper's 432 sites on T5-XL. On a decoder-only model the default means every site of that
+# family (``families.DECODER_SITES``).
+DEFAULT_SITES = families.T5_SITES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +83,19 @@ def peft_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / (rank**0.5 if use_rslora else rank)
 
 
-def select_sites(cfg: T5Config, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
+def site_pattern(cfg: families.ModelConfig, lora: LoRAConfig) -> str:
+    """``lora.sites``, except that the default selects every site of ``cfg``'s family."""
+    return families.all_sites_pattern(cfg) if lora.sites == DEFAULT_SITES else lora.sites
+
+
+def select_sites(cfg: families.ModelConfig, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
     """The sites (name -> (I, O)) that ``lora.sites`` selects, in model order."""
-    pattern = re.compile(lora.sites)
-    chosen = {name: shape for name, shape in site_shapes(cfg).items() if pattern.fullmatch(name)}
+    pattern = re.compile(site_pattern(cfg, lora))
+    shapes = families.site_shapes(cfg)
+    chosen = {name: shape for name, shape in shapes.items() if pattern.fullmatch(name)}
     if not chosen:
         raise ConfigError(f"LoRAConfig.sites {lora.sites!r} matches no site of this model; "
-                         f"sites look like {next(iter(site_shapes(cfg)))!r}")
+                         f"sites look like {next(iter(shapes))!r}")
     return chosen
 
 
@@ -125,7 +130,7 @@ def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
     return out
 
 
-def init_experts(cfg: T5Config, lora: LoRAConfig, experts: int | Sequence[Array],
+def init_experts(cfg: families.ModelConfig, lora: LoRAConfig, experts: int | Sequence[Array],
                  rng: Array | int = 0, dtype=jnp.float32, *, fast_compile: bool = False,
                  mesh: Mesh | None = None) -> dict:
     """Fresh experts stacked on a leading axis: A ~ N(0, init_std^2) (E, I, R), B = 0 (E, R, O).
@@ -182,7 +187,7 @@ def _init_fn(fast: bool):
                    compiler_options=FAST_COMPILE_OPTIONS if fast else None)
 
 
-def _init_stack(cfg: T5Config, lora: LoRAConfig, keys) -> dict:
+def _init_stack(cfg: families.ModelConfig, lora: LoRAConfig, keys) -> dict:
     sites = select_sites(cfg, lora)
     sizes = [d_in * lora.rank for d_in, _ in sites.values()]
     offsets = np.cumsum([0] + sizes)

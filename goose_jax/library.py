@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from goose_jax.config import T5Config
+from goose_jax import families
 from goose_jax.errors import ConfigError, LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
 from goose_jax.library_manifest import (
@@ -64,10 +64,11 @@ from goose_jax.library_manifest import (
     _expert_file,
     _read_manifest,
     _strict_json,
+    base_family,
     check_expert_name,
+    config_key,
 )
 from goose_jax.sharding import expert_sharding, expert_shards, padded_count
-from goose_jax.t5 import site_shapes
 from goose_jax.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
 
 LOCK = "manifest.lock"
@@ -109,13 +110,6 @@ def _sample(leaf: Any, stride: int):
 @functools.partial(jax.jit, static_argnums=1)
 def _sample_on_device(leaf, stride: int):
     return jnp.ravel(leaf)[::stride].astype(jnp.float32)
-
-
-def _base_config_dict(cfg: T5Config) -> dict[str, Any]:
-    d = cfg.to_hf_dict()
-    d.pop("dtype", None)  # storage dtype is not identity: a bf16 copy is the same base
-    d["tie_word_embeddings"] = cfg.tie_word_embeddings
-    return d
 
 
 def _sha256(data: bytes) -> str:
@@ -173,7 +167,7 @@ class ExpertLibrary:
     # --- creating and opening ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike, cfg: T5Config, params: Any,
+    def create(cls, path: str | os.PathLike, cfg: families.ModelConfig, params: Any,
                lora: LoRAConfig, *, exist_ok: bool = False) -> ExpertLibrary:
         """Creates an empty library for the base model ``(cfg, params)`` and ``lora``'s sites.
 
@@ -191,7 +185,9 @@ class ExpertLibrary:
                     manifest = {
                         "format": FORMAT,
                         "format_version": FORMAT_VERSION,
-                        "base_model": {"t5_config": _base_config_dict(cfg),
+                        "base_model": {"family": families.family(cfg),
+                                       config_key(families.family(cfg)):
+                                           families.config_record(cfg),
                                        "weights_fingerprint": weights_fingerprint(params)},
                         "lora": {"rank": lora.rank, "scale": lora.lora_scale,
                                  "sites_pattern": lora.sites},
@@ -212,7 +208,7 @@ class ExpertLibrary:
         return lib
 
     @classmethod
-    def open(cls, path: str | os.PathLike, cfg: T5Config | None = None,
+    def open(cls, path: str | os.PathLike, cfg: families.ModelConfig | None = None,
              params: Any = None) -> ExpertLibrary:
         """Opens a library, checking it against a base model when one is given.
 
@@ -239,20 +235,26 @@ class ExpertLibrary:
                                    f"(listed in {lib._manifest_path})")
         return lib
 
-    def check_base(self, cfg: T5Config | None, params: Any = None) -> None:
+    def check_base(self, cfg: families.ModelConfig | None, params: Any = None) -> None:
         """Raises ``LibraryError`` unless ``(cfg, params)`` is this library's base model
         (either may be None: not checked)."""
         mpath = self._manifest_path
         if cfg is not None:
-            want = self.manifest["base_model"]["t5_config"]
-            have = _base_config_dict(cfg)
+            mine, given = base_family(self.manifest), families.family(cfg)
+            if mine != given:
+                raise LibraryError(f"{mpath}: the library's experts are for a "
+                                   f"{families.describe(mine)} base model, the given model is "
+                                   f"{families.describe(given)}: adapters do not move between "
+                                   "families")
+            want = self.manifest["base_model"][config_key(mine)]
+            have = families.config_record(cfg)
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             if diff:
                 k = diff[0]
                 raise LibraryError(f"{mpath}: base model config differs ({len(diff)} fields): "
                                    f"{k}: expected {want.get(k)!r} (library), found "
                                    f"{have.get(k)!r} (given model)")
-            shapes = {k: list(v) for k, v in site_shapes(cfg).items()}
+            shapes = {k: list(v) for k, v in families.site_shapes(cfg).items()}
             self._check_sites(shapes, "the given model", subset=True)
         if params is not None:
             want_fp = self.manifest["base_model"]["weights_fingerprint"]
@@ -294,11 +296,16 @@ class ExpertLibrary:
         return float(self.manifest["lora"]["scale"])
 
     @property
+    def family(self) -> str:
+        """The model family of the base (``goose_jax.families``): ``"t5"``, ``"llama"``, ..."""
+        return base_family(self.manifest)
+
+    @property
     def sites(self) -> dict[str, tuple[int, int]]:
         return {k: tuple(v) for k, v in self.manifest["sites"].items()}
 
     @property
-    def base_config(self) -> T5Config:
+    def base_config(self) -> families.ModelConfig:
         return _base_config(self.manifest, self._manifest_path)
 
     def info(self, name: str) -> dict[str, Any]:

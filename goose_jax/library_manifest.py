@@ -3,8 +3,9 @@
 Format (strict JSON: no NaN or inf anywhere; a non-finite number is written as null)::
 
     {"format": "goose-jax-library", "format_version": 1,
-     "base_model": {"t5_config": {...},              the HF config dict, without the storage
-                                                     dtype, with tie_word_embeddings (bool)
+     "base_model": {"family": "t5" | "llama" | "qwen2" | "mistral",   absent: "t5"
+                    "t5_config" or "decoder_config": {...},   the HF config dict, without the
+                                                     storage dtype, with tie_word_embeddings
                     "weights_fingerprint": "sha256:..."},
      "lora": {"rank": R (int > 0), "scale": number, "sites_pattern": ...},
      "sites": {"<site>": [I, O], ...},               every expert has exactly these sites
@@ -17,7 +18,8 @@ Format (strict JSON: no NaN or inf anywhere; a non-finite number is written as n
         ...any other JSON facts the writer gave}]}
 
 Reading a manifest checks all of it before anything uses it: the format and its version, each
-required top-level field and its type, the base model's T5 config (it must build a ``T5Config``),
+required top-level field and its type, the base model's family and config (it must build a
+``T5Config`` or ``DecoderConfig`` of that family),
 every entry's fields and their types, names unique, and every expert file resolving inside the
 library (not absolute, no ``..``, no symlink out). Each problem is one ``LibraryError`` naming
 ``manifest.json``, the entry and the field, and the fix.
@@ -34,7 +36,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from goose_jax.config import T5Config
+from goose_jax import families
 from goose_jax.errors import GooseError, LibraryError, one_line
 from goose_jax.tensorfile import read_json
 
@@ -62,9 +64,11 @@ def _kind(value: Any) -> str:
 
 
 # (field, test, what it must be); the first group is required.
-_TOP = (("base_model", lambda v: isinstance(v, dict) and isinstance(v.get("t5_config"), dict)
+_TOP = (("base_model", lambda v: isinstance(v, dict)
+         and isinstance(v.get(config_key(v.get("family", families.T5))), dict)
          and isinstance(v.get("weights_fingerprint"), str),
-         "an object with t5_config (object) and weights_fingerprint (string)"),
+         "an object with family (string; absent means t5), t5_config or decoder_config (object) "
+         "and weights_fingerprint (string)"),
         ("lora", lambda v: isinstance(v, dict) and _is_int(v.get("rank")) and v["rank"] > 0
          and (_is_int(v.get("scale")) or isinstance(v.get("scale"), float)),
          "an object with rank (int > 0) and scale (number)"),
@@ -135,15 +139,23 @@ def _check_manifest(manifest: Any, path: str) -> None:
         _expert_file(path, entry, mpath)
 
 
-def _base_config(manifest: dict, mpath: str) -> T5Config:
-    d = dict(manifest["base_model"]["t5_config"])
-    tie = d.pop("tie_word_embeddings", None)
-    where = f"{mpath}: base_model.t5_config"
-    if not isinstance(tie, bool):
-        raise LibraryError(f"{where}: field 'tie_word_embeddings': expected true or false, "
-                           f"found {tie!r:.60}; restore the manifest from a backup")
+def config_key(family: Any) -> str:
+    """The base_model field that holds the config of a base of ``family``."""
+    return "t5_config" if family == families.T5 else "decoder_config"
+
+
+def base_family(manifest: dict) -> str:
+    """The model family a library's experts belong to (``"t5"`` when the manifest predates
+    decoder-only support and does not say)."""
+    return manifest["base_model"].get("family", families.T5)
+
+
+def _base_config(manifest: dict, mpath: str) -> families.ModelConfig:
+    name = base_family(manifest)
+    where = f"{mpath}: base_model.{config_key(name)}"
     try:
-        return T5Config.from_hf_dict(d, source=where).replace(tie_word_embeddings=tie)
+        return families.config_from_record(manifest["base_model"][config_key(name)], name,
+                                           source=where)
     except (GooseError, ValueError, TypeError) as e:
         raise LibraryError(f"{one_line(e)}; restore the manifest from a backup") from None
 

@@ -1,0 +1,70 @@
+"""The family seam: decoder-only sites through the T5-built machinery, and libraries that record
+their base model's family and refuse another."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import goose_jax as gj
+from goose_jax import decoder, families
+from goose_jax.errors import ConfigError, LibraryError
+from goose_jax.experts import LoRAConfig, select_sites
+from goose_jax.library import ExpertLibrary
+
+DEC = gj.DecoderConfig.preset("tiny")
+T5 = gj.T5Config.preset("tiny")
+
+
+def test_default_sites_cover_each_family():
+    lora = LoRAConfig(rank=2)
+    assert list(select_sites(DEC, lora)) == list(decoder.site_shapes(DEC))
+    assert list(select_sites(T5, lora)) == list(gj.site_shapes(T5))
+    picked = select_sites(DEC, LoRAConfig(rank=2, sites=r"layers_1/mlp/down"))
+    assert picked == {"layers_1/mlp/down": (DEC.d_ff, DEC.d_model)}
+
+
+def test_config_record_round_trip():
+    for cfg in (T5, DEC, gj.DecoderConfig.preset("qwen2-0.5b")):
+        name = families.family(cfg)
+        back = families.config_from_record(families.config_record(cfg), name, source="x")
+        assert families.config_record(back) == families.config_record(cfg)
+    with pytest.raises(ConfigError, match="not a T5 config"):
+        families.config_from_record(families.config_record(DEC), "t5", source="x")
+    with pytest.raises(ConfigError, match="recorded as 'llama'"):
+        families.config_from_record(families.config_record(DEC.replace(family="qwen2")),
+                                    "llama", source="x")
+    with pytest.raises(ConfigError, match="unknown model family"):
+        families.config_from_record(families.config_record(DEC), "gpt", source="x")
+
+
+def test_library_records_family_and_refuses_another(tmp_path):
+    params = jax.tree.map(np.asarray, decoder.init_params(DEC, 0))
+    lib = ExpertLibrary.create(tmp_path / "lib", DEC, params, LoRAConfig(rank=2))
+    manifest = json.load(open(os.path.join(lib.path, "manifest.json")))
+    assert manifest["base_model"]["family"] == "llama"
+    assert "decoder_config" in manifest["base_model"]
+    reopened = ExpertLibrary.open(tmp_path / "lib", DEC, params)
+    assert reopened.family == "llama"
+    assert families.config_record(reopened.base_config) == families.config_record(DEC)
+    with pytest.raises(LibraryError, match=r"decoder-only \(llama\) base model, the given "
+                                           r"model is T5"):
+        ExpertLibrary.open(tmp_path / "lib", T5)
+    qwen = DEC.replace(family="qwen2")
+    with pytest.raises(LibraryError, match=r"given model is decoder-only \(qwen2\)"):
+        ExpertLibrary.open(tmp_path / "lib", qwen)
+
+
+def test_t5_library_without_family_field_still_opens(tmp_path):
+    params = jax.tree.map(np.asarray, gj.init_params(T5, 0))
+    lib = ExpertLibrary.create(tmp_path / "lib", T5, params, LoRAConfig(rank=2))
+    path = os.path.join(lib.path, "manifest.json")
+    manifest = json.load(open(path))
+    assert manifest["base_model"].pop("family") == "t5"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    assert ExpertLibrary.open(tmp_path / "lib", T5, params).family == "t5"
+    with pytest.raises(LibraryError, match="given model is decoder-only"):
+        ExpertLibrary.open(tmp_path / "lib", DEC)
