@@ -34,7 +34,7 @@ def test_config_record_round_trip():
     with pytest.raises(ConfigError, match="not a T5 config"):
         families.config_from_record(families.config_record(DEC), "t5", source="x")
     with pytest.raises(ConfigError, match="recorded as 'llama'"):
-        families.config_from_record(families.config_record(DEC.replace(family="qwen2")),
+        families.config_from_record(families.config_record(DEC.replace(family="mistral")),
                                     "llama", source="x")
     with pytest.raises(ConfigError, match="unknown model family"):
         families.config_from_record(families.config_record(DEC), "gpt", source="x")
@@ -52,9 +52,9 @@ def test_library_records_family_and_refuses_another(tmp_path):
     with pytest.raises(LibraryError, match=r"decoder-only \(llama\) base model, the given "
                                            r"model is T5"):
         ExpertLibrary.open(tmp_path / "lib", T5)
-    qwen = DEC.replace(family="qwen2")
-    with pytest.raises(LibraryError, match=r"given model is decoder-only \(qwen2\)"):
-        ExpertLibrary.open(tmp_path / "lib", qwen)
+    mistral = DEC.replace(family="mistral")
+    with pytest.raises(LibraryError, match=r"given model is decoder-only \(mistral\)"):
+        ExpertLibrary.open(tmp_path / "lib", mistral)
 
 
 def test_t5_library_without_family_field_still_opens(tmp_path):
