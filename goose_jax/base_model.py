@@ -2,9 +2,12 @@
 
 A base is named by one string, the ``--base`` of every tool:
 
-- a local Hugging Face T5 directory (or a ``models--org--name`` cache entry),
+- a local Hugging Face directory (or a ``models--org--name`` cache entry) of a T5, or of a
+  decoder-only Llama, Qwen2 or Mistral model (its ``config.json``'s ``model_type`` decides),
 - a goose-jax (Orbax) model checkpoint written by ``checkpoint.save_model`` or goose-convert,
-- ``random:PRESET``: a seeded random T5 of a ``T5Config.preset`` size, for smoke runs.
+- ``random:PRESET``: a seeded random model of a ``T5Config.preset`` size, or, for a name that is
+  not a T5 preset, of a ``DecoderConfig.preset`` size (``random:llama-tiny``,
+  ``random:qwen2-0.5b``), for smoke runs.
 
 Nothing is ever downloaded.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from goose_jax import families
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.errors import CheckpointError
+from goose_jax.decoder_config import DecoderConfig
+from goose_jax.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -39,7 +44,7 @@ def check_base(spec: str) -> None:
 
 
 def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_size: int = 0,
-              mesh: Mesh | None = None) -> tuple[T5Config, dict]:
+              mesh: Mesh | None = None) -> tuple[families.ModelConfig, dict]:
     """(cfg, params) of the base model ``spec`` (see the module doc).
 
     With ``mesh`` the parameters come back as global arrays laid out by the one rules table
@@ -62,24 +67,51 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
         any unreadable file (naming the file).
     """
     from goose_jax import checkpoint
-    from goose_jax.interop.hf import base_shardings, load_hf_t5
+    from goose_jax.interop.hf import base_shardings, load_hf_t5, read_config_json
 
     check_base(spec)
+    policy = DTypePolicy(dtype, dtype) if dtype else None
     if spec.startswith(RANDOM):
         from goose_jax.sharding import put_global
-        from goose_jax.t5 import init_params
 
-        try:
-            cfg = T5Config.preset(spec[len(RANDOM):])
-        except ValueError as e:
-            raise CheckpointError(f"base {spec!r}: {e}") from None
+        cfg = random_config(spec)
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
-        params = init_params(cfg, seed)
+        params = families.init_params(cfg, seed)
         return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
     if checkpoint.is_checkpoint(spec):
         shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
         return checkpoint.load_model(spec, shardings=shardings)
-    return load_hf_t5(spec, dtype=DTypePolicy(dtype, dtype) if dtype else None, mesh=mesh)
+    if _is_decoder_dir(spec, read_config_json):
+        from goose_jax.interop.hf_decoder import load_hf_llama
+        from goose_jax.sharding import put_global
+
+        cfg, params = load_hf_llama(spec, dtype=policy)
+        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
+    return load_hf_t5(spec, dtype=policy, mesh=mesh)
+
+
+def random_config(spec: str) -> families.ModelConfig:
+    """The config of a ``random:PRESET`` base: a T5 preset, else a decoder-only one (where
+    ``llama-tiny`` names the decoder's ``tiny``, which the T5's ``tiny`` would shadow)."""
+    name = spec[len(RANDOM):]
+    try:
+        return T5Config.preset(name)
+    except ValueError as t5_error:
+        try:
+            return DecoderConfig.preset("tiny" if name == "llama-tiny" else name)
+        except ConfigError:
+            raise CheckpointError(f"base {spec!r}: {t5_error}; nor is it a decoder-only preset "
+                                  "(llama-tiny, llama-3-8b, ...)") from None
+
+
+def _is_decoder_dir(spec: str, read_config_json) -> bool:
+    """Whether a Hugging Face directory holds a decoder-only model (by its config.json's
+    ``model_type``); False when it has no readable config (the T5 loader then says why)."""
+    try:
+        d, _ = read_config_json(spec)
+    except CheckpointError:  # the T5 loader reports it, in one line
+        return False
+    return isinstance(d, dict) and d.get("model_type") in families.DECODER_FAMILIES
 
 
 def _checkpoint_shardings(spec: str, mesh: Mesh):

@@ -68,3 +68,19 @@ def test_t5_library_without_family_field_still_opens(tmp_path):
     assert ExpertLibrary.open(tmp_path / "lib", T5, params).family == "t5"
     with pytest.raises(LibraryError, match="given model is decoder-only"):
         ExpertLibrary.open(tmp_path / "lib", DEC)
+
+
+def test_load_base_reads_decoder_bases(tmp_path):
+    from goose_jax.base_model import load_base
+    from goose_jax.errors import CheckpointError
+
+    cfg, params = load_base("random:llama-tiny", seed=3)
+    assert cfg == gj.DecoderConfig.preset("tiny")
+    gj.save_hf_llama(cfg, params, tmp_path / "hf")
+    cfg2, params2 = load_base(str(tmp_path / "hf"))
+    assert families.family(cfg2) == "llama"
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(params2), strict=True))
+    assert families.family(load_base("random:tiny")[0]) == "t5"
+    with pytest.raises(CheckpointError, match="nor is it a decoder-only preset"):
+        load_base("random:gpt-9")

@@ -282,16 +282,23 @@ def _put(tree: Params, path: tuple[str, ...], leaf: Any) -> None:
     tree[path[-1]] = leaf
 
 
-def base_shardings(cfg: T5Config, mesh: Mesh) -> Params:
-    """The ``NamedSharding`` of every base parameter of a T5 with ``cfg`` on ``mesh``: the
-    parameters' logical axes (``t5.param_logical_axes``) mapped by the one rules table
-    (``sharding.param_shardings``), from shapes alone; a tree like the params."""
-    from goose_jax import sharding, t5
+def base_shardings(cfg, mesh: Mesh) -> Params:
+    """The ``NamedSharding`` of every base parameter of a model with ``cfg`` (a T5 or
+    decoder-only config) on ``mesh``: the parameters' logical axes (the family's
+    ``param_logical_axes``) mapped by the one rules table (``sharding.param_shardings``), from
+    shapes alone; a tree like the params."""
+    from goose_jax import families, sharding
 
     abstract: Params = {}
-    for s in tensor_specs(cfg):
-        _put(abstract, s.path, jax.ShapeDtypeStruct(s.param_shape, np.dtype(cfg.dtype.param)))
-    return sharding.param_shardings(abstract, t5.param_logical_axes(cfg), mesh)
+    if families.is_decoder_only(cfg):
+        from goose_jax.interop.hf_decoder import _expected_shapes
+
+        for path, shape in _expected_shapes(cfg).items():
+            _put(abstract, path, jax.ShapeDtypeStruct(shape, np.dtype(cfg.dtype.param)))
+    else:
+        for s in tensor_specs(cfg):
+            _put(abstract, s.path, jax.ShapeDtypeStruct(s.param_shape, np.dtype(cfg.dtype.param)))
+    return sharding.param_shardings(abstract, families.param_logical_axes(cfg), mesh)
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
