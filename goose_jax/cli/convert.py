@@ -80,7 +80,8 @@ def _to_peft(args):
 
 def _library_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, metavar="HF_DIR",
-                   help="local Hugging Face T5 directory of the base model the experts belong to")
+                   help="local Hugging Face directory of the base model the experts belong to "
+                        "(a T5; for peft also a Llama, Qwen2 or Mistral)")
     p.add_argument("--out", required=True, metavar="LIBRARY_DIR",
                    help="expert library to create (or to add to, with --append)")
     p.add_argument("--append", action="store_true",

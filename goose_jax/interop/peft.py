@@ -1,24 +1,31 @@
-"""Hugging Face PEFT LoRA adapters for T5 <-> goose-jax experts.
+"""Hugging Face PEFT LoRA adapters <-> goose-jax experts, for every model family.
 
 A PEFT adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
 ``adapter_model.bin``, a torch pickle). For each adapted ``nn.Linear`` named ``<module>`` (the
-module names of ``T5ForConditionalGeneration``, e.g. ``encoder.block.0.layer.0.SelfAttention.q``)
-it holds ``base_model.model.<module>.lora_A.weight`` (r, I) and ``...lora_B.weight``
-(O, r), and the layer computes ``W x + B A x * s`` with ``s = lora_alpha / r``, or
-``lora_alpha / sqrt(r)`` with rsLoRA; ``rank_pattern`` / ``alpha_pattern`` override r and alpha
-per module (regular expressions matched, as PEFT does, against the end of the module name).
-goose-jax stores the same expert as ``lora_a = A^T`` (I, r) and ``lora_b = B^T`` (r, O) at the
-matching site (``encoder/block_0/self_attn/q``); ``goose_jax.interop.hf.tensor_specs`` is the one
-name table.
+module names of the Hugging Face model: ``encoder.block.0.layer.0.SelfAttention.q`` in a T5,
+``model.layers.0.self_attn.q_proj`` in a Llama, Qwen2 or Mistral) it holds
+``base_model.model.<module>.lora_A.weight`` (r, I) and ``...lora_B.weight`` (O, r), and the
+layer computes ``W x + B A x * s`` with ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
+rsLoRA; ``rank_pattern`` / ``alpha_pattern`` override r and alpha per module (regular
+expressions matched, as PEFT does, against the end of the module name). goose-jax stores the
+same expert as ``lora_a = A^T`` (I, r) and ``lora_b = B^T`` (r, O) at the matching site
+(``encoder/block_0/self_attn/q``, ``layers_0/self_attn/q``); ``goose_jax.interop.peft_modules``
+holds the per-family module table, the only thing that differs between families.
 
-Many adapters become one stacked library (one rank, one scale; ``goose_jax.interop.stacking``
-says how that stays exact).
+Many adapters become one stacked library with one rank R and one scale S
+(``goose_jax.interop.stacking``), whatever their per-module ranks and alphas: a module of rank
+r < R is zero-padded (exact), and a module whose own scale s (its alpha over r or sqrt(r))
+differs from S has ``s / S`` folded into its B (one float32 rounding). Export inverts this:
+trailing zero rank components are dropped per module and ``rank_pattern`` / ``alpha_pattern``
+give each module the library scale.
 
 Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors through a
 checked header parser and torch files only with ``torch.load(weights_only=True)`` (torch imported
 only then), and refuses any other pickle with ``UnsafeCheckpointError``. ``fan_in_fan_out``
-changes nothing for T5: its layers are ``nn.Linear``, for which PEFT itself resets the flag, and
-the stored A / B shapes are the same.
+changes nothing: every adapted layer of the supported families is an ``nn.Linear``, for which
+PEFT itself resets the flag (creating or loading), and the stored A / B shapes are the same.
+``bias="all"`` / ``"lora_only"`` make PEFT save trained base-model biases: refused where the
+weights hold any (a Llama has none to save, and its adapter is plain LoRA).
 
 Shapes follow the package legend (the ``goose_jax`` module docstring); R is the common LoRA rank
 of a stacked library. Also used here: r one adapter's rank.
@@ -36,15 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax.config import T5Config
+from goose_jax import families
 from goose_jax.errors import AdapterError
 from goose_jax.experts import peft_scale
 from goose_jax.interop.hf import (
     check_model_folder,
-    linear_sites,
     resolve_hf_dir,
     write_model_folder,
 )
+from goose_jax.interop.peft_modules import module_table, recorded_family
 from goose_jax.interop.stacking import (
     ImportedExperts,
     SiteLoRA,
@@ -60,8 +67,6 @@ SAFE_WEIGHTS = "adapter_model.safetensors"
 TORCH_WEIGHTS = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
-# PEFT's default targets for T5 when a config gives none.
-T5_DEFAULT_TARGETS = ("q", "v")
 
 # Options that add weights or change the layer's function in ways a LoRA site cannot hold.
 _UNSUPPORTED = {
@@ -75,10 +80,6 @@ _UNSUPPORTED = {
     "use_qalora": "QALoRA",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
 }
-# Modules of ``T5ForConditionalGeneration`` a LoRA could target that have no site.
-NO_SITE_MODULES = ("shared", "encoder.embed_tokens", "decoder.embed_tokens",
-                   "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
-                   "decoder.block.0.layer.0.SelfAttention.relative_attention_bias", "lm_head")
 
 
 # --- PEFT's module matching, as PEFT does it ------------------------------------------------------
@@ -96,13 +97,15 @@ def _layer_index(name: str, layers_pattern) -> int | None:
     return int(m.group("idx")) if m else None
 
 
-def is_targeted(config: Mapping[str, Any], name: str, site_names: Iterable[str] = ()) -> bool:
+def is_targeted(config: Mapping[str, Any], name: str, site_names: Iterable[str] = (),
+                default_targets: Sequence[str] = ("q", "v")) -> bool:
     """Whether PEFT's ``LoraConfig`` in ``config`` puts a LoRA on module ``name``.
 
     ``target_modules`` as a string is a regular expression full-matched against the module name
     (``"all-linear"``: every linear layer but the output head, i.e. ``site_names``); as a list,
     a module is targeted when its name equals an entry or ends with ``"." + entry``, then
-    filtered by ``layers_to_transform`` / ``layers_pattern``. ``exclude_modules`` wins.
+    filtered by ``layers_to_transform`` / ``layers_pattern``; none: ``default_targets`` (PEFT's
+    for the model type). ``exclude_modules`` wins.
     """
     exclude = config.get("exclude_modules")
     if exclude:
@@ -113,7 +116,7 @@ def is_targeted(config: Mapping[str, Any], name: str, site_names: Iterable[str] 
             return False
     targets = config.get("target_modules")
     if targets is None:
-        targets = list(T5_DEFAULT_TARGETS)
+        targets = list(default_targets)
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return name in set(site_names)
@@ -144,7 +147,7 @@ def pattern_value(patterns: Mapping[str, Any] | None, name: str, default):
 
 @dataclasses.dataclass(frozen=True)
 class PeftAdapter:
-    """A PEFT LoRA adapter read from disk and mapped onto a T5's sites.
+    """A PEFT LoRA adapter read from disk and mapped onto a base model's sites.
 
     Attributes:
       path: the adapter directory.
@@ -220,38 +223,55 @@ def _weights_file(path: str) -> str:
     raise AdapterError(f"{path}: no adapter weights (looked for {SAFE_WEIGHTS}, {TORCH_WEIGHTS})")
 
 
-def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
-    """Reads a PEFT LoRA adapter directory and maps it onto the sites of a T5 with ``cfg``.
+def _check_family(config: Mapping[str, Any], cfg_file: str, table) -> None:
+    # Module names and shapes can coincide across families (a Llama and a Mistral of the same
+    # sizes); the base recorded in the config tells them apart when it is a local folder.
+    found, model_type = recorded_family(config.get("base_model_name_or_path"))
+    if model_type is not None and found != table.family:
+        raise AdapterError(
+            f"{cfg_file}: made on a {model_type!r} base (base_model_name_or_path="
+            f"{config.get('base_model_name_or_path')!r}), but the base given is "
+            f"{families.describe(table.family)}: pass the base the adapter was trained on")
+
+
+def load_peft_adapter(path: str | os.PathLike, cfg: families.ModelConfig) -> PeftAdapter:
+    """Reads a PEFT LoRA adapter directory and maps it onto the sites of the model ``cfg``
+    configures (a T5, or a Llama-family decoder: ``goose_jax.families``).
 
     Args:
       path: the adapter directory (or a Hugging Face cache entry ``models--org--name``).
       cfg: the base model's config; every adapted module must be one of its linear layers,
-        with the same input and output widths (I, O).
+        with the same input and output widths (I, O). When the adapter records its base as a
+        local folder, that base must be of the same family.
 
     Returns:
       A ``PeftAdapter`` whose sites hold float32 ``lora_a`` (I, r), ``lora_b`` (r, O), scale.
 
     Raises:
       AdapterError: naming the file and the expected and found values, for an adapter of
-        another architecture, for a base with other shapes, an adapter type other than LoRA,
-        unsupported options, or config and weights that disagree.
+        another architecture or family, for a base with other shapes, an adapter type other
+        than LoRA, unsupported options (trained biases among them), or config and weights
+        that disagree.
       UnsafeCheckpointError: an ``adapter_model.bin`` that is not a weights-only pickle.
     """
     path = resolve_hf_dir(path) if os.path.isdir(path) else os.fspath(path)
     config = read_adapter_config(path)
     cfg_file = os.path.join(path, ADAPTER_CONFIG)
     file = _weights_file(path)
+    table = module_table(cfg)
+    _check_family(config, cfg_file, table)
     tensors = read_tensors(file, error=AdapterError)
-    sites = linear_sites(cfg)
+    sites, label = table.sites, table.label
     origin = _describe_origin(config)
 
     # The modules the config targets, among every module a LoRA could sit on.
-    targeted = [m for m in (*sites, *NO_SITE_MODULES) if is_targeted(config, m, sites)]
+    targeted = [m for m in (*sites, *table.no_site)
+                if is_targeted(config, m, sites, table.default_targets)]
     if not targeted:
         raise AdapterError(
             f"{cfg_file}: target_modules={config.get('target_modules')!r} match no module of "
-            f"this T5 (an adapter for another architecture? {origin}); T5 modules look like "
-            f"'encoder.block.0.layer.0.SelfAttention.q'")
+            f"this {label} (an adapter for another architecture? {origin}); {label} modules "
+            f"look like {table.example!r}")
     no_site = [m for m in targeted if m not in sites]
     if no_site:
         raise AdapterError(f"{cfg_file}: targets {show_names(no_site)}, which are not attention or "
@@ -262,6 +282,11 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
     for key, value in tensors.items():
         name = key.removeprefix(KEY_PREFIX)
         m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        if m is None and re.search(r"(^|\.)bias$", name) and config.get("bias") not in (None,
+                                                                                      "none"):
+            raise AdapterError(
+                f"{file}: tensor {key!r}: bias={config['bias']!r} trained base-model biases, "
+                "which a LoRA expert cannot hold; train the adapter with bias='none'")
         if m is None:
             raise AdapterError(f"{file}: tensor {key!r} is not a LoRA A / B weight of a linear "
                                "layer (DoRA magnitudes, biases, embeddings and saved modules "
@@ -269,8 +294,8 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
         module, which = m.groups()
         if module not in sites:
             raise AdapterError(
-                f"{file}: tensor {key!r}: module {module!r} is not a linear layer of this T5 "
-                f"(an adapter for another architecture? {origin})")
+                f"{file}: tensor {key!r}: module {module!r} is not a linear layer of this "
+                f"{label} (an adapter for another architecture? {origin})")
         factors[module][which] = value
     extra = [m for m in factors if m not in targeted]
     if extra:
@@ -316,7 +341,7 @@ def load_peft_adapter(path: str | os.PathLike, cfg: T5Config) -> PeftAdapter:
 # --- many adapters into stacked experts ---------------------------------------------------------
 
 
-def import_peft(paths: Sequence[str | os.PathLike], cfg: T5Config, *,
+def import_peft(paths: Sequence[str | os.PathLike], cfg: families.ModelConfig, *,
                 names: Sequence[str] | None = None, rank: int | None = None,
                 scale: float | None = None, sites: Mapping[str, tuple[int, int]] | None = None,
                 progress: bool | None = None) -> ImportedExperts:
@@ -400,12 +425,12 @@ def _used_rank(a_Ir: np.ndarray, b_rO: np.ndarray) -> int:
     return int(idx[-1]) + 1 if idx.size else 0
 
 
-def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.ndarray]],
+def save_peft_adapter(cfg: families.ModelConfig, sites: Mapping[str, tuple[np.ndarray, np.ndarray]],
                       scale: float, out_dir: str | os.PathLike, *,
                       base_model_name_or_path: str | None = None,
                       overwrite: bool = False) -> list[str]:
     """Writes one expert as a PEFT LoRA adapter directory that ``PeftModel.from_pretrained``
-    loads onto the HF T5 with config ``cfg``.
+    loads onto the Hugging Face model with config ``cfg`` (a T5 or a Llama-family decoder).
 
     Sites whose A and B are all zero are left out; trailing rank components that are zero in
     both A and B are dropped per site (``rank_pattern`` / ``alpha_pattern`` keep the scale), so
@@ -425,7 +450,8 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     check_adapter_folder(out_dir, overwrite=overwrite)
-    modules = {s.name: module for module, s in linear_sites(cfg).items()}
+    table = module_table(cfg)
+    modules = {s.name: module for module, s in table.sites.items()}
     unknown = [s for s in sites if s not in modules]
     if unknown:
         raise AdapterError(f"sites {show_names(unknown)} do not exist in this base model")
@@ -443,7 +469,7 @@ def save_peft_adapter(cfg: T5Config, sites: Mapping[str, tuple[np.ndarray, np.nd
         raise AdapterError("the expert is zero at every site: nothing to export")
     top = collections.Counter(ranks.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM",
+        "peft_type": "LORA", "task_type": table.task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": top, "lora_alpha": _alpha_for(scale, top),
         "target_modules": list(ranks),

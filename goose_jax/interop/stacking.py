@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax.config import T5Config
+from goose_jax import families
 from goose_jax.errors import AdapterError
 from goose_jax.experts import DEFAULT_SITES, LoRAConfig, nest_sites
-from goose_jax.interop.hf import linear_sites
 from goose_jax.progress import progress_bar
 
 _SHOWN = 4
@@ -130,14 +129,14 @@ def stack_experts(per_expert: Sequence[Mapping[str, SiteLoRA]],
     return nest_sites(tree), R, S, folded
 
 
-def union_sites(cfg: T5Config, per_expert: Iterable[Mapping[str, Any]]
+def union_sites(cfg: families.ModelConfig, per_expert: Iterable[Mapping[str, Any]]
                 ) -> dict[str, tuple[int, int]]:
     """The sites any expert has, with their shapes, in model order."""
     used = set().union(*(set(sites) for sites in per_expert))
-    return {s.name: (s.d_in, s.d_out) for s in linear_sites(cfg).values() if s.name in used}
+    return {s: shape for s, shape in families.site_shapes(cfg).items() if s in used}
 
 
-def library_sites(cfg: T5Config, sites: Mapping | None,
+def library_sites(cfg: families.ModelConfig, sites: Mapping | None,
                   per_expert: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
     """The sites of the library to import into: ``sites`` (checked to hold every expert's
     sites), or by default the union of the experts' sites."""
@@ -155,16 +154,16 @@ def library_sites(cfg: T5Config, sites: Mapping | None,
 # --- writing an expert library ------------------------------------------------------------------
 
 
-def sites_pattern(cfg: T5Config, sites: Iterable[str]) -> str:
+def sites_pattern(cfg: families.ModelConfig, sites: Iterable[str]) -> str:
     """A ``LoRAConfig.sites`` expression selecting exactly ``sites``."""
     sites = list(sites)
-    every = [s.name for s in linear_sites(cfg).values()]
+    every = list(families.site_shapes(cfg))
     if sites == every:
         return DEFAULT_SITES
     return "|".join(re.escape(s) for s in sites)
 
 
-def write_library(imported: ImportedExperts, out: str | os.PathLike, cfg: T5Config,
+def write_library(imported: ImportedExperts, out: str | os.PathLike, cfg: families.ModelConfig,
                   params: Any, *, append: bool = False, overwrite: bool = False,
                   progress: bool | None = None):
     """Writes imported experts into an ``ExpertLibrary`` (created, or opened with ``append``).
