@@ -181,6 +181,27 @@ def test_three_experts_at_once_equal_three_single_runs(params, three_at_once):
     assert not np.allclose(b[0], b[1])  # the experts learned different things
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_step_on_a_mesh_equals_single_runs(params, three_at_once):
+    """Experts over ``expert``, rows over ``data``, the base laid out by the decoder's logical
+    axes: the single-device result."""
+    from goose_jax import sharding
+
+    experts, _, batches, state, _ = three_at_once
+    mesh = sharding.make_mesh(data=2, expert=4)
+    program = training.Program("expert", CFG, TCFG, TCFG.steps, SCALE, mesh=mesh)
+    four = training.stack_trees([experts, training.slice_tree(experts, 0)])
+    batches4 = [{k: np.concatenate([v, v[:1]]) for k, v in b.items()} for b in batches]
+    sharded, _ = run(program, params, None, four, batches4)
+    a = sharded.trainable["layers_1"]["self_attn"]["k"]["lora_a"]
+    assert a.sharding.spec[0] == "expert"
+    got, want = leaves(sharded.trainable), leaves(state.trainable)
+    for k in want:
+        np.testing.assert_allclose(got[k][:3], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        np.testing.assert_allclose(got[k][3], want[k][0], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
 def test_gate_step_trains_only_gates(params):
     program = training.Program("gate", CFG, TCFG, TCFG.gate_steps, SCALE)
     rng = np.random.default_rng(5)
@@ -243,6 +264,9 @@ def test_goose_train_experts_and_gates_on_llama_tiny(data, tmp_path, capsys):
     assert np.abs(np.concatenate([np.ravel(g) for g in jax.tree.leaves(gates)])).max() > 0
     lines = [json.loads(s) for s in open(tmp_path / "w1" / "metrics.jsonl")]
     assert all(np.all(np.isfinite(m["loss"])) for m in lines if "loss" in m)
+    # One LoRA on the mixture of both files (not vmapped over experts).
+    assert main(_args("multitask", data, lib, tmp_path / "w4", "--set", "steps=2")) == 0
+    assert ExpertLibrary.open(lib).names == ["reverse", "upper", "multitask"]
     capsys.readouterr()
     # A T5 base is refused, in one line, and the library is left as it was.
     before = (lib / "manifest.json").read_bytes()
