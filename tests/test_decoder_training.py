@@ -284,3 +284,24 @@ def test_goose_train_refuses_remat_on_a_decoder_base_before_any_work(data, tmp_p
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "remat" in err and "remat=none" in err, err
     assert not (tmp_path / "lib").exists() and not (tmp_path / "w").exists()
+
+
+def test_goose_train_runs_encode_prompts_and_refuse_what_a_decoder_cannot_run(data, tmp_path,
+                                                                                capsys):
+    from goose_jax import train_runs
+
+    setup = train_runs.Setup(train_runs.RunArgs(
+        "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],
+        base="random:llama-tiny"))
+    batch = setup.batcher(setup.sources[0], 0).batch(0)
+    ends = batch["inputs"][0, 0, batch["input_mask"][0, 0].sum() - 1]
+    assert ends != ByteTokenizer.eos_id  # the prompt runs straight into its target
+    refused = {"validation": (["--validation", data[1], data[0]], "--validation none"),
+               "full": (["--set", "multitask_mode=full", "--out", str(tmp_path / "m")],
+                        "multitask_mode=lora")}
+    for name, (extra, fix) in refused.items():
+        command = "multitask" if name == "full" else "experts"
+        assert main(_args(command, data, tmp_path / name, tmp_path / f"w{name}", *extra)) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and fix in err, err
+        assert not (tmp_path / name).exists() and not (tmp_path / f"w{name}").exists()
