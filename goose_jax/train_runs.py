@@ -10,9 +10,13 @@ The command-line tool and the scripts under ``train/`` call the same run bodies 
 
 The config is a python file whose ``get_config()`` returns a ``TrainConfig`` (default: the
 paper's settings); ``key=value`` overrides change any field, typed by the field's type
-(``goose_jax.config_files``). The base is a local Hugging Face T5 directory, a goose-jax (Orbax)
-model checkpoint, or ``random:PRESET``. Data files are JSON lines ``{"input": ..., "target":
-...}``: one per expert (``experts``, ``gate``), or the mixture (``multitask``).
+(``goose_jax.config_files``). The base is a local Hugging Face T5 or decoder-only (Llama, Qwen2,
+Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
+(``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
+tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation during
+training and ``multitask_mode=full`` are refused there for now. Data files are JSON lines
+``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or the mixture
+(``multitask``).
 
 ``experts`` trains all its experts in one jitted step, side by side. An expert's initialisation
 and data order depend on the seed and its name only, so it is the same expert whether trained

@@ -118,6 +118,7 @@ class TrainConfig:
       remat: activation rematerialisation per block during training (``T5Config.remat``):
         "none", "block" (keep each block's inputs, recompute the rest in the backward pass) or
         "dots" (keep the sites' matmul outputs). Changes memory and time, not the numbers.
+        T5 bases only: a decoder-only base refuses any other value than "none".
     """
 
     steps: int = 1000
