@@ -10,9 +10,13 @@ The command-line tool and the scripts under ``train/`` call the same run bodies 
 
 The config is a python file whose ``get_config()`` returns a ``TrainConfig`` (default: the
 paper's settings); ``key=value`` overrides change any field, typed by the field's type
-(``goose_jax.config_files``). The base is a local Hugging Face T5 directory, a goose-jax (Orbax)
-model checkpoint, or ``random:PRESET``. Data files are JSON lines ``{"input": ..., "target":
-...}``: one per expert (``experts``, ``gate``), or the mixture (``multitask``).
+(``goose_jax.config_files``). The base is a local Hugging Face T5 or decoder-only (Llama, Qwen2,
+Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
+(``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
+tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation during
+training and ``multitask_mode=full`` are refused there for now. Data files are JSON lines
+``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or the mixture
+(``multitask``).
 
 ``experts`` trains all its experts in one jitted step, side by side. An expert's initialisation
 and data order depend on the seed and its name only, so it is the same expert whether trained
@@ -51,7 +55,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from goose_jax import checkpoint, distributed, sharding
+from goose_jax import checkpoint, distributed, families, sharding
 from goose_jax.config_files import apply_overrides, load_config
 from goose_jax.data.batching import (
     Batcher,
@@ -63,7 +67,6 @@ from goose_jax.data.batching import (
 from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError
 from goose_jax.experts import LoRAConfig, init_experts, init_gates
 from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
-from goose_jax.t5 import param_logical_axes
 from goose_jax.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
@@ -184,6 +187,13 @@ class Setup:
         self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
         self.base_spec = args.base or tcfg.base_model
         cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
+        tcfg.check_family(cfg)
+        self.encoding = {}  # how the batches encode inputs: as the T5's, or as prompts
+        if families.is_decoder_only(cfg):
+            from goose_jax.decoder_training import prompt_tokens
+
+            self.encoding = prompt_tokens(cfg, self.tokenizer)
+            _check_decoder_run(args, tcfg, self.validation)
         for source in self.sources + self.eval_sources:
             check_token_ids(source, cfg.vocab_size)
         if args.command != "gate" and not (args.command == "multitask"
@@ -194,7 +204,8 @@ class Setup:
         self.host_params = params  # this process's own copy: libraries fingerprint it
         self.params = params
         if self.mesh is not None:
-            self.params = sharding.shard_params(self.params, param_logical_axes(cfg), self.mesh)
+            self.params = sharding.shard_params(self.params, families.param_logical_axes(cfg),
+                                                self.mesh)
 
     def frozen_base(self):
         """The base params in the config's storage dtype (frozen during every run here)."""
@@ -203,7 +214,7 @@ class Setup:
     def batcher(self, source: ExampleSource, stream: int) -> Batcher:
         """A ``Batcher`` of ``source`` with the config's batch shape, stream ``stream``."""
         return Batcher.from_config(source, self.tokenizer, self.tcfg, stream,
-                                   vocab_size=self.cfg.vocab_size)
+                                   vocab_size=self.cfg.vocab_size, **self.encoding)
 
     def identity(self, **extra) -> dict:
         """What ``run.json`` records of this run (a rerun must match it to resume)."""
@@ -212,6 +223,17 @@ class Setup:
                 "base": self.base_spec, "data": [os.path.abspath(p) for p in self.args.data],
                 "eval_data": [os.path.abspath(p) for p in self.args.eval_data], **validation,
                 **extra}
+
+
+def _check_decoder_run(args: RunArgs, tcfg: TrainConfig, validation) -> None:
+    """Refuses what a decoder-only base cannot run yet, before any work (one line each)."""
+    if validation:
+        raise TrainConfigError(
+            f"{validation[0]}: validation during training scores T5 experts only, and this base "
+            "is decoder-only; pass --validation none (or set eval_every=0)")
+    if args.command == "multitask" and tcfg.multitask_mode == "full":
+        raise TrainConfigError("multitask_mode=full: saving a fine-tuned decoder-only model is "
+                               "not supported yet; use multitask_mode=lora")
 
 
 # --- run bookkeeping ------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ rest of the model enters the step as frozen arguments:
     "gate"     gates (gate)                base params, experts         LoRAAdapter("gated")
     "full"     base params                 none                         none
 
+The base is a T5 or a decoder-only model (``goose_jax.families``); on a decoder-only one the
+loss is the causal-LM loss of the target tokens (``goose_jax.decoder_training``), summed and
+counted as the T5's ``token_nll``, and everything else here is the same.
+
 The optimiser (``make_optimizer``) is ``optax.multi_transform`` with a freeze mask over the
 trainable tree: leaves whose path matches ``TrainConfig.freeze`` get ``optax.set_to_zero()``.
 That is the second guard, and lets a config train only some sites.
@@ -49,7 +53,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from goose_jax import sharding
+from goose_jax import families, sharding
 from goose_jax.config import FAST_COMPILE_OPTIONS, REMAT_NAMES, T5Config
 from goose_jax.errors import ConfigError, TrainConfigError
 from goose_jax.experts import (
@@ -61,7 +65,7 @@ from goose_jax.experts import (
     select_sites,
 )
 from goose_jax.layers import stack_layers
-from goose_jax.t5 import T5, param_logical_axes
+from goose_jax.t5 import T5
 
 Array = jax.Array
 
@@ -114,6 +118,7 @@ class TrainConfig:
       remat: activation rematerialisation per block during training (``T5Config.remat``):
         "none", "block" (keep each block's inputs, recompute the rest in the backward pass) or
         "dots" (keep the sites' matmul outputs). Changes memory and time, not the numbers.
+        T5 bases only: a decoder-only base refuses any other value than "none".
     """
 
     steps: int = 1000
@@ -195,7 +200,18 @@ class TrainConfig:
                 raise TrainConfigError(f"TrainConfig.{name} is not a regular expression: "
                                        f"{e}") from None
 
-    def check_model(self, model: T5Config) -> None:
+    def check_family(self, model: families.ModelConfig) -> None:
+        """Checks that every option of this config applies to ``model``'s family.
+
+        Raises:
+          TrainConfigError: ``remat`` on a decoder-only base (only the T5 rematerialises).
+        """
+        if families.is_decoder_only(model) and self.remat != "none":
+            raise TrainConfigError(
+                f"TrainConfig.remat={self.remat!r}: rematerialisation is implemented for T5 "
+                f"bases only, not {families.describe(families.family(model))}; set remat=none")
+
+    def check_model(self, model: families.ModelConfig) -> None:
         """Checks the settings that depend on the base model, before any work starts.
 
         Raises:
@@ -313,7 +329,9 @@ class Program:
 
     Attributes:
       kind: "expert", "gate" or "full" (see the module doc).
-      model: the model config with the dtype policy the frozen trees are stored in.
+      model: the model config with the dtype policy the frozen trees are stored in: a T5
+        (``token_nll``) or a decoder-only model (the causal-LM loss of
+        ``decoder_training.causal_nll``).
       train: the hyper-parameters.
       steps: total optimiser steps (sets the warm-up length).
       lora_scale: the LoRA scale (ignored for "full").
@@ -327,7 +345,7 @@ class Program:
     """
 
     kind: str
-    model: T5Config
+    model: families.ModelConfig
     train: TrainConfig
     steps: int
     lora_scale: float = 1.0
@@ -339,6 +357,7 @@ class Program:
             raise TrainConfigError(f"Program.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "full" and self.many:
             raise TrainConfigError("full fine-tuning trains one model: use many=False")
+        self.train.check_family(families.check_config(self.model))
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -464,6 +483,10 @@ class Program:
 
     def _nll(self, base, frozen, trainable, micro):
         variables = self.variables(base, self._expand(frozen), self._expand(trainable))
+        if families.is_decoder_only(self.model):
+            from goose_jax.decoder_training import causal_nll
+
+            return causal_nll(self.model, variables, micro, self.adapter)
         model = self.model if self.train.remat == "none" else \
             self.model.replace(remat=self.train.remat)
         if model.scan_layers:   # a scanned model reads trees stacked along the layer axis
@@ -528,8 +551,8 @@ _MESH_JITS: dict = {}
 
 
 @functools.cache
-def _base_specs(model: T5Config):
-    return param_logical_axes(model)
+def _base_specs(model: families.ModelConfig):
+    return families.param_logical_axes(model)
 
 
 @functools.cache

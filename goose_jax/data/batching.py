@@ -151,25 +151,33 @@ class Batcher:
     ``(seed, stream, epoch)``; ``batch(position)`` holds the ``batch_size`` examples from
     ``position`` on (positions count examples, across epochs). So a resumed run that knows its
     position reads exactly what an uninterrupted run would have.
+
+    Text inputs end with the tokenizer's EOS unless ``input_eos`` is False, and start with the
+    token ``input_bos`` if one is given (counted in ``max_input_length``); targets always end
+    with EOS. Pre-tokenised parts are used as they are.
     """
 
     def __init__(self, source: ExampleSource, tokenizer: Tokenizer, *, micro_batch: int,
                  grad_accum: int, max_input_length: int, max_target_length: int, seed: int,
-                 stream: int = 0, vocab_size: int | None = None):
+                 stream: int = 0, vocab_size: int | None = None, input_bos: int | None = None,
+                 input_eos: bool = True):
         if len(source) == 0:
             raise DataError(f"{getattr(source, 'path', 'data source')}: no examples")
         self.source, self.tokenizer = source, tokenizer
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.lengths = (max_input_length, max_target_length)
         self.seed, self.stream, self.vocab_size = seed, stream, vocab_size
+        self.input_bos, self.input_eos = input_bos, input_eos
 
     @classmethod
     def from_config(cls, source, tokenizer, tcfg: TrainConfig, stream: int = 0,
-                    vocab_size: int | None = None) -> Batcher:
+                    vocab_size: int | None = None, **encoding) -> Batcher:
+        """A batcher with ``tcfg``'s batch shape and lengths; ``encoding``: ``input_bos`` /
+        ``input_eos`` (see ``__init__``)."""
         return cls(source, tokenizer, micro_batch=tcfg.micro_batch, grad_accum=tcfg.grad_accum,
                    max_input_length=tcfg.max_input_length,
                    max_target_length=tcfg.max_target_length, seed=tcfg.seed, stream=stream,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, **encoding)
 
     @property
     def batch_size(self) -> int:
@@ -186,14 +194,21 @@ class Batcher:
         pos = position + np.arange(self.batch_size)
         return np.array([self._permutation(int(p // n))[int(p % n)] for p in pos], np.int64)
 
-    def _encode(self, parts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, parts, max_length: int, bos: int | None = None,
+                eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(parts), max_length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((len(parts), max_length), np.int32)
         texts = [(i, p) for i, p in enumerate(parts) if isinstance(p, str)]
         if texts:
-            t_ids, t_mask = self.tokenizer.encode_batch([p for _, p in texts], max_length)
             rows = [i for i, _ in texts]
-            ids[rows], mask[rows] = t_ids, t_mask
+            if bos is None:
+                ids[rows], mask[rows] = self.tokenizer.encode_batch(
+                    [p for _, p in texts], max_length, add_eos=eos)
+            else:  # BOS first, then the text truncated to the room left
+                ids[rows, 0], mask[rows, 0] = bos, 1
+                if max_length > 1:
+                    ids[rows, 1:], mask[rows, 1:] = self.tokenizer.encode_batch(
+                        [p for _, p in texts], max_length - 1, add_eos=eos)
         for i, p in enumerate(parts):
             if not isinstance(p, str):
                 p = list(p)[:max_length]
@@ -218,7 +233,8 @@ class Batcher:
         if rows is not None:
             picked = picked[:, rows]
         examples = [self.source[int(i)] for i in picked.reshape(-1)]
-        inputs, input_mask = self._encode([e[0] for e in examples], self.lengths[0])
+        inputs, input_mask = self._encode([e[0] for e in examples], self.lengths[0],
+                                          self.input_bos, self.input_eos)
         targets, _ = self._encode([e[1] for e in examples], self.lengths[1])
         shape = (self.grad_accum, picked.shape[1])
         return {"inputs": inputs.reshape(shape + (-1,)),
