@@ -143,6 +143,43 @@ def test_evaluator_scores_like_each_choice_alone(tiny):
             assert rank_prediction(a) == rank_prediction(r)
 
 
+@pytest.mark.parametrize("method", ["phatgoose", "example"])
+def test_evaluator_routed(tiny, method):
+    """Routed prompt-once scoring through the Evaluator: per token (with telemetry over real
+    tokens only), and one expert per example (the prompt's pass reads B example indices, the
+    choices' pass B*C), against each choice alone under the same routing."""
+    from goose_jax.routers import Routed
+
+    cfg, params = tiny
+    examples = EXAMPLES[:4]
+    _, coll = _adapter(cfg, "routed")
+    chosen = [2, 0, 1, 2]
+    if method == "example":
+        adapter = RoutedAdapter(0.5, scoring="example")
+        routed = Routed("example", adapter, {EXPERTS: coll[EXPERTS]})
+        choose = lambda exs: [chosen[EXAMPLES.index(ex)] for ex in exs]  # noqa: E731
+    else:
+        adapter, choose = RoutedAdapter(0.5, top_k=2), None
+        routed = Routed("phatgoose", adapter, coll)
+    evaluator = ev.Evaluator(cfg, params, TOK, routed, batch_size=2, telemetry=True,
+                             choose_experts=choose, fast_compile=True)
+    ours = evaluator.score_choices(examples)
+    for i, ex in enumerate(examples):
+        pairs = [(TOK.encode(ex.input, add_eos=False), TOK.encode(c)) for c in ex.choices]
+        ref_coll = coll
+        if method == "example":
+            index = np.full((len(pairs),), chosen[i], np.int32)
+            ref_coll = {EXPERTS: coll[EXPERTS], ROUTER: nest_sites(
+                {s: {"example_index": index} for s in ROUTED_SITES})}
+        ref = _ref_nlls(cfg, params, pairs, adapter, ref_coll) / [len(c) for _, c in pairs]
+        np.testing.assert_allclose(ours[i], ref, atol=1e-5, rtol=0)
+    if method == "phatgoose":
+        expected = sum(len(TOK.encode(ex.input, add_eos=False)) - 1 +
+                       sum(len(TOK.encode(c)) for c in ex.choices) for ex in examples)
+        assert {s: float(np.sum(evaluator.last_counts[s])) for s in ROUTED_SITES} == \
+            dict.fromkeys(ROUTED_SITES, expected)
+
+
 def _greedy(cfg, params, prompts, steps):
     """Greedy decoding without a cache: the whole sequence through ``decoder_logits`` at every
     step, each prompt its own row; tokens up to the tokenizer's EOS."""
@@ -204,3 +241,16 @@ def test_goose_eval_decoder_base(world, tmp_path):
     texts = [TOK.decode(t) for t in _greedy(cfg, params, [
         TOK.encode(ex.input, add_eos=False) for ex in examples], gen.max_new_tokens)]
     assert [preds[(gen.dataset, ex.example_id)]["prediction"] for ex in examples] == texts
+
+
+def test_goose_eval_refuses_scan_layers_on_a_decoder_base(world, tmp_path, capsys):
+    from conftest import one_line, tree_hash
+
+    before = tree_hash(tmp_path)
+    rc = tool("goose-eval")(["--base", "random:llama-tiny", "--byte-tokenizer", "--bbh-root",
+                             str(world / "bbh"), "--tasks", "bbh/boolean_expressions",
+                             "--scan-layers", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 1
+    line = one_line(capsys.readouterr().err, "goose-eval")
+    assert "--scan-layers" in line and "decoder-only (llama)" in line, line
+    assert tree_hash(tmp_path) == before
