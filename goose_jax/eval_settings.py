@@ -22,7 +22,8 @@ class EvalSettings:
     """Everything one evaluation run needs; each field is the ``goose-eval`` flag of that name.
 
     Attributes:
-      base: base model (a Hugging Face T5 directory, a goose-jax checkpoint, ``random:PRESET``).
+      base: base model (a Hugging Face T5 or decoder-only Llama / Qwen2 / Mistral directory, a
+        goose-jax checkpoint, ``random:PRESET`` such as ``random:llama-tiny``).
       out: the results folder.
       tasks: task names (``t0_heldout/rte``, ``bbh/navigate``).
       benchmarks: whole benchmarks (``t0_heldout``, ``t0_heldin``, ``bbh``, ``bbl``, ``flan``,
@@ -53,7 +54,8 @@ class EvalSettings:
       batch_size, max_input_length, max_target_length: see ``evaluation.Evaluator``.
       max_examples: at most this many examples per template (quick runs).
       length_normalize: mean choice NLL (the paper); False: the sum.
-      encoder_once: one encoder pass per example (False: per choice, for comparison).
+      encoder_once: one encoder pass per example, or for a decoder-only base one pass of the
+        prompt into the key/value cache (False: per choice, for comparison).
       telemetry: count each site's top-1 experts (per-token methods).
       progress: draw a progress bar (on a terminal, process 0).
       fast_compile: compile with XLA's CPU optimisations off and one shape per batch
@@ -174,8 +176,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ``eval/`` scripts): base, library, data, tokenizer, batching, output. The flags choosing a
     method (``--method``, ``--top-k``, ``--expert``, ``--experts``, ``--expert-map``) are each
     program's own."""
-    ap.add_argument("--base", required=True, help="base model: a Hugging Face T5 directory, a "
-                    "goose-jax (Orbax) model checkpoint or random:PRESET")
+    ap.add_argument("--base", required=True, help="base model: a Hugging Face T5 or "
+                    "decoder-only (Llama, Qwen2, Mistral) directory, a goose-jax (Orbax) model "
+                    "checkpoint or random:PRESET (e.g. random:llama-tiny)")
     ap.add_argument("--library", help="expert library directory (goose_jax.library)")
     ap.add_argument("--retrieval-index", help="for --method retrieval: the .npz written by "
                     "goose_jax.retrieval.RetrievalIndex.save (default: <library>/"
@@ -221,7 +224,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "(quick runs)")
     ap.add_argument("--summed", action="store_true", help="summed choice NLL instead of the mean")
     ap.add_argument("--naive", action="store_true", help="score choices with one encoder pass "
-                    "per choice (for comparison)")
+                    "(decoder-only: one pass of prompt and choice) per choice, for comparison")
     ap.add_argument("--no-telemetry", action="store_true", help="skip routing telemetry")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--out", required=True, help="output directory")

@@ -19,11 +19,19 @@ per example: its output is repeated along the choice axis inside one jitted call
 scores all B*C rows at once. Batch size, number of choices, encoder length and choice length are
 rounded up to powers of two (capped by the configured maxima), so a benchmark compiles a handful
 of shapes. Nothing here imports TensorFlow.
+
+A decoder-only base (``families.is_decoder_only``) is evaluated the same way, with the same
+tasks, batching and metrics: each prompt runs once and every choice is scored from its cached
+keys and values (``goose_jax.decoder_scoring``; ``encoder_once=False``: each prompt + choice
+row whole), and generation continues the prompt (``decoder_generation``). Its prompts carry no
+EOS (the tokenizer's own leading special tokens instead, e.g. Llama's BOS) and are truncated
+from the left, keeping the text nearest the answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections import Counter
@@ -33,8 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from goose_jax import families
 from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.data.examples import EvalTask, Example
+from goose_jax.decoder_generation import generate_decoder_greedy
+from goose_jax.decoder_scoring import decoder_choice_nll, prompt_prefix, target_nll
 from goose_jax.errors import DataError, EvalError, NonFiniteError
 from goose_jax.experts import EXPERTS, flatten_sites
 from goose_jax.generation import generate_greedy
@@ -102,9 +113,7 @@ def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL
     dec_MT = jnp.concatenate([start_M1, tgt_MT[:, :-1]], axis=1)   # teacher forcing
     res = model.apply(dec_vars, dec_MT, enc_MLD, mask_ML, method=T5.decode, mutable=mutable)
     logits_MTV, dec_state = res if sites else (res, None)
-    gold_MT = jnp.take_along_axis(logits_MTV, tgt_MT[..., None], axis=-1)[..., 0]
-    nll_MT = (jax.nn.logsumexp(logits_MTV, axis=-1) - gold_MT) * tmask_MT
-    nll_BC = jnp.sum(nll_MT, axis=-1).reshape(B, C)
+    nll_BC = target_nll(logits_MTV, tgt_MT, tmask_MT).reshape(B, C)
     if cfg.scan_layers and sites:
         enc_state, dec_state = (
             {**st, "intermediates": unstack_layers(st["intermediates"])}
@@ -141,10 +150,10 @@ class DatasetResult:
 
 
 class Evaluator:
-    """Runs a T5 (with any routing method) over evaluation tasks.
+    """Runs a T5 or a decoder-only model (with any routing method) over evaluation tasks.
 
     Args:
-      cfg: the base model config.
+      cfg: the base model config (``T5Config`` or ``DecoderConfig``).
       params: base parameters.
       tokenizer: anything with ``encode(text, add_eos)``, ``decode(ids)``, ``eos_id``.
       routed: a ``goose_jax.routers.Routed`` (None: the base model).
@@ -153,8 +162,10 @@ class Evaluator:
       max_input_length: encoder tokens per example (truncated, EOS kept).
       max_target_length: tokens per answer choice (truncated, EOS kept).
       length_normalize: mean NLL over the choice's tokens (the paper); False: summed NLL.
-      encoder_once: score choices with one encoder pass per example (False: the naive way).
-      telemetry: count top-1 experts per site (per-token routing methods only).
+      encoder_once: score choices with one encoder pass per example, or for a decoder-only
+        model one pass of the prompt (False: the naive way, the input again for every choice).
+      telemetry: count top-1 experts per site (per-token routing methods only; for a
+        decoder-only model in rank classification only).
       choose_experts: for method ``example``, maps a list of examples to one expert index each.
       mesh: optional device mesh (``sharding.make_mesh``); batches are split over its ``data``
         axis. ``params`` and ``routed`` are expected on it already: the base by the rules table
@@ -168,7 +179,8 @@ class Evaluator:
         several times faster to compile, slower to run; for small models.
     """
 
-    def __init__(self, cfg: T5Config, params, tokenizer, routed=None, *, batch_size: int = 16,
+    def __init__(self, cfg: families.ModelConfig, params, tokenizer, routed=None, *,
+                 batch_size: int = 16,
                  max_input_length: int = 512, max_target_length: int = 512,
                  length_normalize: bool = True, encoder_once: bool = True,
                  telemetry: bool = False, choose_experts: Callable | None = None, mesh=None,
@@ -183,6 +195,11 @@ class Evaluator:
         self.mesh, self.choose_experts = mesh, choose_experts
         self.fixed_shapes = fixed_shapes
         self.fast_compile = bool(fast_compile)
+        self.decoder_only = families.is_decoder_only(cfg)
+        self.scan = bool(getattr(cfg, "scan_layers", False))
+        # A decoder-only model stops generating at the EOS its choices and its decoding end with.
+        self.gen_cfg = cfg.replace(eos_token_id=tokenizer.eos_id) if self.decoder_only else cfg
+        self.prefix = prompt_prefix(tokenizer) if self.decoder_only else []
         method = getattr(routed, "method", "base")
         if method in PER_EXAMPLE and choose_experts is None:
             raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")
@@ -196,7 +213,7 @@ class Evaluator:
         self.adapter = adapter
         self.collections = dict(getattr(routed, "collections", None) or {})
         self.sites = tuple(flatten_sites(self.collections[EXPERTS])) if self.telemetry else ()
-        if cfg.scan_layers:
+        if self.scan:
             # The scanned model reads trees stacked along the layer axis: stacked once here
             # (already stacked trees pass through), not on every call.
             self.params = stack_layers(self.params, cfg)
@@ -236,7 +253,7 @@ class Evaluator:
         if experts_B is None:
             return {"params": self.params, **self.collections}
         routed = self.routed.with_example_index(np.repeat(experts_B, repeat))
-        if not self.cfg.scan_layers:
+        if not self.scan:
             return {"params": self.params, **routed.collections}
         router = stack_layers(routed.collections[ROUTER], self.cfg)
         return {"params": self.params, **self.collections, ROUTER: router}
@@ -249,6 +266,9 @@ class Evaluator:
         return idx
 
     def _encode_input(self, text: str) -> list[int]:
+        if self.decoder_only:   # no EOS: the answer follows; the end is kept
+            keep = max(1, self.max_input_length - len(self.prefix))
+            return self.prefix + self.tok.encode(text, add_eos=False)[-keep:]
         return _truncate(self.tok.encode(text, add_eos=True), self.max_input_length,
                          self.tok.eos_id)
 
@@ -296,7 +316,8 @@ class Evaluator:
             enc_vars = self._variables(experts, C if naive else 1)
             dec_vars = self._variables(experts, C) if experts is not None else enc_vars
             self.compiled_shapes.add(("rank", B, C, L, T))
-            score = _CHOICE_NLL[self.fast_compile]
+            score = (functools.partial(decoder_choice_nll, fast_compile=self.fast_compile)
+                     if self.decoder_only else _CHOICE_NLL[self.fast_compile])
             nll, counts = score(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
                                 self._put(mask), self._put(tgt), self._put(tmask), naive=naive,
                                 sites=self.sites)
@@ -334,13 +355,20 @@ class Evaluator:
             variables = self._variables(self._experts([examples[i] for i in idx], B))
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
-            # With telemetry, decoding counts the routing it computes (no second forward).
-            out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
-                                      self._put(mask), adapter=self.adapter,
-                                      collections=coll or None, fast_compile=self.fast_compile,
-                                      telemetry=self.telemetry, check_finite=True,
-                                      mesh=self.mesh)
-            toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
+            if self.decoder_only:
+                toks, counts = self._get(generate_decoder_greedy(
+                    self.gen_cfg, self.params, self._put(ids), max_new_tokens, self._put(mask),
+                    adapter=self.adapter, collections=coll or None,
+                    fast_compile=self.fast_compile)), {}
+            else:
+                # With telemetry, decoding counts the routing it computes (no second forward).
+                out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
+                                          self._put(mask), adapter=self.adapter,
+                                          collections=coll or None,
+                                          fast_compile=self.fast_compile,
+                                          telemetry=self.telemetry, check_finite=True,
+                                          mesh=self.mesh)
+                toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
             self._add_counts(counts)

@@ -298,8 +298,11 @@ def load_base_model(s: EvalSettings, mesh=None):
     """(cfg, params, tokenizer) of the settings' base model; with ``mesh``, read straight into
     the rules table's layout (``base_model.load_base``)."""
     from goose_jax.base_model import load_base, load_tokenizer
+    from goose_jax.data.tokenizers import ByteTokenizer
 
-    cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh)
+    # A random base's vocabulary grows to hold the byte-level tokenizer's ids.
+    cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh,
+                            min_vocab_size=ByteTokenizer.vocab_size if s.byte_tokenizer else 0)
     if s.world and not (s.tokenizer or s.byte_tokenizer):
         from goose_jax.data.world import WorldTokenizer
 
@@ -324,22 +327,26 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
     """
     import jax
 
-    from goose_jax import distributed, evaluation, report
+    from goose_jax import distributed, evaluation, families, report
+    from goose_jax.errors import ConfigError
     from goose_jax.progress import progress_enabled
 
     validate(s)
     mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s, mesh)
+    if s.scan_layers and families.is_decoder_only(cfg):
+        kind = families.describe(families.family(cfg))
+        raise ConfigError(f"--scan-layers: the base {s.base} is a {kind} model, which has no "
+                          "scanned layout; drop the flag")
     batch_size = s.batch_size
     if mesh is not None:
         # Batches over ``data``, the base by the rules table (``model`` splits its large
         # kernels), the library over ``expert``; in a process group every process scores the
         # same batches in step and process 0 alone writes the results.
         from goose_jax.sharding import shard_params
-        from goose_jax.t5 import param_logical_axes
 
-        params = shard_params(params, param_logical_axes(cfg), mesh)
+        params = shard_params(params, families.param_logical_axes(cfg), mesh)
         data_size = mesh.shape["data"]
         batch_size = -(-batch_size // data_size) * data_size
     routed, names = build_method(s, cfg, params, mesh)
