@@ -152,7 +152,8 @@ def telemetry_masks(sites, enc_mask_BL: Array, dec_mask_BT: Array, cross_mask_BL
         read the encoder output.
 
     Returns:
-      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``.
+      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``. For a decoder-only
+      model use ``sequence_telemetry_masks``.
     """
 
     def pick(site):
@@ -247,11 +248,13 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
                  scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
                  telemetry: bool = False, temperature: float | str = 1.0, mesh=None,
                  num_experts: int | None = None) -> Routed:
-    """Everything ``gj.t5_logits(..., routing=...)`` needs to run ``method``.
+    """Everything ``gj.t5_logits(..., routing=...)`` (or, on a decoder-only model,
+    ``gj.decoder_logits`` / ``gj.generate_decoder_greedy``) needs to run ``method``.
 
     Args:
       method: one of ``METHODS``.
-      cfg: the base model config (the library is checked against its site shapes).
+      cfg: the base model config, a ``T5Config`` or a ``DecoderConfig`` (the library is checked
+        against the family's site shapes).
       experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)); host
         arrays, or arrays already placed on ``mesh``. Its leading axis may be padded with zero
         experts (``sharding.pad_experts``) when ``num_experts`` says how many are real.
