@@ -1,14 +1,20 @@
 """Whole-model routing: every method of the paper as a site adapter plus its variable trees.
 
 Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: S a
-site's sequence length (L at encoder sites, T at decoder ones).
+site's sequence length (L at T5 encoder sites, T at T5 decoder sites and at every site of a
+decoder-only model).
 
-A ``Routed`` bundles what ``gj.t5_logits`` / ``gj.generate_greedy`` need to run the base model
-under a method: a hashable ``adapter`` (static under jit) and the variable ``collections`` it
-reads (the expert library, router vectors). Build one with ``build_routed``:
+A ``Routed`` bundles what the model API (``gj.t5_logits`` / ``gj.generate_greedy`` for a T5,
+``gj.decoder_logits`` / ``gj.generate_decoder_greedy`` for a decoder-only model) needs to run
+the base model under a method: a hashable ``adapter`` (static under jit) and the variable
+``collections`` it reads (the expert library, router vectors). Build one with ``build_routed``:
 
     routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2, scale=1 / 16)
-    logits = gj.t5_logits(cfg, params, ids, dec, mask, routing=routed)
+    logits = gj.t5_logits(cfg, params, ids, dec, mask, routing=routed)      # a T5Config
+    logits = gj.decoder_logits(cfg, params, ids, mask, routing=routed)      # a DecoderConfig
+
+Every method works on either family: the adapters only see a site's input, and the library is
+checked against the family's own sites (``families.site_shapes``).
 
 Methods (PHATGOOSE.md sections 5-6):
   ``phatgoose``           per-token top-k against standardized trained gates;
@@ -36,11 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from goose_jax import expert_parallel, routing, sharding
-from goose_jax.config import T5Config
+from goose_jax import expert_parallel, families, routing, sharding
 from goose_jax.errors import LibraryMismatchError
 from goose_jax.experts import EXPERTS, LoRAAdapter, flatten_sites, lora_delta, nest_sites
-from goose_jax.t5 import site_shapes
+from goose_jax.families import ModelConfig
 
 Array = jax.Array
 
@@ -147,7 +152,8 @@ def telemetry_masks(sites, enc_mask_BL: Array, dec_mask_BT: Array, cross_mask_BL
         read the encoder output.
 
     Returns:
-      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``.
+      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``. For a decoder-only
+      model use ``sequence_telemetry_masks``.
     """
 
     def pick(site):
@@ -156,6 +162,13 @@ def telemetry_masks(sites, enc_mask_BL: Array, dec_mask_BT: Array, cross_mask_BL
         return cross_mask_BL if site.endswith(("cross_attn/k", "cross_attn/v")) else dec_mask_BT
 
     return nest_sites({s: {"mask": pick(s)} for s in sites})
+
+
+def sequence_telemetry_masks(sites, mask_BT: Array) -> dict:
+    """The ``telemetry`` collection of a decoder-only model: every site (``layers_0/mlp/up``,
+    ...) reads the one token sequence, so every site counts its real tokens, ``mask_BT``
+    (B, T) (1 for a real token; prompt and continuation alike)."""
+    return nest_sites({s: {"mask": mask_BT} for s in sites})
 
 
 def collect_counts(state) -> dict[str, Array]:
@@ -200,9 +213,10 @@ def _num_experts(experts: dict) -> int:
     return E
 
 
-def check_library(cfg: T5Config, experts: dict) -> int:
-    """Checks every site's A and B against the model's site shapes; returns E."""
-    shapes = site_shapes(cfg)
+def check_library(cfg: ModelConfig, experts: dict) -> int:
+    """Checks every site's A and B against the model's site shapes (a T5 or a decoder-only
+    model, ``families.site_shapes``); returns E."""
+    shapes = families.site_shapes(cfg)
     for name, leaf in flatten_sites(experts).items():
         if name not in shapes:
             raise LibraryMismatchError(
@@ -229,16 +243,18 @@ def _check_vectors(name: str, vectors, E: int, d_in: int, what: str) -> None:
                                    f"{bad.tolist()[:10]})")
 
 
-def build_routed(method: str, cfg: T5Config, experts: dict | None = None, *,
+def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
                  gates: dict | None = None, prototypes: dict | None = None, top_k: int = 2,
                  scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
                  telemetry: bool = False, temperature: float | str = 1.0, mesh=None,
                  num_experts: int | None = None) -> Routed:
-    """Everything ``gj.t5_logits(..., routing=...)`` needs to run ``method``.
+    """Everything ``gj.t5_logits(..., routing=...)`` (or, on a decoder-only model,
+    ``gj.decoder_logits`` / ``gj.generate_decoder_greedy``) needs to run ``method``.
 
     Args:
       method: one of ``METHODS``.
-      cfg: the base model config (the library is checked against its site shapes).
+      cfg: the base model config, a ``T5Config`` or a ``DecoderConfig`` (the library is checked
+        against the family's site shapes).
       experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)); host
         arrays, or arrays already placed on ``mesh``. Its leading axis may be padded with zero
         experts (``sharding.pad_experts``) when ``num_experts`` says how many are real.
@@ -402,8 +418,9 @@ class _CaptureAdapter:
     """Applies the active expert's LoRA and sows each site's per-example masked input sums
     (B, I) and token counts (B,).
 
-    Each site's ``capture/<site>/mask`` (B, S) says which of its tokens count (encoder tokens for
-    encoder sites and cross-attention k / v, target tokens for other decoder sites).
+    Each site's ``capture/<site>/mask`` (B, S) says which of its tokens count (on a T5, encoder
+    tokens for encoder sites and cross-attention k / v, target tokens for other decoder sites;
+    on a decoder-only model, every real token of the sequence).
     """
 
     scale: float
@@ -438,18 +455,27 @@ def _pool(sum_BI: Array, count_B: Array, pooling: str) -> tuple[Array, Array]:
     return jnp.einsum("b,bi->i", real_B, mean_BI), jnp.sum(real_B)
 
 
-def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batches, *,
+def compute_average_activations(cfg: ModelConfig, params: dict, experts: dict, batches, *,
                                 scale: float = 1 / 16, pooling: str = "example") -> dict:
     """Average-activation router vectors: per expert and site, the mean site input.
 
-    Expert n's prototypes are computed with expert n's LoRA active, over its own examples;
-    decoder sites are teacher-forced and read non-pad target tokens, encoder sites (and
-    cross-attention k / v) non-pad input tokens.
+    Expert n's prototypes are computed with expert n's LoRA active, over its own examples: the
+    inputs each site reads while that expert is trained. On a T5, decoder sites are
+    teacher-forced and read non-pad target tokens, encoder sites (and cross-attention k / v)
+    non-pad input tokens. On a decoder-only model every site reads the one sequence, and every
+    real token of it counts, prompt and target alike: those are the inputs the site processes
+    in training (the loss is on the target tokens, but they attend to the prompt's keys and
+    values, which the site's LoRA shapes), the T5's rule of "every token the site reads" carried
+    over, and the routed model scores every token it routes (prompt and continuation) against
+    these prototypes, so they average the same kind of input.
 
     Args:
-      cfg: base model config; params: base parameters; experts: stacked library (E experts).
-      batches: a sequence of length E; ``batches[n]`` is an iterable of
-        ``(input_ids_BL, enc_mask_BL, decoder_input_ids_BT, dec_mask_BT)`` for expert n.
+      cfg: base model config (a T5 or decoder-only family); params: base parameters;
+        experts: stacked library (E experts).
+      batches: a sequence of length E; ``batches[n]`` is an iterable of batches for expert n:
+        on a T5 ``(input_ids_BL, enc_mask_BL, decoder_input_ids_BT, dec_mask_BT)``; on a
+        decoder-only model ``(input_ids_BT, mask_BT)``, prompt and target in one sequence
+        padded on either side (mask 1 for a real token).
       scale: LoRA scale.
       pooling: ``"example"`` (the original release's): each example's masked mean over its
         tokens, then the mean over examples (an example with no token at a site is left out);
@@ -461,11 +487,9 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
       ..., prototypes=...)``.
 
     Raises:
-      LibraryMismatchError: an unknown pooling, a batch source per expert missing, or an expert
-        with no token to average.
+      LibraryMismatchError: an unknown pooling, a batch source per expert missing, a batch of
+        the wrong arity for the family, or an expert with no token to average.
     """
-    from goose_jax.t5 import T5
-
     if pooling not in POOLINGS:
         raise LibraryMismatchError(f"unknown pooling {pooling!r}; expected one of "
                                    f"{list(POOLINGS)}")
@@ -473,14 +497,11 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
     if len(batches) != E:
         raise LibraryMismatchError(f"need one batch source per expert ({E}); found {len(batches)}")
     flat = flatten_sites(experts)
-    model = T5(cfg, _CaptureAdapter(float(scale)))
+    forward, arity = _capture_forward(cfg, flat, float(scale))
 
     @jax.jit
-    def sums(params, one, ids, enc_mask, dec, dec_mask):
-        masks = nest_sites({name: {"mask": enc_mask if _uses_encoder_tokens(name) else dec_mask}
-                            for name in flat})
-        _, state = model.apply({"params": params, EXPERTS: one, "capture": masks}, ids, dec,
-                               enc_mask, mutable=["intermediates"])
+    def sums(params, one, *batch):
+        _, state = forward({"params": params, EXPERTS: one}, *batch)
         inter = flatten_sites(state["intermediates"])
         return {name: _pool(inter[name]["sum"][0], inter[name]["count"][0], pooling)
                 for name in flat}
@@ -492,9 +513,13 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
                           for name, leaf in flat.items()})
         total = {name: 0.0 for name in flat}
         count = {name: 0.0 for name in flat}
-        for ids, enc_mask, dec, dec_mask in batches[n]:
-            res = sums(params, one, jnp.asarray(ids, jnp.int32), jnp.asarray(enc_mask),
-                       jnp.asarray(dec, jnp.int32), jnp.asarray(dec_mask))
+        for batch in batches[n]:
+            if len(batch) != len(arity):
+                raise LibraryMismatchError(
+                    f"expert {n}: a batch must be ({', '.join(arity)}) for a "
+                    f"{families.describe(families.family(cfg))} model; found {len(batch)} arrays")
+            res = sums(params, one, *(jnp.asarray(a, jnp.int32) if "ids" in name
+                                      else jnp.asarray(a) for name, a in zip(arity, batch)))
             for name, (s, c) in res.items():
                 total[name] = total[name] + np.asarray(s, np.float64)
                 count[name] += float(c)
@@ -504,3 +529,32 @@ def compute_average_activations(cfg: T5Config, params: dict, experts: dict, batc
                                            "(empty batches?)")
             out[name][n] = total[name] / count[name]
     return nest_sites({name: {"gate": jnp.asarray(v)} for name, v in out.items()})
+
+
+def _capture_forward(cfg: ModelConfig, flat: dict, scale: float):
+    """``(forward(variables, *batch) -> (out, state), names of the batch's arrays)``: the model
+    under ``_CaptureAdapter`` with every site's ``capture`` mask set from the batch."""
+    adapter = _CaptureAdapter(scale)
+    if families.is_decoder_only(cfg):
+        from goose_jax.decoder import Decoder, positions_from_mask
+
+        model = Decoder(cfg, adapter)
+
+        def forward(variables, ids_BT, mask_BT):
+            masks = nest_sites({name: {"mask": mask_BT} for name in flat})
+            mask_BT = mask_BT.astype(jnp.int32)
+            return model.apply({**variables, "capture": masks}, ids_BT,
+                               positions_from_mask(mask_BT), mask_BT, mutable=["intermediates"])
+
+        return forward, ("input_ids_BT", "mask_BT")
+    from goose_jax.t5 import T5
+
+    model = T5(cfg, adapter)
+
+    def forward(variables, ids_BL, enc_mask_BL, dec_BT, dec_mask_BT):
+        masks = nest_sites({name: {"mask": enc_mask_BL if _uses_encoder_tokens(name)
+                                   else dec_mask_BT} for name in flat})
+        return model.apply({**variables, "capture": masks}, ids_BL, dec_BT, enc_mask_BL,
+                           mutable=["intermediates"])
+
+    return forward, ("input_ids_BL", "enc_mask_BL", "decoder_input_ids_BT", "dec_mask_BT")
