@@ -67,7 +67,7 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
         any unreadable file (naming the file).
     """
     from goose_jax import checkpoint
-    from goose_jax.interop.hf import base_shardings, load_hf_t5, read_config_json
+    from goose_jax.interop.hf import base_shardings
 
     check_base(spec)
     policy = DTypePolicy(dtype, dtype) if dtype else None
@@ -81,13 +81,33 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
     if checkpoint.is_checkpoint(spec):
         shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
         return checkpoint.load_model(spec, shardings=shardings)
-    if _is_decoder_dir(spec, read_config_json):
+    return load_hf_model(spec, dtype=policy, mesh=mesh)
+
+
+def load_hf_model(path: str, *, dtype: DTypePolicy | None = None, mesh: Mesh | None = None
+                  ) -> tuple[families.ModelConfig, dict]:
+    """(cfg, params) of a local Hugging Face directory: a Llama, Qwen2 or Mistral model when its
+    ``config.json``'s ``model_type`` says so, else a T5 (whose loader says what is wrong with a
+    directory that is neither).
+
+    Args:
+      path: the directory (or a ``models--org--name`` cache entry).
+      dtype: the dtype policy of the returned config; parameters are cast to its param dtype.
+        Default: float32.
+      mesh: lay the parameters out on this mesh (see ``load_base``).
+
+    Raises:
+      CheckpointError: any unreadable or inconsistent file, naming it.
+    """
+    from goose_jax.interop.hf import base_shardings, load_hf_t5, read_config_json
+
+    if _is_decoder_dir(path, read_config_json):
         from goose_jax.interop.hf_decoder import load_hf_llama
         from goose_jax.sharding import put_global
 
-        cfg, params = load_hf_llama(spec, dtype=policy)
+        cfg, params = load_hf_llama(path, dtype=dtype)
         return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
-    return load_hf_t5(spec, dtype=policy, mesh=mesh)
+    return load_hf_t5(path, dtype=dtype, mesh=mesh)
 
 
 def random_config(spec: str) -> families.ModelConfig:
@@ -121,26 +141,31 @@ def _checkpoint_shardings(spec: str, mesh: Mesh):
     from goose_jax import checkpoint
     from goose_jax.interop.hf import base_shardings
 
-    meta = checkpoint.read_metadata(spec)
     try:
-        cfg = T5Config.from_hf_dict(meta["t5_config"], source=spec).replace(
-            tie_word_embeddings=bool(meta["tie_word_embeddings"]))
-    except (KeyError, TypeError, ValueError):
+        cfg = checkpoint.read_model_config(spec)
+    except CheckpointError:
         return None
     return base_shardings(cfg, mesh)
 
 
-def load_tokenizer(spec: str | None, cfg: T5Config | None = None, *, byte: bool = False):
+def load_tokenizer(spec: str | None, cfg: families.ModelConfig | None = None, *,
+                   byte: bool = False):
     """The tokenizer of a base: the byte-level one, or the Hugging Face tokenizer in ``spec``.
+
+    Padding follows one rule: batches are padded with the tokenizer's pad id and the model's
+    losses and generation treat its ``pad_token_id`` as padding, so the two must be one id. A
+    tokenizer without a padding token (most Llama-family tokenizers) pads with the model's
+    ``pad_token_id``; one with its own must agree with the model's, else it is refused.
 
     Args:
       spec: the directory holding the tokenizer files (usually the base's).
-      cfg: the base's config; when given, the tokenizer's pad id must equal its
-        ``pad_token_id``.
+      cfg: the base's config (T5 or decoder-only); when given, its ``pad_token_id`` pads for a
+        tokenizer without a padding token, and must equal the padding token of one with.
       byte: the byte-level tokenizer (needs no files).
 
     Raises:
-      CheckpointError: no tokenizer files, or a pad id that differs from the model's.
+      CheckpointError: no tokenizer files, a tokenizer without EOS, without a padding token
+        and no ``cfg``, or a pad id that differs from the model's.
     """
     from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
 
@@ -148,8 +173,9 @@ def load_tokenizer(spec: str | None, cfg: T5Config | None = None, *, byte: bool 
         return ByteTokenizer()
     if not spec or spec.startswith(RANDOM):
         raise CheckpointError(f"base {spec!r} has no tokenizer: use the byte-level tokenizer")
-    tok = load_hf_tokenizer(spec)
+    tok = load_hf_tokenizer(spec, pad_id=None if cfg is None else cfg.pad_token_id)
     if cfg is not None and tok.pad_id != cfg.pad_token_id:
         raise CheckpointError(f"{spec}: tokenizer pad id {tok.pad_id} differs from the model's "
-                              f"pad_token_id {cfg.pad_token_id}")
+                              f"pad_token_id {cfg.pad_token_id}; make them one id (pad_token in "
+                              "tokenizer_config.json, or pad_token_id in config.json)")
     return tok

@@ -130,3 +130,22 @@ def config_from_record(d: Mapping[str, Any], name: str, *, source: str) -> Model
         raise ConfigError(f"{source}: the config is of family {family(cfg)!r}, recorded as "
                           f"{name!r}")
     return cfg
+
+
+def validate_params(cfg: ModelConfig, params: Mapping[str, Any], *,
+                    source: str = "params") -> None:
+    """Checks that ``params`` has exactly the names and shapes a model with ``cfg`` needs (the
+    T5's ``interop.hf.validate_params``, or the decoder's tensor table).
+
+    Raises:
+      CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
+    """
+    if is_decoder_only(cfg):
+        from goose_jax.interop.hf import check_param_tree
+        from goose_jax.interop.hf_decoder import _expected_shapes
+
+        check_param_tree(_expected_shapes(cfg), params, source=source)
+        return
+    from goose_jax.interop.hf import validate_params as validate_t5
+
+    validate_t5(cfg, params, source=source)

@@ -14,7 +14,7 @@ paper's settings); ``key=value`` overrides change any field, typed by the field'
 Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
 (``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
 tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation during
-training and ``multitask_mode=full`` are refused there for now. Data files are JSON lines
+training is refused there for now. Data files are JSON lines
 ``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or the mixture
 (``multitask``).
 
@@ -231,9 +231,6 @@ def _check_decoder_run(args: RunArgs, tcfg: TrainConfig, validation) -> None:
         raise TrainConfigError(
             f"{validation[0]}: validation during training scores T5 experts only, and this base "
             "is decoder-only; pass --validation none (or set eval_every=0)")
-    if args.command == "multitask" and tcfg.multitask_mode == "full":
-        raise TrainConfigError("multitask_mode=full: saving a fine-tuned decoder-only model is "
-                               "not supported yet; use multitask_mode=lora")
 
 
 # --- run bookkeeping ------------------------------------------------------------------------------

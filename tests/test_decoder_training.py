@@ -296,12 +296,10 @@ def test_goose_train_runs_encode_prompts_and_refuse_what_a_decoder_cannot_run(da
     batch = setup.batcher(setup.sources[0], 0).batch(0)
     ends = batch["inputs"][0, 0, batch["input_mask"][0, 0].sum() - 1]
     assert ends != ByteTokenizer.eos_id  # the prompt runs straight into its target
-    refused = {"validation": (["--validation", data[1], data[0]], "--validation none"),
-               "full": (["--set", "multitask_mode=full", "--out", str(tmp_path / "m")],
-                        "multitask_mode=lora")}
+    # (multitask_mode=full now runs: tests/test_decoder_checkpoint.py)
+    refused = {"validation": (["--validation", data[1], data[0]], "--validation none")}
     for name, (extra, fix) in refused.items():
-        command = "multitask" if name == "full" else "experts"
-        assert main(_args(command, data, tmp_path / name, tmp_path / f"w{name}", *extra)) == 1
+        assert main(_args("experts", data, tmp_path / name, tmp_path / f"w{name}", *extra)) == 1
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and fix in err, err
         assert not (tmp_path / name).exists() and not (tmp_path / f"w{name}").exists()

@@ -32,7 +32,8 @@ PROG = "goose-convert"
 
 def _args_hf_to_orbax(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC_HF_DIR",
-                   help="local Hugging Face T5 directory (or a models--org--name cache entry)")
+                   help="local Hugging Face directory of a T5, Llama, Qwen2 or Mistral model (or a "
+                        "models--org--name cache entry)")
     p.add_argument("dst", metavar="DST_DIR", help="goose-jax (Orbax) checkpoint to write")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter dtype of the written checkpoint (default: float32)")
@@ -43,7 +44,8 @@ def _args_hf_to_orbax(p: argparse.ArgumentParser) -> None:
 def _args_orbax_to_hf(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="goose-jax (Orbax) checkpoint directory")
     p.add_argument("dst", metavar="DST",
-                   help="directory to write config.json and model.safetensors into")
+                   help="directory to write config.json and model.safetensors into (as "
+                        "transformers writes a model of the checkpoint's family)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the Hugging Face model DST already holds (other files, such "
                         "as a tokenizer, are kept)")
@@ -132,9 +134,11 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "hf-to-orbax": Subcommand("Hugging Face T5 directory -> goose-jax Orbax checkpoint",
+    "hf-to-orbax": Subcommand("Hugging Face T5 / Llama / Qwen2 / Mistral directory -> goose-jax "
+                              "Orbax checkpoint",
                               _args_hf_to_orbax, _hf_to_orbax),
-    "orbax-to-hf": Subcommand("goose-jax Orbax checkpoint -> Hugging Face T5 directory",
+    "orbax-to-hf": Subcommand("goose-jax Orbax checkpoint -> Hugging Face directory (T5, Llama, "
+                              "Qwen2 or Mistral, as the checkpoint records)",
                               _args_orbax_to_hf, _orbax_to_hf),
     "peft": Subcommand("PEFT LoRA adapter directories -> goose-jax expert library",
                        _args_peft, _peft),
@@ -148,8 +152,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Convert T5 checkpoints between Hugging Face and goose-jax "
-                               "(Orbax) formats. Reads local files only; never downloads.")
+        prog=PROG, description="Convert T5 and Llama-family (Llama, Qwen2, Mistral) "
+                               "checkpoints between Hugging Face and goose-jax (Orbax) formats. "
+                               "Reads local files only; never downloads.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)

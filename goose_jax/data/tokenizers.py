@@ -1,4 +1,5 @@
-"""Tokenizers with one small interface: a byte-level one that needs no files, and the HF T5 one.
+"""Tokenizers with one small interface: a byte-level one that needs no files, and the HF ones
+(T5's SentencePiece, the Llama family's).
 
 Both give ``encode``, ``encode_batch`` (fixed-length NumPy arrays, ready for a jitted model with
 static shapes), ``decode``, and the ``pad_id`` / ``eos_id`` / ``vocab_size`` attributes.
@@ -100,19 +101,36 @@ class ByteTokenizer(_Tokenizer):
 
 
 class HFTokenizer(_Tokenizer):
-    """A Hugging Face tokenizer (e.g. T5's SentencePiece) behind the ByteTokenizer interface.
+    """A Hugging Face tokenizer (T5's SentencePiece, a Llama family BPE) behind the
+    ByteTokenizer interface.
 
     Attributes:
       hf: the wrapped transformers tokenizer, for anything this interface does not cover.
     """
 
-    def __init__(self, hf_tokenizer, source: str = "tokenizer"):
+    def __init__(self, hf_tokenizer, source: str = "tokenizer", pad_id: int | None = None):
+        """Wraps ``hf_tokenizer``.
+
+        Args:
+          hf_tokenizer: a transformers tokenizer with an EOS token.
+          source: where it was read from (for messages).
+          pad_id: the padding id to use when the tokenizer defines no padding token (many
+            Llama-family tokenizers do not): usually the model's ``pad_token_id``. A padding
+            token of the tokenizer's own always wins (``own_pad`` says which).
+
+        Raises:
+          CheckpointError: no EOS token, or no padding token and no ``pad_id``.
+        """
         self.hf = hf_tokenizer
-        if hf_tokenizer.eos_token_id is None or hf_tokenizer.pad_token_id is None:
+        own = hf_tokenizer.pad_token_id
+        if hf_tokenizer.eos_token_id is None or (own is None and pad_id is None):
             raise CheckpointError(f"{source}: tokenizer defines no EOS or no padding token "
-                                  f"(eos={hf_tokenizer.eos_token_id}, "
-                                  f"pad={hf_tokenizer.pad_token_id})")
-        self.pad_id = int(hf_tokenizer.pad_token_id)
+                                  f"(eos={hf_tokenizer.eos_token_id}, pad={own}); set "
+                                  "eos_token / pad_token in its tokenizer_config.json, or load "
+                                  "it with its model (base_model.load_tokenizer(spec, cfg) pads "
+                                  "with the model's pad_token_id)")
+        self.own_pad = own is not None
+        self.pad_id = int(own if own is not None else pad_id)
         self.eos_id = int(hf_tokenizer.eos_token_id)
         # len() counts added tokens (T5's sentinels) which .vocab_size may not.
         self.vocab_size = len(hf_tokenizer)
@@ -128,18 +146,20 @@ class HFTokenizer(_Tokenizer):
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 
 
-def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+def load_hf_tokenizer(path: str | os.PathLike, *, pad_id: int | None = None) -> HFTokenizer:
     """Loads the Hugging Face tokenizer saved in a local directory (never downloads).
 
     Args:
       path: a directory with ``spiece.model`` and / or ``tokenizer.json`` (plus usually
-        ``tokenizer_config.json``), e.g. a T5 checkpoint directory.
+        ``tokenizer_config.json``), e.g. a T5 or Llama checkpoint directory.
+      pad_id: the padding id when the tokenizer defines none (see ``HFTokenizer``).
 
     Returns:
       An ``HFTokenizer`` with the same interface as ``ByteTokenizer``.
 
     Raises:
-      CheckpointError: the directory or its tokenizer files are missing or unreadable.
+      CheckpointError: the directory or its tokenizer files are missing or unreadable, or
+        the tokenizer has no EOS, or no padding token and no ``pad_id``.
     """
     folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(folder):
@@ -158,4 +178,4 @@ def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
         detail = one_line(e)
         raise CheckpointError(f"{folder}: cannot load the tokenizer: "
                               f"{type(e).__name__}: {detail}") from None
-    return HFTokenizer(tok, source=folder)
+    return HFTokenizer(tok, source=folder, pad_id=pad_id)

@@ -11,43 +11,51 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from goose_jax.config import DTypePolicy, T5Config
+from goose_jax import families
+from goose_jax.config import DTypePolicy
 from goose_jax.errors import LibraryError
+from goose_jax.families import ModelConfig
 
 
-def describe_model(cfg: T5Config, params) -> str:
-    """One line: tensor and parameter counts, dtype, depth and head of a T5."""
+def describe_model(cfg: ModelConfig, params) -> str:
+    """One line: tensor and parameter counts, dtype, depth and head of a model."""
     import jax
 
     leaves = jax.tree.leaves(params)
     n = sum(int(np.prod(x.shape)) for x in leaves)
     head = "tied head" if cfg.tie_word_embeddings else "untied head"
-    return (f"{len(leaves)} tensors, {n:,} parameters, {cfg.dtype.param_dtype}, "
-            f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, {head}")
+    if families.is_decoder_only(cfg):
+        depth = f"{cfg.family}, {cfg.num_layers} layers"
+    else:
+        depth = f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers"
+    return f"{len(leaves)} tensors, {n:,} parameters, {cfg.dtype.param_dtype}, {depth}, {head}"
 
 
 def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
-    """A Hugging Face T5 directory -> a goose-jax (Orbax) model checkpoint in ``dtype``."""
+    """A Hugging Face T5, Llama, Qwen2 or Mistral directory -> a goose-jax (Orbax) model
+    checkpoint in ``dtype``."""
+    from goose_jax.base_model import load_hf_model
     from goose_jax.checkpoint import check_destination, save_model
-    from goose_jax.interop.hf import load_hf_t5
 
     check_destination(dst, overwrite=overwrite)   # before the model is read
-    cfg, params = load_hf_t5(src, dtype=DTypePolicy(param_dtype=dtype))
+    cfg, params = load_hf_model(src, dtype=DTypePolicy(param_dtype=dtype))
     written = save_model(dst, cfg, params, overwrite=overwrite)
     return [f"wrote goose-jax checkpoint {written} ({describe_model(cfg, params)})"]
 
 
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
-    """A goose-jax model checkpoint -> a Hugging Face T5 directory (refused when ``dst`` already
-    holds a model, unless ``overwrite``)."""
-    from goose_jax.checkpoint import load_model, read_metadata
+    """A goose-jax model checkpoint -> a Hugging Face directory of its family (refused when
+    ``dst`` already holds a model, unless ``overwrite``)."""
+    from goose_jax.checkpoint import load_model, read_model_config
     from goose_jax.interop.hf import check_hf_folder, save_hf_t5
+    from goose_jax.interop.hf_decoder import save_hf_llama
 
     check_hf_folder(dst, overwrite=overwrite)   # before the model is read
-    read_metadata(src)
+    read_model_config(src)
     cfg, params = load_model(src)
-    return [f"wrote {p}" for p in save_hf_t5(cfg, params, dst, overwrite=overwrite)] + [
+    save = save_hf_llama if families.is_decoder_only(cfg) else save_hf_t5
+    return [f"wrote {p}" for p in save(cfg, params, dst, overwrite=overwrite)] + [
         f"({describe_model(cfg, params)})"]
 
 

@@ -316,22 +316,31 @@ def validate_params(cfg: T5Config, params: Params, *, source: str = "params") ->
     Raises:
       CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
     """
+    check_param_tree({s.path: s.param_shape for s in tensor_specs(cfg)}, params, source=source)
+
+
+def check_param_tree(expected: Mapping[tuple[str, ...], tuple[int, ...]], params: Params, *,
+                     source: str = "params") -> None:
+    """Checks that ``params`` has exactly the leaves of ``expected`` (key path -> shape), of
+    those shapes: the params check of every model family (``families.validate_params``).
+
+    Raises:
+      CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
+    """
     flat = _flatten(params)
-    specs = tensor_specs(cfg)
-    missing = [s.param_name for s in specs if s.path not in flat]
+    missing = ["/".join(p) for p in expected if p not in flat]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} parameter(s) missing for this config: "
                               f"{_names(missing)}")
-    expected = {s.path for s in specs}
     unexpected = ["/".join(p) for p in flat if p not in expected]
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} unexpected parameter(s) for this "
                               f"config: {_names(unexpected)}")
-    for s in specs:
-        shape = tuple(np.shape(flat[s.path]))
-        if shape != s.param_shape:
-            raise CheckpointError(f"{source}: parameter {s.param_name} has shape {shape}, "
-                                  f"expected {s.param_shape} from the config")
+    for path, want in expected.items():
+        shape = tuple(np.shape(flat[path]))
+        if shape != tuple(want):
+            raise CheckpointError(f"{source}: parameter {'/'.join(path)} has shape {shape}, "
+                                  f"expected {tuple(want)} from the config")
 
 
 def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
