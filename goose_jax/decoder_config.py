@@ -168,9 +168,12 @@ class DecoderConfig:
                 rope_factor=float(rope.get("factor", 1.0)),
                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                # Only llama3 scaling reads it; otherwise the field keeps its default, so that
+                # a config survives to_hf_dict -> from_hf_dict unchanged.
                 rope_original_max_position_embeddings=int(
                     rope.get("original_max_position_embeddings")
-                    or d.get("max_position_embeddings", 8192)),
+                    or d.get("max_position_embeddings", 8192)) if rope_type == "llama3"
+                else cls.rope_original_max_position_embeddings,
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 sliding_window=None if window is None else int(window),
                 qkv_bias=family == "qwen2" or attention_bias,
@@ -178,7 +181,9 @@ class DecoderConfig:
                 mlp_bias=family == "llama" and bool(d.get("mlp_bias", False)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
-                pad_token_id=int(0 if pad is None else pad),
+                # No pad id (Llama's configs): pad with EOS, as HF pipelines do; id 0 is a
+                # real token of Llama 3 that the loss would mask. The loss handles pad == EOS.
+                pad_token_id=int(pad if pad is not None else eos if eos is not None else 0),
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None

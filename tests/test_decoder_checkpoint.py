@@ -270,7 +270,8 @@ def test_a_tokenizer_without_padding_pads_with_the_model_pad_id(tmp_path):
 
 def test_goose_train_batches_of_a_llama_dir_without_a_pad_token(tmp_path):
     """A Hugging Face Llama directory whose tokenizer has no padding token: goose-train's
-    batches pad with the model's pad_token_id, which the causal loss masks."""
+    batches pad with the model's pad_token_id (its EOS, since config.json names no pad), which
+    the causal loss masks after each row's first EOS."""
     from goose_jax import train_runs
 
     _hf_model("llama").save_pretrained(tmp_path / "hf")   # its config.json: pad_token_id none
@@ -279,11 +280,11 @@ def test_goose_train_batches_of_a_llama_dir_without_a_pad_token(tmp_path):
     setup = train_runs.Setup(train_runs.RunArgs(
         "experts", [data], str(tmp_path / "w"), overrides=["eval_every=0"],
         base=str(tmp_path / "hf")))
-    assert setup.tokenizer.pad_id == setup.cfg.pad_token_id == 0
+    assert setup.tokenizer.pad_id == setup.cfg.pad_token_id == setup.cfg.eos_token_id == 2
     batch = setup.batcher(setup.sources[0], 0).batch(0)
-    # Targets "tokens </s>" / "llama </s>", padded with 0 to max_target_length.
+    # Targets "tokens </s>" / "llama </s>", padded with EOS (2) to max_target_length.
     rows = {tuple(row) for row in batch["targets"].reshape(-1, batch["targets"].shape[-1])}
-    tail = (0,) * (batch["targets"].shape[-1] - 2)
+    tail = (2,) * (batch["targets"].shape[-1] - 2)
     assert rows == {(6, 2, *tail), (9, 2, *tail)}
 
 

@@ -84,3 +84,19 @@ def test_load_base_reads_decoder_bases(tmp_path):
     assert families.family(load_base("random:tiny")[0]) == "t5"
     with pytest.raises(CheckpointError, match="nor is it a decoder-only preset"):
         load_base("random:gpt-9")
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-3-8b", "llama-3.1-8b", "qwen2-0.5b",
+                                  "mistral-7b"])
+def test_decoder_config_survives_hf_round_trip(name):
+    cfg = gj.DecoderConfig.preset(name)
+    assert gj.DecoderConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_decoder_config_without_pad_pads_with_eos():
+    d = gj.DecoderConfig.preset("tiny").to_hf_dict()
+    d["pad_token_id"] = None
+    d["eos_token_id"] = [7, 9]
+    assert gj.DecoderConfig.from_hf_dict(d).pad_token_id == 7
+    d["eos_token_id"] = None
+    assert gj.DecoderConfig.from_hf_dict(d).pad_token_id == 0
