@@ -13,8 +13,9 @@ paper's settings); ``key=value`` overrides change any field, typed by the field'
 (``goose_jax.config_files``). The base is a local Hugging Face T5 or decoder-only (Llama, Qwen2,
 Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
 (``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
-tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation during
-training and ``multitask_mode=full`` are refused there for now. Data files are JSON lines
+tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation scores
+the experts as goose-eval scores a decoder-only base (``goose_jax.evaluation``), and
+``multitask_mode=full`` is refused there for now. Data files are JSON lines
 ``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or the mixture
 (``multitask``).
 
@@ -193,7 +194,7 @@ class Setup:
             from goose_jax.decoder_training import prompt_tokens
 
             self.encoding = prompt_tokens(cfg, self.tokenizer)
-            _check_decoder_run(args, tcfg, self.validation)
+            _check_decoder_run(args, tcfg)
         for source in self.sources + self.eval_sources:
             check_token_ids(source, cfg.vocab_size)
         if args.command != "gate" and not (args.command == "multitask"
@@ -225,12 +226,8 @@ class Setup:
                 **extra}
 
 
-def _check_decoder_run(args: RunArgs, tcfg: TrainConfig, validation) -> None:
+def _check_decoder_run(args: RunArgs, tcfg: TrainConfig) -> None:
     """Refuses what a decoder-only base cannot run yet, before any work (one line each)."""
-    if validation:
-        raise TrainConfigError(
-            f"{validation[0]}: validation during training scores T5 experts only, and this base "
-            "is decoder-only; pass --validation none (or set eval_every=0)")
     if args.command == "multitask" and tcfg.multitask_mode == "full":
         raise TrainConfigError("multitask_mode=full: saving a fine-tuned decoder-only model is "
                                "not supported yet; use multitask_mode=lora")
