@@ -94,16 +94,27 @@ def _mean_nlls(cfg, params, prompt, choices, routing=None) -> np.ndarray:
                      for i, c in enumerate(choices)])
 
 
-def _greedy(cfg, params, prompt, steps, routing) -> list[int]:
-    """Greedy decoding without a cache: the whole sequence at every step; up to EOS."""
+def _greedy(cfg, params, prompt, steps, routing, eos=TOK.eos_id) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence at every step; up to ``eos``."""
     seq = list(prompt)
     for _ in range(steps):
         ids, mask = _rows([seq])
         logits = np.asarray(decoder.decoder_logits(cfg, params, ids, mask, routing=routing))
         seq.append(int(np.argmax(logits[0, len(seq) - 1])))
-        if seq[-1] == TOK.eos_id:
+        if seq[-1] == eos:
             break
     return seq[len(prompt):]
+
+
+def _phatgoose(root, cfg, params, telemetry=False):
+    """(the library's scale, PHATGOOSE top-2 over the library, loaded by hand)."""
+    from goose_jax.library import ExpertLibrary
+    from goose_jax.routers import build_routed
+
+    lib = ExpertLibrary.open(root / "lib", cfg, params)
+    experts, gates = lib.load(["reverse", "upper"], gates=True)
+    return lib, build_routed("phatgoose", cfg, experts, gates=gates, top_k=2, scale=lib.scale,
+                             telemetry=telemetry)
 
 
 def _examples(world):
@@ -190,14 +201,9 @@ def test_phatgoose_predictions_and_telemetry_against_the_library_by_hand(protoco
     predictions and texts; each site's top-1 counts sum to the tokens the model read (rank:
     the prompt but its last token once plus every choice token fed; generation: the prompt and
     every generated token but the last)."""
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.routers import build_routed
-
     root, _ = protocol
     cfg, params = base
-    lib = ExpertLibrary.open(root / "lib", cfg, params)
-    experts, gates = lib.load(["reverse", "upper"], gates=True)
-    routed = build_routed("phatgoose", cfg, experts, gates=gates, top_k=2, scale=lib.scale)
+    lib, routed = _phatgoose(root, cfg, params)
     preds = {(p["dataset"], p["id"]): p for p in _read(root / "phatgoose" / "predictions.jsonl")}
     rank, gen = _examples(world)
     rank_tokens = 0
@@ -234,6 +240,32 @@ def test_every_per_token_method_counts_each_rank_token_once(protocol, world):
             assert sum(by_dataset[RANK]) == expected, (method, site)
 
 
+def test_generation_telemetry_counts_each_row_until_it_ends(protocol, base):
+    """Rows that end at different steps (the model's EOS made the first token of row 0's
+    answer) and a row of batch padding: cached, batched, routed generation gives each row's
+    uncached greedy answer, and every site counts each real row's prompt and its generated
+    tokens but the last, nothing after a row's EOS and nothing of the padding row."""
+    from goose_jax.decoder_generation import generate_decoder_greedy
+
+    cfg, params = base
+    _, routed = _phatgoose(protocol[0], cfg, params)
+    prompts = [TOK.encode(t, add_eos=False) for t in ("count 1", "reverse: goose", "upper: j")]
+    eos = _greedy(cfg, params, prompts[0], 1, routed)[0]
+    ref = [_greedy(cfg, params, p, 6, routed, eos=eos) for p in prompts]
+    assert len(ref[0]) == 1 and max(map(len, ref)) > 1   # rows end at different steps
+    ids, mask = _rows(prompts + [[]])
+    _, telemetry = _phatgoose(protocol[0], cfg, params, telemetry=True)
+    toks, counts = generate_decoder_greedy(cfg.replace(eos_token_id=eos), params, ids[:, :16],
+                                           6, mask[:, :16], routing=telemetry, telemetry=True,
+                                           check_finite=True, fast_compile=True)
+    toks = np.asarray(toks).tolist()
+    assert [t[:len(r)] for t, r in zip(toks, ref)] == ref
+    assert all(set(t[len(r):]) <= {cfg.pad_token_id} for t, r in zip(toks, ref))
+    expected = sum(len(p) + len(r) - 1 for p, r in zip(prompts, ref))
+    assert {s: float(np.sum(c)) for s, c in counts.items()} == dict.fromkeys(
+        flatten_sites(telemetry.collections["experts"]), expected)
+
+
 @pytest.mark.parametrize("mixup", ["t5 library, decoder base", "decoder library, t5 base"])
 def test_goose_eval_refuses_a_library_of_the_other_family(protocol, world, tmp_path, capsys,
                                                           mixup):
@@ -249,3 +281,21 @@ def test_goose_eval_refuses_a_library_of_the_other_family(protocol, world, tmp_p
     line = one_line(capsys.readouterr().err, "goose-eval")
     assert "decoder-only (llama)" in line and "T5" in line and "families" in line, line
     assert tree_hash(tmp_path, lib) == before and not (tmp_path / "run").exists()
+
+
+def test_generation_with_non_finite_logits_is_an_error_not_a_score(base):
+    """A base whose head holds a NaN: the Evaluator's decoder generation reports it (one line)
+    instead of scoring the tokens argmax picks from NaN logits."""
+    import goose_jax.evaluation as ev
+    from goose_jax.data.examples import EvalTask, Example
+    from goose_jax.errors import EvalError
+
+    cfg, params = base
+    head = np.asarray(params["lm_head"]["kernel"]).copy()
+    head[0, 5] = np.nan
+    broken = {**params, "lm_head": {"kernel": head}}
+    examples = [Example(f"count {i}", references=(str(i),), dataset="d") for i in range(3)]
+    task = EvalTask("d/gen", "d", "generate", "exact_match", lambda: examples, max_new_tokens=3)
+    evaluator = ev.Evaluator(cfg, broken, TOK, batch_size=4, fast_compile=True)
+    with pytest.raises(EvalError, match="NaN or inf.*no score reported"):
+        evaluator.evaluate_task(task)
