@@ -164,8 +164,8 @@ class Evaluator:
       length_normalize: mean NLL over the choice's tokens (the paper); False: summed NLL.
       encoder_once: score choices with one encoder pass per example, or for a decoder-only
         model one pass of the prompt (False: the naive way, the input again for every choice).
-      telemetry: count top-1 experts per site (per-token routing methods only; for a
-        decoder-only model in rank classification only).
+      telemetry: count top-1 experts per site (per-token routing methods only), in rank
+        classification and in generation.
       choose_experts: for method ``example``, maps a list of examples to one expert index each.
       mesh: optional device mesh (``sharding.make_mesh``); batches are split over its ``data``
         axis. ``params`` and ``routed`` are expected on it already: the base by the rules table
@@ -355,20 +355,21 @@ class Evaluator:
             variables = self._variables(self._experts([examples[i] for i in idx], B))
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
+            # With telemetry, decoding counts the routing it computes (no second forward).
             if self.decoder_only:
-                toks, counts = self._get(generate_decoder_greedy(
+                out_gen = generate_decoder_greedy(
                     self.gen_cfg, self.params, self._put(ids), max_new_tokens, self._put(mask),
                     adapter=self.adapter, collections=coll or None,
-                    fast_compile=self.fast_compile)), {}
+                    fast_compile=self.fast_compile, telemetry=self.telemetry,
+                    check_finite=True)
             else:
-                # With telemetry, decoding counts the routing it computes (no second forward).
                 out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
                                           self._put(mask), adapter=self.adapter,
                                           collections=coll or None,
                                           fast_compile=self.fast_compile,
                                           telemetry=self.telemetry, check_finite=True,
                                           mesh=self.mesh)
-                toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
+            toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())
             self._add_counts(counts)

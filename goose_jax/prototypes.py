@@ -7,9 +7,11 @@ each expert's own training data and stored in its library.
 Per expert (PHATGOOSE.md section 6, the original release's ``compute_hiddens`` run): up to
 ``examples`` examples of its data file (a seeded draw: the first ones of the permutation its
 training would visit first), run through the base model with that expert's LoRA active; per
-site, the mean input over non-pad tokens (encoder tokens for encoder sites and cross-attention
-k / v, teacher-forced target tokens for the other decoder sites), pooled per example and then
-over examples (``--pooling example``, the release's) or over all tokens at once (``token``).
+site, the mean input over non-pad tokens (on a T5, encoder tokens for encoder sites and
+cross-attention k / v, teacher-forced target tokens for the other decoder sites; on a
+decoder-only base, every real token of the prompt-and-target sequence its training packs,
+``routers.compute_average_activations``), pooled per example and then over examples
+(``--pooling example``, the release's) or over all tokens at once (``token``).
 
 The result goes to ``<library>/prototypes.safetensors`` (``report.PROTOTYPES_FILE``, beside
 ``manifest.json``), one row per expert with the experts' names in its header, where
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from goose_jax import families
 from goose_jax.errors import LibraryError, TrainConfigError, UsageError
 
 DEFAULT_EXAMPLES = 1000  # per expert, as the paper and the release
@@ -92,25 +95,42 @@ def _names(args: PrototypeArgs) -> list[str]:
     return names
 
 
-def expert_batches(source, tokenizer, tcfg, name: str, examples: int, batch_size: int,
-                   vocab_size: int, start_id: int) -> Iterator[tuple]:
-    """One expert's ``compute_average_activations`` batches: ``(ids_BL, mask_BL, dec_BT,
-    dec_mask_BT)`` over its first ``min(examples, len(source))`` examples in the seeded order
-    of its training stream (``train_runs.stream_id``)."""
+def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
+                   batch_size: int) -> Iterator[tuple]:
+    """One expert's ``compute_average_activations`` batches over its first
+    ``min(examples, len(source))`` examples in the seeded order of its training stream
+    (``train_runs.stream_id``), encoded as its training encoded them.
+
+    On a T5 (``cfg`` a ``T5Config``): ``(ids_BL, mask_BL, dec_BT, dec_mask_BT)``, the targets
+    teacher-forced (shifted right after the decoder start token). On a decoder-only model:
+    ``(ids_BS, mask_BS)``, each example's prompt and target packed into one sequence exactly as
+    decoder-only training packs them (``decoder_training.prompt_tokens`` and ``pack``).
+    """
     from goose_jax.data.batching import Batcher
     from goose_jax.train_runs import stream_id
 
+    decoder_only = families.is_decoder_only(cfg)
+    encoding = {}
+    if decoder_only:
+        from goose_jax.decoder_training import pack, prompt_tokens
+
+        encoding = prompt_tokens(cfg, tokenizer)
     batcher = Batcher(source, tokenizer, micro_batch=batch_size, grad_accum=1,
                       max_input_length=tcfg.max_input_length,
                       max_target_length=tcfg.max_target_length, seed=tcfg.seed,
-                      stream=stream_id(name), vocab_size=vocab_size)
+                      stream=stream_id(name), vocab_size=cfg.vocab_size, **encoding)
     n = min(examples, len(source))
     for pos in range(0, n, batch_size):
         x = batcher.batch(pos, rows=slice(0, min(batch_size, n - pos)))
-        tgt_BT = x["targets"][0]
-        dec_BT = np.concatenate([np.full((tgt_BT.shape[0], 1), start_id, tgt_BT.dtype),
-                                 tgt_BT[:, :-1]], axis=1)   # teacher forcing: shifted right
-        yield (x["inputs"][0], x["input_mask"][0], dec_BT,
+        x = {k: v[0] for k, v in x.items()}   # one micro-batch (grad_accum=1)
+        if decoder_only:
+            ids_BS, mask_BS, _ = pack(cfg, x)
+            yield np.asarray(ids_BS), np.asarray(mask_BS)
+            continue
+        tgt_BT = x["targets"]
+        dec_BT = np.concatenate([np.full((tgt_BT.shape[0], 1), cfg.decoder_start_token_id,
+                                         tgt_BT.dtype), tgt_BT[:, :-1]], axis=1)   # shifted
+        yield (x["inputs"], x["input_mask"], dec_BT,
                (tgt_BT != tokenizer.pad_id).astype(np.int32))
 
 
@@ -152,8 +172,7 @@ def run_prototypes(args: PrototypeArgs) -> int:
     run_cfg = cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype)
     counts = [min(args.examples, len(s)) for s in sources]
     # Lazy: each expert's batches are tokenised while its prototypes are computed.
-    batches = [expert_batches(s, tok, tcfg, n, args.examples, args.batch_size,
-                              cfg.vocab_size, cfg.decoder_start_token_id)
+    batches = [expert_batches(cfg, s, tok, tcfg, n, args.examples, args.batch_size)
                for s, n in zip(sources, names)]
     protos = compute_average_activations(run_cfg, cast_floats(params, run_cfg.dtype.param),
                                          experts, batches, scale=lib.scale,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -182,8 +183,22 @@ def write_results(out: str, summary: dict, results: dict[str, DatasetResult],
     return table
 
 
-def _layer(site: str) -> str:
-    return "/".join(site.split("/")[:2])
+# A site's layer: a T5 stack's block (``encoder/block_0``) or a decoder-only model's layer
+# (``layers_3``), the site's name up to and including it.
+_LAYER = re.compile(r"^((?:[^/]+/)*?(?:block|layers)_\d+)/")
+
+
+def layer_of(site: str) -> str:
+    """The layer a site belongs to, as the heatmaps group them: ``encoder/block_0`` for
+    ``encoder/block_0/self_attn/q``, ``layers_3`` for ``layers_3/mlp/up``; a name without a
+    numbered block or layer: its first two parts."""
+    m = _LAYER.match(site)
+    return m.group(1) if m else "/".join(site.split("/")[:2])
+
+
+def _layer_key(layer: str) -> tuple:
+    # Numbers compared as numbers: layers_2 before layers_10.
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer))
 
 
 def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[str]:
@@ -195,7 +210,8 @@ def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[st
       folder: where the PNGs go (created if missing).
 
     Returns:
-      The paths written, one per layer (``encoder_block_0.png``, ...).
+      The paths written, one per layer (``layer_of``), in layer order: ``encoder_block_0.png``,
+      ... for a T5; ``layers_0.png``, ... for a decoder-only model.
     """
     import matplotlib
 
@@ -205,11 +221,11 @@ def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[st
     layers: dict[str, dict[str, np.ndarray]] = {}
     for site, by_dataset in table.items():
         for dataset, counts in by_dataset.items():
-            acc = layers.setdefault(_layer(site), {})
+            acc = layers.setdefault(layer_of(site), {})
             acc[dataset] = acc.get(dataset, 0) + np.asarray(counts, np.float64)
     os.makedirs(folder, exist_ok=True)
     written = []
-    for layer, by_dataset in layers.items():
+    for layer, by_dataset in sorted(layers.items(), key=lambda kv: _layer_key(kv[0])):
         datasets = sorted(by_dataset)
         m = np.stack([by_dataset[d] for d in datasets])
         m = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)

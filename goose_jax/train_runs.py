@@ -13,10 +13,10 @@ paper's settings); ``key=value`` overrides change any field, typed by the field'
 (``goose_jax.config_files``). The base is a local Hugging Face T5 or decoder-only (Llama, Qwen2,
 Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
 (``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
-tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation during
-training is refused there for now. Data files are JSON lines
-``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or the mixture
-(``multitask``).
+tokens and the prompts are encoded as ``goose_jax.decoder_training`` says; validation scores
+the experts as goose-eval scores a decoder-only base (``goose_jax.evaluation``). Data files
+are JSON lines ``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or
+the mixture (``multitask``).
 
 ``experts`` trains all its experts in one jitted step, side by side. An expert's initialisation
 and data order depend on the seed and its name only, so it is the same expert whether trained
@@ -193,7 +193,6 @@ class Setup:
             from goose_jax.decoder_training import prompt_tokens
 
             self.encoding = prompt_tokens(cfg, self.tokenizer)
-            _check_decoder_run(args, tcfg, self.validation)
         for source in self.sources + self.eval_sources:
             check_token_ids(source, cfg.vocab_size)
         if args.command != "gate" and not (args.command == "multitask"
@@ -223,14 +222,6 @@ class Setup:
                 "base": self.base_spec, "data": [os.path.abspath(p) for p in self.args.data],
                 "eval_data": [os.path.abspath(p) for p in self.args.eval_data], **validation,
                 **extra}
-
-
-def _check_decoder_run(args: RunArgs, tcfg: TrainConfig, validation) -> None:
-    """Refuses what a decoder-only base cannot run yet, before any work (one line each)."""
-    if validation:
-        raise TrainConfigError(
-            f"{validation[0]}: validation during training scores T5 experts only, and this base "
-            "is decoder-only; pass --validation none (or set eval_every=0)")
 
 
 # --- run bookkeeping ------------------------------------------------------------------------------

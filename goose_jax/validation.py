@@ -13,6 +13,12 @@ with the lowest mean token NLL, ``goose_jax.evaluation``); one without, by the g
 of at most ``max_target_length`` tokens against the target (``TrainConfig.validation_metric``:
 exact match, or ROUGE-L as the release's FLAN experts). A file holds one kind of line.
 
+Either family: on a decoder-only base the experts are scored as goose-eval scores one (the
+prompt run once and every choice scored from its cached keys and values; generation continues
+the prompt), with the prompt encoded as in training (no EOS after it; the tokenizer's leading
+special tokens, none for the byte-level one). One difference: a prompt longer than
+``max_input_length`` keeps its end here, as goose-eval does, and its start in training.
+
 Model selection (the original release's): validate at step 0 (the untrained expert, whose zero
 ``B`` is the base model), every ``eval_every`` steps and at the last step; keep, per expert, the
 trainable slice of the step with the best score, a later step winning a tie. ``BestKeeper``
@@ -141,7 +147,7 @@ class Validator:
 
     The goose-eval ``Evaluator`` does the work, with per-example routing (method ``example``):
     every example uses its own expert, so the examples of all experts share batches, and one
-    call scores them all.
+    call scores them all. ``cfg`` may configure a T5 or a decoder-only model.
 
     Args:
       cfg: the model config (with the training's dtype policy).
