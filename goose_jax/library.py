@@ -53,7 +53,7 @@ import numpy as np
 
 from goose_jax import families
 from goose_jax.errors import ConfigError, LibraryError
-from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites, site_pattern
 from goose_jax.library_manifest import (
     EXPERT_DIR,
     FORMAT,
@@ -190,7 +190,7 @@ class ExpertLibrary:
                                            families.config_record(cfg),
                                        "weights_fingerprint": weights_fingerprint(params)},
                         "lora": {"rank": lora.rank, "scale": lora.lora_scale,
-                                 "sites_pattern": lora.sites},
+                                 "sites_pattern": site_pattern(cfg, lora)},
                         "sites": {name: [d_in, d_out] for name, (d_in, d_out) in sites.items()},
                         "experts": [],
                     }
