@@ -131,6 +131,84 @@ def test_phatgoose_scores_match_numpy():
     np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_scores_match_each_site():
+    # Three sites of one input with 6, 2 and 5 experts: one product, split back per site.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 7, 17)).astype(np.float32)
+    gates = [rng.standard_normal((e, 17)).astype(np.float32) for e in (6, 2, 5)]
+    shared = routing.phatgoose_scores_shared(x, gates)
+    assert [s.shape for s in shared] == [(2, 7, 6), (2, 7, 2), (2, 7, 5)]
+    for scores, g in zip(shared, gates):
+        ref = np.array([[np_standardize(t) @ np_standardize(v) / np.sqrt(17) for v in g]
+                        for t in x.reshape(-1, 17)]).reshape(2, 7, -1)
+        np.testing.assert_allclose(np.asarray(scores), ref, rtol=1e-5, atol=1e-5)
+    normed = routing.phatgoose_scores_shared(
+        x, [routing.prepare_router(g) for g in gates], gates_normed=True)
+    for a, b in zip(normed, shared):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(routing.RoutingError, match="d_in"):
+        routing.phatgoose_scores_shared(x, [gates[0], gates[1][:, :5]])
+
+
+def test_routed_model_shares_router_products_between_sites_of_one_input():
+    # q/k/v, cross-attention k/v and wi_0/wi_1 take their scores from one product per layer;
+    # o, wo and cross-attention q score alone. The logits equal those of the same adapter with
+    # sharing hidden from the model.
+    import dataclasses
+    from typing import Any
+
+    import goose_jax as gj
+    from goose_jax import experts as ex
+    from goose_jax.routers import build_routed
+
+    shared_sites = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Recording:
+        inner: Any
+
+        def share_input(self, module, x, names):
+            return self.inner.share_input(module, x, names)
+
+        def __call__(self, module, x, y, shared=None):
+            if shared is not None:
+                shared_sites.append(module.site)
+            return self.inner(module, x, y, shared=shared)
+
+    @dataclasses.dataclass(frozen=True)
+    class Unshared:
+        inner: Any
+
+        def __call__(self, module, x, y):
+            return self.inner(module, x, y)
+
+    cfg = gj.T5Config.preset("tiny")
+    params = gj.init_params(cfg, 0)
+    lib = ex.init_experts(cfg, ex.LoRAConfig(rank=4), 6, 1)
+    keys = iter(jax.random.split(jax.random.key(3), 1000))
+    lib = jax.tree.map(lambda v: v + 0.2 * jax.random.normal(next(keys), v.shape), lib)
+    gates = jax.tree.map(lambda g: jax.random.normal(next(keys), g.shape), ex.init_gates(lib))
+    routed = build_routed("phatgoose", cfg, lib, gates=gates, top_k=2, scale=0.25,
+                          backend="dense")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(2, cfg.vocab_size, (2, 9))
+    dec = rng.integers(2, cfg.vocab_size, (2, 5))
+    mask = np.ones_like(ids)
+
+    def logits(adapter):
+        return np.asarray(gj.t5_logits(cfg, params, ids, dec, mask,
+                                       routing=dataclasses.replace(routed, adapter=adapter)))
+
+    with_sharing = logits(Recording(routed.adapter))
+    expected = {s for s in gj.site_shapes(cfg)
+                if s.endswith(("self_attn/q", "self_attn/k", "self_attn/v", "cross_attn/k",
+                               "cross_attn/v", "wi_0", "wi_1"))}
+    assert set(shared_sites) == expected
+    np.testing.assert_allclose(with_sharing, logits(Unshared(routed.adapter)),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(with_sharing, logits(None), atol=1e-3)  # the experts do act
+
+
 @pytest.mark.parametrize("offset,spread", [(0.0, 1.0), (3.0, 0.5), (1e3, 1e-3), (-40.0, 1e-4)])
 def test_scores_centre_before_the_product(offset, spread):
     # The scores centre x, take the product and scale the (N, E) result (no standardized copy
