@@ -84,21 +84,7 @@ class RoutedAdapter:
     num_experts: int = 0
     mesh: Any = None
 
-    def share_input(self, module, x: Array, names: tuple[str, ...]) -> dict:
-        """Router scores of the child sites ``names`` of ``module`` that read ``x``, from one
-        product (``routing.phatgoose_scores_shared``); ``{}`` where nothing is shared."""
-        if self.scoring != "standardized" or self.mesh is not None:
-            return {}
-        tree = module.variables
-        names = [n for n in names if "lora_a" in tree.get(EXPERTS, {}).get(n, {})
-                 and "vectors" in tree.get(ROUTER, {}).get(n, {})]
-        if len(names) < 2:
-            return {}
-        scores = routing.phatgoose_scores_shared(
-            x, [tree[ROUTER][n]["vectors"] for n in names], gates_normed=True)
-        return dict(zip(names, scores))
-
-    def __call__(self, module, x: Array, y: Array, shared: Array | None = None) -> Array:
+    def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
             return y
         a_EIR = module.get_variable(EXPERTS, "lora_a")
@@ -120,9 +106,7 @@ class RoutedAdapter:
                              preferred_element_type=jnp.float32)
             return y + (out * self.scale).astype(y.dtype)
         vectors_EI = module.get_variable(ROUTER, "vectors")
-        if shared is not None:  # this site's scores from its layer's ``share_input``
-            scores = shared
-        elif self.scoring == "standardized":
+        if self.scoring == "standardized":
             scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
         else:
             scores = routing.arrow_scores(x, vectors_EI, temperature=self.temperature)

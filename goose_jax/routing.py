@@ -57,8 +57,9 @@ RELEASE = "release"
 __all__ = [
     "ARROW_RELEASE_TEMPERATURE", "LN_EPS", "RELEASE", "RouteOutput", "RouteStats", "RoutingError",
     "arrow_route", "arrow_scores", "arrow_temperature", "arrow_vectors", "check_temperature",
-    "choose_backend", "combine_lora", "phatgoose_route", "phatgoose_scores",
-    "phatgoose_scores_shared", "prepare_router", "route_stats", "standardize", "topk_softmax",
+    "choose_backend", "combine_lora",
+    "phatgoose_route", "phatgoose_scores", "prepare_router", "route_stats", "standardize",
+    "topk_softmax",
 ]
 
 
@@ -242,39 +243,6 @@ def _phatgoose_scores(x_NI: Array, gates_EI: Array, gates_normed: bool) -> Array
     # ties in the scores decide which experts win.
     dots_NE = jnp.einsum("...i,ei->...e", centered_NI, gn_EI, precision=jax.lax.Precision.HIGHEST)
     return dots_NE * (jax.lax.rsqrt(var_N1 + LN_EPS) / math.sqrt(x_NI.shape[-1]))
-
-
-def phatgoose_scores_shared(
-    x_TD: Array, gates: list[Array] | tuple[Array, ...], *, gates_normed: bool = False,
-) -> list[Array]:
-    """``phatgoose_scores`` of several sites that read the same input, in one product.
-
-    Sites such as q, k and v of one attention layer read one x: x is centred once and
-    multiplied once by their gate matrices side by side, (N, I) x (I, sum of E), whose columns
-    are then split per site. One wider product runs nearer the GEMM's speed than several narrow
-    ones (bench/README.md). Each site's scores equal its own ``phatgoose_scores`` up to the
-    rounding of the product.
-
-    Args:
-      x_TD: (..., I) the sites' common input.
-      gates: per site, its (E_s, I) gate vectors (``prepare_router`` form if ``gates_normed``).
-      gates_normed: whether the gates are already standardized.
-
-    Returns:
-      per site, in order, its (..., E_s) float32 scores.
-    """
-    d_in = _check_x(x_TD)
-    for gates_ED in gates:
-        _check_vectors(gates_ED, d_in, "gate vectors")
-    return list(_phatgoose_scores_shared(x_TD, tuple(gates), gates_normed))
-
-
-@functools.partial(jax.jit, static_argnames="gates_normed")
-def _phatgoose_scores_shared(x_NI: Array, gates: tuple[Array, ...], gates_normed: bool):
-    # Standardizing is per gate row, so it commutes with stacking the rows.
-    joint_NE = _phatgoose_scores(x_NI, jnp.concatenate(gates, axis=0), gates_normed)
-    ends = np.cumsum([g.shape[0] for g in gates])
-    return tuple(joint_NE[..., end - g.shape[0]:end] for g, end in zip(gates, ends))
 
 
 def phatgoose_route(

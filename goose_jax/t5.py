@@ -43,22 +43,9 @@ class Adapter(Protocol):
 
     ``module`` is the calling ``Linear``: ``module.site`` is its name, and the adapter may read
     variables of its own collections there (``module.get_variable('lora', 'a')``).
-
-    An adapter may also define ``share_input(module, x, names) -> dict``: a layer whose sites
-    ``names`` (its children: q, k, v; wi_0, wi_1; cross-attention k, v) read the same input
-    ``x`` calls it once before them, and each site named in the returned dict is then called as
-    ``adapter(site, x, y, shared=value)``. Routing uses it to take one router product for all
-    of them (``routers.RoutedAdapter``); adapters without it see no difference.
     """
 
     def __call__(self, module: Linear, x: Array, y: Array) -> Array: ...
-
-
-def shared_input(adapter, module: nn.Module, x: Array, names: tuple[str, ...]) -> dict:
-    """What ``adapter.share_input`` computes once for the sites ``names`` of ``module`` that
-    all read ``x`` (empty when the adapter has no such method)."""
-    share = getattr(adapter, "share_input", None)
-    return (share(module, x, names) or {}) if share is not None else {}
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -121,9 +108,7 @@ class Linear(nn.Module):
         return "/".join(self.path)
 
     @nn.compact
-    def __call__(self, x: Array, shared: Any = None) -> Array:
-        """``x @ kernel`` plus the adapter's term; ``shared``: what the adapter's
-        ``share_input`` computed for this site from its layer's common input, if anything."""
+    def __call__(self, x: Array) -> Array:
         kernel_IO = self.param(
             "kernel",
             nn.with_logical_partitioning(_initializer(self.name, "kernel", self.cfg), self.axes),
@@ -131,8 +116,7 @@ class Linear(nn.Module):
         compute = self.cfg.dtype.compute
         y = jnp.dot(x.astype(compute), kernel_IO.astype(compute))
         if self.adapter is not None:
-            y = (self.adapter(self, x, y) if shared is None
-                 else self.adapter(self, x, y, shared=shared))
+            y = self.adapter(self, x, y)
         return y
 
 
@@ -282,31 +266,21 @@ class Attention(nn.Module):
         o_layer = site(cfg.d_model, ("joined_kv", "embed"), name="o")
 
         B, Q = x_BQD.shape[:2]
-        # Sites reading one input let the adapter share work between them (``shared_input``):
-        # q, k, v of self-attention; k, v of cross-attention (once, when decoding: the cache).
-        if self.cross:
-            qkv = shared_input(self.adapter, self, x_BQD, ("q",))
-            if not (decode and self.has_variable("cache", "cached_key")):
-                qkv.update(shared_input(self.adapter, self, kv_BSD, ("k", "v")))
-        else:
-            qkv = shared_input(self.adapter, self, x_BQD, ("q", "k", "v"))
-        q_BQHK = q_layer(x_BQD, qkv.get("q")).reshape(B, Q, H, K)
+        q_BQHK = q_layer(x_BQD).reshape(B, Q, H, K)
         if decode and self.cross:
             # The initialiser runs only at the first step; later steps read the projection.
-            ck = self.variable("cache", "cached_key", lambda: k_layer(kv_BSD, qkv.get("k")))
-            cv = self.variable("cache", "cached_value", lambda: v_layer(kv_BSD, qkv.get("v")))
+            ck = self.variable("cache", "cached_key", lambda: k_layer(kv_BSD))
+            cv = self.variable("cache", "cached_value", lambda: v_layer(kv_BSD))
             k_BSJ, v_BSJ = ck.value, cv.value
         elif decode:
             shape = (B, max_len, H * K)
             ck = self.variable("cache", "cached_key", jnp.zeros, shape, cfg.dtype.compute)
             cv = self.variable("cache", "cached_value", jnp.zeros, shape, cfg.dtype.compute)
-            k_BSJ = k_layer(kv_BSD, qkv.get("k"))
-            v_BSJ = v_layer(kv_BSD, qkv.get("v"))
-            ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k_BSJ, pos, axis=1)
-            cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v_BSJ, pos, axis=1)
+            ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k_layer(kv_BSD), pos, axis=1)
+            cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v_layer(kv_BSD), pos, axis=1)
             k_BSJ, v_BSJ = ck.value, cv.value
         else:
-            k_BSJ, v_BSJ = k_layer(kv_BSD, qkv.get("k")), v_layer(kv_BSD, qkv.get("v"))
+            k_BSJ, v_BSJ = k_layer(kv_BSD), v_layer(kv_BSD)
         S = k_BSJ.shape[1]
         k_BSHK = k_BSJ.reshape(B, S, H, K)
         v_BSHK = v_BSJ.reshape(B, S, H, K)
@@ -328,9 +302,8 @@ class FeedForward(nn.Module):
         site = functools.partial(Linear, cfg=cfg, adapter=self.adapter)
         act = _activation(cfg.activation)
         if cfg.is_gated:
-            wi = shared_input(self.adapter, self, x_BLD, ("wi_0", "wi_1"))
-            h_BLF = act(site(cfg.d_ff, ("embed", "mlp"), name="wi_0")(x_BLD, wi.get("wi_0")))
-            h_BLF = h_BLF * site(cfg.d_ff, ("embed", "mlp"), name="wi_1")(x_BLD, wi.get("wi_1"))
+            h_BLF = act(site(cfg.d_ff, ("embed", "mlp"), name="wi_0")(x_BLD))
+            h_BLF = h_BLF * site(cfg.d_ff, ("embed", "mlp"), name="wi_1")(x_BLD)
         else:
             h_BLF = act(site(cfg.d_ff, ("embed", "mlp"), name="wi")(x_BLD))
         return site(cfg.d_model, ("mlp", "embed"), name="wo")(h_BLF)
