@@ -6,7 +6,9 @@ backends, all in one process, base and routed runs interleaved.
 
 To fit E = 1000 in memory, every site of one shape shares one stacked (E, I, R) / (E, R, O)
 buffer and one router matrix. The arithmetic, memory traffic and shapes of each site are exactly
-those of separate experts: sites read different inputs, so nothing is computed once for two.
+those of separate experts: each site's arrays enter the compiled program as parameters of their
+own, so nothing is computed once for two (the compiled program has one top-k and one combine
+loop per site).
 
     python bench/routing.py                                  # E = 36, 166, 1000; dense, grouped
     python bench/routing.py --experts 166 --backends grouped --repeats 3

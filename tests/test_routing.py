@@ -295,8 +295,8 @@ def test_grouped_block_sizes(block_size):
 
 @pytest.mark.parametrize("concentrated", [False, True])
 def test_grouped_many_steps(concentrated):
-    # 600 assignments over 60 experts in blocks of 8: the static layout has 8 scan steps of 128
-    # rows. Routing everything to experts 3 and 41 fills only 5 of them, so the loop must skip
+    # 600 assignments over 60 experts in blocks of 64: the static layout has 9 scan steps of 512
+    # rows. Routing everything to experts 3 and 41 fills only 2 of them, so the loop must skip
     # the rest; random routing uses nearly all. Both against the NumPy loop.
     rng = np.random.default_rng(21)
     x, gates, lora_a, lora_b = make_site(21, (300,), 12, 9, 60, 4)
@@ -305,9 +305,29 @@ def test_grouped_many_steps(concentrated):
         weights = rng.uniform(0.1, 1.0, (300, 2)).astype(np.float32)
     else:
         weights, index = (np.asarray(v) for v in routing.phatgoose_route(x, gates, top_k=2))
+    assert routing_backends.grouped_step_rows(64, 12, 9) == 512
     y = routing.combine_lora(x, lora_a, lora_b, weights, index, 0.25, backend="grouped",
-                             block_size=8)
+                             block_size=64)
     ref = np_combine(x, lora_a, lora_b, weights, index, 0.25)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_limit", [2**31, 0])
+def test_grouped_sort_keys_and_argsort_agree(monkeypatch, key_limit):
+    # One sort of expert * A + position where that fits int32, argsort past it: the same stable
+    # order (equal experts keep token order), checked through the result of both paths.
+    monkeypatch.setattr(routing_backends, "_SORT_KEY_LIMIT", key_limit)
+    rng = np.random.default_rng(25)
+    x, _, lora_a, lora_b = make_site(25, (90,), 8, 6, 5, 3)
+    index = rng.integers(0, 5, (90, 2)).astype(np.int32)  # many repeats of each expert
+    weights = rng.uniform(0.1, 1.0, (90, 2)).astype(np.float32)
+    _, order, sorted_expert, counts = routing_backends._sort_by_expert(jnp.asarray(index), 5)
+    np.testing.assert_array_equal(np.asarray(order), np.argsort(index.reshape(-1), kind="stable"))
+    np.testing.assert_array_equal(np.asarray(sorted_expert), np.sort(index.reshape(-1)))
+    np.testing.assert_array_equal(np.asarray(counts), np.bincount(index.reshape(-1), minlength=5))
+    y = jax.jit(functools.partial(routing_backends.combine_grouped, block_size=8))(
+        x, lora_a, lora_b, weights, index, 0.5)
+    ref = np_combine(x, lora_a, lora_b, weights, index, 0.5)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -376,9 +396,13 @@ def test_auto_rule():
 
 
 def test_grouped_block_size_rule():
-    # Half the cost model's optimum, a power of two in [8, 64] (bench/README.md).
+    # The cost model's optimum, a power of two in [8, 64] (bench/README.md).
     size = routing_backends.grouped_block_size
-    assert [size(2048, 2, e, 16) for e in (36, 166, 1000)] == [16, 8, 8]
+    assert [size(2048, 2, e, 16) for e in (36, 166, 1000)] == [64, 32, 8]
+    assert size(4, 2, 166, 16) == 8  # fewer assignments than experts: one small block each
+    rows = routing_backends.grouped_step_rows
+    assert [rows(32, 768, 768), rows(32, 768, 2048), rows(8, 2048, 5120)] == [512, 256, 64]
+    assert rows(64, 12, 9) == 512 and rows(64, 8192, 8192) == 64
     assert size(1, 1, 10_000, 16) == 8 and size(10**6, 2, 2, 64) == 64
     # The default size on a shape where the rule picks 64, against the NumPy loop.
     x, gates, lora_a, lora_b = make_site(23, (2000,), 16, 9, 2, 16)
