@@ -25,8 +25,9 @@ Special tokens (``prompt_tokens``, which the batches of a decoder-only run are b
 
 Pre-tokenised prompts and targets (lists of ints) are used as they are, with no BOS or EOS
 added, as on the T5 path. A target token counts unless it is padding (``pad_token_id``, as for
-the T5); where the config's pad id is also its EOS id (Qwen2), a row's first such token is its
-EOS and counts, and only the ones after it are padding. An example with an empty prompt and no
+the T5); where the pad id is also the EOS id the tokenizer ends targets with (Qwen2;
+``loss_config`` puts that id in the config), a row's first such token is its EOS and counts,
+and only the ones after it are padding. An example with an empty prompt and no
 BOS loses its first target token (nothing precedes it to predict it from).
 
 Evaluation of a trained decoder-only expert must build its prompts the same way (BOS as here,
@@ -62,6 +63,17 @@ def prompt_tokens(cfg: DecoderConfig, tokenizer: Any) -> dict[str, Any]:
     """How a decoder-only run's batches encode prompts: the ``Batcher`` options ``input_bos``
     (``prompt_bos``) and ``input_eos`` (False)."""
     return {"input_bos": prompt_bos(cfg, tokenizer), "input_eos": False}
+
+
+def loss_config(cfg: DecoderConfig, tokenizer: Any) -> DecoderConfig:
+    """``cfg`` with the EOS id the tokenizer ends targets with, for ``pack`` / ``causal_nll``.
+
+    A ``config.json`` listing several EOS ids keeps the first (Llama 3.1 Instruct: 128001),
+    while the tokenizer ends text with another (128009); where the pad id is the config's EOS,
+    the pad-is-EOS rule would then count the first padding token after each target.
+    """
+    eos = getattr(tokenizer, "eos_id", None)
+    return cfg if eos is None else cfg.replace(eos_token_id=int(eos))
 
 
 def target_weights(cfg: DecoderConfig, targets_BT: Array) -> Array:

@@ -112,9 +112,10 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
     decoder_only = families.is_decoder_only(cfg)
     encoding = {}
     if decoder_only:
-        from goose_jax.decoder_training import pack, prompt_tokens
+        from goose_jax.decoder_training import loss_config, pack, prompt_tokens
 
         encoding = prompt_tokens(cfg, tokenizer)
+        cfg = loss_config(cfg, tokenizer)
     batcher = Batcher(source, tokenizer, micro_batch=batch_size, grad_accum=1,
                       max_input_length=tcfg.max_input_length,
                       max_target_length=tcfg.max_target_length, seed=tcfg.seed,

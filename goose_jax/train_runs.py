@@ -200,6 +200,10 @@ class Setup:
             tcfg.check_model(cfg)  # the experts' sites, before any work
         self.full_cfg = cfg
         self.cfg = cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype)
+        if families.is_decoder_only(cfg):  # the library records the base's own (full_cfg)
+            from goose_jax.decoder_training import loss_config
+
+            self.cfg = loss_config(self.cfg, self.tokenizer)
         self.host_params = params  # this process's own copy: libraries fingerprint it
         self.params = params
         if self.mesh is not None:

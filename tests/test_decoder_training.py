@@ -297,3 +297,24 @@ def test_goose_train_runs_encode_prompts_without_eos(data, tmp_path):
     assert ends != ByteTokenizer.eos_id  # the prompt runs straight into its target
     # Validation during training (tests/test_decoder_e2e.py) and multitask_mode=full
     # (tests/test_decoder_checkpoint.py) run on a decoder base.
+
+
+def test_targets_end_at_the_tokenizers_eos_not_the_configs_first(data, tmp_path):
+    """A config whose pad is its first EOS (Llama 3.1 Instruct lists three, no pad) while the
+    tokenizer ends text with another EOS: the loss counts each target up to the tokenizer's EOS
+    and no padding after it."""
+    from goose_jax import train_runs
+
+    setup = train_runs.Setup(train_runs.RunArgs(
+        "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],
+        base="random:llama-tiny"))
+    assert setup.cfg.eos_token_id == ByteTokenizer.eos_id != setup.full_cfg.eos_token_id
+    assert setup.full_cfg.eos_token_id == DecoderConfig.preset("tiny").eos_token_id
+    base = setup.full_cfg.replace(pad_token_id=setup.full_cfg.eos_token_id)  # pad = EOS = 2
+    run = decoder_training.loss_config(base, ByteTokenizer())                # targets end at 1
+    targets = jnp.asarray([[10, 11, ByteTokenizer.eos_id, 2, 2, 2]], jnp.int32)
+    np.testing.assert_array_equal(decoder_training.target_weights(run, targets),
+                                  [[1, 1, 1, 0, 0, 0]])
+    # The base's own config would train a padding token as an EOS after every target.
+    np.testing.assert_array_equal(decoder_training.target_weights(base, targets),
+                                  [[1, 1, 1, 1, 0, 0]])
