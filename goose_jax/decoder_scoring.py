@@ -157,17 +157,3 @@ def decoder_choice_nll(cfg: DecoderConfig, adapter, prompt_vars: dict, choice_va
     return _CHOICE_NLL[bool(fast_compile)](cfg, adapter, prompt_vars, choice_vars, ids_BL,
                                            mask_BL, tgt_BCT, tmask_BCT, naive=naive,
                                            sites=tuple(sites))
-
-
-def prompt_prefix(tokenizer) -> list[int]:
-    """The special tokens a decoder-only model's tokenizer puts before a text when asked for its
-    special tokens (Llama's and Mistral's BOS; none for Qwen2 or the byte-level tokenizer)."""
-    hf = getattr(tokenizer, "hf", None)
-    if hf is None:
-        return []
-    bare = list(hf("a", add_special_tokens=False)["input_ids"])
-    full = list(hf("a", add_special_tokens=True)["input_ids"])
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return [int(t) for t in full[:i]]
-    return []

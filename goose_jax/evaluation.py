@@ -23,9 +23,10 @@ of shapes. Nothing here imports TensorFlow.
 A decoder-only base (``families.is_decoder_only``) is evaluated the same way, with the same
 tasks, batching and metrics: each prompt runs once and every choice is scored from its cached
 keys and values (``goose_jax.decoder_scoring``; ``encoder_once=False``: each prompt + choice
-row whole), and generation continues the prompt (``decoder_generation``). Its prompts carry no
-EOS (the tokenizer's own leading special tokens instead, e.g. Llama's BOS) and are truncated
-from the left, keeping the text nearest the answer.
+row whole), and generation continues the prompt (``decoder_generation``). Its prompts start as
+decoder training starts them (BOS when both the model and the tokenizer have one,
+``decoder_training.prompt_bos``), carry no EOS, and are truncated from the left, keeping the
+text nearest the answer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from goose_jax import families
 from goose_jax.config import FAST_COMPILE_OPTIONS, T5Config
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.decoder_generation import generate_decoder_greedy
-from goose_jax.decoder_scoring import decoder_choice_nll, prompt_prefix, target_nll
+from goose_jax.decoder_scoring import decoder_choice_nll, target_nll
+from goose_jax.decoder_training import prompt_bos
 from goose_jax.errors import DataError, EvalError, NonFiniteError
 from goose_jax.experts import EXPERTS, flatten_sites
 from goose_jax.generation import generate_greedy
@@ -199,7 +201,9 @@ class Evaluator:
         self.scan = bool(getattr(cfg, "scan_layers", False))
         # A decoder-only model stops generating at the EOS its choices and its decoding end with.
         self.gen_cfg = cfg.replace(eos_token_id=tokenizer.eos_id) if self.decoder_only else cfg
-        self.prefix = prompt_prefix(tokenizer) if self.decoder_only else []
+        # Prompts start as decoder training starts them (``decoder_training.prompt_bos``).
+        bos = prompt_bos(cfg, tokenizer) if self.decoder_only else None
+        self.prefix = [] if bos is None else [bos]
         method = getattr(routed, "method", "base")
         if method in PER_EXAMPLE and choose_experts is None:
             raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")

@@ -254,3 +254,28 @@ def test_goose_eval_refuses_scan_layers_on_a_decoder_base(world, tmp_path, capsy
     line = one_line(capsys.readouterr().err, "goose-eval")
     assert "--scan-layers" in line and "decoder-only (llama)" in line, line
     assert tree_hash(tmp_path) == before
+
+
+def test_evaluation_starts_prompts_as_training_does(tmp_path):
+    """A Llama-style tokenizer whose encoding inserts no BOS by itself: training starts each
+    prompt with the BOS (model and tokenizer both have one), and so must evaluation."""
+    from test_decoder_checkpoint import _tokenizer_dir
+
+    from goose_jax.base_model import load_tokenizer
+    from goose_jax.data.batching import Batcher
+    from goose_jax.decoder_training import prompt_tokens
+    from goose_jax.evaluation import Evaluator
+
+    cfg = DecoderConfig.preset("tiny")
+    tok = load_tokenizer(_tokenizer_dir(tmp_path / "tok"), cfg)
+    assert tok.encode("the goose", add_eos=False)[0] != cfg.bos_token_id
+    class Source(list):
+        pass
+
+    batch = Batcher(Source([("the goose", "jax")]), tok, micro_batch=1, grad_accum=1,
+                    max_input_length=8, max_target_length=4, seed=0, stream=0,
+                    vocab_size=cfg.vocab_size, **prompt_tokens(cfg, tok)).batch(0)
+    trained = [int(t) for t in batch["inputs"][0, 0][batch["input_mask"][0, 0] == 1]]
+    evaluator = Evaluator(cfg, decoder.init_params(cfg, 0), tok, max_input_length=8)
+    assert evaluator._encode_input("the goose") == trained
+    assert trained[0] == cfg.bos_token_id
