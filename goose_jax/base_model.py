@@ -99,7 +99,8 @@ def load_hf_model(path: str, *, dtype: DTypePolicy | None = None, mesh: Mesh | N
     Raises:
       CheckpointError: any unreadable or inconsistent file, naming it.
     """
-    from goose_jax.interop.hf import base_shardings, load_hf_t5, read_config_json
+    from goose_jax.interop.hf import base_shardings, load_hf_t5
+    from goose_jax.interop.hf_folder import read_config_json
 
     if _is_decoder_dir(path, read_config_json):
         from goose_jax.interop.hf_decoder import load_hf_llama

@@ -167,7 +167,7 @@ def _check_config(path: str, cfg: dict, pooling: dict) -> None:
 
 
 def _bert_params(folder: str, cfg: dict) -> dict:
-    from goose_jax.interop.hf import read_hf_state
+    from goose_jax.interop.hf_folder import read_hf_state
 
     state, source = read_hf_state(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in state) else ""

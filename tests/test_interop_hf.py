@@ -17,7 +17,7 @@ import pytest
 
 from goose_jax.config import DTypePolicy
 from goose_jax.errors import CheckpointError
-from goose_jax.interop import hf
+from goose_jax.interop import hf, hf_folder
 
 SIZES = dict(vocab_size=101, d_model=24, d_kv=8, d_ff=40, num_heads=3, num_layers=2,
              num_decoder_layers=3, relative_attention_num_buckets=8,
@@ -192,8 +192,8 @@ def test_round_trip_is_bit_exact_and_transformers_reads_it(hf_dirs, variant, tmp
 def test_sharded_safetensors_load_equal(hf_dirs, tmp_path):
     model, folder = hf_dirs["v1.1"]
     model.save_pretrained(tmp_path, max_shard_size="20KB")
-    assert (tmp_path / hf.SAFE_INDEX_NAME).exists()
-    assert not (tmp_path / hf.SAFE_WEIGHTS_NAME).exists()
+    assert (tmp_path / hf_folder.SAFE_INDEX_NAME).exists()
+    assert not (tmp_path / hf_folder.SAFE_WEIGHTS_NAME).exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     cfg, params = hf.load_hf_t5(tmp_path)
     cfg_ref, params_ref = hf.load_hf_t5(folder)
@@ -208,7 +208,7 @@ def test_pytorch_bin_loads_equal(hf_dirs, variant, tmp_path):
     model, folder = hf_dirs[variant]
     # A raw state dict also holds encoder/decoder.embed_tokens and, when tied, an lm_head equal
     # to the embedding: the loader must accept them and still infer the tying right.
-    torch.save(model.state_dict(), tmp_path / hf.TORCH_WEIGHTS_NAME)
+    torch.save(model.state_dict(), tmp_path / hf_folder.TORCH_WEIGHTS_NAME)
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
     cfg, params = hf.load_hf_t5(tmp_path)
     cfg_ref, params_ref = hf.load_hf_t5(folder)
@@ -232,7 +232,7 @@ def test_bfloat16_params_and_sources(hf_dirs, tmp_path):
     model.to(torch.bfloat16).save_pretrained(tmp_path / "st")
     model.to(torch.float32)
     torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
-               tmp_path / hf.TORCH_WEIGHTS_NAME)
+               tmp_path / hf_folder.TORCH_WEIGHTS_NAME)
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
     _, from_st = hf.load_hf_t5(tmp_path / "st", dtype=DTypePolicy("bfloat16"))
     _, from_bin = hf.load_hf_t5(tmp_path, dtype=DTypePolicy("bfloat16"))
@@ -368,7 +368,7 @@ def test_missing_shard(hf_dirs, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError) as err:
         hf.load_hf_t5(tmp_path)
-    assert hf.SAFE_INDEX_NAME in str(err.value) and shard.name in str(err.value)
+    assert hf_folder.SAFE_INDEX_NAME in str(err.value) and shard.name in str(err.value)
     assert "missing" in str(err.value)
 
 
@@ -376,7 +376,7 @@ def test_bin_without_torch(hf_dirs, tmp_path, monkeypatch):
     import torch
 
     model, folder = hf_dirs["v1.0"]
-    torch.save(model.state_dict(), tmp_path / hf.TORCH_WEIGHTS_NAME)
+    torch.save(model.state_dict(), tmp_path / hf_folder.TORCH_WEIGHTS_NAME)
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: .*needs torch"):
@@ -385,7 +385,7 @@ def test_bin_without_torch(hf_dirs, tmp_path, monkeypatch):
 
 def test_corrupt_bin(hf_dirs, tmp_path):
     shutil.copy(os.path.join(hf_dirs["v1.0"][1], "config.json"), tmp_path)
-    (tmp_path / hf.TORCH_WEIGHTS_NAME).write_bytes(b"\x80\x02not a checkpoint")
+    (tmp_path / hf_folder.TORCH_WEIGHTS_NAME).write_bytes(b"\x80\x02not a checkpoint")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch"):
         hf.load_hf_t5(tmp_path)
 

@@ -178,13 +178,13 @@ def test_malicious_pickle_refused_by_the_reader(tmp_path, zip_format):
 
 
 def test_malicious_pickle_refused_on_the_model_path(tmp_path):
-    from goose_jax.interop import hf
+    from goose_jax.interop import hf, hf_folder
 
     marker = tmp_path / "ran"
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / hf.CONFIG_NAME).write_text(json.dumps(gj.T5Config.preset("tiny").to_hf_dict()))
-    path = _malicious_bin(folder / hf.TORCH_WEIGHTS_NAME, marker)
+    (folder / hf_folder.CONFIG_NAME).write_text(json.dumps(gj.T5Config.preset("tiny").to_hf_dict()))
+    path = _malicious_bin(folder / hf_folder.TORCH_WEIGHTS_NAME, marker)
     with pytest.raises(CheckpointError) as e:
         hf.load_hf_t5(folder)
     assert isinstance(e.value, UnsafeCheckpointError)

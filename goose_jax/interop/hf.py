@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,17 +30,21 @@ import numpy as np
 from jax.sharding import Mesh
 
 from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.errors import CheckpointError, one_line
+from goose_jax.errors import CheckpointError
+from goose_jax.interop.hf_folder import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    SHARD_PATTERNS,
+    WEIGHT_FILES,
+    _names,
+    check_model_folder,
+    read_config_json,
+    read_hf_state,
+    write_model_folder,
+)
 from goose_jax.layers import per_layer, unstack_layers
 from goose_jax.progress import progress_bar, progress_enabled
 from goose_jax.sharding import read_into
-from goose_jax.tensorfile import open_tensors, read_json, write_atomic, write_safetensors
-
-CONFIG_NAME = "config.json"
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # Present in checkpoints written by older transformers (or by torch.save of a state dict) and
 # never used: the per-stack embeddings are the shared one, and this relative bias was created but
@@ -52,15 +56,8 @@ _HARMLESS_KEYS = frozenset({
 })
 _LM_HEAD = "lm_head.weight"
 _SHARED = "shared.weight"
-_NAMES_SHOWN = 5
 
 Params = dict[str, Any]
-
-
-def _names(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_NAMES_SHOWN])
-    return shown + (f" (and {len(keys) - _NAMES_SHOWN} more)" if len(keys) > _NAMES_SHOWN else "")
 
 
 # --- the name table -----------------------------------------------------------------------------
@@ -375,54 +372,7 @@ def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
     return state
 
 
-# --- reading files ------------------------------------------------------------------------------
-
-
-def _read_index(index_path: str) -> list[str]:
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        shard_names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f"{index_path}: not a valid checkpoint index (needs a 'weight_map' of tensor name -> "
-            f"shard file): {one_line(e)}") from None
-    folder = os.path.dirname(index_path)
-    shards = [os.path.join(folder, name) for name in shard_names]
-    absent = [name for name in shard_names if not os.path.isfile(os.path.join(folder, name))]
-    if absent:
-        raise CheckpointError(f"{index_path}: names shard file(s) that are missing: "
-                              f"{_names(absent)}")
-    return shards
-
-
-def resolve_hf_dir(path: str | os.PathLike) -> str:
-    """A local checkpoint directory, following a Hugging Face cache entry to its snapshot.
-
-    Given ``.../models--org--name`` (the cache layout), returns the snapshot that ``refs/main``
-    names, or else the most recently modified one.
-
-    Raises:
-      CheckpointError: the directory does not exist.
-    """
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory does not exist (goose-jax reads only "
-                              "local directories and never downloads)")
-    snapshots = os.path.join(path, "snapshots")
-    if os.path.isfile(os.path.join(path, CONFIG_NAME)) or not os.path.isdir(snapshots):
-        return path
-    ref = os.path.join(path, "refs", "main")
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            candidate = os.path.join(snapshots, f.read().strip())
-        if os.path.isdir(candidate):
-            return candidate
-    entries = [os.path.join(snapshots, e) for e in os.listdir(snapshots)]
-    entries = [e for e in entries if os.path.isdir(e)]
-    if not entries:
-        raise CheckpointError(f"{snapshots}: Hugging Face cache entry has no snapshot")
-    return max(entries, key=os.path.getmtime)
+# --- loading and saving (folders: goose_jax.interop.hf_folder) ------------------------------------
 
 
 def read_hf_config(path: str | os.PathLike) -> T5Config:
@@ -436,49 +386,6 @@ def read_hf_config(path: str | os.PathLike) -> T5Config:
         return T5Config.from_hf_dict(d, source=config_path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-
-
-def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
-    """(the parsed ``config.json`` of a checkpoint directory, its path), for any model family.
-
-    Raises:
-      CheckpointError: the file is missing, not JSON, or not a JSON object.
-    """
-    config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
-                              f"a {CONFIG_NAME}")
-    d = read_json(config_path, what="the config as JSON")
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
-    return d, config_path
-
-
-def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], str]:
-    """Opens the weights of a checkpoint directory as a lazy state dict.
-
-    Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (sharded),
-    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``.
-
-    Returns:
-      (state, source): tensor name -> NumPy array, read on access; the file (or index) it came from.
-
-    Raises:
-      CheckpointError: no weights file, a missing shard, a corrupt file, or a .bin without torch;
-        ``UnsafeCheckpointError`` (a ``CheckpointError``) for a pickle that is not weights-only.
-    """
-    folder = resolve_hf_dir(path)
-    for name in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TORCH_WEIGHTS_NAME, TORCH_INDEX_NAME):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            files = _read_index(candidate) if name.endswith(".json") else [candidate]
-            return open_tensors(files, error=CheckpointError), candidate
-    others = [n for n in ("flax_model.msgpack", "tf_model.h5") if os.path.isfile(
-        os.path.join(folder, n))]
-    hint = (f"; found {_names(others)}, which goose-jax does not read: re-save it with "
-            "transformers' save_pretrained") if others else ""
-    raise CheckpointError(f"{folder}: no weights file (looked for {SAFE_WEIGHTS_NAME}, "
-                          f"{SAFE_INDEX_NAME}, {TORCH_WEIGHTS_NAME}, {TORCH_INDEX_NAME}){hint}")
 
 
 def load_hf_t5(path: str | os.PathLike, *, dtype: DTypePolicy | None = None,
@@ -510,103 +417,10 @@ def load_hf_t5(path: str | os.PathLike, *, dtype: DTypePolicy | None = None,
     return cfg, params
 
 
-# --- writing files ------------------------------------------------------------------------------
-
-_WEIGHT_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, TORCH_WEIGHTS_NAME,
-                 TORCH_INDEX_NAME)
-_SHARD_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
-
-
-def check_model_folder(path: str | os.PathLike, held: Sequence[str], *, overwrite: bool = False,
-                       what: str = "a Hugging Face model", error: type[Exception] = CheckpointError
-                       ) -> None:
-    """Fails before any work unless a model folder may be written at ``path``.
-
-    Args:
-      path: the folder.
-      held: file names whose presence means ``path`` already holds such a model.
-      overwrite: replace a model already there.
-      what: what the folder holds (for the message).
-      error: the error class to raise.
-
-    Raises:
-      ``error``: ``path`` is a file or lies below one, is a goose-jax checkpoint, or already
-        holds a model (without ``overwrite``).
-    """
-    from goose_jax.checkpoint import check_folder_writable, is_checkpoint
-
-    check_folder_writable(path, error=error)
-    folder = os.fspath(path)
-    if is_checkpoint(folder):
-        raise error(f"{folder}: is a goose-jax checkpoint; write {what} to another folder")
-    found = [name for name in held if os.path.exists(os.path.join(folder, name))]
-    if found and not overwrite:
-        raise error(f"{folder}: already holds {what} ({found[0]}); pass --overwrite to replace "
-                    "it, or write to another folder")
-
-
-def write_model_folder(path: str | os.PathLike, weights_name: str,
-                       tensors: Mapping[str, np.ndarray], config_name: str, config_text: str,
-                       *, superseded: Sequence[str] = ()) -> list[str]:
-    """Writes a weights file and the config that describes it into a folder, crash-safe.
-
-    A new folder is written whole under a temporary name and renamed into place. In an existing
-    folder the new weights are written beside the old ones, the old config is removed, the
-    weights renamed into place and the config written last: a crash leaves the old pair, the new
-    pair, or a folder without a config (refused on load), never a config beside weights it does
-    not describe. Other files in the folder (a tokenizer, a README) are kept.
-
-    Args:
-      path: the folder.
-      weights_name: the safetensors file name (e.g. ``model.safetensors``).
-      tensors: name -> NumPy array.
-      config_name: the config's file name (e.g. ``config.json``).
-      config_text: its content.
-      superseded: names (or glob patterns) of the old model's other weight files, removed once
-        the new pair is in place.
-
-    Returns:
-      The paths written: the config, then the weights.
-    """
-    import glob
-    import shutil
-
-    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    meta = {"format": "pt"}
-    if not os.path.exists(folder):
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        tmp = f"{folder}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            os.makedirs(tmp)
-            write_safetensors(os.path.join(tmp, weights_name), tensors, metadata=meta)
-            write_atomic(os.path.join(tmp, config_name), config_text)
-            os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        weights, config = os.path.join(folder, weights_name), os.path.join(folder, config_name)
-        staged = f"{weights}.new-{os.getpid()}"
-        try:
-            write_safetensors(staged, tensors, metadata=meta)
-            if os.path.exists(config):
-                os.remove(config)
-            os.replace(staged, weights)
-        finally:
-            if os.path.exists(staged):
-                os.remove(staged)
-        write_atomic(config, config_text)
-        for pattern in superseded:
-            for old in glob.glob(os.path.join(glob.escape(folder), pattern)):
-                if os.path.basename(old) not in (weights_name, config_name):
-                    os.remove(old)
-    return [os.path.join(folder, config_name), os.path.join(folder, weights_name)]
-
-
 def check_hf_folder(path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Fails before any work unless ``save_hf_t5`` may write ``path`` (see
     ``check_model_folder``)."""
-    check_model_folder(path, _WEIGHT_FILES, overwrite=overwrite)
+    check_model_folder(path, WEIGHT_FILES, overwrite=overwrite)
 
 
 def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike, *,
@@ -641,4 +455,4 @@ def save_hf_t5(cfg: T5Config, params: Params, path: str | os.PathLike, *,
                                     progress=progress_enabled())
     text = json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n"
     return write_model_folder(path, SAFE_WEIGHTS_NAME, state, CONFIG_NAME, text,
-                              superseded=(*_WEIGHT_FILES, *_SHARD_PATTERNS))
+                              superseded=(*WEIGHT_FILES, *SHARD_PATTERNS))

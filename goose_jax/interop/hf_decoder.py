@@ -30,9 +30,11 @@ from goose_jax.config import DTypePolicy
 from goose_jax.decoder import _abstract_variables
 from goose_jax.decoder_config import DecoderConfig
 from goose_jax.errors import CheckpointError, ConfigError
-from goose_jax.interop.hf import (
+from goose_jax.interop.hf_folder import (
     CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
+    SHARD_PATTERNS,
+    WEIGHT_FILES,
     _names,
     check_model_folder,
     read_config_json,
@@ -41,9 +43,6 @@ from goose_jax.interop.hf import (
 )
 
 Params = dict[str, Any]
-_WEIGHT_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "model.safetensors.index.json",
-                 "pytorch_model.bin", "pytorch_model.bin.index.json")
-_SHARD_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 # Buffers older checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -176,7 +175,7 @@ def save_hf_llama(cfg: DecoderConfig, params: Params, path: str | os.PathLike, *
                   overwrite: bool = False) -> list[str]:
     """Writes a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``) that
     transformers loads as ``{Llama,Qwen2,Mistral}ForCausalLM``, crash-safe
-    (``interop.hf.write_model_folder``).
+    (``interop.hf_folder.write_model_folder``).
 
     Args:
       cfg: the model's config (``cfg.family`` picks the architecture written).
@@ -189,14 +188,14 @@ def save_hf_llama(cfg: DecoderConfig, params: Params, path: str | os.PathLike, *
 
     Raises:
       CheckpointError: ``params`` does not fit ``cfg``, ``cfg`` cannot be expressed for its
-        family, or ``path`` cannot take the model (``interop.hf.check_model_folder``).
+        family, or ``path`` cannot take the model (``interop.hf_folder.check_model_folder``).
     """
     try:
         config = cfg.to_hf_dict()
     except ConfigError as e:
         raise CheckpointError(f"{os.fspath(path)}: {e}") from None
-    check_model_folder(path, _WEIGHT_FILES, overwrite=overwrite)
+    check_model_folder(path, WEIGHT_FILES, overwrite=overwrite)
     state = params_to_hf_state_dict(cfg, params)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return write_model_folder(path, SAFE_WEIGHTS_NAME, state, CONFIG_NAME, text,
-                              superseded=(*_WEIGHT_FILES, *_SHARD_PATTERNS))
+                              superseded=(*WEIGHT_FILES, *SHARD_PATTERNS))

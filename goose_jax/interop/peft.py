@@ -46,7 +46,7 @@ import numpy as np
 from goose_jax import families
 from goose_jax.errors import AdapterError
 from goose_jax.experts import peft_scale
-from goose_jax.interop.hf import (
+from goose_jax.interop.hf_folder import (
     check_model_folder,
     resolve_hf_dir,
     write_model_folder,
