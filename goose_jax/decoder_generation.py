@@ -32,6 +32,7 @@ from goose_jax.config import FAST_COMPILE_OPTIONS
 from goose_jax.decoder import Decoder, _variables, positions_from_mask, site_shapes
 from goose_jax.decoder_config import DecoderConfig
 from goose_jax.errors import ConfigError, NonFiniteError
+from goose_jax.generation import greedy_loop
 from goose_jax.routers import TELEMETRY, collect_counts, sequence_telemetry_masks
 from goose_jax.t5 import Adapter, _resolve
 
@@ -72,31 +73,15 @@ def _generate_impl(cfg, variables, ids_BL, mask_BL, max_new_tokens, adapter=None
     tok_B = jnp.argmax(logits_BLV[:, -1], axis=-1).astype(jnp.int32)
     finite_B = jnp.all(jnp.isfinite(logits_BLV[:, -1]), axis=-1)
     next_pos_B = jnp.sum(mask_BL != 0, axis=-1).astype(jnp.int32)
-    out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
-    done_B = tok_B == eos
 
-    def cond(carry):
-        i, _, _, _, done_B, _, _ = carry
-        return (i < T) & ~jnp.all(done_B)
-
-    def body(carry):
-        i, out_BT, cache, tok_B, done_B, counts, finite_B = carry
-        # A row counts the token it feeds only while it has not finished.
-        count_B1 = (real_B & ~done_B)[:, None].astype(mask_BL.dtype)
+    def step(cache, tok_B, i, count_B):
         logits_B1V, cache, step_counts = apply(
-            {**variables, "cache": cache}, count_B1, tok_B[:, None],
-            (next_pos_B + i - 1)[:, None])
-        finite_B = finite_B & (jnp.all(jnp.isfinite(logits_B1V[:, -1]), axis=-1) | done_B)
-        counts = {s: c + step_counts[s] if s in step_counts else c for s, c in counts.items()}
+            {**variables, "cache": cache}, count_B[:, None].astype(mask_BL.dtype),
+            tok_B[:, None], (next_pos_B + i - 1)[:, None])
         new_B = jnp.argmax(logits_B1V[:, -1], axis=-1).astype(jnp.int32)
-        new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
-        out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
-        return i + 1, out_BT, cache, new_B, done_B | (new_B == eos), counts, finite_B
+        return new_B, cache, step_counts, jnp.all(jnp.isfinite(logits_B1V[:, -1]), axis=-1)
 
-    carry = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts, finite_B)
-    carry = jax.lax.while_loop(cond, body, carry)
-    # Rows of batch padding may hold anything; a real row's logits must stay finite.
-    return carry[1], carry[5], carry[6] | ~real_B
+    return greedy_loop(step, cache, tok_B, finite_B, counts, real_B, T, eos, cfg.pad_token_id)
 
 
 _STATIC = ("cfg", "max_new_tokens", "adapter", "telemetry")

@@ -75,9 +75,33 @@ def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapte
 
     start_B = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
     tok_B, cache, step_counts, finite_B = step(None, start_B, real_B)
-    counts = {**enc_counts, **step_counts}
+    return greedy_loop(lambda cache, tok_B, i, count_B: step(cache, tok_B, count_B), cache,
+                       tok_B, finite_B, {**enc_counts, **step_counts}, real_B, T,
+                       cfg.eos_token_id, cfg.pad_token_id)
+
+
+def greedy_loop(step, cache, tok_B, finite_B, counts, real_B, max_new_tokens: int, eos_id: int,
+                pad_id: int):
+    """The greedy decoding loop of every model family, from its first new token on.
+
+    Args:
+      step: ``step(cache, tok_B, i, count_B) -> (new_B, cache, counts, finite_B)`` feeds each
+        row's token i - 1 and returns its argmax successor, the cache, the step's telemetry
+        counts and whether each row's logits were finite; ``count_B`` says which rows count
+        the fed token (real rows that have not finished).
+      cache, tok_B, finite_B, counts: after the first token (B,): the cache, the token, its
+        finiteness and the counts so far.
+      real_B: (B,) rows that hold a real input (batch padding rows do not).
+      max_new_tokens: T.
+      eos_id, pad_id: a row stops at ``eos_id`` and is padded with ``pad_id`` after it.
+
+    Returns:
+      (tokens (B, T) int32, counts, (B,) whether each real row's logits stayed finite; batch
+      padding rows may hold anything and read True).
+    """
+    B, T = tok_B.shape[0], max_new_tokens
     out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
-    done_B = tok_B == cfg.eos_token_id
+    done_B = tok_B == eos_id
 
     def cond(state):
         i, _, _, _, done_B, _, _ = state
@@ -86,17 +110,15 @@ def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapte
     def body(state):
         i, out_BT, cache, tok_B, done_B, counts, finite_B = state
         # A row counts this step's token only while it has not finished.
-        new_B, cache, step_counts, step_finite_B = step(cache, tok_B, real_B & ~done_B)
+        new_B, cache, step_counts, step_finite_B = step(cache, tok_B, i, real_B & ~done_B)
         finite_B = finite_B & (step_finite_B | done_B)
         counts = {s: c + step_counts[s] if s in step_counts else c for s, c in counts.items()}
-        new_B = jnp.where(done_B, cfg.pad_token_id, new_B)
+        new_B = jnp.where(done_B, pad_id, new_B)
         out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
-        return (i + 1, out_BT, cache, new_B, done_B | (new_B == cfg.eos_token_id), counts,
-                finite_B)
+        return i + 1, out_BT, cache, new_B, done_B | (new_B == eos_id), counts, finite_B
 
     state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts, finite_B)
     state = jax.lax.while_loop(cond, body, state)
-    # Rows of batch padding may hold anything; a real row's logits must stay finite.
     return state[1], state[5], state[6] | ~real_B
 
 
