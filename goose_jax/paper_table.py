@@ -1,5 +1,6 @@
 """The paper's table from evaluation runs: methods x benchmarks, held-in and held-out means, the
-oracle and best-individual rows from single-expert runs, and repeats (seeds) as mean and range.
+oracle and best-individual rows from single-expert runs, and repeats (seeds) as mean and 95%
+interval.
 
     write_report(["runs/phatgoose", "runs/arrow", "runs/single_a", ...], "report/")
 
@@ -16,8 +17,8 @@ Definitions (as the paper, ``oracle`` and ``best individual`` use the test label
     held-in (held-out) column of the report; a row that lacks one of them has none.
   * a **repeat** is one expert pool and data draw: runs that share a library and a world seed.
     Several repeats of one row (the same method over libraries trained with different seeds)
-    make a cell of their mean and range (min-max); every statistic (column value, held means,
-    oracle, best individual) is first computed per repeat, then aggregated.
+    make a cell of their mean, 95% interval (Student's t) and range; every statistic (column
+    value, held means, oracle, best individual) is first computed per repeat, then aggregated.
   * **oracle**: per repeat and dataset, the best score of any single expert (method ``single``
     runs of that repeat's library); **best individual**: per repeat and column (and per group of
     columns for the held means), the one expert whose mean is best.
@@ -145,21 +146,48 @@ def column(dataset: str) -> str:
     return fam
 
 
+# Student's t 0.975 quantiles for 1-30 degrees of freedom (the standard two-sided 95% table);
+# beyond 30 the Cornish-Fisher expansion around the normal quantile is within 1e-4 of it.
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+_Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
 def cell(values: Iterable[float]) -> dict | None:
-    """Mean, range and count of the repeats' values (None: no value)."""
+    """Mean, range, count and 95% interval of the repeats' values (None: no value).
+
+    ``ci95`` is the half-width of the two-sided 95% interval of the mean, ``t * s / sqrt(n)``
+    with the sample standard deviation ``s`` (Student's t, n - 1 degrees of freedom); 0 for
+    one repeat, where no interval exists (``fmt`` then prints the value alone).
+    """
     v = [float(x) for x in values]
     if not v:
         return None
-    return {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "n": len(v)}
+    n = len(v)
+    half = t975(n - 1) * float(np.std(v, ddof=1)) / np.sqrt(n) if n > 1 else 0.0
+    return {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "n": n,
+            "ci95": float(half)}
 
 
 def fmt(c: dict | None, digits: int = 1) -> str:
-    """A cell as ``mean`` (one repeat) or ``mean (min-max)``."""
+    """A cell as ``mean`` (one repeat) or ``mean ± h`` (``h``: the 95% interval's half-width)."""
     if c is None:
         return "n/a"
     if c["n"] == 1:
         return f"{c['mean']:.{digits}f}"
-    return f"{c['mean']:.{digits}f} ({c['min']:.{digits}f}-{c['max']:.{digits}f})"
+    return f"{c['mean']:.{digits}f} ± {c['ci95']:.{digits}f}"
 
 
 def oracle(singles: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -347,8 +375,9 @@ def markdown(table: dict, *, title: str = "Results") -> str:
     repeats = max((c["n"] for r in rows.values() for c in r["columns"].values() if c), default=1)
     lines = [f"# {title}", "",
              "Scores in percent; a benchmark's number is the unweighted mean over its datasets."
-             + (f" Cells over several repeats (seeds) read mean (min-max); up to {repeats} "
-                "repeats." if repeats > 1 else "")
+             + (f" Cells over several repeats (seeds) read mean ± the half-width of its 95% "
+                f"interval (Student's t over up to {repeats} repeats; range in the JSON)."
+                if repeats > 1 else "")
              + " Oracle and best individual choose experts with the test labels (not "
              "zero-shot).", ""]
     if table.get("base"):
@@ -368,7 +397,7 @@ def markdown(table: dict, *, title: str = "Results") -> str:
 
 
 def figure_png(table: dict, *, title: str = "") -> bytes:
-    """One bar chart (methods x benchmarks and held means; whiskers: the repeats' range) as PNG
+    """One bar chart (methods x benchmarks and held means; whiskers: 95% intervals) as PNG
     bytes."""
     import matplotlib
 
@@ -385,13 +414,13 @@ def figure_png(table: dict, *, title: str = "") -> bytes:
     for i, (name, r) in enumerate(rows.items()):
         cells = [r["columns"].get(k) if k in r["columns"] else r.get(k) for k in keys]
         mean = np.array([c["mean"] if c else np.nan for c in cells])
-        lo = np.array([c["mean"] - c["min"] if c else 0.0 for c in cells])
-        hi = np.array([c["max"] - c["mean"] if c else 0.0 for c in cells])
+        half = np.array([c["ci95"] if c else 0.0 for c in cells])
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, mean, width, label=name,
-               yerr=np.stack([lo, hi]), capsize=2)
+               yerr=half, capsize=2)
     ax.set_xticks(x, heads, fontsize=8)
     ax.set_ylabel("score (%)")
-    ax.set_title(title or "methods x benchmarks (whiskers: range over repeats)", fontsize=9)
+    ax.set_title(title or "methods x benchmarks (whiskers: 95% interval over repeats)",
+                 fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()

@@ -98,7 +98,7 @@ def _fake_seed(seed, rng):
             "seconds": 1.0}
 
 
-def test_several_seeds_are_reported_as_mean_and_range(tmp_path):
+def test_several_seeds_are_reported_as_mean_and_interval(tmp_path):
     from goose_jax.demo_seeds import report_seeds
 
     rng = np.random.default_rng(0)
@@ -132,8 +132,26 @@ def test_several_seeds_are_reported_as_mean_and_range(tmp_path):
           [s["agreement"]["phatgoose_k2"]["by_layer"]["decoder/block_0"] for s in seeds])
     text = (tmp_path / "results.md").read_text()
     c = rows["phatgoose k=2"]["held-out"]
-    assert f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})" in text
+    assert f"{c['mean']:.1f} ± {c['ci95']:.1f}" in text
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0, 4, 7]
+    # Paired by seed against a plain loop: PHATGOOSE k=2 minus Arrow on the held-out mean, and
+    # on the composition task, with Student's t interval from scipy.
+    from scipy import stats
+
+    comp = next(t.name for t in world.HELDOUT if t.kind_of_heldout == "composition")
+    for key, of in (("held-out", lambda sc: np.mean([sc[t] for t in heldout])),
+                    ("composition", lambda sc: sc[comp])):
+        d = [of(s["scores"]["phatgoose_k2"]) - of(s["scores"]["arrow"]) for s in seeds]
+        got = out["paired"]["differences"]["arrow"][key]
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=stats.sem(d))
+        np.testing.assert_allclose([got["mean"] - got["ci95"], got["mean"] + got["ci95"]],
+                                   [lo, hi], rtol=1e-4)
+        assert got["ahead"] == sum(x > 0 for x in d)
+        zs = [m for m in seeds[0]["scores"] if m not in ("oracle", "best_individual")]
+        assert out["paired"]["ranks"][key] == [
+            1 + sum(of(s["scores"][m]) > of(s["scores"]["phatgoose_k2"]) for m in zs)
+            for s in seeds]
+    assert "## PHATGOOSE k=2 against each zero-shot method, paired by seed" in text
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -83,6 +83,19 @@ def _expect(cells, values):
     assert cells["n"] == len(values)
     np.testing.assert_allclose([cells["mean"], cells["min"], cells["max"]],
                                [values.mean(), values.min(), values.max()], rtol=1e-12)
+    if len(values) > 1:   # the 95% interval as scipy's Student's t gives it
+        from scipy import stats
+
+        lo, _ = stats.t.interval(0.95, len(values) - 1, loc=values.mean(),
+                                 scale=stats.sem(values))
+        np.testing.assert_allclose(cells["ci95"], values.mean() - lo, rtol=1e-4, atol=1e-9)
+
+
+def test_t_quantile_matches_scipy():
+    from scipy import stats
+
+    for df in (*range(1, 80), 120, 500, 10_000):
+        assert abs(paper_table.t975(df) - stats.t.ppf(0.975, df)) < 2e-4, df
 
 
 def test_table_matches_a_numpy_reference(runs, tmp_path, capsys):
@@ -117,10 +130,10 @@ def test_table_matches_a_numpy_reference(runs, tmp_path, capsys):
     oracle_ho = [np.mean([np.mean([max(_score(singles[s][e][f"{b}/{d}"]) for e in EXPERTS)
                                    for d in BENCH[b]]) for b in held_out]) for s in SEEDS]
     _expect(rows["oracle"]["held-out"], oracle_ho)
-    # The markdown carries the same cells as mean (min-max); the figure is a PNG.
+    # The markdown carries the same cells as mean ± 95% half-width; the figure is a PNG.
     text = (out / "report.md").read_text()
     c = rows["phatgoose k=2"]["columns"]["bbh"]
-    assert f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})" in text
+    assert f"{c['mean']:.1f} ± {c['ci95']:.1f}" in text
     assert f"| oracle | {paper_table.fmt(rows['oracle']['columns']['t0_heldin'])} |" in text
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A named row of another base is allowed (the paper's multitask model is another base).
