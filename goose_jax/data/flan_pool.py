@@ -265,14 +265,14 @@ def build_release_pool(flan_root: str, out: str, *, p3_root: str | None = None,
     experts = [e for e in pool if e.name in set(names)]
     from_flan = [e for e in experts if e.kind in FLAN_KINDS]
     from_p3 = [e for e in experts if e.kind == "p3"]
-    # Every source checked before the long P3 reads.
-    grouping = flan_grouping(flan_root, from_flan, niv2_tasks, pool) if from_flan else {}
-    heldin = [e for e in from_p3 if e.p3_heldin]
-    others = {}
+    # The flags first, then every source, before the long P3 reads.
     if from_p3:
         p3_root = _need(p3_root, "--p3-dir", "P3")
-        others = {e.name: other_p3_folders(p3_root, e.source) for e in from_p3
-                  if not e.p3_heldin}
+    if any(e.kind == "niv2" for e in from_flan):
+        niv2_tasks = _need(niv2_tasks, "--niv2-tasks", "NIv2")
+    grouping = flan_grouping(flan_root, from_flan, niv2_tasks, pool) if from_flan else {}
+    heldin = [e for e in from_p3 if e.p3_heldin]
+    others = {e.name: other_p3_folders(p3_root, e.source) for e in from_p3 if not e.p3_heldin}
     stems = file_stems([e.name for e in experts])
     settings = {"source": "flan-release-pool", "root": os.path.abspath(flan_root),
                 "p3_root": os.path.abspath(p3_root) if from_p3 else None,
