@@ -10,8 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["goose_jax", "goose_jax.*"]),
-    # The miniature world's pre-trained base (3.4 MB; train/make_world_base.py rebuilds it).
-    package_data={"goose_jax": ["assets/world_base/*.json", "assets/world_base/*.safetensors"]},
+    # The miniature world's pre-trained base (3.4 MB; train/make_world_base.py rebuilds it) and
+    # the release's FLAN expert pool (goose_jax.data.flan_pool).
+    package_data={"goose_jax": ["assets/world_base/*.json", "assets/world_base/*.safetensors",
+                                "assets/flan_pool.json"]},
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12.8,<0.13",

@@ -1,10 +1,11 @@
 """PHATGOOSE's FLAN setting: 166 experts on T5.1.1 XL LM-adapted (PHATGOOSE.md section 7).
 
 The optimiser, schedule, batch, lengths, rank and precision are those of the T0 held-in setting
-(``t0_heldin.py``, which explains each value). The 166 datasets are the 36 T0 held-in ones, 36
-Flan 2021 tasks, 75 Natural Instructions v2 task categories and 19 more from the Open-Orca/FLAN
-release (zero-shot templates only); their names come with the FLAN data module, so
-``expert_names`` is empty here and experts are named after their data files.
+(``t0_heldin.py``, which explains each value). The 166 experts are the release's pool
+(``goose_jax/assets/flan_pool.json``, built by ``goose-data flan --pool release``): 43 P3
+datasets (the 36 T0 held-in ones and seven more), 44 Flan 2021 and 4 Dialog tasks, and 75
+Natural Instructions v2 task categories; their names come with the data, so ``expert_names`` is
+empty here and experts are named after their data files.
 ``num_experts`` checks that all 166 are given.
 """
 

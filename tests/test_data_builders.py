@@ -209,7 +209,8 @@ def test_flan_zero_shot_shuffle_and_validation_split(flan_dir, tmp_path):
 
 def test_flan_grouping_and_subset(flan_dir, tmp_path):
     grouping = tmp_path / "grouping.json"
-    grouping.write_text(json.dumps({"task1_a": "niv2_misc", "task2_b": "niv2_misc"}))
+    grouping.write_text(json.dumps({"task1_a": "niv2_misc", "task2_b": "niv2_misc",
+                                    "glue/cola": "glue/cola"}))
     out = _build(["flan", flan_dir, "--grouping", str(grouping), "--datasets", "niv2_misc"],
                  tmp_path)
     assert sorted(os.listdir(out / "train")) == ["niv2_misc.jsonl"]

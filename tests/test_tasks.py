@@ -221,9 +221,11 @@ def test_flan(flan_root):
     assert len(val) == 3 and len(train) == 27
     assert not {e.input for e in val} & {e.input for e in train}
     assert all(e.references == ("a" + e.input[1:],) for e in val)
-    grouping = {"task1_a": "niv2_misc", "task2_b": "niv2_misc"}
-    assert flan.experts(flan_root, grouping) == ["niv2_misc"]
+    grouping = {"task1_a": "niv2_misc", "task2_b": "niv2_misc", "glue/cola": "glue/cola"}
+    assert flan.experts(flan_root, grouping) == ["glue/cola", "niv2_misc"]
     assert len(flan.rows(flan_root, "niv2_misc", grouping=grouping)) == 3
+    with pytest.raises(DataError, match=r"no expert for 1 task\(s\) found there: glue/cola;"):
+        flan.experts(flan_root, {"task1_a": "niv2_misc", "task2_b": "niv2_misc"})
     names = tasks.benchmark_task_names("flan", tasks.DataRoots(flan=flan_root))
     assert names == ["flan/glue/cola", "flan/task1_a", "flan/task2_b"]
 

@@ -2,6 +2,7 @@
 
     goose-data p3-heldin P3_DIR OUT_DIR   the 36 T0 held-in experts, from the P3 TFRecords
     goose-data flan FLAN_DIR OUT_DIR      the FLAN experts, from the Open-Orca/FLAN files
+        [--pool release --p3-dir P3 --niv2-tasks TASKS]   the release's 166 (flan_pool)
 
 Each writes ``OUT_DIR/train/<expert>.jsonl``, ``OUT_DIR/validation/<expert>.jsonl`` and
 ``OUT_DIR/summary.json`` (counts per expert and template, also printed as a table), as the
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from goose_jax.data import build_flan, build_p3, builds
+from goose_jax.data import build_flan, build_p3, builds, flan_pool
+from goose_jax.errors import UsageError
 from goose_jax.tool import run_tool
 
 PROG = "goose-data"
@@ -60,8 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     help_flan = "the FLAN experts from the Open-Orca/FLAN parquet or jsonl files"
     p = sub.add_parser("flan", help=help_flan, description=help_flan)
     _common(p, "FLAN_DIR", build_flan.MAX_EXAMPLES, build_flan.SEED, "Open-Orca/FLAN")
-    p.add_argument("--grouping", metavar="JSON", help="a JSON object {task name: expert name} "
-                   "(the NIv2 task categories); default: one expert per task name")
+    p.add_argument("--pool", choices=("tasks", "release"), default="tasks",
+                   help="tasks (default): one expert per task name or --grouping value; "
+                        "release: the release's 166 experts (goose_jax/assets/flan_pool.json), "
+                        "with --p3-dir and --niv2-tasks")
+    p.add_argument("--grouping", metavar="JSON", help="--pool tasks: a JSON object {task name: "
+                   "expert name} covering every task; default: one expert per task name")
+    p.add_argument("--p3-dir", help="--pool release: the P3 release (its 43 P3 experts)")
+    p.add_argument("--niv2-tasks", metavar="DIR", help="--pool release: natural-instructions' "
+                   "tasks/ folder (each NIv2 task's category, from its own task file)")
     p.set_defaults(run=_run_flan)
     return ap
 
@@ -73,6 +82,16 @@ def _run_p3(args: argparse.Namespace) -> None:
 
 
 def _run_flan(args: argparse.Namespace) -> None:
+    if args.pool == "release":
+        if args.grouping:
+            raise UsageError("--grouping is for --pool tasks; the release's pool groups NIv2 "
+                             "tasks by their task files (--niv2-tasks)")
+        builds.run_build(args.out_dir, args.overwrite, lambda stage: flan_pool.build_release_pool(
+            args.source_dir, stage, p3_root=args.p3_dir, niv2_tasks=args.niv2_tasks,
+            datasets=args.datasets, max_examples=args.max_examples or None, seed=args.seed))
+        return
+    if args.p3_dir or args.niv2_tasks:
+        raise UsageError("--p3-dir and --niv2-tasks are for --pool release")
     grouping = build_flan.read_grouping(args.grouping) if args.grouping else None
     builds.run_build(args.out_dir, args.overwrite, lambda stage: build_flan.build_flan(
         args.source_dir, stage, datasets=args.datasets, grouping=grouping,

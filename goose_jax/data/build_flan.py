@@ -4,9 +4,10 @@ split are ``goose_jax.data.flan``'s, shared with evaluation):
 
   * only zero-shot templates (``_template_type`` in ``zs_opt``, ``zs_noopt``); rows with an empty
     input or target are dropped;
-  * one expert per ``_task_name``, or per value of a grouping (the release's 75 NIv2 experts
-    are NIv2 task categories: a JSON object ``{task name: expert name}``, the same file as
-    goose-eval's ``--flan-grouping``);
+  * one expert per ``_task_name``, or per value of a grouping (a JSON object ``{task name:
+    expert name}``, the same file as goose-eval's ``--flan-grouping``) that must name every
+    task of the release (a task it lacks is refused, never left out); the release's own pool
+    of 166 experts, with its NIv2 category experts, is ``goose_jax.data.flan_pool``;
   * each expert's rows are shuffled with ``RandomState(1234)``; the first min(10%, 10,000) are
     the validation split, the rest (at most 500,000) the train split.
 

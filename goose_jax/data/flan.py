@@ -6,7 +6,8 @@ As the original processing: only zero-shot templates (``zs_opt``, ``zs_noopt``) 
 with an empty input or target are dropped, each expert's rows are shuffled with
 ``RandomState(1234)``, the first min(10%, 10k) form the validation split and the rest (at most
 500k) the training split. An expert is one ``_task_name`` unless a grouping maps several task
-names onto one expert (NIv2 task categories).
+names onto one expert (NIv2 task categories); a grouping that lacks a task of the release is
+refused, never applied by leaving the task out. Every field read must be a string.
 """
 
 from __future__ import annotations
@@ -49,6 +50,33 @@ def _check_columns(where: str, have, columns: Sequence[str]) -> None:
                         f"Open-Orca/FLAN layout has {', '.join(COLUMNS)}); is this a FLAN file?")
 
 
+def _check_types(where: str, schema, columns: Sequence[str]) -> None:
+    """Every column a parquet file is read for holds strings (nulls allowed)."""
+    import pyarrow as pa
+
+    for c in columns:
+        kind = schema.field(c).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_null(kind)):
+            raise DataError(f"{where}: FLAN column {c!r} holds {kind}, expected strings (the "
+                            "Open-Orca/FLAN layout); is this a FLAN file?")
+
+
+def _check_row(where: str, row: dict, columns: Sequence[str]) -> None:
+    """Every field a jsonl row is read for is a string (``inputs`` / ``targets`` may be null:
+    such a row is dropped as empty)."""
+    for c in columns:
+        value = row.get(c)
+        if isinstance(value, str) or (value is None and c in ("inputs", "targets")):
+            continue
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise DataError(f"{where}: FLAN field {c!r} is {type(value).__name__} {shown}, "
+                        "expected a string (the Open-Orca/FLAN layout)")
+
+
 def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
                template_types: Sequence[str]) -> dict[str, list]:
     if path.endswith(".parquet"):
@@ -58,7 +86,9 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
         if tasks is not None:
             filters.append(("_task_name", "in", sorted(tasks)))
         try:
-            _check_columns(path, pq.read_schema(path).names, columns)
+            schema = pq.read_schema(path)
+            _check_columns(path, schema.names, columns)
+            _check_types(path, schema, columns)
             return pq.read_table(path, columns=list(columns), filters=filters).to_pydict()
         except DataError:
             raise
@@ -77,6 +107,7 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
                 _check_columns(f"{path}: line {lineno}", row, columns)
+                _check_row(f"{path}: line {lineno}", row, columns)
                 if row.get("_template_type") not in template_types:
                     continue
                 if tasks is not None and row.get("_task_name") not in tasks:
@@ -90,10 +121,30 @@ def _read_file(path: str, columns: Sequence[str], tasks: set[str] | None,
     return out
 
 
-def _expert_of(task: str, grouping: Mapping[str, str] | None) -> str | None:
+def _expert_of(task: str, grouping: Mapping[str, str] | None) -> str:
+    return task if grouping is None else grouping[task]
+
+
+def listed(names: Sequence[str], most: int = 20) -> str:
+    """``names`` joined for a one-line message (the first ``most``, then how many more)."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_grouped(root: str | os.PathLike, tasks, grouping: Mapping[str, str] | None) -> None:
+    """Refuses task names of the release that ``grouping`` does not map to an expert (a task
+    is never left out silently).
+
+    Raises:
+      DataError: naming every task without an expert.
+    """
     if grouping is None:
-        return task
-    return grouping.get(task)
+        return
+    missing = sorted(t for t in tasks if t not in grouping)
+    if missing:
+        raise DataError(f"{os.path.abspath(root)}: the FLAN grouping has no expert for "
+                        f"{len(missing)} task(s) found there: {listed(missing)}; add them to "
+                        "the grouping")
 
 
 def task_names(root: str | os.PathLike,
@@ -103,15 +154,23 @@ def task_names(root: str | os.PathLike,
     for f in data_files(root):
         cols = _read_file(f, ("_task_name", "_template_type"), None, template_types)
         for name in cols["_task_name"]:
+            if name is None:
+                raise DataError(f"{f}: a FLAN row without a _task_name (the Open-Orca/FLAN "
+                                "layout names every row's task)")
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
 
 
 def experts(root: str | os.PathLike, grouping: Mapping[str, str] | None = None,
             template_types: Sequence[str] = ZERO_SHOT) -> list[str]:
-    """The expert names: the task names, or the values of ``grouping`` that have data."""
-    names = {_expert_of(t, grouping) for t in task_names(root, template_types)}
-    return sorted(n for n in names if n is not None)
+    """The expert names: the task names, or the values of ``grouping`` that have data.
+
+    Raises:
+      DataError: a task of the release that ``grouping`` lacks (``check_grouped``).
+    """
+    tasks = task_names(root, template_types)
+    check_grouped(root, tasks, grouping)
+    return sorted({_expert_of(t, grouping) for t in tasks})
 
 
 def rows(root: str | os.PathLike, expert: str, *, grouping: Mapping[str, str] | None = None,
@@ -132,8 +191,11 @@ def rows_by_expert(root: str | os.PathLike, wanted: Sequence[str] | None = None,
     reading each file once (``wanted``: only these experts; None: all).
 
     Raises:
-      DataError: a file that cannot be read or lacks one of ``COLUMNS``.
+      DataError: a file that cannot be read, lacks one of ``COLUMNS`` or holds other values
+        than strings there; with ``wanted`` None, a task that ``grouping`` lacks.
     """
+    if wanted is None:
+        check_grouped(root, task_names(root, template_types), grouping)
     tasks = None
     if wanted is not None:
         tasks = (set(wanted) if grouping is None
@@ -143,7 +205,7 @@ def rows_by_expert(root: str | os.PathLike, wanted: Sequence[str] | None = None,
         cols = _read_file(f, COLUMNS, tasks, template_types)
         for inp, tgt, task, tt in zip(*(cols[c] for c in COLUMNS)):
             expert = _expert_of(task, grouping)
-            if expert is None or (inp is None or tgt is None):
+            if inp is None or tgt is None:
                 continue
             if str(inp).strip() and str(tgt).strip():
                 out.setdefault(expert, []).append((str(inp), str(tgt), str(tt)))

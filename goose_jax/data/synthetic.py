@@ -6,6 +6,7 @@ The paper's settings (``train/t0.py``, ``train/flan.py``) run end to end on thes
     write_p3(root, folder, split, records)   one P3 task folder (TFRecords, seqio info files)
     write_p3_release(root)                   a few T0 held-in datasets and T0 held-out tasks
     write_flan_release(root)                 a few FLAN tasks, Open-Orca/FLAN jsonl columns
+    write_niv2_tasks(root, categories)       natural-instructions task files (their Categories)
     write_bigbench_release(bbh, bbl)         one BIG-bench Hard task (lukaemon/bbh layout) and
                                              one BIG-bench Lite task (tasksource/bigbench layout)
 
@@ -119,22 +120,41 @@ def write_p3_release(root: str | os.PathLike, examples: int = 12) -> tuple[list[
 
 def write_flan_release(root: str | os.PathLike, examples: int = 20) -> list[str]:
     """A miniature Open-Orca/FLAN release under ``root`` (one jsonl file with the release's
-    columns): three tasks with ``examples`` zero-shot rows each, plus few-shot rows the builder
-    leaves out. Returns the task names."""
-    tasks = {"glue/sst2": lambda w, i: (f"Is '{w} {i}' positive?", "yes" if i % 2 else "no"),
-             "task001_copy": lambda w, i: (f"Copy the word: {w}", w),
-             "cot/upper": lambda w, i: (f"Upper-case: {w}", w.upper())}
+    columns): a Flan 2021 task and two NIv2 tasks under their FLAN names, and a CoT task outside
+    the release's expert pool, with ``examples`` zero-shot rows each, plus few-shot rows the
+    builder leaves out. Returns the task names."""
+    tasks = {"glue/sst2:2.0.0": ("Flan2021", lambda w, i: (f"Is '{w} {i}' positive?",
+                                                           "yes" if i % 2 else "no")),
+             "task001_copy_word": ("NIv2", lambda w, i: (f"Copy the word: {w}", w)),
+             "task002_upper_case": ("NIv2", lambda w, i: (f"Upper-case: {w}", w.upper())),
+             "cot_reverse": ("CoT", lambda w, i: (f"Reverse: {w}", w[::-1]))}
     os.makedirs(root, exist_ok=True)
     rows = []
-    for name, make in tasks.items():
+    for name, (source, make) in tasks.items():
         for i in range(examples + 2):
             inp, tgt = make(_WORDS[i % len(_WORDS)], i)
             rows.append({"inputs": inp, "targets": tgt, "_task_name": name,
                          "_template_type": ("zs_opt", "zs_noopt")[i % 2] if i < examples
-                         else "fs_opt", "_task_source": "Flan2021", "_template_kwargs": "{}"})
+                         else "fs_opt", "_task_source": source, "_template_kwargs": "{}"})
     with open(os.path.join(root, "flan_zs.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return list(tasks)
+
+
+def write_niv2_tasks(root: str | os.PathLike, categories: Mapping[str, Sequence[str]]) -> None:
+    """natural-instructions' ``tasks/`` folder under ``root``: one ``<task>.json`` per task with
+    the dataset's keys, its ``Categories`` as given and two tiny instances."""
+    os.makedirs(root, exist_ok=True)
+    for task, cats in categories.items():
+        data = {"Contributors": ["synthetic"], "Source": ["synthetic"], "URL": [],
+                "Categories": list(cats), "Reasoning": [], "Definition": [f"Solve {task}."],
+                "Positive Examples": [], "Negative Examples": [], "Input_language": ["English"],
+                "Output_language": ["English"], "Instruction_language": ["English"],
+                "Domains": ["Miscellaneous"],
+                "Instances": [{"id": f"{task}-{i}", "input": w, "output": [w]}
+                              for i, w in enumerate(_WORDS[:2])]}
+        with open(os.path.join(root, f"{task}.json"), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
 
 
 def write_bigbench_release(bbh_root: str | os.PathLike, bbl_root: str | os.PathLike
