@@ -94,7 +94,7 @@ def templates_root(folder: str | os.PathLike | None) -> str:
     return folder
 
 
-def template_file(root: str, dataset: str, subset: str | None) -> str:
+def template_file(root: str, dataset: str, subset: str | None = None) -> str:
     return os.path.join(root, dataset, *([subset] if subset else []), TEMPLATE_FILE)
 
 
