@@ -277,3 +277,45 @@ def test_retrieval_rows_embed_their_templates_choices(release, tmp_path, capsys)
     assert {tuple(r["choices"]) for r in rows} == {("river", "sky", "desk"), ()}
     assert retrieval.format_query("x", []) == "Answer Choices: , Instance: x"
     assert retrieval.format_query("x", None) == _release_library_text({"input_str": "x"})
+
+
+def _hf(tmp_path, dataset, splits, templates):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / dataset
+    folder.mkdir()
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), str(folder / f"{split}.parquet"))
+    return build_p3.HFSource(str(folder), templates, "templates.yaml")
+
+
+def test_validation_on_original_task_templates(tmp_path):
+    yes_no = [pt.Template("a orig", "{{t}} ? ||| {{answer_choices[label]}}", "no ||| yes", True),
+              pt.Template("b other", "{{t}} !? ||| {{answer_choices[label]}}", "no ||| yes")]
+    rows = [{"t": f"r{i}", "label": i % 2} for i in range(4)]
+    src = _hf(tmp_path, "imdb", {"train": rows, "test": rows}, yes_no)
+    val = build_p3.build_hf_dataset(src, "imdb", None, 42).validation
+    assert [(r.input, r.target, r.choices) for r in val] == [
+        (f"r{i} ?", ["no", "yes"][i % 2], ("no", "yes")) for i in range(4)]
+    # quarel: every template, in turn (include_templates="all" in the release's gin).
+    src = _hf(tmp_path, "quarel", {"train": rows, "validation": rows}, yes_no)
+    val = build_p3.build_hf_dataset(src, "quarel", None, 42).validation
+    assert [r.input for r in val] == ["r0 ?", "r1 !?", "r2 ?", "r3 !?"]
+
+
+def test_duorc_unanswerable_examples_take_the_no_answer_text(tmp_path):
+    jinja = ("Q: {{question}} ||| {% if no_answer %}No I can't{% else %}{{answers|choice}}"
+             "{% endif %}")
+    ts = [pt.Template("a", jinja, None, True), pt.Template("b", "Ask: {{answers|choice}} ||| "
+                                                           "{{question}}", None, False)]
+    rows = [{"question": f"q{i}", "answers": [] if i < 2 else [f"x{i}"], "no_answer": i < 2}
+            for i in range(3)]
+    src = _hf(tmp_path, "duorc", {"train": rows, "validation": rows}, ts)
+    train = build_p3.build_hf_dataset(src, "duorc", None, 42).train
+    # Example i takes template i % 2's no-answer text when that template is an original one:
+    # example 0 gets "No I can't" as its answer, example 1 (template b, not original) keeps [].
+    assert [(r.input, r.target) for r in train] == [
+        ("Q: q0", "No I can't"), ("Ask: No I can't", "q0"),
+        ("Q: q1", "No I can't"), ("<NO INPUT>", "<NO INPUT>"),
+        ("Q: q2", "x2"), ("Ask: x2", "q2")]
