@@ -3,6 +3,7 @@ promptsource's templates) and P3's folders under their real names; promptsource'
 rules against plain transcriptions; the retrieval text of the rows."""
 
 import json
+import os
 import random
 
 import pytest
@@ -319,3 +320,19 @@ def test_duorc_unanswerable_examples_take_the_no_answer_text(tmp_path):
         ("Q: q0", "No I can't"), ("Ask: No I can't", "q0"),
         ("Q: q1", "No I can't"), ("<NO INPUT>", "<NO INPUT>"),
         ("Q: q2", "x2"), ("Ask: x2", "q2")]
+
+
+def test_t0_script_passes_the_hugging_face_source(release, tmp_path):
+    import argparse
+    import runpy
+
+    p3_root, hf_dir, templates = release
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t0 = runpy.run_path(os.path.join(here, "train", "t0.py"), run_name="goose_script")
+    ap = argparse.ArgumentParser()
+    t0["_own"](ap)
+    args = ap.parse_args(["--p3-dir", p3_root, "--hf-dir", hf_dir, "--templates", templates])
+    stage = tmp_path / "stage"
+    summary = t0["_build"](args, args.p3_dir, str(stage), ["commonsense_qa", "trec"])
+    assert {d: e["source"] for d, e in summary["experts"].items()} == {
+        "commonsense_qa": "huggingface", "trec": "p3"}
