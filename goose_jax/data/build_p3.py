@@ -539,8 +539,9 @@ def describe(dataset: str, kind: str, plan, root: str | None) -> str:
         if dataset == "trec":
             return (f"{dataset}: Hugging Face copy {plan.folder}, the release's 50-way "
                     "fine-label template")
-        return (f"{dataset}: Hugging Face copy {plan.folder}, {len(plan.templates)} promptsource "
-                f"templates from {plan.template_file}")
+        n = len(plan.templates)
+        return (f"{dataset}: Hugging Face copy {plan.folder}, {n} promptsource "
+                f"template{'s' * (n != 1)} from {plan.template_file}")
     folders = sorted({f for names in plan.values() for f in names})
     return (f"{dataset}: P3 folders under {p3.data_dir(root)} ({len(folders)} folders, "
             f"{len(plan)} templates)")
