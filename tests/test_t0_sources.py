@@ -336,3 +336,20 @@ def test_t0_script_passes_the_hugging_face_source(release, tmp_path):
     summary = t0["_build"](args, args.p3_dir, str(stage), ["commonsense_qa", "trec"])
     assert {d: e["source"] for d, e in summary["experts"].items()} == {
         "commonsense_qa": "huggingface", "trec": "p3"}
+
+
+def test_hugging_face_source_alone(release, tmp_path, capsys):
+    _, hf_dir, templates = release
+    out = tmp_path / "out"
+    assert _run(["p3-heldin", str(out), "--hf-dir", hf_dir, "--templates", templates,
+                 "--datasets", "commonsense_qa"], capsys)[0] == 0
+    val = _lines(out / "validation" / "commonsense_qa.jsonl")
+    assert val[0] == {"input": "Where is goose v 0?\n- river\n- sky\n- desk",
+                      "target": "river", "template": "answer_given_question_without_options",
+                      "choices": ["river", "sky", "desk"]}
+    # Without --hf-dir one folder is not enough; without P3_DIR a dataset P3 holds is refused.
+    code, _, err = _run(["p3-heldin", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "P3_DIR OUT_DIR" in one_line(err, "goose-data")
+    code, _, err = _run(["p3-heldin", str(tmp_path / "o3"), "--hf-dir", hf_dir, "--datasets",
+                         "ag_news"], capsys)
+    assert code == 1 and "no P3_DIR given" in one_line(err, "goose-data")
