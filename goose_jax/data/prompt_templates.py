@@ -24,6 +24,7 @@ Templates are listed sorted by name (promptsource's ``all_template_names``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import random
@@ -173,6 +174,12 @@ def environment():
     return _ENV
 
 
+@functools.lru_cache(maxsize=1024)
+def _compiled(source: str):
+    """A template source compiled once (rendering 500,000 rows must not recompile it)."""
+    return environment().from_string(source)
+
+
 def _protect(example: Mapping) -> dict:
     return {k: v.replace("|||", PIPE_PROTECTOR) if isinstance(v, str) else v
             for k, v in example.items()}
@@ -186,7 +193,7 @@ def answer_choices(template: Template, example: Mapping, rng: random.Random) -> 
     """The template's answer choices for one example (None: the template has none)."""
     if template.answer_choices is None:
         return None
-    text = environment().from_string(template.answer_choices).render(
+    text = _compiled(template.answer_choices).render(
         **_protect(example), **{_RNG_KEY: rng})
     return [_unprotect(c.strip()) for c in text.split("|||")]
 
@@ -201,7 +208,7 @@ def apply(template: Template, example: Mapping, rng: random.Random) -> list[str]
         raise ValueError("the example has a field named 'answer_choices'")
     context = {**_protect(example), "answer_choices": answer_choices(template, example, rng),
                _RNG_KEY: rng}
-    text = environment().from_string(jinja).render(**context)
+    text = _compiled(jinja).render(**context)
     return [_unprotect(part).strip() for part in text.split("|||")]
 
 
