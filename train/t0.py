@@ -2,7 +2,7 @@
 T0 held-out and BIG-bench Hard and Lite, from the release files on disk to the paper's table.
 
     python train/t0.py --p3-dir P3/ --base t5-xl-lm-adapt/ --bbh-root BBH/ --bbl-root BBL/ \\
-        --workdir runs/t0 [--multitask-base T0_3B/]
+        --workdir runs/t0 [--hf-dir HF/ --templates promptsource/] [--multitask-base T0_3B/]
     python train/t0.py --small --workdir /tmp/t0_small     # the same script, minutes on a CPU
 
 Builds the experts' data (``goose-data p3-heldin``), trains the experts with validation (best
@@ -11,8 +11,12 @@ prototypes and the retrieval index, a multitask baseline, evaluates every method
 alone, and writes ``goose-eval report``'s table to ``WORKDIR/report``. The multitask row is
 ``--multitask-base`` (the paper's is T0-3B) when given, else one LoRA expert trained with
 goose-train multitask on the same data. ``--p3-heldout-root`` reads T0 held-out from another P3
-copy (default: ``--p3-dir``, which holds both). Rerun the same command after an interruption:
-finished stages are not redone. The stages are ``train/paper_setting.py``'s.
+copy (default: ``--p3-dir``, which holds both). ``--hf-dir`` (the held-in datasets' Hugging
+Face copies saved on disk) with ``--templates`` (a promptsource checkout; default: the installed
+package) builds each dataset found there as the release did, and CommonsenseQA and HotpotQA
+(which P3 lacks) only from there: ``goose-data p3-heldin``'s two sources. Rerun the same
+command after an interruption: finished stages are not redone. The stages are
+``train/paper_setting.py``'s.
 
 One script does training and evaluation, rather than a pair under train/ and eval/: the
 evaluation needs the library, prototypes and index the training stages write, and a researcher
@@ -42,7 +46,9 @@ def _protocol():
 def _build(args, source, stage, datasets):
     from goose_jax.data import build_p3
 
-    return build_p3.build_p3_heldin(source, stage, datasets=datasets)
+    return build_p3.build_p3_heldin(source, stage, datasets=datasets,
+                                    hf_dir=getattr(args, "hf_dir", None),
+                                    templates=getattr(args, "templates", None))
 
 
 def _small(release):
@@ -60,6 +66,11 @@ def _small(release):
 def _own(ap):
     ap.add_argument("--p3-dir", help="the P3 release (bigscience/P3: data/<task>/ folders)")
     ap.add_argument("--p3-heldout-root", help="T0 held-out's P3 copy (default: --p3-dir)")
+    ap.add_argument("--hf-dir", help="the held-in datasets' Hugging Face copies saved on disk, "
+                    "HF_DIR/<dataset>[/<subset>] (goose-data p3-heldin --hf-dir): the release's "
+                    "source; needed for commonsense_qa and hotpot_qa, which P3 lacks")
+    ap.add_argument("--templates", help="promptsource's templates for --hf-dir: a checkout of "
+                    "bigscience-workshop/promptsource (default: the installed package)")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,8 @@
 """``goose-data``: the experts' training sets, built from the public releases on disk.
 
-    goose-data p3-heldin P3_DIR OUT_DIR   the 36 T0 held-in experts, from the P3 TFRecords
+    goose-data p3-heldin [P3_DIR] OUT_DIR [--hf-dir HF_DIR] [--templates DIR]
+                                          the 36 T0 held-in experts, from the saved Hugging Face
+                                          datasets with promptsource's templates and / or P3
     goose-data flan FLAN_DIR OUT_DIR      the FLAN experts, from the Open-Orca/FLAN files
         [--pool release --p3-dir P3 --niv2-tasks TASKS]   the release's 166 (flan_pool)
 
@@ -37,10 +39,15 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _common(p: argparse.ArgumentParser, source: str, cap: int, seed: int, what: str) -> None:
-    p.add_argument("source_dir", metavar=source, help=f"the {what} release on disk")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (train/, "
-                   "validation/, summary.json); it appears only when complete")
+_OUT_HELP = ("the folder to create (train/, validation/, summary.json); it appears only when "
+             "complete")
+
+
+def _common(p: argparse.ArgumentParser, source: str | None, cap: int, seed: int, what: str
+            ) -> None:
+    if source:
+        p.add_argument("source_dir", metavar=source, help=f"the {what} release on disk")
+        p.add_argument("out_dir", metavar="OUT_DIR", help=_OUT_HELP)
     p.add_argument("--max-examples", type=_count, default=cap, metavar="N",
                    help=f"training examples per expert at most (default: the release's {cap:,}; "
                         "0: no cap)")
@@ -55,9 +62,21 @@ def _common(p: argparse.ArgumentParser, source: str, cap: int, seed: int, what: 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    help_p3 = "the 36 T0 held-in experts from the P3 TFRecords (bigscience/P3 layout)"
-    p = sub.add_parser("p3-heldin", help=help_p3, description=help_p3)
-    _common(p, "P3_DIR", build_p3.MAX_EXAMPLES, build_p3.SEED, "P3")
+    help_p3 = ("the 36 T0 held-in experts, from the saved Hugging Face datasets with "
+               "promptsource's templates (--hf-dir) and / or the P3 TFRecords (P3_DIR)")
+    p = sub.add_parser("p3-heldin", help=help_p3, description=help_p3,
+                       usage="%(prog)s [P3_DIR] OUT_DIR [--hf-dir HF_DIR] [--templates DIR] ...")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="[P3_DIR] OUT_DIR: the P3 release "
+                   "(bigscience/P3: data/<task>/ folders; may be left out with --hf-dir), then "
+                   f"{_OUT_HELP}")
+    p.add_argument("--hf-dir", metavar="HF_DIR", help="the held-in datasets' Hugging Face copies "
+                   "saved on disk (save_to_disk or parquet), as HF_DIR/<dataset>[/<subset>] "
+                   "(ag_news, paws/labeled_final, glue/mrpc, ...); a dataset found there is "
+                   "built from it (the release's way), the others from P3_DIR")
+    p.add_argument("--templates", metavar="DIR", help="promptsource's templates: a checkout of "
+                   "bigscience-workshop/promptsource (default: the installed promptsource "
+                   "package)")
+    _common(p, None, build_p3.MAX_EXAMPLES, build_p3.SEED, "P3")
     p.set_defaults(run=_run_p3)
     help_flan = "the FLAN experts from the Open-Orca/FLAN parquet or jsonl files"
     p = sub.add_parser("flan", help=help_flan, description=help_flan)
@@ -76,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_p3(args: argparse.Namespace) -> None:
-    builds.run_build(args.out_dir, args.overwrite, lambda stage: build_p3.build_p3_heldin(
-        args.source_dir, stage, datasets=args.datasets, max_examples=args.max_examples or None,
-        seed=args.seed))
+    if len(args.dirs) > 2 or (len(args.dirs) == 1 and not args.hf_dir):
+        raise UsageError(f"p3-heldin: expected P3_DIR OUT_DIR (or OUT_DIR alone with --hf-dir), "
+                         f"got {len(args.dirs)} folder{'s' * (len(args.dirs) != 1)}")
+    p3_dir, out_dir = (None, args.dirs[0]) if len(args.dirs) == 1 else args.dirs
+    builds.run_build(out_dir, args.overwrite, lambda stage: build_p3.build_p3_heldin(
+        p3_dir, stage, datasets=args.datasets, max_examples=args.max_examples or None,
+        seed=args.seed, hf_dir=args.hf_dir, templates=args.templates))
 
 
 def _run_flan(args: argparse.Namespace) -> None:

@@ -37,7 +37,9 @@ class Row:
       input: the prompt.
       target: the text to train towards.
       template: the template (P3) or template type (FLAN) it came from.
-      choices: the answer choices of a rank-classified validation example, else None.
+      choices: the answer choices: of a rank-classified validation example; of a training
+        example's template (empty when it has none: the retrieval index embeds them); else None
+        (written only when not None).
     """
 
     input: str
@@ -47,18 +49,20 @@ class Row:
 
     def to_json(self) -> str:
         row = {"input": self.input, "target": self.target, "template": self.template}
-        if self.choices:
+        if self.choices is not None:
             row["choices"] = list(self.choices)
         return json.dumps(row, ensure_ascii=False)
 
 
 @dataclasses.dataclass
 class ExpertData:
-    """One expert's two splits, in the order they are written."""
+    """One expert's two splits, in the order they are written, and where they came from (recorded
+    in the summary when given)."""
 
     name: str
     train: list[Row]
     validation: list[Row]
+    source: str = ""
 
 
 def file_stem(name: str) -> str:
@@ -159,6 +163,7 @@ def write_build(out: str, experts: Iterable[ExpertData], settings: Mapping, *,
             _write_lines(os.path.join(out, split, f"{stem}.jsonl"), rows)
         train, val = _counts(data.train), _counts(data.validation)
         summary["experts"][data.name] = {
+            **({"source": data.source} if data.source else {}),
             "file": f"{stem}.jsonl", "train": len(data.train), "validation": len(data.validation),
             "templates": {t: {"train": train.get(t, 0), "validation": val.get(t, 0)}
                           for t in sorted(train.keys() | val.keys())}}

@@ -98,16 +98,21 @@ T0_HELDIN: dict[str, DatasetPrefix] = {
     "xsum": DatasetPrefix("xsum_"),
     "mrpc": DatasetPrefix("glue_mrpc_"),
     "qqp": DatasetPrefix("glue_qqp_"),
+    # P3 has no CommonsenseQA folders (only CoS-E's, below): the build takes it from the
+    # Hugging Face copy.
     "commonsense_qa": DatasetPrefix("commonsense_qa_"),
     "cos_e": DatasetPrefix("cos_e_v1.11_"),
     "wiki_hop": DatasetPrefix("wiki_hop_original_"),
-    # P3 stores its HotpotQA templates under KILT's copy of the dataset.
+    # P3 stores its HotpotQA templates under KILT's closed-book copy of the dataset (the release
+    # trains on hotpot_qa/fullwiki with its context paragraphs: the build takes that copy).
     "hotpot_qa": DatasetPrefix("kilt_tasks_hotpotqa_"),
     "app_reviews": DatasetPrefix("app_reviews_"),
     "trec": DatasetPrefix("trec_", splits=_TEST_SPLIT),
     "multi_news": DatasetPrefix("multi_news_"),
     "imdb": DatasetPrefix("imdb_", splits=_TEST_SPLIT),
-    "adversarial_qa": DatasetPrefix("adversarial_qa_adversarialQA_"),
+    # P3 publishes adversarial QA as its three subsets (dbidaf, dbert, droberta); the
+    # release's adversarialQA is their union.
+    "adversarial_qa": DatasetPrefix("adversarial_qa_"),
     "cnn_dailymail": DatasetPrefix("cnn_dailymail_3.0.0_"),
     "dbpedia_14": DatasetPrefix("dbpedia_14_", splits=_TEST_SPLIT),
 }
