@@ -70,7 +70,8 @@ def _build(args, source, stage, datasets):
         raise UsageError("--flan-grouping is for --pool tasks; the release's pool groups NIv2 "
                          "tasks by their own task files (--niv2-tasks)")
     return flan_pool.build_release_pool(flan_dir, stage, p3_root=p3_dir, niv2_tasks=niv2_tasks,
-                                        datasets=datasets)
+                                        datasets=datasets, hf_dir=args.hf_dir,
+                                        templates=args.templates)
 
 
 def _small(release):
@@ -90,6 +91,11 @@ def _own(ap):
     ap.add_argument("--p3-dir", help="the P3 release (the pool's 43 P3 experts)")
     ap.add_argument("--niv2-tasks", help="natural-instructions' tasks/ folder: each NIv2 task's "
                     "category, read from its own task file")
+    ap.add_argument("--hf-dir", help="the T0 held-in datasets' Hugging Face copies saved on disk "
+                    "(as train/t0.py --hf-dir): the release's source of the pool's 36 T0 "
+                    "held-in experts; needed for commonsense_qa and hotpot_qa, which P3 lacks")
+    ap.add_argument("--templates", help="promptsource's templates for --hf-dir: a checkout of "
+                    "bigscience-workshop/promptsource (default: the installed package)")
     ap.add_argument("--pool", choices=("release", "tasks"), default="release",
                     help="release (default): the release's 166 experts; tasks: one expert per "
                     "FLAN task name or --flan-grouping value")

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p3-dir", help="--pool release: the P3 release (its 43 P3 experts)")
     p.add_argument("--niv2-tasks", metavar="DIR", help="--pool release: natural-instructions' "
                    "tasks/ folder (each NIv2 task's category, from its own task file)")
+    p.add_argument("--hf-dir", metavar="HF_DIR", help="--pool release: the T0 held-in datasets' "
+                   "saved Hugging Face copies, as for p3-heldin (commonsense_qa and hotpot_qa "
+                   "need them)")
+    p.add_argument("--templates", metavar="DIR", help="--pool release: promptsource's "
+                   "templates for --hf-dir, as for p3-heldin")
     p.set_defaults(run=_run_flan)
     return ap
 
@@ -111,10 +116,11 @@ def _run_flan(args: argparse.Namespace) -> None:
                              "tasks by their task files (--niv2-tasks)")
         builds.run_build(args.out_dir, args.overwrite, lambda stage: flan_pool.build_release_pool(
             args.source_dir, stage, p3_root=args.p3_dir, niv2_tasks=args.niv2_tasks,
-            datasets=args.datasets, max_examples=args.max_examples or None, seed=args.seed))
+            datasets=args.datasets, max_examples=args.max_examples or None, seed=args.seed,
+            hf_dir=args.hf_dir, templates=args.templates))
         return
-    if args.p3_dir or args.niv2_tasks:
-        raise UsageError("--p3-dir and --niv2-tasks are for --pool release")
+    if args.p3_dir or args.niv2_tasks or args.hf_dir or args.templates:
+        raise UsageError("--p3-dir, --niv2-tasks, --hf-dir and --templates are for --pool release")
     grouping = build_flan.read_grouping(args.grouping) if args.grouping else None
     builds.run_build(args.out_dir, args.overwrite, lambda stage: build_flan.build_flan(
         args.source_dir, stage, datasets=args.datasets, grouping=grouping,

@@ -250,7 +250,8 @@ def flan_grouping(flan_root: str, experts: Sequence[PoolExpert], niv2_tasks: str
 def build_release_pool(flan_root: str, out: str, *, p3_root: str | None = None,
                        niv2_tasks: str | None = None, datasets: Sequence[str] | None = None,
                        max_examples: int | None = build_flan.MAX_EXAMPLES,
-                       seed: int = build_flan.SEED, progress: Callable | None = None) -> dict:
+                       seed: int = build_flan.SEED, hf_dir: str | None = None,
+                       templates: str | None = None, progress: Callable | None = None) -> dict:
     """Builds the release's FLAN pool (or the ``datasets`` among its names) into ``out`` (a
     staging folder: see ``goose_jax.data.builds``); returns the summary, experts in the
     release's order. ``seed`` is FLAN's shuffle; P3 keeps the release's seed 42.
@@ -285,6 +286,7 @@ def build_release_pool(flan_root: str, out: str, *, p3_root: str | None = None,
         summary = build_p3.build_p3_heldin(p3_root, p3_stage,
                                            datasets=[e.p3_heldin for e in heldin],
                                            max_examples=max_examples, seed=build_p3.SEED,
+                                           hf_dir=hf_dir, templates=templates,
                                            progress=progress)
         p3_files = {e.name: summary["experts"][e.p3_heldin]["file"] for e in heldin}
     rows = flan.rows_by_expert(flan_root, [e.name for e in from_flan], grouping=grouping) \
