@@ -5,7 +5,8 @@ The optimiser, schedule, batch, lengths, rank and precision are those of the T0 
 Flan 2021 tasks, 75 Natural Instructions v2 task categories and 19 more from the Open-Orca/FLAN
 release (zero-shot templates only); their names come with the FLAN data module, so
 ``expert_names`` is empty here and experts are named after their data files.
-``num_experts`` checks that all 166 are given.
+``num_experts`` checks that all 166 are given. Validation is the release's, as in the T0
+setting: every FLAN expert by ROUGE-L at its dataset's generation length, the P3 ones by theirs.
 """
 
 import dataclasses
