@@ -172,6 +172,7 @@ class Validator:
     def __init__(self, cfg, params, tokenizer, examples: Sequence[Sequence[Example]], *,
                  lora_scale: float, tcfg, mesh=None):
         from goose_jax import release_validation
+        from goose_jax.evaluation import Evaluator
 
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.lora_scale = lora_scale
