@@ -46,6 +46,8 @@ BBL_TASKS = (
     "operators", "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories",
     "strategyqa", "vitaminc_fact_verification", "winowhy",
 )
+# BBH tasks the release read from a tasksource/bigbench task of another name (bigbench.gin).
+RELEASE_NAMES = {"formal_fallacies": "formal_fallacies_syllogisms_negation"}
 # Generation tasks: (metric, the release's max_gen_length), colm/datasets/bigbench.gin.
 GENERATION = {
     "multistep_arithmetic_two": ("exact_match", 8),
@@ -145,9 +147,11 @@ def select_rows(by_split: dict[str, list[dict]], path: str,
 
 
 def task_dirs(root: str, task: str) -> list[str]:
-    direct = os.path.join(root, task)
-    if os.path.isdir(direct):
-        return [direct]
+    """The folders of ``task`` under ``root``: ``<task>``, else the release's source name
+    (``RELEASE_NAMES``), else BBH's per-object-count variants."""
+    for name in (task, RELEASE_NAMES.get(task)):
+        if name and os.path.isdir(os.path.join(root, name)):
+            return [os.path.join(root, name)]
     return sorted(d for d in glob.glob(os.path.join(root, f"{task}_*_objects")) if os.path.isdir(d))
 
 
@@ -223,6 +227,12 @@ def _rows_to_examples(rows: list[dict], task: str, dataset: str, path: str) -> l
         out.append(Example(text, tuple(c.strip() for c in choices) or None, answers, (), dataset,
                            "", ex_id))
     return out
+
+
+def check_rows(rows: list[dict], task: str, path: str) -> None:
+    """Refuses rows of ``task`` that goose-eval could not score (``DataError`` naming ``path``
+    and the row)."""
+    _rows_to_examples(rows, task, task, path)
 
 
 def examples(root: str | os.PathLike, task: str, *, dataset: str | None = None,
