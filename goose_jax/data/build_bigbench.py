@@ -2,7 +2,8 @@
 datasets the original release read (``colm/datasets/bigbench.gin`` of r-three/phatgoose):
 
   * ``tasksource/bigbench``: every BBL task and 19 of the 22 BBH tasks, split
-    ``train_validation`` (its train and validation splits joined, in that order);
+    ``train_validation`` (its train and validation splits joined, in that order:
+    ``src/data/dataset.py:117-123``);
   * ``lukaemon/bbh``: boolean_expressions, multistep_arithmetic_two and web_of_lies, split
     ``test``.
 
@@ -53,12 +54,12 @@ def _task_folder(root: str, name: str, source: str) -> str:
 def _rows(root: str, name: str, source: str) -> tuple[list[dict], str, str]:
     path = _task_folder(root, name, source)
     by_split = bigbench.read_task_dir(path)
-    parts = ("test",) if source == LUKAEMON else tuple(
-        s for s in ("train", "validation") if s in by_split)
-    if not parts or not all(p in by_split for p in parts):
-        raise DataError(f"{path}: no {' or '.join(parts or ('train', 'validation'))} split "
-                        f"(found: {sorted(by_split)}); the release read "
-                        f"{'test' if source == LUKAEMON else 'train and validation'}")
+    # The release's "train_validation": train then validation (src/data/dataset.py:117-123).
+    parts = ("test",) if source == LUKAEMON else ("train", "validation")
+    missing = [p for p in parts if p not in by_split]
+    if missing:
+        raise DataError(f"{path}: no {missing[0]} split (found: {sorted(by_split)}); the "
+                        f"release read {' and '.join(parts)}")
     return [r for p in parts for r in by_split[p]], "+".join(parts), path
 
 
