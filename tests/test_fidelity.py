@@ -422,3 +422,16 @@ def test_evaluation_precision():
     # every weight and activation in bf16 at evaluation.
     setting = _module("train/paper_setting.py", "fid_paper_setting")
     assert setting.EVAL_DTYPE == "bfloat16"
+
+
+def test_every_same_row_has_its_test():
+    """The README's table and this file agree: each row marked "same" names a test here."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Fidelity"):text.index("## Benchmarks")]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    same = [r[0].strip("| ") for r in rows if r[-1].strip("| ").startswith("same")]
+    assert len(same) >= 15
+    tests = {n for n in globals() if n.startswith("test_")}
+    for row in same:
+        name = "test_" + re.sub(r"[^a-z0-9]+", "_", row.lower()).strip("_")
+        assert name in tests, f"Fidelity row {row!r} is marked same but has no {name}"
