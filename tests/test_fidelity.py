@@ -348,7 +348,7 @@ RELEASE_BBL = ("bbq_lite_json conceptual_combinations conlang_translation "
                "vitaminc_fact_verification winowhy").split()
 
 
-def test_bigbench_tasks_and_prompt(tmp_path):
+def test_big_bench_tasks_and_prompt(tmp_path):
     # src/data/bigbench.py:38-40: input = inputs + "\nAnswer:".
     import json
 
@@ -361,7 +361,7 @@ def test_bigbench_tasks_and_prompt(tmp_path):
     assert ex.input == "Why?" + "\nAnswer:"
 
 
-def test_bigbench_references(tmp_path):
+def test_big_bench_references(tmp_path):
     # src/data/bigbench.py:30-37: exact_match / rouge score against targets[0];
     # exact_match_multiple_ans against every target.
     import json
