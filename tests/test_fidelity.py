@@ -197,7 +197,8 @@ def test_validation_steps_and_ties():
 
     for c in _configs():
         assert c.eval_every == 100 and c.validation_rules == "release"
-    raw = [0.41249, 0.4124, 0.41251, 0.40]   # the first three round to 0.412, 0.412, 0.413
+    # Rounded, the first three tie at 0.412 and the third step wins; unrounded, the second.
+    raw = [0.4124, 0.41249, 0.4121, 0.40]
     seq = iter(raw)
     # One value per step through the validation score's own rounding.
     keeper = BestKeeper(lambda t: np.array([100 * release_validation.dataset_score(
