@@ -113,8 +113,8 @@ def _nll_choice(cfg, params, tok, experts, i, text, choices, scale):
 
 def test_release_validator_scores_as_an_independent_scorer(tmp_path):
     """ropes (SQuAD; release length 16: 15 new tokens) and ag_news (rank accuracy) on a random
-    tiny T5. The references are partly the independent scorer's own greedy outputs, which a
-    wrong length changes."""
+    tiny T5: the generation length is the release's, and the scores equal the independent
+    scorer's (whose greedy outputs are partly the references, so SQuAD is not trivially 0)."""
     from goose_jax.experts import init_experts
     from goose_jax.train_runs import load_train_base, load_train_config
 
@@ -146,6 +146,9 @@ def test_release_validator_scores_as_an_independent_scorer(tmp_path):
         examples.append(validation.read_validation(str(path), n))
     v = validation.Validator(cfg, params, tok, examples, lora_scale=scale, tcfg=tcfg)
     assert v.metrics == ["squad", "accuracy"]
+    # ropes generates at most 15 tokens (not max_target_length = 16).
+    assert sorted((t.kind, t.max_new_tokens) for t, _ in v.tasks if t.kind == "generate") == [
+        ("generate", 15)]
     got = v.scores(experts)
 
     right = [float(_nll_choice(cfg, params, tok, experts, 1, r["input"], r["choices"],
