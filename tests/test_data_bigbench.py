@@ -101,3 +101,20 @@ def test_a_malformed_row_is_refused_and_nothing_is_written(sources, tmp_path, ca
     line = one_line(capsys.readouterr().err, "goose-data")
     assert "winowhy" in line and "row 1" in line and why in line, line
     assert not out.exists() and tree_hash(tmp_path) == before
+
+
+def test_goose_eval_refuses_a_malformed_row_too(tmp_path, capsys):
+    """The same check where goose-eval reads a BIG-bench root (it used to drop such a row from
+    the score and exit 0)."""
+    folder = tmp_path / "bbl" / "winowhy"
+    folder.mkdir(parents=True)
+    rows = [_row("winowhy", 0), {**_row("winowhy", 1), "multiple_choice_scores": [0, 0],
+                                 "targets": ["maybe"]}]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train_validation-00000-of-00001.parquet")
+    out = tmp_path / "out"
+    code = tool("goose-eval")(["--base", "random:tiny", "--byte-tokenizer", "--tasks",
+                               "bbl/winowhy", "--bbl-root", str(tmp_path / "bbl"),
+                               "--out", str(out), "--no-progress"])
+    line = one_line(capsys.readouterr().err, "goose-eval")
+    assert code == 1 and "winowhy" in line and "row 1" in line, line
+    assert not out.exists() or not any(out.iterdir())
