@@ -6,7 +6,8 @@ The optimiser, schedule, batch, lengths, rank and precision are those of the T0 
 datasets (the 36 T0 held-in ones and seven more), 44 Flan 2021 and 4 Dialog tasks, and 75
 Natural Instructions v2 task categories; their names come with the data, so ``expert_names`` is
 empty here and experts are named after their data files.
-``num_experts`` checks that all 166 are given.
+``num_experts`` checks that all 166 are given. Validation is the release's, as in the T0
+setting: every FLAN expert by ROUGE-L at its dataset's generation length, the P3 ones by theirs.
 """
 
 import dataclasses

@@ -6,6 +6,10 @@ eps 1e-8), 6% linear warm-up then constant, clipping 1.0, effective batch 1024, 
 truncated to 512 tokens, seed 42, the frozen base in bf16 with bf16 compute and fp32 trainable
 weights. Gates: 100 steps with the same optimiser (6 warm-up steps).
 
+Validation is the release's (``validation_rules="release"``, ``goose_jax.release_validation``):
+each expert's dataset keeps its metric (rank accuracy; SQuAD, BLEU + ROUGE-L or ROUGE-L for the
+generation datasets) and its generation length, each value rounded to 3 decimals.
+
 The micro-batch is memory only (the original used 2 to 32 per dataset); 8 x 128 keeps the
 effective batch at 1024. ``base_model`` names the checkpoint; pass the local directory with
 ``--base`` (nothing is downloaded).
@@ -50,4 +54,5 @@ def get_config() -> TrainConfig:
         tokenizer="base",
         num_experts=len(EXPERTS),
         expert_names=EXPERTS,
+        validation_rules="release",
     )

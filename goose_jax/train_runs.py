@@ -423,6 +423,11 @@ def run_experts(args: RunArgs) -> int:
     batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     evals = eval_batchers(setup, names)
     examples = [read_validation(p, n) for p, n in zip(setup.validation or (), names)]
+    best = None
+    if examples:   # before the library is made: a validation rule is checked here
+        validator = Validator(setup.cfg, setup.frozen_base(), setup.tokenizer, examples,
+                              lora_scale=lora.lora_scale, tcfg=tcfg, mesh=setup.mesh)
+        best = BestKeeper(validator.scores, validator.metrics)
     lib = create_library(args.library, setup, lora)
     if recorded is None:
         record_run(args.workdir, identity)
@@ -431,11 +436,6 @@ def run_experts(args: RunArgs) -> int:
         setup.cfg, lora, [jax.random.fold_in(root, stream_id(n)) for n in names],
         fast_compile=tcfg.fast_compile, mesh=setup.mesh)
     program = Program("expert", setup.cfg, tcfg, tcfg.steps, lora.lora_scale, mesh=setup.mesh)
-    best = None
-    if examples:
-        validator = Validator(setup.cfg, setup.frozen_base(), setup.tokenizer, examples,
-                              lora_scale=lora.lora_scale, tcfg=tcfg, mesh=setup.mesh)
-        best = BestKeeper(validator.scores, validator.metrics)
     state, history, ran = train_loop(program, setup.frozen_base(), None, trainable, batchers,
                                      args.workdir, eval_batchers=evals,
                                      mesh=setup.mesh, desc=f"{len(names)} expert(s)",

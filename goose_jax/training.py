@@ -114,7 +114,12 @@ class TrainConfig:
         the expert axis as large as the expert and device counts allow. Not part of a run's
         identity: a run may resume on another mesh.
       validation_metric: how experts whose validation examples have no choices are scored
-        during training (``goose_jax.validation``): ``"exact_match"`` or ``"rouge_l"``.
+        during training (``goose_jax.validation``): ``"exact_match"`` or ``"rouge_l"``, with
+        at most ``max_target_length`` new tokens.
+      validation_rules: ``""`` (``validation_metric`` as above) or ``"release"``: each expert
+        is scored by its dataset's rule in the original release
+        (``goose_jax.release_validation``: metric, generation length, values rounded to 3
+        decimals before the best step is chosen), found by the expert's name.
       remat: activation rematerialisation per block during training (``T5Config.remat``):
         "none", "block" (keep each block's inputs, recompute the rest in the backward pass) or
         "dots" (keep the sites' matmul outputs). Changes memory and time, not the numbers.
@@ -154,6 +159,7 @@ class TrainConfig:
     fast_compile: bool = False
     mesh: str = ""
     validation_metric: str = "exact_match"
+    validation_rules: str = ""
     remat: str = "none"
 
     def __post_init__(self):
@@ -184,6 +190,7 @@ class TrainConfig:
                   "expert_names": (lambda v: isinstance(v, tuple), "a tuple of strings"),
                   "validation_metric": (lambda v: v in ("exact_match", "rouge_l"),
                                         "'exact_match' or 'rouge_l'"),
+                  "validation_rules": (lambda v: v in ("", "release"), "'' or 'release'"),
                   "remat": (lambda v: v in REMAT_NAMES, f"one of {REMAT_NAMES}")}
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):

@@ -8,10 +8,17 @@ Validation files. Each expert's validation split is a JSON-lines file of
 ``{"input": str, "target": str}`` lines, with an optional ``"choices": [str, ...]`` holding the
 target among them. By convention it lies beside the expert's training file and is named after
 it: ``<name>.jsonl`` trains, ``<name>.validation.jsonl`` validates (what ``goose-data`` builders
-write). A file whose lines have choices is scored by rank-classification accuracy (the choice
-with the lowest mean token NLL, ``goose_jax.evaluation``); one without, by the greedy generation
-of at most ``max_target_length`` tokens against the target (``TrainConfig.validation_metric``:
-exact match, or ROUGE-L as the release's FLAN experts). A file holds one kind of line.
+write). A line may also carry ``"references": [str, ...]``, the texts a generation is scored
+against (default: its target). A file whose lines have choices is scored by rank-classification
+accuracy (the choice with the lowest mean token NLL, ``goose_jax.evaluation``); one without, by
+the greedy generation of at most ``max_target_length`` tokens against the target
+(``TrainConfig.validation_metric``: exact match or ROUGE-L). A file holds one kind of line.
+
+With ``TrainConfig.validation_rules = "release"`` (the paper settings' configs) each expert is
+scored as the original release scored its dataset (``goose_jax.release_validation``, found by
+the expert's name): accuracy, SQuAD, BLEU + ROUGE-L or ROUGE-L, the release's generation length
+per dataset, each metric value rounded to 3 decimals, so that near-equal steps tie and the
+later one wins.
 
 Either family: on a decoder-only base the experts are scored as goose-eval scores one (the
 prompt run once and every choice scored from its cached keys and values; generation continues
@@ -120,6 +127,9 @@ def read_validation(path: str, name: str) -> list[Example]:
             raise DataError(f"{where}: expected a JSON object with string 'input' (not empty) "
                             "and 'target' (and optionally 'choices', a list of strings)")
         choices = row.get("choices")
+        refs = row.get("references", [row["target"]])
+        if not (isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs)):
+            raise DataError(f"{where}: 'references' must be a non-empty list of strings")
         if choices is not None:
             if not (isinstance(choices, list) and choices
                     and all(isinstance(c, str) for c in choices)):
@@ -130,7 +140,7 @@ def read_validation(path: str, name: str) -> list[Example]:
             ex = Example(row["input"], tuple(choices), (choices.index(row["target"]),),
                          dataset=name, example_id=str(i))
         else:
-            ex = Example(row["input"], references=(row["target"],), dataset=name,
+            ex = Example(row["input"], references=tuple(refs), dataset=name,
                          example_id=str(i))
         kinds.add(choices is not None)
         if len(kinds) > 1:
@@ -161,22 +171,38 @@ class Validator:
 
     def __init__(self, cfg, params, tokenizer, examples: Sequence[Sequence[Example]], *,
                  lora_scale: float, tcfg, mesh=None):
+        from goose_jax import release_validation
         from goose_jax.evaluation import Evaluator
 
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.lora_scale = lora_scale
         self.names = [ex[0].dataset for ex in examples]
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.metrics = ["accuracy" if ex[0].choices else tcfg.validation_metric
-                        for ex in examples]
+        self.release = tcfg.validation_rules == release_validation.RELEASE
+        if self.release:
+            rules = release_validation.rules_for(self.names)
+            for ex, rule in zip(examples, rules):
+                if rule.metric == "accuracy" and not ex[0].choices:
+                    raise DataError(f"expert {ex[0].dataset}: the release scores its dataset "
+                                    "by rank accuracy, but its validation lines have no "
+                                    "'choices'")
+            self.metrics = [r.metric for r in rules]
+            lengths = [r.max_new_tokens for r in rules]
+        else:
+            self.metrics = ["accuracy" if ex[0].choices else tcfg.validation_metric
+                            for ex in examples]
+            lengths = [tcfg.max_target_length] * len(examples)
         self.sizes = [len(ex) for ex in examples]
         self.tasks = []
-        for metric in dict.fromkeys(self.metrics):
-            group = [e for ex, m in zip(examples, self.metrics) if m == metric for e in ex]
+        groups: dict[tuple[str, int], list[Example]] = {}
+        for ex, metric, n in zip(examples, self.metrics, lengths):
+            # One task per (kind, length); in release mode generations are scored afterwards.
+            carrier = metric if metric == "accuracy" or not self.release else "exact_match"
+            groups.setdefault((carrier, 0 if metric == "accuracy" else n), []).extend(ex)
+        for (metric, n), group in groups.items():
             self.tasks.append((EvalTask(
-                f"validation/{metric}", "validation", "rank" if metric == "accuracy" else
-                "generate", metric, lambda g=group: g, max_new_tokens=tcfg.max_target_length),
-                group))
+                f"validation/{metric}/{n}", "validation", "rank" if metric == "accuracy" else
+                "generate", metric, lambda g=group: g, max_new_tokens=max(n, 1)), group))
         self.evaluator_args = dict(
             batch_size=tcfg.micro_batch, max_input_length=tcfg.max_input_length,
             max_target_length=tcfg.max_target_length, mesh=mesh,
@@ -190,19 +216,29 @@ class Validator:
         Args:
           trainable: the stacked experts (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)).
         """
+        from goose_jax.release_validation import dataset_score
         from goose_jax.routers import build_routed
 
         routed = build_routed("example", self.cfg, trainable, scale=self.lora_scale)
         evaluator = self._evaluator(self.cfg, self.params, self.tokenizer, routed,
                                     **self.evaluator_args)
-        totals, counts = np.zeros(len(self.names)), np.zeros(len(self.names))
+        E = len(self.names)
+        values: list[list[float]] = [[] for _ in range(E)]
+        texts: list[list[str]] = [[] for _ in range(E)]
+        refs: list[list[list[str]]] = [[] for _ in range(E)]
         for task, group in self.tasks:
             result = evaluator.evaluate_task(task, group)
             for pred in result.predictions:
                 i = self.index[pred["dataset"]]
-                totals[i] += pred["value"]
-                counts[i] += 1
-        return 100.0 * totals / np.maximum(counts, 1)
+                values[i].append(pred["value"])
+                if "prediction" in pred and isinstance(pred["prediction"], str):
+                    texts[i].append(pred["prediction"])
+                    refs[i].append(pred["references"])
+        if not self.release:
+            return np.array([100.0 * float(np.mean(v)) if v else 0.0 for v in values])
+        return np.array([100.0 * dataset_score(m, values[i] if m == "accuracy" else texts[i],
+                                               refs[i])
+                         for i, m in enumerate(self.metrics)])
 
 
 @jax.jit

@@ -19,7 +19,8 @@ run continues where it stopped; nothing finished is redone):
                                                 -> W/multitask_library (W/train/multitask)
   7. evaluation  every method of ``eval/paper.py`` (base, PHATGOOSE k=2, merged, Arrow k=2,
                  average activation k=2, retrieval), the multitask model, and each expert alone
-                 (``--method single``: the oracle and best-individual rows)
+                 (``--method single``: the oracle and best-individual rows), in bfloat16 as
+                 the release evaluated (``--dtype float32`` to compare)
                                                 -> W/eval/<method>, W/eval/single/<expert>
   8. report      ``goose-eval report`` of every run -> W/report/report.{md,json,png}
 
@@ -46,6 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 RETRIEVAL_EXAMPLES = 1000   # per expert, as the paper
 PROTOTYPE_EXAMPLES = 1000
+# The release evaluated with everything in bf16 (colm/experiments/eval.gin
+# Model.trainable_params="none", colm/models/t5xl/t5.gin Model.mix_precision="bf16").
+EVAL_DTYPE = "bfloat16"
 _SMALL_EVAL = dict(byte_tokenizer=True, batch_size=8, max_input_length=64, max_target_length=16,
                    fast_compile=True)
 
@@ -95,6 +99,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     default=routing.RELEASE, help="Arrow's temperature (default: 'release', "
                     "10 * sqrt(d_in), as the paper's Arrow numbers were measured)")
     ap.add_argument("--mesh", help="device mesh sizes for training and evaluation")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="evaluation's parameter "
+                    "and compute dtype (default: bfloat16, as the release evaluated under bf16 "
+                    "autocast; --small: float32)")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     ap.add_argument("--max-examples", type=int, help="evaluate at most this many examples per "
                     "template (quick runs)")
@@ -199,12 +206,12 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
         small = _small_inputs(setting, work)
         source, datasets, base = small["source"], small["datasets"], small["base"]
         roots, tasks, benchmarks = small["roots"], tuple(small["tasks"]), ()
-        config, eval_extra = args.config or TINY_CONFIG, _SMALL_EVAL
+        config, eval_extra = args.config or TINY_CONFIG, {**_SMALL_EVAL, "dtype": "float32"}
     else:
         datasets, base, tasks, benchmarks = None, args.base, (), setting.benchmarks
         roots = {"bbh_root": args.bbh_root, "bbl_root": args.bbl_root,
                  **setting.roots(args)}
-        config, eval_extra = args.config or setting.config, {}
+        config, eval_extra = args.config or setting.config, {"dtype": EVAL_DTYPE}
     summary = _build_data(setting, args, work, source, datasets)
     files = [e["file"] for e in summary["experts"].values()]
     names = [os.path.splitext(f)[0] for f in files]
@@ -237,7 +244,8 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     s = zeroshot.EvalSettings(base=base, library=library, out=evals, tasks=tasks,
                               benchmarks=benchmarks, arrow_temperature=args.arrow_temperature,
                               mesh=args.mesh, max_examples=args.max_examples,
-                              progress=False, **{"batch_size": args.batch_size, **eval_extra},
+                              progress=False, **{"batch_size": args.batch_size, **eval_extra,
+                                                 **({"dtype": args.dtype} if args.dtype else {})},
                               **roots)
     runs = zeroshot.paper_methods(s)
     specs = [runs[m].out for m in runs]

@@ -5,20 +5,24 @@
                                           datasets with promptsource's templates and / or P3
     goose-data flan FLAN_DIR OUT_DIR      the FLAN experts, from the Open-Orca/FLAN files
         [--pool release --p3-dir P3 --niv2-tasks TASKS]   the release's 166 (flan_pool)
+    goose-data bigbench TASKSOURCE_DIR LUKAEMON_DIR OUT_DIR
+                                          the BBH and BBL roots goose-eval reads
 
 Each writes ``OUT_DIR/train/<expert>.jsonl``, ``OUT_DIR/validation/<expert>.jsonl`` and
 ``OUT_DIR/summary.json`` (counts per expert and template, also printed as a table), as the
 original release built them: the rules are in ``goose_jax.data.build_p3`` and
-``goose_jax.data.build_flan``, the output in ``goose_jax.data.builds``. Argument parsing and
+``goose_jax.data.build_flan``, the output in ``goose_jax.data.builds``; ``bigbench`` writes
+``OUT_DIR/bbh`` and ``OUT_DIR/bbl`` (``goose_jax.data.build_bigbench``). Argument parsing and
 dispatch only; exit codes are those of ``goose_jax.errors``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
-from goose_jax.data import build_flan, build_p3, builds, flan_pool
+from goose_jax.data import build_bigbench, build_flan, build_p3, builds, flan_pool
 from goose_jax.errors import UsageError
 from goose_jax.tool import run_tool
 
@@ -96,7 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", metavar="DIR", help="--pool release: promptsource's "
                    "templates for --hf-dir, as for p3-heldin")
     p.set_defaults(run=_run_flan)
+    help_bb = ("the BBH and BBL roots of goose-eval, from saved tasksource/bigbench and "
+               "lukaemon/bbh datasets")
+    p = sub.add_parser("bigbench", help=help_bb, description=help_bb)
+    p.add_argument("tasksource_dir", metavar="TASKSOURCE_DIR", help="tasksource/bigbench: one "
+                   "folder per task (save_to_disk, or the Hub snapshot's parquet files)")
+    p.add_argument("lukaemon_dir", metavar="LUKAEMON_DIR", help="lukaemon/bbh: one folder per "
+                   "task (boolean_expressions, multistep_arithmetic_two, web_of_lies are read)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (bbh/, bbl/, "
+                   "summary.json); it appears only when complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an OUT_DIR that is not empty (kept until the new one is whole)")
+    p.set_defaults(run=_run_bigbench)
     return ap
+
+
+def _run_bigbench(args: argparse.Namespace) -> None:
+    out = builds.check_out_dir(args.out_dir, args.overwrite)
+    with builds.staged(out) as stage:
+        summary = build_bigbench.build_bigbench(args.tasksource_dir, args.lukaemon_dir, stage)
+    print(f"{PROG}: wrote {len(summary['tasks'])} BIG-bench tasks to {out} (--bbh-root "
+          f"{os.path.join(out, 'bbh')} --bbl-root {os.path.join(out, 'bbl')})")
 
 
 def _run_p3(args: argparse.Namespace) -> None:

@@ -11,7 +11,11 @@ or a folder of ``.parquet`` / ``.jsonl`` / ``.json`` files named by split
     read from all its variants, each variant with its own choices.
 
 The prompt is ``input + "\\nAnswer:"`` (zero-shot, no chain of thought). Tasks without choices
-are generation tasks; their references are the targets, longest first (the original's target).
+are generation tasks, scored as the release scored them (``src/data/bigbench.py:30-37`` of
+r-three/phatgoose): exact match and ROUGE-L against ``targets[0]`` alone, exact match of
+``object_counting`` against any target. Their generation length is the release's
+``max_gen_length`` (``colm/datasets/bigbench.gin``) less one: it is HF ``generate``'s
+``max_length``, which counts the decoder start token.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ BBL_TASKS = (
     "operators", "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories",
     "strategyqa", "vitaminc_fact_verification", "winowhy",
 )
-# Generation tasks: (metric, maximum new tokens), as the original evaluation.
+# BBH tasks the release read from a tasksource/bigbench task of another name (bigbench.gin).
+RELEASE_NAMES = {"formal_fallacies": "formal_fallacies_syllogisms_negation"}
+# Generation tasks: (metric, the release's max_gen_length), colm/datasets/bigbench.gin.
 GENERATION = {
     "multistep_arithmetic_two": ("exact_match", 8),
     "word_sorting": ("exact_match", 128),
@@ -62,10 +68,11 @@ _FILE_EXTS = (".parquet", ".jsonl", ".json")
 
 
 def task_kind(task: str) -> tuple[str, str, int]:
-    """(kind, metric, max_new_tokens) of a BIG-bench task."""
+    """(kind, metric, max_new_tokens) of a BIG-bench task (new tokens: ``max_gen_length - 1``,
+    see the module doc)."""
     if task in GENERATION:
         metric, n = GENERATION[task]
-        return "generate", metric, n
+        return "generate", metric, n - 1
     return "rank", "accuracy", 0
 
 
@@ -140,9 +147,11 @@ def select_rows(by_split: dict[str, list[dict]], path: str,
 
 
 def task_dirs(root: str, task: str) -> list[str]:
-    direct = os.path.join(root, task)
-    if os.path.isdir(direct):
-        return [direct]
+    """The folders of ``task`` under ``root``: ``<task>``, else the release's source name
+    (``RELEASE_NAMES``), else BBH's per-object-count variants."""
+    for name in (task, RELEASE_NAMES.get(task)):
+        if name and os.path.isdir(os.path.join(root, name)):
+            return [os.path.join(root, name)]
     return sorted(d for d in glob.glob(os.path.join(root, f"{task}_*_objects")) if os.path.isdir(d))
 
 
@@ -163,32 +172,67 @@ def _label(row: dict, choices: list[str], targets: list[str], multi: bool) -> tu
     return correct[:1]
 
 
+def _check_row(row: dict, i: int, path: str, kind: str) -> None:
+    """Refuses a row that cannot be scored (it would otherwise drop out of the task's score)."""
+    text = row.get("inputs", row.get("input"))
+    raw = row.get("targets", row.get("target"))
+    targets = [raw] if isinstance(raw, str) else raw
+    problem = None
+    if not isinstance(text, str) or not text.strip():
+        problem = f"its input is {text!r}, expected non-empty text"
+    elif not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        problem = f"its target(s) are {raw!r}, expected text or a non-empty list of text"
+    elif kind == "rank" and "multiple_choice_targets" in row and not (
+            isinstance(row["multiple_choice_targets"], list) and row["multiple_choice_targets"]
+            and all(isinstance(c, str) for c in row["multiple_choice_targets"])):
+        problem = (f"its multiple_choice_targets are {row['multiple_choice_targets']!r}, "
+                   "expected a non-empty list of text")
+    if problem:
+        raise DataError(f"{path}: row {i}: {problem}; a malformed row is refused rather than "
+                        "skipped (fix or remove it)")
+
+
 def _rows_to_examples(rows: list[dict], task: str, dataset: str, path: str) -> list[Example]:
-    kind, _, _ = task_kind(task)
+    kind, metric, _ = task_kind(task)
     multi = task in MULTI_ANSWER
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or ("inputs" not in row and "input" not in row):
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}: row {i} has neither 'inputs' (BIG-bench layout) nor 'input' "
+                            f"(BBH layout); found: {found}")
+        _check_row(row, i, path, kind)
     bbh_layout = rows and "input" in rows[0] and "inputs" not in rows[0]
     if bbh_layout:
         bbh_choices = FIXED_CHOICES.get(task) or tuple(sorted({str(r["target"]).strip()
                                                                for r in rows}))
     out = []
     for i, row in enumerate(rows):
-        if "inputs" not in row and "input" not in row:
-            raise DataError(f"{path}: row {i} has neither 'inputs' (BIG-bench layout) nor 'input' "
-                            f"(BBH layout); columns: {sorted(row)}")
-        text = str(row.get("inputs", row.get("input", ""))) + PROMPT_SUFFIX
+        text = row.get("inputs", row.get("input")) + PROMPT_SUFFIX
         raw_targets = row.get("targets", row.get("target", []))
-        targets = [raw_targets] if isinstance(raw_targets, str) else list(raw_targets or [])
-        targets = sorted((str(t) for t in targets), key=len, reverse=True)
+        given = [raw_targets] if isinstance(raw_targets, str) else list(raw_targets or [])
+        targets = sorted((str(t) for t in given), key=len, reverse=True)
         ex_id = str(row.get("idx", i))
         if kind == "generate":
-            out.append(Example(text, None, (), tuple(t.strip() for t in targets), dataset, "",
+            # The release's references: targets[0], or every target for exact_match_any.
+            refs = [str(t) for t in given] if metric == "exact_match_any" else [str(given[0])]
+            out.append(Example(text, None, (), tuple(t.strip() for t in refs), dataset, "",
                                ex_id))
             continue
         choices = list(row.get("multiple_choice_targets") or (bbh_choices if bbh_layout else []))
         answers = _label(row, choices, targets, multi) if choices else ()
+        if not answers:
+            raise DataError(f"{path}: row {i}: no answer choice matches its target(s) "
+                            f"{targets[:3]} (choices: {choices[:5]}); a malformed row is "
+                            "refused rather than skipped (fix or remove it)")
         out.append(Example(text, tuple(c.strip() for c in choices) or None, answers, (), dataset,
                            "", ex_id))
     return out
+
+
+def check_rows(rows: list[dict], task: str, path: str) -> None:
+    """Refuses rows of ``task`` that goose-eval could not score (``DataError`` naming ``path``
+    and the row)."""
+    _rows_to_examples(rows, task, task, path)
 
 
 def examples(root: str | os.PathLike, task: str, *, dataset: str | None = None,
