@@ -38,11 +38,15 @@ file's line scores against its ``target``, or against its ``references`` when th
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Sequence
 
 from goose_jax.errors import DataError
 from goose_jax.metrics import corpus_bleu, rouge_l, squad_exact, squad_f1
+
+POOL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "flan_pool.json")
 
 RELEASE = "release"          # TrainConfig.validation_rules: this module's table
 DECIMALS = 3                 # the release's rounding of each metric value
@@ -281,7 +285,16 @@ def _index() -> dict[str, str]:
     for scope, (_, path) in _FLAN.items():
         for a in _aliases(scope, path):
             owners.setdefault(a, set()).add(scope)
-    return {a: next(iter(s)) for a, s in owners.items() if len(s) == 1}   # ambiguous: none
+    index = {a: next(iter(s)) for a, s in owners.items() if len(s) == 1}   # ambiguous: none
+    # The release's own expert names (scripts/concatenate.py, as the packaged pool table records
+    # them with their gin scope) name their scope even where they abbreviate it
+    # (Flanv2zsOpinionabstractidebate: FLAN2021OPINIONABSTRACTSIDEBATE).
+    with open(POOL_FILE, encoding="utf-8") as f:
+        for e in json.load(f)["experts"]:
+            scope = e["config"].split("/")[0]
+            if scope in _P3 or scope in _FLAN:
+                index.setdefault(_norm(e["name"]), scope)
+    return index
 
 
 ALIASES = _index()

@@ -170,3 +170,17 @@ def test_a_rank_rule_without_choices_is_refused(tmp_path):
     with pytest.raises(DataError, match="imdb.*rank accuracy"):
         validation.Validator(cfg, params, tok, [validation.read_validation(str(path), "imdb")],
                              lora_scale=1.0, tcfg=tcfg)
+
+
+def test_every_expert_of_the_release_pool_has_its_release_rule():
+    """Each of the 166 names of the packaged pool resolves to the gin scope its row names."""
+    import json
+
+    from goose_jax import release_validation as rv
+
+    with open(rv.POOL_FILE, encoding="utf-8") as f:
+        pool = json.load(f)["experts"]
+    assert len(pool) == 166
+    got = {e["name"]: rv.scope_of(e["name"]) for e in pool}
+    assert got == {e["name"]: e["config"].split("/")[0] for e in pool}
+    assert len(rv.rules_for([e["name"] for e in pool])) == 166
