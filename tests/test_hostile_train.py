@@ -66,7 +66,7 @@ def refused(capsys, argv, code, *parts, watch=()):
 # --- 1. validated before any work ----------------------------------------------------------------
 
 
-def test_bad_data_is_refused_before_any_write(data, tmp_path, capsys):
+def test_bad_data_is_refused_before_any_write(data, trained, tmp_path, capsys):
     lib, work = tmp_path / "lib", tmp_path / "work"
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"input": "ok", "target": "ok"}\n{"input": "caf\xe9", "target": "x"}\n')
@@ -80,6 +80,14 @@ def test_bad_data_is_refused_before_any_write(data, tmp_path, capsys):
     huge = write_jsonl(tmp_path / "huge.jsonl", [("x", [1, 2]), ("y", [3, 100000]), ("z", "w")])
     refused(capsys, args([huge], lib, work), 1, "huge.jsonl:2", "'target'", "100000",
             "0 .. 258")
+    for i, empty in enumerate(["", "  ", []]):   # nothing to learn: a no-op expert at loss 0
+        path = write_jsonl(tmp_path / f"empty{i}.jsonl", [("a", "b"), ("c", empty)])
+        refused(capsys, args([path], lib, work), 1, f"empty{i}.jsonl:2", "'target' is empty",
+                watch=[tmp_path])
+    # The same reader serves goose-train prototypes.
+    refused(capsys, ["prototypes", "--config", TINY, "--base", "random:tiny", "--data", path,
+                     "--names", "reverse", "--library", str(trained / "lib")], 1,
+            "empty2.jsonl:2", "'target' is empty", watch=[tmp_path, trained / "lib"])
     # held-out data is checked as early as training data
     refused(capsys, args(data, lib, work, "--eval-data", str(huge), str(huge)), 1,
             "huge.jsonl:2")
@@ -204,15 +212,25 @@ def _experts(lib):
 
 
 @pytest.fixture(scope="module")
-def straight(data, tmp_path_factory):
+def straight_lib(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     assert main(args(data, root / "lib", root / "w")) == 0
-    return _experts(root / "lib")
+    return root / "lib"
+
+
+@pytest.fixture(scope="module")
+def straight(straight_lib):
+    return _experts(straight_lib)
+
+
+def _expert_bytes(lib):
+    return {p.name: p.read_bytes() for p in sorted((lib / "experts").iterdir())}
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip-several", "missing"])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straight, tmp_path,
-                                                                    capsys, monkeypatch, how):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straight, straight_lib,
+                                                                    tmp_path, capsys, monkeypatch,
+                                                                    how):
     from goose_jax import training
 
     lib, work = tmp_path / "lib", tmp_path / "work"
@@ -242,6 +260,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straig
     assert resumed.keys() == straight.keys()
     for k in straight:
         assert np.array_equal(resumed[k], straight[k]), k
+    # The same run writes the same bytes (header metadata in a fixed order, no timestamps).
+    assert _expert_bytes(lib) == _expert_bytes(straight_lib)
 
 
 def _small_tree(seed):
