@@ -30,7 +30,7 @@ writes nothing, not even its ``run.json``. Training that diverges (a non-finite 
 parameters) stops with one line and writes nothing to the output.
 
 Validation (``expert`` / ``experts``; ``goose_jax.validation``): each expert's validation split
-(``--validation``, or ``<name>.validation.jsonl`` beside each training file ``<name>.jsonl``) is
+(``--validation``, or each training file's own: ``validation.find_validation``) is
 scored by its task metric at step 0, every ``eval_every`` steps and at the last step; each
 expert keeps the step that scored best (ties: the later), and the library gets that step's
 expert, with the step and score in its manifest entry (``info["validation"]``).
