@@ -192,7 +192,7 @@ def test_prototypes_are_recorded_checked_and_dropped_with_their_expert(world, tm
 
     from conftest import one_line, tree_hash
 
-    from goose_jax.errors import LibraryError
+    from goose_jax.errors import DataError, LibraryError
     from goose_jax.library import ExpertLibrary
     from goose_jax.report import PROTOTYPES_FILE, load_prototypes
     from goose_jax.tensorfile import read_safetensors
@@ -232,9 +232,8 @@ def test_prototypes_are_recorded_checked_and_dropped_with_their_expert(world, tm
         np.testing.assert_array_equal(after[key], rows[[0]])   # "reverse" was row 0
     record = json.loads((lib / "manifest.json").read_text())["prototypes"]
     assert record["sha256"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    assert evaluate(_eval_args(world, lib, tmp_path / "stale")) == 1
-    line = one_line(capsys.readouterr().err, "goose-eval")
-    assert "no prototypes for experts ['upper']" in line, line
+    with pytest.raises(DataError, match=r"no prototypes for experts \['upper'\]"):
+        load_prototypes(str(path), ["reverse", "upper"])
     # ... and removing the last expert with one drops the file and its record.
     shutil.copy(path, tmp_path / "kept")
     library.remove("reverse")
