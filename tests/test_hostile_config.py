@@ -112,15 +112,6 @@ def test_read_rope_is_the_one_reader():
     assert read_rope({}) == {"rope_type": "default", "rope_theta": 10000.0}
 
 
-def _logits_hf_and_ours(folder, model, family_loader):
-    import torch
-
-    ids = np.random.default_rng(0).integers(3, 101, size=(2, 7))
-    with torch.no_grad():
-        want = model(input_ids=torch.tensor(ids)).logits.float().numpy()
-    return want, family_loader(folder, ids)
-
-
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     """A tiny Llama with rope_scaling linear x2 in its config.json and an untied head."""
@@ -146,6 +137,7 @@ def _with_config(folder, dst, **changes):
 
 
 def test_linear_rope_and_a_distinct_head_under_a_tie_match_transformers(llama_folder, tmp_path):
+    import torch
     import transformers
 
     from goose_jax.interop.hf_decoder import load_hf_llama
@@ -155,8 +147,6 @@ def test_linear_rope_and_a_distinct_head_under_a_tie_match_transformers(llama_fo
                       rope_scaling=LINEAR2, rope_theta=10000.0, tie_word_embeddings=True)
     ids = np.random.default_rng(0).integers(3, 101, size=(2, 7))
     for folder in (llama_folder, v4):
-        import torch
-
         model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
         assert model.config.rope_parameters["rope_type"] == "linear"
         with torch.no_grad():
