@@ -6,7 +6,8 @@
 
 Rotary position embeddings: ``rope_type`` "default", "linear" and "llama3" (Llama 3.1 / 3.2)
 are supported; "dynamic", "yarn", "longrope" and the others transformers knows are refused with
-a ``ConfigError`` rather than silently computed as "default".
+a ``ConfigError`` rather than silently computed as "default". ``read_rope`` is the one reader of
+the rope keys, in both layouts (``rope_parameters``, ``rope_scaling`` + ``rope_theta``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,95 @@ FAMILIES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "mistral": "MistralForCausalLM"}
+
+
+# The keys each supported rope_type reads (besides rope_type / type); anything else is refused.
+_ROPE_PARAMS = {"default": ("rope_theta",), "linear": ("rope_theta", "factor"),
+                "llama3": ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
+
+
+def _number(key: str, value: Any, source: str, *, integer: bool = False) -> float | int:
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float)))
+    if not ok or isinstance(value, bool) or not (value > 0) or value == float("inf"):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; expected {kind}")
+    return value
+
+
+def _rope_layout(d: Mapping[str, Any], key: str, source: str) -> dict[str, Any] | None:
+    """One rope layout (``rope_parameters`` or ``rope_scaling``) as {rope_type, params...}, or
+    None where the key is absent, null or empty."""
+    value = d.get(key)
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; expected an object "
+                          f"such as {{\"rope_type\": \"linear\", \"factor\": 2.0}}")
+    names = [n for n in ("rope_type", "type") if n in value]
+    types = {value[n] for n in names if isinstance(value[n], str)}
+    if len(types) > 1:
+        raise ConfigError(f"{source}: {key} names two rope types: type {value['type']!r}, "
+                          f"rope_type {value['rope_type']!r}")
+    rope_type = value[names[0]] if names else "default"
+    if rope_type not in _ROPE_PARAMS:
+        raise ConfigError(f"{source}: {key}.{names[0] if names else 'rope_type'} {rope_type!r} "
+                          f"is not supported; supported: {list(_ROPE_PARAMS)}")
+    out: dict[str, Any] = {"rope_type": rope_type}
+    for name, v in value.items():
+        if name in names:
+            continue
+        if name not in _ROPE_PARAMS[rope_type]:
+            raise ConfigError(f"{source}: {key}.{name} {v!r} is not supported with rope_type "
+                              f"{rope_type!r}; it reads only {list(_ROPE_PARAMS[rope_type])}")
+        out[name] = _number(f"{key}.{name}", v, source,
+                            integer=name == "original_max_position_embeddings")
+    return out
+
+
+def read_rope(d: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The rotary settings of a Hugging Face decoder ``config.json``, from either layout.
+
+    transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside); transformers 4
+    wrote ``rope_scaling`` (``type`` or ``rope_type``) beside a top-level ``rope_theta``. Both
+    are read; where a file has both (goose-jax writes both, equal) they must agree on every
+    value either gives, as must every ``rope_theta`` given. Only what ``goose_jax.decoder``
+    computes is accepted: ``rope_type`` default, linear or llama3 with the keys that type
+    reads; another type, another key, or a value that is not a positive number is refused.
+
+    Returns:
+      {"rope_type", "rope_theta", and the type's other keys where given}.
+
+    Raises:
+      ConfigError: one line naming ``source``, the key and its value.
+    """
+    layouts = {k: _rope_layout(d, k, source) for k in ("rope_parameters", "rope_scaling")}
+    given = {k: v for k, v in layouts.items() if v is not None}
+    if len(given) == 2:
+        a, b = given["rope_parameters"], given["rope_scaling"]
+        for name in ["rope_type", *sorted((set(a) | set(b)) - {"rope_type"})]:
+            if name == "rope_theta" and (name not in a or name not in b):
+                continue
+            if a.get(name) != b.get(name):
+                raise ConfigError(f"{source}: rope_parameters and rope_scaling disagree on "
+                                  f"{name} ({a.get(name)!r} and {b.get(name)!r}); keep one")
+    rope = dict(given.get("rope_parameters") or given.get("rope_scaling") or
+                {"rope_type": "default"})
+    thetas = {f"{k}.rope_theta": v["rope_theta"] for k, v in given.items() if "rope_theta" in v}
+    if d.get("rope_theta") is not None:
+        thetas["rope_theta"] = _number("rope_theta", d["rope_theta"], source)
+    if len(set(thetas.values())) > 1:
+        raise ConfigError(f"{source}: the rope_theta values disagree: "
+                          + ", ".join(f"{k} {v!r}" for k, v in thetas.items()))
+    rope["rope_theta"] = next(iter(thetas.values()), 10000.0)
+    lacking = [k for k in _ROPE_PARAMS[rope["rope_type"]][1:4] if k not in rope]
+    if lacking:
+        raise ConfigError(f"{source}: rope_type {rope['rope_type']!r} needs {lacking} in "
+                          f"{next(iter(given))}")
+    if d.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor {d['partial_rotary_factor']!r} is "
+                          "not supported; rotary embeddings cover the whole head (1.0)")
+    return rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +237,8 @@ class DecoderConfig:
                               "only silu (SwiGLU)")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: pretraining_tp must be 1")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope = read_rope(d, source)
+        rope_type = rope["rope_type"]
         heads = int(d["num_attention_heads"])
         window = d.get("sliding_window") if family == "mistral" else None
         eos = d.get("eos_token_id")
@@ -164,7 +253,7 @@ class DecoderConfig:
                 num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope["rope_theta"]), rope_type=str(rope_type),
+                rope_theta=float(rope["rope_theta"]), rope_type=rope_type,
                 rope_factor=float(rope.get("factor", 1.0)),
                 rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),

@@ -52,13 +52,14 @@ import ml_dtypes
 import numpy as np
 
 from goose_jax import families
-from goose_jax.errors import ConfigError, LibraryError
+from goose_jax.errors import ConfigError, GooseError, LibraryError
 from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites, site_pattern
 from goose_jax.library_manifest import (
     EXPERT_DIR,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    PROTOTYPES_FILE,
     _base_config,
     _entry_problem,
     _expert_file,
@@ -431,6 +432,7 @@ class ExpertLibrary:
             write_atomic(file, data)
             if name in names:
                 entries[names.index(name)] = entry
+                self._drop_prototypes([name])   # computed with the expert just replaced
             else:
                 entries.append(entry)
             self._write_manifest()
@@ -443,11 +445,67 @@ class ExpertLibrary:
             if name not in names:
                 self.info(name)  # raises, naming the experts there are
             entry = entries.pop(names.index(name))
+            self._drop_prototypes([name])
             self._write_manifest()
             try:  # inside the lock: a concurrent add of this name keeps its new file
                 os.remove(os.path.join(self.path, entry["file"]))
             except FileNotFoundError:
                 pass
+
+    # --- prototypes (the average-activation baseline's router vectors) -------------------------
+
+    def write_prototypes(self, tensors: Mapping[str, np.ndarray],
+                         metadata: Mapping[str, str] | None = None) -> str:
+        """Writes ``<library>/prototypes.safetensors`` and records its size and sha256 in the
+        manifest (``report.save_prototypes`` calls this for a library's own file). Returns the
+        path."""
+        data = safetensors_bytes(dict(tensors), metadata=metadata)
+        file = os.path.join(self.path, PROTOTYPES_FILE)
+        with self._fresh():
+            write_atomic(file, data)
+            self.manifest["prototypes"] = {"file": PROTOTYPES_FILE, "bytes": len(data),
+                                           "sha256": _sha256(data)}
+            self._write_manifest()
+        return file
+
+    def _drop_prototypes(self, names: Sequence[str]) -> None:
+        """Inside the write lock, before ``_write_manifest``: removes the prototype rows of
+        ``names`` (experts replaced or removed), or the whole file where it does not name its
+        rows or keeps none. A file that differs from its record is left for readers to
+        refuse."""
+        from goose_jax.report import prototype_names
+        from goose_jax.tensorfile import read_safetensors
+
+        file = os.path.join(self.path, PROTOTYPES_FILE)
+        if not os.path.isfile(file):
+            self.manifest.pop("prototypes", None)
+            return
+        with open(file, "rb") as f:
+            data = f.read()
+        record = self.manifest.get("prototypes")
+        if record is not None and (len(data) != record["bytes"]
+                                   or _sha256(data) != record["sha256"]):
+            return
+        try:
+            stored = prototype_names(file)
+            header = dict(SafetensorsFile(file, error=LibraryError).metadata)
+            flat = read_safetensors(file, error=LibraryError)
+        except GooseError:
+            return   # not ours to repair; readers refuse it
+        if stored is not None and not any(n in stored for n in names):
+            return
+        keep = [i for i, n in enumerate(stored or []) if n not in names]
+        if not keep:
+            os.remove(file)
+            self.manifest.pop("prototypes", None)
+            return
+        header["experts"] = json.dumps([stored[i] for i in keep])
+        data = safetensors_bytes({k: np.ascontiguousarray(v[keep]) for k, v in flat.items()},
+                                 metadata=header)
+        write_atomic(file, data)
+        self.manifest["prototypes"] = {"file": PROTOTYPES_FILE, "bytes": len(data),
+                                       "sha256": _sha256(data)}
+
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -607,3 +665,31 @@ def _stack_into(rows: _ExpertRows, count: int, sharding: jax.sharding.Sharding, 
                                          lambda index: rows.block(key, shape, index, count))
     rows.release(key)
     return value
+
+
+def check_prototypes_file(path: str | os.PathLike) -> None:
+    """Checks a library's ``prototypes.safetensors`` against the size and sha256 its manifest
+    records (a file elsewhere, or one the manifest does not record, is not checked).
+
+    Raises:
+      LibraryError: the file differs from the record, naming it and the fix.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if (os.path.basename(path) != PROTOTYPES_FILE
+            or not os.path.isfile(os.path.join(folder, MANIFEST)) or not os.path.isfile(path)):
+        return
+    record = _read_manifest(folder).get("prototypes")
+    if record is None:
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) != record["bytes"]:
+        found = f"{len(data)} bytes"
+    elif _sha256(data) != record["sha256"]:
+        found = _sha256(data)
+    else:
+        return
+    raise LibraryError(f"{path}: expected {record['sha256']} ({record['bytes']} bytes, "
+                           f"the library manifest), found {found}: the file changed after it "
+                           "was written; recompute it with goose-train prototypes --overwrite")

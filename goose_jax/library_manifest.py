@@ -15,7 +15,9 @@ Format (strict JSON: no NaN or inf anywhere; a non-finite number is written as n
         "has_gate": true | false,
         "bytes": int >= 0, "sha256": "sha256:<64 hex digits>",   of the file as written
         "data": string | null, "steps": int | null, "metrics": object | null,   optional
-        ...any other JSON facts the writer gave}]}
+        ...any other JSON facts the writer gave}],
+     "prototypes": {"file": "prototypes.safetensors", "bytes": int >= 0,   optional: written
+                    "sha256": "sha256:<64 hex digits>"}}             with the prototypes file
 
 Reading a manifest checks all of it before anything uses it: the format and its version, each
 required top-level field and its type, the base model's family and config (it must build a
@@ -42,6 +44,7 @@ from goose_jax.tensorfile import read_json
 
 MANIFEST = "manifest.json"
 EXPERT_DIR = "experts"
+PROTOTYPES_FILE = "prototypes.safetensors"   # the average-activation router vectors
 FORMAT = "goose-jax-library"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
@@ -137,6 +140,14 @@ def _check_manifest(manifest: Any, path: str) -> None:
             raise LibraryError(f"{where}: name: a second expert named {entry['name']!r}")
         seen.add(entry["name"])
         _expert_file(path, entry, mpath)
+    record = manifest.get("prototypes")
+    if record is not None and not (
+            isinstance(record, dict) and record.get("file") == PROTOTYPES_FILE
+            and _is_int(record.get("bytes")) and record["bytes"] >= 0
+            and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])):
+        raise LibraryError(f"{mpath}: prototypes: expected an object with file "
+                           f"{PROTOTYPES_FILE!r}, bytes (int >= 0) and sha256; remove the field "
+                           "and recompute the prototypes (goose-train prototypes --overwrite)")
 
 
 def config_key(family: Any) -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from goose_jax import library_manifest
 from goose_jax.errors import DataError
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[st
 
 
 # The prototypes a library holds (``goose-train prototypes``), beside its manifest.json.
-PROTOTYPES_FILE = "prototypes.safetensors"
+PROTOTYPES_FILE = library_manifest.PROTOTYPES_FILE
 
 
 def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = None,
@@ -268,14 +269,21 @@ def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = No
       info: how they were computed (pooling, examples per expert), stored in the header.
     """
     from goose_jax.experts import flatten_sites
-    from goose_jax.tensorfile import write_safetensors
+    from goose_jax.library import ExpertLibrary
+    from goose_jax.tensorfile import safetensors_bytes, write_atomic
 
-    flat = {f"{site}/gate": np.asarray(v["gate"])
+    flat = {f"{site}/gate": np.ascontiguousarray(v["gate"])
             for site, v in flatten_sites(prototypes).items()}
     meta = {} if names is None else {"experts": json.dumps(list(names))}
     if info:
         meta["info"] = json.dumps(info)
-    write_safetensors(path, flat, metadata=meta or None)
+    folder = os.path.dirname(os.path.abspath(path))
+    if (os.path.basename(path) == PROTOTYPES_FILE
+            and os.path.isfile(os.path.join(folder, library_manifest.MANIFEST))):
+        # A library's own file: its size and sha256 go into the manifest.
+        ExpertLibrary.open(folder).write_prototypes(flat, meta or None)
+    else:
+        write_atomic(path, safetensors_bytes(flat, metadata=meta or None))
 
 
 def prototype_names(path: str) -> list[str] | None:
@@ -311,12 +319,16 @@ def load_prototypes(path: str, names: list[str] | None = None) -> dict:
     Raises:
       DataError: the file is missing, is not safetensors, holds no ``<site>/gate`` tensor, or
         lacks a wanted expert.
+      LibraryError: a library's own file differs from the size and sha256 its manifest
+        records.
     """
     from goose_jax.experts import nest_sites
+    from goose_jax.library import check_prototypes_file
     from goose_jax.tensorfile import read_safetensors
 
     if not os.path.isfile(path):
         raise DataError(f"{path}: prototypes file does not exist")
+    check_prototypes_file(path)
     stored = prototype_names(path)
     flat = read_safetensors(path, error=DataError)
     sites = {k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items() if k.endswith("/gate")}

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -420,6 +421,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
     tensors = dict(tensors)
     meta = dict(metadata) if metadata is not None else None
+    if meta is not None and len(meta) > 1:   # the same bytes on every run (safetensors_bytes)
+        write_atomic(path, safetensors_bytes(tensors, meta))
+        return
     _replace_atomically(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -429,7 +433,18 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray],
     caller that hashes what it writes (then writes it with ``write_atomic``)."""
     from safetensors.numpy import save
 
-    return save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    data = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    if metadata is None or len(metadata) < 2:
+        return data
+    # The library writes the header's __metadata__ in a hash map's order, which changes from
+    # process to process: the same tensors would give other bytes (and another sha256) on every
+    # run. The header is rewritten with its metadata keys sorted; the data is unchanged.
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)   # the 8-byte alignment of the data the format keeps
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def check_folder_writable(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,

@@ -2,8 +2,12 @@
 run, saved every ``checkpoint_every`` steps by ``trainer.train_loop`` (Orbax
 ``CheckpointManager``, asynchronous saves, the last ``keep`` steps kept).
 
-A corrupt latest step is set aside (``<step>.unreadable``) once an older kept step has restored,
-and Ctrl-C during a save is held until the save is consistent. Model checkpoints (the one-shot
+Each complete step carries an integrity record, ``<step>/integrity.json``: the size and sha256
+of every file of the step, written (atomically) once the save is on disk, and checked before the
+step is restored, so a flipped, truncated or deleted file of any item is found before Orbax reads
+it. A step that cannot be read (a file differs from its record, or Orbax fails on it) is set
+aside (``<step>.unreadable``) once an older kept step has restored, and Ctrl-C during a save is
+held until the save is consistent. Model checkpoints (the one-shot
 ``save_model`` / ``load_model`` format) are ``goose_jax.checkpoint``.
 """
 
@@ -21,12 +25,75 @@ from typing import Any
 
 import jax
 
-from goose_jax.checkpoint import _abs, _abstract
+from goose_jax.checkpoint import _abs, _abstract, _sha256
 from goose_jax.errors import CheckpointError, one_line
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
 UNREADABLE = ".unreadable"  # suffix of a step directory set aside because it could not be read
+RECORD = "integrity.json"   # in each step directory: {"files": {rel: {"bytes", "sha256"}}}
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """Slash-separated paths of every file under ``step_dir`` but the record, sorted."""
+    out = []
+    for folder, _, names in os.walk(step_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), step_dir).replace(os.sep, "/")
+            if rel != RECORD and not rel.startswith(RECORD + "."):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_record(step_dir: str) -> None:
+    """Writes ``step_dir``'s integrity record (size and sha256 of every file), atomically."""
+    files = {}
+    for rel in _step_files(step_dir):
+        file = os.path.join(step_dir, rel)
+        files[rel] = {"bytes": os.path.getsize(file), "sha256": _sha256(file)}
+    tmp = os.path.join(step_dir, f"{RECORD}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": "goose-jax-train-checkpoint", "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, RECORD))
+
+
+def check_record(step_dir: str) -> None:
+    """Checks every file of ``step_dir`` against its integrity record.
+
+    A step without a record (written before records were, or cut off between the end of its
+    save and its record) is left to Orbax's own checks.
+
+    Raises:
+      CheckpointError: one line naming the first file that is missing, of another size, or
+        whose sha256 differs (or a record that cannot be read).
+    """
+    path = os.path.join(step_dir, RECORD)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            files = json.loads(f.read().decode("utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{RECORD}: cannot be read ({one_line(e)})") from None
+    for rel, want in files.items():
+        file = os.path.join(step_dir, rel)
+        try:
+            size = os.path.getsize(file)
+        except OSError:
+            raise CheckpointError(f"{rel}: missing") from None
+        if not isinstance(want, dict) or size != want.get("bytes"):
+            raise CheckpointError(f"{rel}: {size} bytes, recorded "
+                                  f"{want.get('bytes') if isinstance(want, dict) else want}")
+        try:
+            digest = _sha256(file)
+        except OSError as e:
+            raise CheckpointError(f"{rel}: cannot be read ({one_line(e)})") from None
+        if digest != want.get("sha256"):
+            raise CheckpointError(f"{rel}: sha256 differs from the record")
 
 
 @contextlib.contextmanager
@@ -101,7 +168,8 @@ class TrainCheckpointer:
     training: trainable trees, optimiser state, step, RNG; never a frozen base), and ``meta``,
     JSON (data positions, config). The last ``keep`` steps are kept. Saves are asynchronous:
     ``wait``/``close`` block until they are on disk; an interrupted save is never restored
-    (Orbax finalises a step directory atomically).
+    (Orbax finalises a step directory atomically). Once a save is on disk (at the next
+    ``save``, ``wait`` or ``close``) its integrity record is written; ``restore`` checks it.
 
     Usage::
 
@@ -144,7 +212,22 @@ class TrainCheckpointer:
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
                                      META_ITEM: ocp.args.JsonSave(meta or {})})
         with interrupts_deferred():
+            # Orbax waits for the previous save here anyway; its record is written first.
+            self._manager.wait_until_finished()
+            self._record_finished()
             self._manager.save(int(step), args=args, force=True)
+
+    def _record_finished(self) -> None:
+        """Writes the integrity record of every finished step that lacks one (primary only:
+        Orbax has synchronised the processes when a save is finished)."""
+        from goose_jax import distributed
+
+        if not distributed.is_primary():
+            return
+        for step in self._manager.all_steps():
+            step_dir = os.path.join(self.directory, str(step))
+            if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, RECORD)):
+                write_record(step_dir)
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores ``(tree, meta)`` of ``step`` (default: the latest).
@@ -157,7 +240,8 @@ class TrainCheckpointer:
           step: which step; default the latest.
 
         Raises:
-          CheckpointError: no checkpoint, or one that does not match ``target``.
+          CheckpointError: no checkpoint, a file that differs from the step's integrity record
+            (naming it), or a step that Orbax cannot read or that does not match ``target``.
         """
         import orbax.checkpoint as ocp
 
@@ -170,23 +254,31 @@ class TrainCheckpointer:
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                      META_ITEM: ocp.args.JsonRestore()})
         try:
+            check_record(os.path.join(self.directory, str(step)))
+        except CheckpointError as e:
+            err = CheckpointError(f"{self.directory}/{step}/{e}")
+            err.reason = str(e)
+            raise err from None
+        try:
             with _quiet_restore():
                 restored = self._manager.restore(int(step), args=args)
-        except (ValueError, TypeError, KeyError, OSError) as e:
-            raise CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
-                                  f"(was it written by a different config?): "
-                                  f"{one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001  (TensorStore raises bare Exception on bad data)
+            err = CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
+                                  f"(was it written by a different config?): {one_line(e)}")
+            err.reason = one_line(e)
+            raise err from None
         return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
 
     def restore_usable(self, target: Any, warn: Callable[[str], None] = print
                        ) -> tuple[Any, dict[str, Any], int]:
         """Restores the newest step that can be read: ``(tree, meta, step)``.
 
-        Steps that cannot be read (truncated, flipped or missing files: Orbax's OCDBT store
-        checksums its data) are tried newest first. Once an older step restores, each newer
-        one is set aside as ``<step>.unreadable`` beside the others (so that training can write
-        that step again) and ``warn`` is called with one line per step. When no step restores
-        (a corrupt work directory, or one another version wrote), nothing is moved.
+        Steps are tried newest first; one that cannot be read (a file that differs from the
+        step's integrity record, or any error from Orbax) is skipped. Once an older step
+        restores, each newer one is set aside as ``<step>.unreadable`` beside the others (so
+        that training can write that step again) and ``warn`` is called with one line per step,
+        naming the file at fault. When no step restores (a corrupt work directory, or one
+        another version wrote), nothing is moved.
 
         Args:
           target: see ``restore``.
@@ -200,7 +292,7 @@ class TrainCheckpointer:
             try:
                 tree, meta = self.restore(target, step)
             except CheckpointError as e:
-                reason = one_line(e.__context__ or e)
+                reason = getattr(e, "reason", None) or one_line(e)
                 failed.append((step, reason if len(reason) <= 100 else reason[:97] + "..."))
                 continue
             for bad, reason in failed:
@@ -261,13 +353,16 @@ class TrainCheckpointer:
                 for path, _ in paths]
 
     def wait(self) -> None:
-        """Blocks until the last asynchronous save is on disk."""
+        """Blocks until the last asynchronous save is on disk, with its integrity record."""
         with interrupts_deferred():
             self._manager.wait_until_finished()
+            self._record_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager (also on leaving a ``with``)."""
         with interrupts_deferred():
+            self._manager.wait_until_finished()
+            self._record_finished()
             self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:

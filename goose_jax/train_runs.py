@@ -30,7 +30,7 @@ writes nothing, not even its ``run.json``. Training that diverges (a non-finite 
 parameters) stops with one line and writes nothing to the output.
 
 Validation (``expert`` / ``experts``; ``goose_jax.validation``): each expert's validation split
-(``--validation``, or ``<name>.validation.jsonl`` beside each training file ``<name>.jsonl``) is
+(``--validation``, or each training file's own: ``validation.find_validation``) is
 scored by its task metric at step 0, every ``eval_every`` steps and at the last step; each
 expert keeps the step that scored best (ties: the later), and the library gets that step's
 expert, with the step and score in its manifest entry (``info["validation"]``).
@@ -70,7 +70,13 @@ from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
-from goose_jax.validation import BestKeeper, Validator, read_validation, validation_files
+from goose_jax.validation import (
+    BestKeeper,
+    Validator,
+    no_validation_note,
+    read_validation,
+    validation_files,
+)
 
 COMMANDS = ("expert", "experts", "gate", "multitask")
 
@@ -181,6 +187,8 @@ class Setup:
         self.validation = None
         if args.command in ("expert", "experts") and tcfg.eval_every:
             self.validation = validation_files(args.data, args.validation)
+            if self.validation is None and not args.validation and distributed.is_primary():
+                print(no_validation_note(args.data), flush=True)
         check_folder_writable(args.workdir, error=TrainConfigError,
                               fix="; choose another --workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1

@@ -7,9 +7,10 @@ trained side by side.
 Validation files. Each expert's validation split is a JSON-lines file of
 ``{"input": str, "target": str}`` lines, with an optional ``"choices": [str, ...]`` holding the
 target among them. By convention it lies beside the expert's training file and is named after
-it: ``<name>.jsonl`` trains, ``<name>.validation.jsonl`` validates (what ``goose-data`` builders
-write). A line may also carry ``"references": [str, ...]``, the texts a generation is scored
-against (default: its target). A file whose lines have choices is scored by rank-classification
+it: ``OUT/train/<name>.jsonl`` trains and ``OUT/validation/<name>.jsonl`` validates (what
+``goose-data`` builders write), or ``<name>.jsonl`` and ``<name>.validation.jsonl`` beside it.
+A line may also carry ``"references": [str, ...]``, the texts a generation is scored against
+(default: its target). A file whose lines have choices is scored by rank-classification
 accuracy (the choice with the lowest mean token NLL, ``goose_jax.evaluation``); one without, by
 the greedy generation of at most ``max_target_length`` tokens against the target
 (``TrainConfig.validation_metric``: exact match or ROUGE-L). A file holds one kind of line.
@@ -52,10 +53,26 @@ NONE = "none"  # --validation none: no validation even where the files exist
 
 
 def sibling(path: str) -> str:
-    """The validation file that goes with the training file ``path`` (``a.jsonl`` ->
+    """The validation file named after the training file ``path`` beside it (``a.jsonl`` ->
     ``a.validation.jsonl``)."""
     stem, _ = os.path.splitext(path)
     return stem + SUFFIX
+
+
+def candidates(path: str) -> list[str]:
+    """Where the validation file of the training file ``path`` may be, in the order looked:
+    goose-data's layout (``OUT/train/<name>.jsonl`` -> ``OUT/validation/<name>.jsonl``), then
+    ``<name>.validation.jsonl`` beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    out = []
+    if os.path.basename(folder) == "train":
+        out.append(os.path.join(os.path.dirname(folder), "validation", name))
+    return out + [os.path.abspath(sibling(path))]
+
+
+def find_validation(path: str) -> str | None:
+    """The validation file of the training file ``path`` (see ``candidates``), or None."""
+    return next((c for c in candidates(path) if os.path.isfile(c)), None)
 
 
 def validation_files(data: Sequence[str], given: Sequence[str] = ()) -> list[str] | None:
@@ -64,12 +81,12 @@ def validation_files(data: Sequence[str], given: Sequence[str] = ()) -> list[str
     Args:
       data: the training files.
       given: ``--validation``: one file per training file, or ``["none"]``; empty: each
-        training file's ``sibling`` when every one exists, None when none does.
+        training file's own (``find_validation``) when every one has one, None when none does.
 
     Raises:
       UsageError: a count that does not match ``data``.
-      DataError: only some training files have a sibling, or a training file is another's
-        validation file (a glob such as ``OUT/*.jsonl`` picks up both).
+      DataError: only some training files have a validation file, or a training file is
+        another's validation file (a glob such as ``OUT/*.jsonl`` picks up both).
     """
     given = list(given or ())
     if given == [NONE]:
@@ -84,15 +101,24 @@ def validation_files(data: Sequence[str], given: Sequence[str] = ()) -> list[str
             raise UsageError(f"--validation: {len(given)} files for {len(data)} --data files "
                              "(one per --data file, in the same order, or 'none')")
         return [os.path.abspath(p) for p in given]
-    found = [os.path.isfile(sibling(p)) for p in data]
+    found = [find_validation(p) for p in data]
     if not any(found):
         return None
     if not all(found):
-        missing = [sibling(p) for p, ok in zip(data, found) if not ok]
-        raise DataError(f"{os.path.abspath(missing[0])}: missing, while other --data files "
-                        f"have their {SUFFIX} ({len(missing)} missing in all); add them, pass "
+        missing = [p for p, f in zip(data, found) if f is None]
+        raise DataError(f"{os.path.abspath(missing[0])}: has no validation file (looked for "
+                        f"{' and '.join(candidates(missing[0]))}), while other --data files "
+                        f"have theirs ({len(missing)} missing in all); add them, pass "
                         "--validation FILE ... explicitly, or --validation none")
-    return [os.path.abspath(sibling(p)) for p in data]
+    return found
+
+
+def no_validation_note(data: Sequence[str]) -> str:
+    """The one line goose-train prints when no --data file has a validation file."""
+    first = data[0]
+    return (f"note: no validation file for {len(data)} --data file(s) (for {first}: looked for "
+            f"{' and '.join(candidates(first))}); the last step is kept, without best-step "
+            "selection (--validation FILE ... to give them, --validation none to say so)")
 
 
 def read_validation(path: str, name: str) -> list[Example]:

@@ -154,6 +154,7 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
 
 def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
     """The prototypes file exists and has a vector for every routed expert (header only)."""
+    from goose_jax.library import check_prototypes_file
     from goose_jax.report import PROTOTYPES_FILE, prototype_names
     from goose_jax.tensorfile import SafetensorsFile
 
@@ -164,6 +165,7 @@ def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
         raise LibraryError(f"{s.library}: --method average_activation needs prototypes and the "
                            f"library has no {PROTOTYPES_FILE}; compute them with goose-train "
                            "prototypes, or pass --prototypes")
+    check_prototypes_file(path)
     stored = prototype_names(path)
     if stored is not None:
         missing = [n for n in names if n not in stored]

@@ -55,6 +55,14 @@ def _truncated(p3_dir, tmp_path):
     return str(root)
 
 
+def _empty_shard(p3_dir, tmp_path):
+    root = tmp_path / "p3_empty"
+    shutil.copytree(p3_dir, root)
+    (shard,) = (root / "data" / "ag_news_classify").glob("train.tfrecord*")
+    shard.write_bytes(b"")
+    return str(root)
+
+
 def _cases(p3_dir, flan_dirs, tmp_path):
     """(argv without OUT_DIR, expected code, a word the line must contain)."""
     return [
@@ -63,6 +71,8 @@ def _cases(p3_dir, flan_dirs, tmp_path):
         (["p3-heldin", str(tmp_path / "nowhere")], errors.USER_ERROR, "nowhere"),
         (["p3-heldin", _truncated(p3_dir, tmp_path), "--datasets", "ag_news"],
          errors.USER_ERROR, "TFRecord"),
+        (["p3-heldin", _empty_shard(p3_dir, tmp_path), "--datasets", "ag_news"],
+         errors.USER_ERROR, "train.tfrecord-00000-of-00001: empty TFRecord file"),
         (["flan", flan_dirs["no_type"]], errors.USER_ERROR, "_template_type"),
         (["flan", flan_dirs["no_targets"]], errors.USER_ERROR, "targets"),
         (["flan", flan_dirs["good"], "--grouping", str(tmp_path / "none.json")],

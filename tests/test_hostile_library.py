@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -393,3 +394,25 @@ def test_info_that_is_not_json_or_mistyped_is_refused(lib):
             lib.add("delta", *make_expert(lib.sites, 9), info=info)
         assert "'delta'" in str(e.value) and word in str(e.value), str(e.value)
     assert tree_hash(lib.path) == before
+
+
+def test_expert_files_are_the_same_bytes_every_time(lib):
+    """safetensors writes the header's metadata in a hash map's order, which changes from one
+    map to the next (and from process to process); an expert file, and so its sha256 in the
+    manifest, must not."""
+    library = ExpertLibrary.open(lib)
+    experts, gates = make_expert(library.sites, 7)
+    got = set()
+    for _ in range(12):
+        library.add("same", experts, gates, info={"data": "d", "steps": 3}, overwrite=True)
+        with open(expert_file(lib, "same"), "rb") as f:
+            raw = f.read()
+        assert manifest_of(lib)["experts"][-1]["sha256"] == (
+            "sha256:" + hashlib.sha256(raw).hexdigest())
+        got.add(raw)
+    assert len(got) == 1
+    raw = got.pop()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    assert list(meta) == sorted(meta) and len(meta) >= 3

@@ -1,6 +1,7 @@
 """goose-train against careless and hostile input: every refusal is one line, an exit code of the
 table, and comes before any write; divergence, a corrupt checkpoint and Ctrl-C lose no work."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
@@ -64,7 +66,7 @@ def refused(capsys, argv, code, *parts, watch=()):
 # --- 1. validated before any work ----------------------------------------------------------------
 
 
-def test_bad_data_is_refused_before_any_write(data, tmp_path, capsys):
+def test_bad_data_is_refused_before_any_write(data, trained, tmp_path, capsys):
     lib, work = tmp_path / "lib", tmp_path / "work"
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"input": "ok", "target": "ok"}\n{"input": "caf\xe9", "target": "x"}\n')
@@ -78,6 +80,14 @@ def test_bad_data_is_refused_before_any_write(data, tmp_path, capsys):
     huge = write_jsonl(tmp_path / "huge.jsonl", [("x", [1, 2]), ("y", [3, 100000]), ("z", "w")])
     refused(capsys, args([huge], lib, work), 1, "huge.jsonl:2", "'target'", "100000",
             "0 .. 258")
+    for i, empty in enumerate(["", "  ", []]):   # nothing to learn: a no-op expert at loss 0
+        path = write_jsonl(tmp_path / f"empty{i}.jsonl", [("a", "b"), ("c", empty)])
+        refused(capsys, args([path], lib, work), 1, f"empty{i}.jsonl:2", "'target' is empty",
+                watch=[tmp_path])
+    # The same reader serves goose-train prototypes.
+    refused(capsys, ["prototypes", "--config", TINY, "--base", "random:tiny", "--data", path,
+                     "--names", "reverse", "--library", str(trained / "lib")], 1,
+            "empty2.jsonl:2", "'target' is empty", watch=[tmp_path, trained / "lib"])
     # held-out data is checked as early as training data
     refused(capsys, args(data, lib, work, "--eval-data", str(huge), str(huge)), 1,
             "huge.jsonl:2")
@@ -170,17 +180,29 @@ def test_divergence_stops_with_one_line_and_writes_nothing(data, trained, tmp_pa
 # --- 4. a corrupt latest checkpoint ---------------------------------------------------------------
 
 
-def _corrupt(step_dir: pathlib.Path, how: str) -> None:
-    data_files = sorted((step_dir / "state" / "d").iterdir())
-    target = data_files[0]
-    raw = target.read_bytes()
+def _chunks(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The array data chunks of a step (OCDBT's data files), largest first."""
+    chunks = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return sorted(chunks, key=lambda p: (-p.stat().st_size, str(p)))
+
+
+def _damage(file: pathlib.Path, how: str) -> None:
+    raw = file.read_bytes()
     if how == "truncate":
-        target.write_bytes(raw[: len(raw) // 3])
-    elif how == "flip":
-        target.write_bytes(raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF])
-                           + raw[len(raw) // 2 + 1:])
+        file.write_bytes(raw[: len(raw) // 3])
+    elif how == "flip":  # one bit, in the middle: inside the array data of a large chunk
+        i = len(raw) // 2
+        file.write_bytes(raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:])
     else:
-        (step_dir / "state" / "manifest.ocdbt").unlink()
+        file.unlink()
+
+
+def _corrupt(step_dir: pathlib.Path, how: str) -> None:
+    if how == "flip-several":
+        for chunk in _chunks(step_dir)[:3]:
+            _damage(chunk, "flip")
+    else:
+        _damage(_chunks(step_dir)[0], how)
 
 
 def _experts(lib):
@@ -190,15 +212,25 @@ def _experts(lib):
 
 
 @pytest.fixture(scope="module")
-def straight(data, tmp_path_factory):
+def straight_lib(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     assert main(args(data, root / "lib", root / "w")) == 0
-    return _experts(root / "lib")
+    return root / "lib"
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip", "missing"])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straight, tmp_path,
-                                                                    capsys, monkeypatch, how):
+@pytest.fixture(scope="module")
+def straight(straight_lib):
+    return _experts(straight_lib)
+
+
+def _expert_bytes(lib):
+    return {p.name: p.read_bytes() for p in sorted((lib / "experts").iterdir())}
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip-several", "missing"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straight, straight_lib,
+                                                                    tmp_path, capsys, monkeypatch,
+                                                                    how):
     from goose_jax import training
 
     lib, work = tmp_path / "lib", tmp_path / "work"
@@ -221,13 +253,59 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straig
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    assert "checkpoints/4: unreadable checkpoint" in lines[0]
+    assert "checkpoints/4: unreadable checkpoint (state/" in lines[0]
     assert "resuming from step 2" in lines[0]
     assert (work / "checkpoints" / "4.unreadable").is_dir()
     resumed = _experts(lib)
     assert resumed.keys() == straight.keys()
     for k in straight:
         assert np.array_equal(resumed[k], straight[k]), k
+    # The same run writes the same bytes (header metadata in a fixed order, no timestamps).
+    assert _expert_bytes(lib) == _expert_bytes(straight_lib)
+
+
+def _small_tree(seed):
+    r = np.random.default_rng(seed)
+    return {"a": r.normal(size=(64, 200)).astype(np.float32),
+            "b": {"c": r.normal(size=(300,)).astype(np.float32),
+                  "d": r.integers(0, 9, size=(50, 7)).astype(np.int32)}}
+
+
+def test_every_file_of_a_training_checkpoint_is_checked(tmp_path):
+    """Each file of the latest step (array chunks flipped, truncated or deleted; every other
+    file flipped) is found before it is restored: one warning naming the step and the file,
+    and the older step restores exactly."""
+    src = tmp_path / "src"
+    with TrainCheckpointer(src) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, jax.tree.map(jnp.asarray, _small_tree(step)), {"positions": [step]})
+    step_dir = src / "2"
+    record = json.loads((step_dir / "integrity.json").read_text())["files"]
+    files = sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+                   if p.is_file() and p.name != "integrity.json")
+    assert sorted(record) == files
+    for rel in files:   # the record is an independent sha256 of the bytes on disk
+        raw = (step_dir / rel).read_bytes()
+        assert record[rel] == {"bytes": len(raw),
+                               "sha256": "sha256:" + hashlib.sha256(raw).hexdigest()}
+    chunks = [str(p.relative_to(step_dir)) for p in _chunks(step_dir)]
+    assert len(chunks) >= 3
+    cases = [(rel, "flip") for rel in files] + [
+        (rel, how) for rel in chunks[:2] for how in ("truncate", "missing")]
+    want = _small_tree(1)
+    for rel, how in cases:
+        work = tmp_path / "w"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(src, work)
+        _damage(work / "2" / rel, how)
+        warned = []
+        with TrainCheckpointer(work) as ckpt:
+            tree, meta, step = ckpt.restore_usable(_small_tree(0), warn=warned.append)
+        assert step == 1 and meta == {"positions": [1]}, (rel, how)
+        assert len(warned) == 1 and f"/2: unreadable checkpoint ({rel}: " in warned[0], warned
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(want)):
+            assert np.array_equal(x, y), (rel, how)
+        assert (work / "2.unreadable").is_dir() and not (work / "2").exists()
 
 
 def test_no_readable_checkpoint_is_one_line_suggesting_a_new_workdir(data, tmp_path, capsys):

@@ -184,3 +184,58 @@ def test_goose_eval_finds_the_library_prototypes(world, tmp_path, capsys):
     assert evaluate(_eval_args(world, lib, tmp_path / "one", "--experts", "upper",
                                "--top-k", "1")) == 0
     assert json.loads((tmp_path / "one" / "results.json").read_text())["experts"] == ["upper"]
+
+
+def test_prototypes_are_recorded_checked_and_dropped_with_their_expert(world, tmp_path, capsys):
+    import os
+    import shutil
+
+    from conftest import one_line, tree_hash
+
+    from goose_jax.errors import DataError, LibraryError
+    from goose_jax.library import ExpertLibrary
+    from goose_jax.report import PROTOTYPES_FILE, load_prototypes
+    from goose_jax.tensorfile import read_safetensors
+
+    lib = _copy_library(world, tmp_path)
+    path = lib / PROTOTYPES_FILE
+    assert train(_args(world, lib, "--examples", "3")) == 0
+    raw = path.read_bytes()
+    manifest = json.loads((lib / "manifest.json").read_text())
+    assert manifest["prototypes"] == {"file": PROTOTYPES_FILE, "bytes": len(raw),
+                                      "sha256": "sha256:" + hashlib.sha256(raw).hexdigest()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask   # as every library file
+    before_rows = read_safetensors(str(path))
+
+    # One bit flipped in a vector: goose-eval and the reader refuse it, naming the file.
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    watch = tree_hash(lib)
+    capsys.readouterr()
+    assert evaluate(_eval_args(world, lib, tmp_path / "flipped")) == 1
+    line = one_line(capsys.readouterr().err, "goose-eval")
+    assert str(path) in line and "changed after it was written" in line, line
+    assert tree_hash(lib) == watch and not (tmp_path / "flipped").exists()
+    with pytest.raises(LibraryError, match="changed after it was written"):
+        load_prototypes(str(path), ["reverse"])
+    path.write_bytes(raw)
+
+    # Replacing an expert drops its prototype (the other row is kept, bit for bit) ...
+    library = ExpertLibrary.open(lib)
+    experts, _ = library.load(["upper"], gates=False)
+    library.add("upper", experts, index=0, overwrite=True)
+    after = read_safetensors(str(path))
+    for key, rows in before_rows.items():
+        np.testing.assert_array_equal(after[key], rows[[0]])   # "reverse" was row 0
+    record = json.loads((lib / "manifest.json").read_text())["prototypes"]
+    assert record["sha256"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=r"no prototypes for experts \['upper'\]"):
+        load_prototypes(str(path), ["reverse", "upper"])
+    # ... and removing the last expert with one drops the file and its record.
+    shutil.copy(path, tmp_path / "kept")
+    library.remove("reverse")
+    assert not path.exists()
+    assert "prototypes" not in json.loads((lib / "manifest.json").read_text())

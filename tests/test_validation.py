@@ -247,8 +247,8 @@ def test_validation_files_are_checked_before_any_write(data, tmp_path, capsys):
     refused(capsys, args(glob, lib, work), 1, "reverse.validation.jsonl",
             "is the validation split", watch=[tmp_path])
     lone = write_jsonl(tmp_path / "lone.jsonl", [("a", "b")])
-    refused(capsys, args([data[0], lone], lib, work), 1, "lone.validation.jsonl: missing",
-            "--validation none", watch=[tmp_path])
+    refused(capsys, args([data[0], lone], lib, work), 1, "lone.jsonl: has no validation file",
+            "lone.validation.jsonl", "--validation none", watch=[tmp_path])
     bad = write_validation(tmp_path / "bad.jsonl", [{"input": "q", "target": "z",
                                                      "choices": ["a", "b"]}])
     refused(capsys, args(data, lib, work, "--validation", data[0], bad), 1,
@@ -264,3 +264,31 @@ def test_validation_none_trains_to_the_last_step(data, tmp_path):
     assert "validation" not in ExpertLibrary.open(lib).info("reverse")
     assert_same(library_expert(lib, "reverse"), checkpoint_expert(work, 6, 0))
     assert validation_lines(work) == []
+
+
+def test_goose_data_layout_is_found_and_its_absence_is_said(data, tmp_path, capsys):
+    from goose_jax.data.builds import ExpertData, Row, write_build
+
+    out = tmp_path / "out"
+    rows = [Row("reverse: goose", "esoog", "t")]
+    write_build(str(out), [ExpertData(n, rows, [Row("reverse: jax", "xaj", "t")])
+                           for n in ("a", "b")], {}, stems={"a": "a", "b": "b"})
+    train = [str(out / "train" / f"{n}.jsonl") for n in ("a", "b")]
+    assert validation.validation_files(train) == [
+        str(out / "validation" / f"{n}.jsonl") for n in ("a", "b")]
+    # The older layout, <name>.validation.jsonl beside the training file, is still read.
+    assert validation.validation_files(data) == [
+        str(pathlib.Path(p).with_suffix(".validation.jsonl")) for p in data]
+    # goose-train finds them (no note) and says so in one line when there are none; both runs
+    # stop at the --workdir check, after the validation files are resolved.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    lone = write_jsonl(tmp_path / "lone.jsonl", [("a", "b")])
+    for files, noted in ((train, False), ([lone], True)):
+        assert main(args(files, tmp_path / "lib", blocked)) == 1
+        captured = capsys.readouterr()
+        notes = [x for x in captured.out.splitlines() if "no validation file" in x]
+        assert len(notes) == int(noted), captured.out
+        if noted:
+            assert f"for {lone}: looked for {tmp_path / 'lone.validation.jsonl'}" in notes[0]
+            assert "--validation none" in notes[0]

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("expert", "experts"):
             p.add_argument("--validation", nargs="+", metavar="JSONL",
                            help="validation files in --data order ({\"input\", \"target\"[, "
-                                "\"choices\"]} lines), or 'none'; default: each data file's "
-                                "<name>.validation.jsonl where they exist. Scored at step 0 and "
+                                "\"choices\"]} lines), or 'none'; default: goose-data's "
+                                "OUT/validation/<name>.jsonl for OUT/train/<name>.jsonl, else "
+                                "<name>.validation.jsonl beside it. Scored at step 0 and "
                                 "every eval_every steps; each expert keeps its best step")
     _prototypes_parser(sub)
     return parser

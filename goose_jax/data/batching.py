@@ -52,7 +52,8 @@ class JsonlSource:
     skipped. The file is read once, at construction.
 
     Raises:
-      DataError: naming the file (and line) when it is missing, malformed or empty.
+      DataError: naming the file (and line) when it is missing, malformed or empty, or a row's
+        target is empty (nothing to learn: a no-op expert).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -86,6 +87,10 @@ class JsonlSource:
                 if isinstance(row[key], list) and row[key] and min(row[key]) < 0:
                     raise DataError(f"{self.path}:{i}: {key!r} holds the token id "
                                     f"{min(row[key])}; ids are >= 0")
+            target = row["target"]
+            if not (target.strip() if isinstance(target, str) else target):
+                raise DataError(f"{self.path}:{i}: 'target' is empty ({target!r}): an expert "
+                                "learns nothing from it; remove the row or give its answer")
             self.examples.append((row["input"], row["target"]))
             self.line_numbers.append(i)
         if not self.examples:

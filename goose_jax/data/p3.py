@@ -289,7 +289,8 @@ def read_records(path: str, split: str) -> Iterator[dict]:
     import tensorflow as tf
 
     for shard in _shards(path, split):
-        check_framing(shard)
+        if not check_framing(shard):
+            raise DataError(f"{shard}: empty TFRecord file (no records); download it again")
     try:
         for ex in tf_dataset(path, split).as_numpy_iterator():
             yield {k: _py(v) for k, v in ex.items()}

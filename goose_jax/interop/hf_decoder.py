@@ -10,8 +10,9 @@ Shapes follow the package legend; G key/value heads, J = H * K. Kernels are stor
 transpose of a PyTorch ``nn.Linear.weight`` (O, I). HF's q and k weights are already permuted
 for the ``rotate_half`` rotary layout, which ``goose_jax.decoder`` uses too: no permutation here.
 
-Tying follows ``config.json``'s ``tie_word_embeddings``: a tied checkpoint's ``lm_head.weight``,
-if present, is the embedding and is not read.
+Tying follows ``config.json``'s ``tie_word_embeddings``, as transformers does: a tied
+checkpoint's ``lm_head.weight``, if present and bit-for-bit the embedding, is not read; one that
+differs from the embedding is kept as an untied head (``load_hf_llama``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from goose_jax.config import DTypePolicy
 from goose_jax.decoder import _abstract_variables
 from goose_jax.decoder_config import DecoderConfig
 from goose_jax.errors import CheckpointError, ConfigError
+from goose_jax.interop.hf import _bits_equal
 from goose_jax.interop.hf_folder import (
     CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
@@ -43,6 +45,7 @@ from goose_jax.interop.hf_folder import (
 )
 
 Params = dict[str, Any]
+_HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"
 # Buffers older checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -168,6 +171,11 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: DTypePolicy | None = None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     state, source = read_hf_state(path)
+    if cfg.tie_word_embeddings and _HEAD in state and _EMBED in state and not _bits_equal(
+            np.asarray(state[_HEAD]), np.asarray(state[_EMBED])):
+        # transformers keeps a stored head that differs from the embedding, whatever the config
+        # says about tying: so do we.
+        cfg = cfg.replace(tie_word_embeddings=False)
     return cfg, hf_state_dict_to_params(cfg, state, source=source)
 
 
