@@ -69,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_p3(args: argparse.Namespace) -> None:
     builds.run_build(args.out_dir, args.overwrite, lambda stage: build_p3.build_p3_heldin(
         args.source_dir, stage, datasets=args.datasets, max_examples=args.max_examples or None,
-        seed=args.seed))
+        seed=args.seed), inputs={"P3_DIR": args.source_dir})
 
 
 def _run_flan(args: argparse.Namespace) -> None:
     grouping = build_flan.read_grouping(args.grouping) if args.grouping else None
     builds.run_build(args.out_dir, args.overwrite, lambda stage: build_flan.build_flan(
         args.source_dir, stage, datasets=args.datasets, grouping=grouping,
-        max_examples=args.max_examples or None, seed=args.seed))
+        max_examples=args.max_examples or None, seed=args.seed),
+        inputs={"FLAN_DIR": args.source_dir, "--grouping": args.grouping})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
