@@ -10,8 +10,8 @@
   over, so a killed run never blocks its rerun.
 - ``check_free_space``: a clear line when the bytes a write needs are known and not there.
 
-Exit codes follow ``goose_jax.errors``: an overlap is a usage error (2), a held lock or a full
-disk a user error (1).
+Each refusal is one ``DataError`` line (exit code 1, a bad path) unless the caller names another
+class.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 
-from goose_jax.errors import DataError, UsageError
+from goose_jax.errors import DataError
 
 PathLike = str | os.PathLike
 # A lock file without its owner's line for this long was left by a run killed as it wrote it.
@@ -50,14 +50,14 @@ def _named(paths: Mapping[str, PathLike | Iterable[PathLike] | None]) -> list[tu
 
 def check_apart(outputs: Mapping[str, PathLike | Iterable[PathLike] | None],
                 inputs: Mapping[str, PathLike | Iterable[PathLike] | None], *,
-                error=UsageError) -> None:
+                error=DataError) -> None:
     """Refuses any output path that is an input path, holds one, or lies inside one.
 
     Args:
       outputs: flag (as the user typed it, e.g. ``"--out"``) -> path(s) the tool writes.
       inputs: flag -> path(s) the tool reads; None values are skipped, and so are values of the
         form ``random:...`` that name no path.
-      error: the error class (default ``UsageError``, exit code 2).
+      error: the error class (default ``DataError``: a bad path, exit code 1).
 
     Raises:
       error: one line naming both flags and paths.

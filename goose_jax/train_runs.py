@@ -364,6 +364,42 @@ def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary
     return None
 
 
+@contextlib.contextmanager
+def dropped_if_left_empty(path: str, existed: bool):
+    """Removes the library this run created at ``path`` when the run fails before an expert is
+    in it (a manifest without experts, an empty expert folder): a failed run leaves no empty
+    library behind. Anything else there is kept."""
+    try:
+        yield
+    except BaseException:
+        if not existed and distributed.is_primary():
+            remove_if_empty(path)
+        raise
+
+
+def remove_if_empty(path: str) -> None:
+    """Removes the library at ``path`` if it holds no expert and nothing else."""
+    from goose_jax.library import EXPERT_DIR, LOCK
+
+    manifest = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            if json.load(f).get("experts"):
+                return
+        names = set(os.listdir(path))
+        experts = os.path.join(path, EXPERT_DIR)
+        if not names <= {MANIFEST, LOCK, EXPERT_DIR} or (
+                EXPERT_DIR in names and os.listdir(experts)):
+            return
+        if EXPERT_DIR in names:
+            os.rmdir(experts)
+        for name in names & {MANIFEST, LOCK}:
+            os.remove(os.path.join(path, name))
+        os.rmdir(path)
+    except (OSError, ValueError, AttributeError):
+        return
+
+
 def create_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary:
     """The library at ``path`` for ``setup``'s base, created if missing."""
     # Process 0 creates (or checks) the library; the others open it once it exists. No process
@@ -442,7 +478,6 @@ def _one_run_per_workdir(body: Callable[[RunArgs], int]) -> Callable[[RunArgs], 
     return run
 
 
-
 @_one_run_per_workdir
 def run_experts(args: RunArgs) -> int:
     """``expert`` / ``experts``: trains one LoRA expert per data file, all at once, into the
@@ -467,7 +502,16 @@ def run_experts(args: RunArgs) -> int:
     batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     evals = eval_batchers(setup, names)
     examples = [read_validation(p, n) for p, n in zip(setup.validation or (), names)]
+    existed = lib is not None
     lib = create_library(args.library, setup, lora)
+    with dropped_if_left_empty(args.library, existed):
+        return _train_experts(args, setup, lib, names, identity, recorded, batchers, evals,
+                              examples)
+
+
+def _train_experts(args, setup, lib, names, identity, recorded, batchers, evals,
+                   examples) -> int:
+    tcfg, lora = setup.tcfg, setup.tcfg.lora
     if recorded is None:
         record_run(args.workdir, identity)
     root = jax.random.key(tcfg.seed)
@@ -600,7 +644,15 @@ def run_multitask(args: RunArgs) -> int:
     if not_written_here(lib, [args.name], args.workdir) and not args.overwrite:
         raise TrainConfigError(f"{lib.path}: already has {args.name!r}, which this run "
                                f"({args.workdir}) did not write; pass --overwrite")
+    existed = lib is not None
     lib = create_library(args.library, setup, lora)
+    with dropped_if_left_empty(args.library, existed):
+        return _train_multitask_expert(args, setup, lib, identity, recorded, batchers, evals,
+                                       key)
+
+
+def _train_multitask_expert(args, setup, lib, identity, recorded, batchers, evals, key) -> int:
+    tcfg, lora = setup.tcfg, setup.tcfg.lora
     if recorded is None:
         record_run(args.workdir, identity)
     trainable = init_experts(setup.cfg, lora, [jax.random.fold_in(key, stream_id(args.name))],

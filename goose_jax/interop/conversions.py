@@ -62,8 +62,8 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
     from goose_jax.interop.hf import check_hf_folder, save_hf_t5
     from goose_jax.interop.hf_decoder import save_hf_llama
 
-    check_apart({"DST": dst}, {"SRC": src})
     check_hf_folder(dst, overwrite=overwrite)   # before the model is read
+    check_apart({"DST": dst}, {"SRC": src})
     read_model_config(src)
     cfg, params = load_model(src)
     check_free_space(dst, tree_bytes(params), what="the model's weights", flag="DST")
