@@ -142,7 +142,11 @@ def run_lock(folder: PathLike, *, prog: str, flag: str = "--out") -> Iterator[st
       DataError: another live run holds it (one line: the folder, the owner's host and pid, and
         the lock file to remove if that run is known to be gone).
     """
+    from goose_jax.tensorfile import check_folder_writable
+
     path = lock_path(folder)
+    # Not a file where a folder goes, and writable: one line naming the path, not an errno.
+    check_folder_writable(folder, error=DataError, fix=f"; pass another {flag}")
     me = f"{socket.gethostname()} {os.getpid()}\n"
     made = []   # the parents this lock created: removed again when they stay empty
     parent = os.path.dirname(path)

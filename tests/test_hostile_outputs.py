@@ -189,10 +189,15 @@ def lib_copy(world, tmp_path):
     ("goose-convert", ["hf-to-orbax", "{world}/base", "{world}"], "holds the input SRC_HF_DIR"),
     ("goose-eval report", ["report", "{lib}", "--out", "{lib}"],
      "is the same path as the input RUN_DIR"),
+    ("goose-train", ["prototypes", "--library", "{lib}", "--data", "{lib}/alpha.jsonl",
+                     "--base", "{world}/base", "--set", "tokenizer=byte"],
+     "--library {lib}: holds the input --data"),
 ])
 def test_eval_convert_and_report_never_write_into_inputs(world, lib_copy, capsys, prog, argv,
                                                          how):
     argv = [a.format(lib=lib_copy, world=world) for a in argv]
+    how = how.format(lib=lib_copy)
+    (lib_copy / "alpha.jsonl").write_text('{"input": "q", "target": "a"}\n')
     if prog == "goose-eval":
         argv += ["--base", world / "base", "--byte-tokenizer", "--bbh-root", world / "bbh",
                  "--tasks", "bbh/boolean_expressions", "--no-progress"]
