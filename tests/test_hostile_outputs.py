@@ -163,10 +163,19 @@ def _refused(capsys, main, prog, argv, code, words, watch):
     ("p3-heldin", "{tmp}", "holds the input P3_DIR"),
 ])
 def test_goose_data_never_writes_over_its_source(release, tmp_path, capsys, command, out, how):
+    from goose_jax.data.synthetic import write_p3
+
     (tmp_path / "link").symlink_to(release)
     out = out.format(src=release, tmp=tmp_path)
-    _refused(capsys, tool("goose-data"), "goose-data", [command, release, out, "--overwrite"],
-             errors.USER_ERROR, [how], [tmp_path])
+    src, extra = release, []
+    if command == "p3-heldin":   # a release that builds: only the overlap can stop it
+        src, extra = tmp_path / "p3", ["--datasets", "ag_news"]
+        for split, n in (("train", 12), ("test", 2)):
+            write_p3(src, "ag_news_classify", split, [
+                {"inputs_pretokenized": f"news {i}", "targets_pretokenized": "World",
+                 "answer_choices": ["World", "Sports"]} for i in range(n)])
+    _refused(capsys, tool("goose-data"), "goose-data",
+             [command, src, out, "--overwrite", *extra], errors.USER_ERROR, [how], [tmp_path])
 
 
 @pytest.fixture
@@ -187,22 +196,23 @@ def lib_copy(world, tmp_path):
     ("goose-convert", ["to-peft", "{lib}", "alpha", "{lib}/adapter"],
      "lies inside the input LIBRARY_DIR"),
     ("goose-convert", ["hf-to-orbax", "{world}/base", "{world}"], "holds the input SRC_HF_DIR"),
-    ("goose-eval report", ["report", "{lib}", "--out", "{lib}"],
+    ("goose-eval report", ["report", "{run}", "--out", "{run}"],
      "is the same path as the input RUN_DIR"),
     ("goose-train", ["prototypes", "--library", "{lib}", "--data", "{lib}/alpha.jsonl",
                      "--base", "{world}/base", "--set", "tokenizer=byte"],
      "--library {lib}: holds the input --data"),
 ])
-def test_eval_convert_and_report_never_write_into_inputs(world, lib_copy, capsys, prog, argv,
-                                                         how):
-    argv = [a.format(lib=lib_copy, world=world) for a in argv]
+def test_eval_convert_and_report_never_write_into_inputs(world, lib_copy, one_run, capsys,
+                                                         prog, argv, how):
+    run, _ = one_run
+    argv = [a.format(lib=lib_copy, world=world, run=run) for a in argv]
     how = how.format(lib=lib_copy)
     (lib_copy / "alpha.jsonl").write_text('{"input": "q", "target": "a"}\n')
     if prog == "goose-eval":
         argv += ["--base", world / "base", "--byte-tokenizer", "--bbh-root", world / "bbh",
                  "--tasks", "bbh/boolean_expressions", "--no-progress"]
     _refused(capsys, tool(prog.split()[0]), prog, argv, errors.USER_ERROR, [how],
-             [lib_copy, world])
+             [lib_copy, world, run])
 
 
 @pytest.mark.parametrize("lib,work,how", [
@@ -350,12 +360,15 @@ def _hold_lock(folder):
 @pytest.mark.parametrize("prog", ["goose-data", "goose-eval", "goose-train", "goose-demo"])
 def test_a_second_run_into_a_folder_another_run_writes_is_refused(release, world, tmp_path,
                                                                    capsys, prog):
+    from conftest import write_jsonl
+
     out = tmp_path / "busy"
     argv = {"goose-data": ["flan", release, out],
             "goose-eval": ["--base", world / "base", "--byte-tokenizer", "--bbh-root",
                            world / "bbh", "--tasks", "bbh/boolean_expressions", "--out", out,
                            "--no-progress", "--max-examples", "1"],
-            "goose-train": _train_args(release / "rows.jsonl", tmp_path / "lib", out),
+            "goose-train": _train_args(write_jsonl(tmp_path / "a.jsonl", [("q", "a")] * 3),
+                                       tmp_path / "lib", out),
             "goose-demo": ["--out", out, "--preset", "small"]}[prog]
     holder = _hold_lock(out)
     try:
