@@ -368,10 +368,11 @@ def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary
 def dropped_if_left_empty(path: str, existed: bool):
     """Removes the library this run created at ``path`` when the run fails before an expert is
     in it (a manifest without experts, an empty expert folder): a failed run leaves no empty
-    library behind. Anything else there is kept."""
+    library behind. Anything else there is kept, and so is the library of a run interrupted
+    with Ctrl-C, which its rerun resumes into."""
     try:
         yield
-    except BaseException:
+    except Exception:
         if not existed and distributed.is_primary():
             remove_if_empty(path)
         raise
