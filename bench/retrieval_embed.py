@@ -37,13 +37,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from sentence_transformers import SentenceTransformer
+    from goose_jax.interop.hf_code import sentence_transformer
 
     print_calibration(torch_too=True)
 
     texts = make_queries(args.sentences, np.random.default_rng(0))
     ours = rt.SentenceEmbedder.load()
-    theirs = SentenceTransformer(ours.path, device="cpu")
+    theirs = sentence_transformer(ours.path, device="cpu")
     runs = {"jax": lambda: ours.encode(texts, batch_size=args.batch_size, progress=False),
             "sentence-transformers": lambda: theirs.encode(texts, batch_size=args.batch_size)}
     outputs = {name: fn() for name, fn in runs.items()}   # warm-up (compiles)

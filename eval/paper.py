@@ -17,11 +17,13 @@ with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
 from goose_jax import distributed, report, zeroshot
 from goose_jax.errors import UsageError
+from goose_jax.outputs import check_apart, run_lock
 from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     settings = zeroshot.settings_from_args(args)
+    check_apart({"--out": settings.out}, settings.inputs())
     report.check_out_dir(settings.out, overwrite=True)  # a file, or below one: before any work
     runs = zeroshot.paper_methods(settings)
     wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
@@ -48,6 +51,13 @@ def _run(args: argparse.Namespace) -> None:
     report.check_out_dir(settings.out, overwrite=settings.overwrite, holds=("comparison.json",))
     for s in runs.values():   # every method's folder and flags, before the first is scored
         zeroshot.validate(s)
+    with contextlib.ExitStack() as held:
+        if distributed.is_primary():   # one run at a time writes this --out
+            held.enter_context(run_lock(settings.out, prog="eval/paper.py"))
+        _run_methods(settings, runs)
+
+
+def _run_methods(settings, runs) -> None:
     for name in ("comparison.json", "comparison.md"):   # another run's (with --overwrite)
         if os.path.exists(os.path.join(settings.out, name)):
             os.remove(os.path.join(settings.out, name))

@@ -342,7 +342,15 @@ def run_demo(settings: DemoSettings) -> dict:
     ``results.json`` and the heatmaps to ``settings.out``; returns the summary (results.json).
     With several ``seeds``: each seed's outputs go to ``<out>/seed<N>/`` and the results files
     to ``out`` hold every table as the mean and range over the seeds."""
+    from goose_jax.outputs import check_apart, run_lock
+
+    check_apart({"--out": settings.out}, {"--base": settings.base})
     check_out(settings.out)
+    with run_lock(settings.out, prog="goose-demo"):
+        return _run_seeds(settings)
+
+
+def _run_seeds(settings: DemoSettings) -> dict:
     if len(settings.seeds) > 1:
         from goose_jax.demo_seeds import report_seeds
 

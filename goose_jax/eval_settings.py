@@ -101,6 +101,15 @@ class EvalSettings:
     overwrite: bool = False
     fast_compile: bool = False
 
+    def inputs(self) -> dict[str, str | None]:
+        """Flag -> every path this run reads (for ``outputs.check_apart``)."""
+        return {"--base": self.base, "--library": self.library, "--tokenizer": self.tokenizer,
+                "--expert-map": self.expert_map, "--retrieval-index": self.retrieval_index,
+                "--embedder": self.embedder, "--prototypes": self.prototypes,
+                "--p3-root": self.p3_root, "--bbh-root": self.bbh_root,
+                "--bbl-root": self.bbl_root, "--flan-root": self.flan_root,
+                "--flan-grouping": self.flan_grouping, "--tfds-dir": self.tfds_dir}
+
     def __post_init__(self):
         if not self.tasks and not self.benchmarks:
             raise UsageError("give --benchmark or --tasks")

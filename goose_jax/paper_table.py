@@ -444,9 +444,12 @@ def write_report(specs: Sequence[str], out: str, *, overwrite: bool = False) -> 
     Raises:
       DataError: see ``read_run`` and ``build_table``; ``out`` unusable or already a report.
     """
+    from goose_jax.outputs import check_apart
     from goose_jax.report import check_out_dir
     from goose_jax.tensorfile import write_atomic
 
+    check_apart({"--out": out}, {"RUN_DIR": [
+        s.split("=", 1)[1] if "=" in s and not os.path.exists(s) else s for s in specs]})
     check_out_dir(out, overwrite=overwrite, holds=FILES)
     table = build_table([read_run(s) for s in specs])
     text = markdown(table, title="goose-eval report")

@@ -144,6 +144,7 @@ def run_prototypes(args: PrototypeArgs) -> int:
     """
     from goose_jax.data.batching import JsonlSource, check_token_ids
     from goose_jax.library import ExpertLibrary
+    from goose_jax.outputs import check_apart
     from goose_jax.report import save_prototypes
     from goose_jax.routers import compute_average_activations
     from goose_jax.tensorfile import check_folder_writable
@@ -163,6 +164,8 @@ def run_prototypes(args: PrototypeArgs) -> int:
                            "replace them")
     if os.path.isdir(out):
         raise LibraryError(f"{out}: is a directory; remove it to write the prototypes there")
+    check_apart({"--library": args.library}, {"--data": args.data, "--config": args.config,
+                                              "--base": args.base or tcfg.base_model})
     check_folder_writable(lib.path, error=TrainConfigError, fix="; choose another --library")
     sources = [JsonlSource(p) for p in args.data]
     cfg, params, tok = load_train_base(args.base or tcfg.base_model, tcfg)

@@ -250,6 +250,9 @@ class SentenceEmbedder:
         folder = os.path.abspath(os.fspath(path)) if path is not None else _packaged_dir()
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: sentence-embedding model directory does not exist")
+        from goose_jax.interop.hf_code import refuse_custom_code
+
+        refuse_custom_code(folder)
         cfg = _read_json(os.path.join(folder, "config.json"), required=True)
         st_cfg = _read_json(os.path.join(folder, "sentence_bert_config.json"), required=False)
         pooling = _read_json(os.path.join(folder, "1_Pooling", "config.json"), required=False)

@@ -25,6 +25,7 @@ Legend: nothing here has a fixed shape; shapes are the files' own.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -383,15 +384,22 @@ def open_tensors(paths: Iterable[str | os.PathLike], *,
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
     # A crash mid-write must not leave a truncated file under the final name, and two processes
     # writing the same name must not share a temporary file.
+    # An OS error names the file being written (a full disk's ENOSPC comes from a write or a
+    # close, without a file name).
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.filename not in (None, tmp):
+                raise
+            raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -424,7 +432,19 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     if meta is not None and len(meta) > 1:   # the same bytes on every run (safetensors_bytes)
         write_atomic(path, safetensors_bytes(tensors, meta))
         return
-    _replace_atomically(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:   # safetensors' own error type wraps the OS error in its text
+            if "os error" not in str(e).lower():
+                raise
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, one_line(e)) from None
+
+    _replace_atomically(os.fspath(path), write)
 
 
 def safetensors_bytes(tensors: Mapping[str, np.ndarray],

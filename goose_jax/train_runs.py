@@ -45,7 +45,9 @@ and exits 1); nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,6 +69,7 @@ from goose_jax.data.batching import (
 from goose_jax.errors import DataError, LibraryError, TrainConfigError, UsageError
 from goose_jax.experts import LoRAConfig, init_experts, init_gates
 from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
+from goose_jax.outputs import check_apart, check_library_writable, run_lock
 from goose_jax.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.trainer import train_loop
 from goose_jax.training import Program, TrainConfig, cast_floats
@@ -189,11 +192,19 @@ class Setup:
             self.validation = validation_files(args.data, args.validation)
             if self.validation is None and not args.validation and distributed.is_primary():
                 print(no_validation_note(args.data), flush=True)
+        self.base_spec = args.base or tcfg.base_model
+        read = {"--data": args.data, "--eval-data": args.eval_data, "--config": args.config,
+                "--validation": self.validation or [], "--base": self.base_spec}
+        # The library is read too (its base, the experts a gate run trains on): the work
+        # folder and a full model's --out stay out of it.
+        check_apart({"--library": args.library}, read)
+        check_apart({"--workdir": args.workdir, "--out": args.out},
+                    {**read, "--library": args.library})
+        check_apart({"--out": args.out}, {"--workdir": args.workdir})
         check_folder_writable(args.workdir, error=TrainConfigError,
                               fix="; choose another --workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1
         self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
-        self.base_spec = args.base or tcfg.base_model
         cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
         tcfg.check_family(cfg)
         self.encoding = {}  # how the batches encode inputs: as the T5's, or as prompts
@@ -330,16 +341,72 @@ def already_written(done: bool, lib: ExpertLibrary | None, names: Sequence[str],
     return done
 
 
+def not_written_here(lib: ExpertLibrary | None, names: Sequence[str], workdir: str,
+                     gates: bool = False) -> list[str]:
+    """The experts (or, with ``gates``, the gates) among ``names`` that ``lib`` holds and that
+    the run of ``workdir`` did not write itself: a rerun replaces only its own outputs, never
+    what another run added meanwhile (each entry records its run's ``workdir``)."""
+    mine = os.path.realpath(workdir)
+    found = []
+    for name in names:
+        if lib is None or name not in lib:
+            continue
+        entry = lib.info(name)
+        if gates and not entry.get("has_gate"):
+            continue
+        owner = (entry.get("gate") or {}) if gates else entry
+        if not isinstance(owner, dict) or owner.get("workdir") != mine:
+            found.append(name)
+    return found
+
+
 def existing_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary | None:
     """The library at ``path`` checked against ``setup``'s base and ``lora`` (None if there is
     none yet, and it can be created there); reads only."""
+    check_library_writable(path, error=TrainConfigError)
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return ExpertLibrary.create(path, setup.full_cfg, setup.host_params, lora, exist_ok=True)
-    check_folder_writable(path, error=TrainConfigError, fix="; choose another --library")
     if os.path.isdir(path) and os.listdir(path):
         raise LibraryError(f"{os.path.abspath(path)}: exists and is neither an empty directory "
                            f"nor an expert library (no {MANIFEST}); choose another --library")
     return None
+
+
+@contextlib.contextmanager
+def dropped_if_left_empty(path: str, existed: bool):
+    """Removes the library this run created at ``path`` when the run fails before an expert is
+    in it (a manifest without experts, an empty expert folder): a failed run leaves no empty
+    library behind. Anything else there is kept, and so is the library of a run interrupted
+    with Ctrl-C, which its rerun resumes into."""
+    try:
+        yield
+    except Exception:
+        if not existed and distributed.is_primary():
+            remove_if_empty(path)
+        raise
+
+
+def remove_if_empty(path: str) -> None:
+    """Removes the library at ``path`` if it holds no expert and nothing else."""
+    from goose_jax.library import EXPERT_DIR, LOCK
+
+    manifest = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            if json.load(f).get("experts"):
+                return
+        names = set(os.listdir(path))
+        experts = os.path.join(path, EXPERT_DIR)
+        if not names <= {MANIFEST, LOCK, EXPERT_DIR} or (
+                EXPERT_DIR in names and os.listdir(experts)):
+            return
+        if EXPERT_DIR in names:
+            os.rmdir(experts)
+        for name in names & {MANIFEST, LOCK}:
+            os.remove(os.path.join(path, name))
+        os.rmdir(path)
+    except (OSError, ValueError, AttributeError):
+        return
 
 
 def create_library(path: str, setup: Setup, lora: LoRAConfig) -> ExpertLibrary:
@@ -408,6 +475,19 @@ def _require(value, flag: str, command: str) -> None:
 # --- runs -----------------------------------------------------------------------------------------
 
 
+def _one_run_per_workdir(body: Callable[[RunArgs], int]) -> Callable[[RunArgs], int]:
+    """``body`` under its work directory's lock (``outputs.run_lock``, process 0): a second run
+    into the same ``--workdir`` is refused in one line while the first lives."""
+    @functools.wraps(body)
+    def run(args: RunArgs) -> int:
+        with contextlib.ExitStack() as held:
+            if distributed.is_primary():
+                held.enter_context(run_lock(args.workdir, prog="goose-train", flag="--workdir"))
+            return body(args)
+    return run
+
+
+@_one_run_per_workdir
 def run_experts(args: RunArgs) -> int:
     """``expert`` / ``experts``: trains one LoRA expert per data file, all at once, into the
     library (see the module doc). Returns 0."""
@@ -424,10 +504,10 @@ def run_experts(args: RunArgs) -> int:
     lib = existing_library(args.library, setup, lora)
     if already_written(bool(recorded and recorded.get("finished")), lib, names, args.workdir):
         return 0
-    clash = [n for n in names if lib is not None and n in lib]
-    if clash and recorded is None and not args.overwrite:
-        raise TrainConfigError(f"{lib.path}: already has experts {clash}; pass --overwrite to "
-                               "replace them")
+    clash = not_written_here(lib, names, args.workdir)
+    if clash and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: already has experts {clash} that this run "
+                               f"({args.workdir}) did not write; pass --overwrite to replace them")
     batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     evals = eval_batchers(setup, names)
     examples = [read_validation(p, n) for p, n in zip(setup.validation or (), names)]
@@ -436,7 +516,16 @@ def run_experts(args: RunArgs) -> int:
         validator = Validator(setup.cfg, setup.frozen_base(), setup.tokenizer, examples,
                               lora_scale=lora.lora_scale, tcfg=tcfg, mesh=setup.mesh)
         best = BestKeeper(validator.scores, validator.metrics)
+    existed = lib is not None
     lib = create_library(args.library, setup, lora)
+    with dropped_if_left_empty(args.library, existed):
+        return _train_experts(args, setup, lib, names, identity, recorded, batchers, evals,
+                              examples, best)
+
+
+def _train_experts(args, setup, lib, names, identity, recorded, batchers, evals,
+                   examples, best) -> int:
+    tcfg, lora = setup.tcfg, setup.tcfg.lora
     if recorded is None:
         record_run(args.workdir, identity)
     root = jax.random.key(tcfg.seed)
@@ -451,7 +540,8 @@ def run_experts(args: RunArgs) -> int:
     if not already_written(ran == 0, lib, names, args.workdir):
         def info(i, metrics):
             record = {"data": args.description or os.path.abspath(args.data[i]),
-                      "steps": tcfg.steps, "metrics": metrics, "train_config": tcfg.to_dict()}
+                      "workdir": os.path.realpath(args.workdir), "steps": tcfg.steps,
+                      "metrics": metrics, "train_config": tcfg.to_dict()}
             if best is not None:
                 record["validation"] = {"data": setup.validation[i],
                                         "examples": len(examples[i]),
@@ -469,6 +559,7 @@ def run_experts(args: RunArgs) -> int:
     return 0
 
 
+@_one_run_per_workdir
 def run_gate(args: RunArgs) -> int:
     """``gate``: trains the PHATGOOSE gates of library experts (base and LoRA frozen) and
     writes them into those experts' files. Returns 0."""
@@ -476,6 +567,7 @@ def run_gate(args: RunArgs) -> int:
     setup = Setup(args)
     tcfg = setup.tcfg
     lib = ExpertLibrary.open(args.library, setup.full_cfg, setup.host_params)
+    check_library_writable(lib.path, error=TrainConfigError)   # the gates are written there
     names = expert_names(args, tcfg, len(setup.sources))
     missing = [n for n in names if n not in lib]
     if missing:
@@ -486,10 +578,10 @@ def run_gate(args: RunArgs) -> int:
     if already_written(bool(recorded and recorded.get("finished")), lib, names, args.workdir,
                        gates=True):
         return 0
-    gated = [n for n in names if lib.info(n)["has_gate"]]
-    if gated and recorded is None and not args.overwrite:
-        raise TrainConfigError(f"{lib.path}: experts {gated} already have gates; pass "
-                               "--overwrite to replace them")
+    gated = not_written_here(lib, names, args.workdir, gates=True)
+    if gated and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: experts {gated} already have gates that this run "
+                               f"({args.workdir}) did not train; pass --overwrite to replace them")
     experts, _ = lib.load(names, dtype=None, gates=False)
     batchers = [setup.batcher(s, stream_id(n)) for s, n in zip(setup.sources, names)]
     evals = eval_batchers(setup, names)
@@ -508,7 +600,7 @@ def run_gate(args: RunArgs) -> int:
         def info(i, metrics):
             return {**lib.info(names[i]), "gate": {
                 "steps": tcfg.gate_steps, "data": os.path.abspath(args.data[i]),
-                "metrics": metrics}}
+                "workdir": os.path.realpath(args.workdir), "metrics": metrics}}
 
         write_trained(lib, names, experts, distributed.fetch(state.trainable), history, info,
                       "gate loss")
@@ -516,6 +608,7 @@ def run_gate(args: RunArgs) -> int:
     return 0
 
 
+@_one_run_per_workdir
 def run_multitask(args: RunArgs) -> int:
     """``multitask``: trains one LoRA expert (into the library) or the whole model (into
     ``args.out``) on the mixture of the data files. Returns 0."""
@@ -557,9 +650,18 @@ def run_multitask(args: RunArgs) -> int:
     if already_written(bool(recorded and recorded.get("finished")), lib, [args.name],
                        args.workdir):
         return 0
-    if lib is not None and args.name in lib and recorded is None and not args.overwrite:
-        raise TrainConfigError(f"{lib.path}: already has {args.name!r}; pass --overwrite")
+    if not_written_here(lib, [args.name], args.workdir) and not args.overwrite:
+        raise TrainConfigError(f"{lib.path}: already has {args.name!r}, which this run "
+                               f"({args.workdir}) did not write; pass --overwrite")
+    existed = lib is not None
     lib = create_library(args.library, setup, lora)
+    with dropped_if_left_empty(args.library, existed):
+        return _train_multitask_expert(args, setup, lib, identity, recorded, batchers, evals,
+                                       key)
+
+
+def _train_multitask_expert(args, setup, lib, identity, recorded, batchers, evals, key) -> int:
+    tcfg, lora = setup.tcfg, setup.tcfg.lora
     if recorded is None:
         record_run(args.workdir, identity)
     trainable = init_experts(setup.cfg, lora, [jax.random.fold_in(key, stream_id(args.name))],
@@ -572,7 +674,8 @@ def run_multitask(args: RunArgs) -> int:
     if not already_written(ran == 0, lib, [args.name], args.workdir):
         info = {"data": args.description or "mixture of " + ", ".join(map(os.path.abspath,
                                                                           args.data)),
-                "steps": tcfg.steps, "metrics": history, "train_config": tcfg.to_dict()}
+                "workdir": os.path.realpath(args.workdir), "steps": tcfg.steps,
+                "metrics": history, "train_config": tcfg.to_dict()}
         write_experts(lib, [(args.name, distributed.fetch(state.trainable), None, None, info,
                               f"{args.name}: loss {_mean(history.get('loss', np.nan)):.4f} -> "
                               f"{lib.path}")])

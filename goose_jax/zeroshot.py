@@ -13,6 +13,7 @@ axis) and writes the results folder of ``goose_jax.report`` from process 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -248,7 +249,8 @@ def eval_mesh(s: EvalSettings):
 
 def validate(s: EvalSettings) -> None:
     """Checks every path and flag of a run before any data or model is read: the output folder
-    (not a file, not already holding results without ``overwrite``), the base and tokenizer
+    (not a file, not already holding results without ``overwrite``, apart from every input), the
+    base and tokenizer
     paths, the JSON flag files, and whether the library can serve the method (experts, gates,
     ``top_k``, the method's own file).
 
@@ -257,8 +259,10 @@ def validate(s: EvalSettings) -> None:
     """
     from goose_jax.base_model import RANDOM, check_base, load_tokenizer
     from goose_jax.errors import CheckpointError
+    from goose_jax.outputs import check_apart
     from goose_jax.report import check_out_dir
 
+    check_apart({"--out": s.out}, s.inputs())
     check_out_dir(s.out, overwrite=s.overwrite)
     check_base(s.base)
     if not s.byte_tokenizer and not (s.world and s.tokenizer is None):
@@ -325,15 +329,26 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
         one benchmark read and cap its data once); None: loaded here.
 
     Raises:
-      GooseError: any input a user controls that cannot be used (one line each).
+      GooseError: any input a user controls that cannot be used (one line each), or another run
+        writing ``s.out`` (``outputs.run_lock``).
     """
+    from goose_jax import distributed
+    from goose_jax.outputs import run_lock
+
+    validate(s)
+    with contextlib.ExitStack() as held:
+        if distributed.is_primary():   # process 0 alone writes the results
+            held.enter_context(run_lock(s.out, prog="goose-eval"))
+        return _run_eval(s, base, data)
+
+
+def _run_eval(s: EvalSettings, base, data) -> dict:
     import jax
 
     from goose_jax import distributed, evaluation, families, report
     from goose_jax.errors import ConfigError
     from goose_jax.progress import progress_enabled
 
-    validate(s)
     mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s, mesh)

@@ -118,3 +118,16 @@ def test_goose_eval_refuses_a_malformed_row_too(tmp_path, capsys):
     line = one_line(capsys.readouterr().err, "goose-eval")
     assert code == 1 and "winowhy" in line and "row 1" in line, line
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_out_dir_inside_a_source_is_refused_before_anything_is_written(sources, tmp_path,
+                                                                           capsys):
+    import shutil
+
+    ts = tmp_path / "ts"
+    shutil.copytree(sources[0], ts)
+    before = tree_hash(tmp_path)
+    assert main(["bigbench", str(ts), sources[1], str(ts / "bb"), "--overwrite"]) == 1
+    line = one_line(capsys.readouterr().err, "goose-data")
+    assert "TASKSOURCE_DIR" in line and "OUT_DIR" in line, line
+    assert tree_hash(tmp_path) == before

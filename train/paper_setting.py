@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from goose_jax import routing, zeroshot
 from goose_jax.errors import DataError, UsageError
+from goose_jax.outputs import check_apart, run_lock
 from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 
@@ -178,16 +179,6 @@ def _retrieval_index(library: str, train_files, names, embedder: str | None, see
 
 
 def run(setting: Setting, args: argparse.Namespace) -> None:
-    from goose_jax import paper_table
-    from goose_jax.prototypes import PrototypeArgs, prototypes_path, run_prototypes
-    from goose_jax.train_runs import (
-        RunArgs,
-        load_train_config,
-        run_experts,
-        run_gate,
-        run_multitask,
-    )
-
     work = os.path.abspath(args.workdir)
     source = getattr(args, setting.source)
     if not args.small:
@@ -201,6 +192,29 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
         absent = [v for v in (source, args.bbh_root, args.bbl_root) if not os.path.isdir(v)]
         if absent:
             raise DataError(f"{absent[0]}: no such directory; pass the release's folder")
+    read = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _INPUT_FLAGS
+            if getattr(args, k, None)}
+    check_apart({"--workdir": work}, read)
+    with run_lock(work, prog=setting.prog, flag="--workdir"):
+        _run_stages(setting, args, work, source)
+
+
+# Every flag of a setting script that names something it reads.
+_INPUT_FLAGS = ("p3_dir", "flan_dir", "p3_heldout_root", "flan_grouping", "base", "bbh_root",
+                "bbl_root", "multitask_base", "embedder", "config")
+
+
+def _run_stages(setting: Setting, args: argparse.Namespace, work: str, source) -> None:
+    from goose_jax import paper_table
+    from goose_jax.prototypes import PrototypeArgs, prototypes_path, run_prototypes
+    from goose_jax.train_runs import (
+        RunArgs,
+        load_train_config,
+        run_experts,
+        run_gate,
+        run_multitask,
+    )
+
     os.makedirs(work, exist_ok=True)
     if args.small:
         small = _small_inputs(setting, work)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from goose_jax.data import build_bigbench, build_flan, build_p3, builds, flan_pool
 from goose_jax.errors import UsageError
+from goose_jax.outputs import check_apart, run_lock
 from goose_jax.tool import run_tool
 
 PROG = "goose-data"
@@ -116,9 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_bigbench(args: argparse.Namespace) -> None:
+    check_apart({"OUT_DIR": args.out_dir}, {"TASKSOURCE_DIR": args.tasksource_dir,
+                                            "LUKAEMON_DIR": args.lukaemon_dir})
     out = builds.check_out_dir(args.out_dir, args.overwrite)
-    with builds.staged(out) as stage:
-        summary = build_bigbench.build_bigbench(args.tasksource_dir, args.lukaemon_dir, stage)
+    with run_lock(out, prog=PROG, flag="OUT_DIR"):
+        if not args.overwrite:   # another build may have finished here since the check
+            builds.check_out_dir(out, args.overwrite)
+        with builds.staged(out) as stage:
+            summary = build_bigbench.build_bigbench(args.tasksource_dir, args.lukaemon_dir,
+                                                    stage)
     print(f"{PROG}: wrote {len(summary['tasks'])} BIG-bench tasks to {out} (--bbh-root "
           f"{os.path.join(out, 'bbh')} --bbl-root {os.path.join(out, 'bbl')})")
 
@@ -130,7 +137,8 @@ def _run_p3(args: argparse.Namespace) -> None:
     p3_dir, out_dir = (None, args.dirs[0]) if len(args.dirs) == 1 else args.dirs
     builds.run_build(out_dir, args.overwrite, lambda stage: build_p3.build_p3_heldin(
         p3_dir, stage, datasets=args.datasets, max_examples=args.max_examples or None,
-        seed=args.seed, hf_dir=args.hf_dir, templates=args.templates))
+        seed=args.seed, hf_dir=args.hf_dir, templates=args.templates),
+        inputs={"P3_DIR": p3_dir, "--hf-dir": args.hf_dir, "--templates": args.templates})
 
 
 def _run_flan(args: argparse.Namespace) -> None:
@@ -141,14 +149,18 @@ def _run_flan(args: argparse.Namespace) -> None:
         builds.run_build(args.out_dir, args.overwrite, lambda stage: flan_pool.build_release_pool(
             args.source_dir, stage, p3_root=args.p3_dir, niv2_tasks=args.niv2_tasks,
             datasets=args.datasets, max_examples=args.max_examples or None, seed=args.seed,
-            hf_dir=args.hf_dir, templates=args.templates))
+            hf_dir=args.hf_dir, templates=args.templates),
+            inputs={"FLAN_DIR": args.source_dir, "--p3-dir": args.p3_dir,
+                    "--niv2-tasks": args.niv2_tasks, "--hf-dir": args.hf_dir,
+                    "--templates": args.templates})
         return
     if args.p3_dir or args.niv2_tasks or args.hf_dir or args.templates:
         raise UsageError("--p3-dir, --niv2-tasks, --hf-dir and --templates are for --pool release")
     grouping = build_flan.read_grouping(args.grouping) if args.grouping else None
     builds.run_build(args.out_dir, args.overwrite, lambda stage: build_flan.build_flan(
         args.source_dir, stage, datasets=args.datasets, grouping=grouping,
-        max_examples=args.max_examples or None, seed=args.seed))
+        max_examples=args.max_examples or None, seed=args.seed),
+        inputs={"FLAN_DIR": args.source_dir, "--grouping": args.grouping})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from goose_jax.errors import DataError, UsageError
+from goose_jax.outputs import check_apart, run_lock
 from goose_jax.tensorfile import check_folder_writable, write_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -185,13 +186,19 @@ def summary_table(summary: Mapping) -> str:
     return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
-def run_build(out: str | os.PathLike, overwrite: bool, build, *, prog: str = "goose-data"
-              ) -> dict:
-    """Checks ``out``, runs ``build(staging_folder) -> summary`` in a staging folder, moves it to
-    ``out`` once complete, and prints the summary table and one closing line."""
+def run_build(out: str | os.PathLike, overwrite: bool, build, *, prog: str = "goose-data",
+              inputs: Mapping[str, str | None] | None = None) -> dict:
+    """Checks ``out`` (apart from ``inputs``, flag -> path read: ``outputs.check_apart``), runs
+    ``build(staging_folder) -> summary`` in a staging folder under ``out``'s lock
+    (``outputs.run_lock``), moves it to ``out`` once complete, and prints the summary table and
+    one closing line."""
+    check_apart({"OUT_DIR": out}, inputs or {})
     out = check_out_dir(out, overwrite)
-    with staged(out) as stage:
-        summary = build(stage)
+    with run_lock(out, prog=prog, flag="OUT_DIR"):
+        if not overwrite:   # another build may have finished here since the check
+            check_out_dir(out, overwrite)
+        with staged(out) as stage:
+            summary = build(stage)
     experts = summary["experts"].values()
     print(summary_table(summary))
     print(f"{prog}: wrote {len(experts)} experts ({sum(e['train'] for e in experts)} train, "

@@ -158,9 +158,13 @@ def load_hf_tokenizer(path: str | os.PathLike, *, pad_id: int | None = None) -> 
       An ``HFTokenizer`` with the same interface as ``ByteTokenizer``.
 
     Raises:
-      CheckpointError: the directory or its tokenizer files are missing or unreadable, or
-        the tokenizer has no EOS, or no padding token and no ``pad_id``.
+      CheckpointError: the directory or its tokenizer files are missing or unreadable, its
+        ``tokenizer_config.json`` or ``config.json`` names custom code (``auto_map``: goose-jax
+        never runs a checkpoint's code, see ``goose_jax.interop.hf_code``), or the tokenizer
+        has no EOS, or no padding token and no ``pad_id``.
     """
+    from goose_jax.interop.hf_code import auto_tokenizer, refuse_custom_code
+
     folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: tokenizer directory does not exist")
@@ -168,12 +172,13 @@ def load_hf_tokenizer(path: str | os.PathLike, *, pad_id: int | None = None) -> 
         raise CheckpointError(f"{folder}: no tokenizer files (looked for "
                               f"{', '.join(_TOKENIZER_FILES[:2])})")
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401  (only to say it is missing)
     except ImportError:
         raise CheckpointError(f"{folder}: loading a Hugging Face tokenizer needs transformers, "
                               "which is not installed") from None
+    refuse_custom_code(folder)  # before transformers reads anything: a refusal is our one line
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = auto_tokenizer(folder)
     except Exception as e:  # transformers raises OSError, ValueError and others for bad files.
         detail = one_line(e)
         raise CheckpointError(f"{folder}: cannot load the tokenizer: "

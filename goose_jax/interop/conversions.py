@@ -7,7 +7,7 @@ see (what was written, notes about the import), so the command line only prints 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from goose_jax import families
 from goose_jax.config import DTypePolicy
 from goose_jax.errors import LibraryError
 from goose_jax.families import ModelConfig
+from goose_jax.outputs import check_apart, check_free_space, check_library_writable
 
 
 def describe_model(cfg: ModelConfig, params) -> str:
@@ -31,6 +32,14 @@ def describe_model(cfg: ModelConfig, params) -> str:
     return f"{len(leaves)} tensors, {n:,} parameters, {cfg.dtype.param_dtype}, {depth}, {head}"
 
 
+def tree_bytes(params) -> int:
+    """The bytes of a params tree's arrays (what writing it needs on disk, headers aside)."""
+    import jax
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(params))
+
+
 def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
     """A Hugging Face T5, Llama, Qwen2 or Mistral directory -> a goose-jax (Orbax) model
@@ -38,8 +47,10 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
     from goose_jax.base_model import load_hf_model
     from goose_jax.checkpoint import check_destination, save_model
 
+    check_apart({"DST_DIR": dst}, {"SRC_HF_DIR": src})
     check_destination(dst, overwrite=overwrite)   # before the model is read
     cfg, params = load_hf_model(src, dtype=DTypePolicy(param_dtype=dtype))
+    check_free_space(dst, tree_bytes(params), what="the checkpoint", flag="DST_DIR")
     written = save_model(dst, cfg, params, overwrite=overwrite)
     return [f"wrote goose-jax checkpoint {written} ({describe_model(cfg, params)})"]
 
@@ -52,8 +63,10 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
     from goose_jax.interop.hf_decoder import save_hf_llama
 
     check_hf_folder(dst, overwrite=overwrite)   # before the model is read
+    check_apart({"DST": dst}, {"SRC": src})
     read_model_config(src)
     cfg, params = load_model(src)
+    check_free_space(dst, tree_bytes(params), what="the model's weights", flag="DST")
     save = save_hf_llama if families.is_decoder_only(cfg) else save_hf_t5
     return [f"wrote {p}" for p in save(cfg, params, dst, overwrite=overwrite)] + [
         f"({describe_model(cfg, params)})"]
@@ -72,6 +85,7 @@ def check_library_out(out: str, *, append: bool = False, overwrite: bool = False
     from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
 
     check_folder_writable(out, error=LibraryError, fix="; pass another --out")
+    check_library_writable(out, error=LibraryError, flag="--out")
     for name in names or ():
         check_expert_name(name, out)
     if os.path.isfile(os.path.join(out, MANIFEST)):
@@ -88,13 +102,14 @@ def check_library_out(out: str, *, append: bool = False, overwrite: bool = False
 
 
 def import_into_library(base: str, out: str, do_import: Callable, *, append: bool = False,
-                        overwrite: bool = False, names: Sequence[str] | None = None
-                        ) -> list[str]:
+                        overwrite: bool = False, names: Sequence[str] | None = None,
+                        inputs: Mapping[str, str | Sequence[str]] | None = None) -> list[str]:
     """Imports experts with ``do_import(cfg, target)`` and writes them to the library ``out``.
 
     ``target`` holds the rank, scale and sites of the library being appended to (empty for a new
     library), so that imported experts are padded to fit it. ``out`` and the expert ``names``
-    (when known before the import) are checked first (``check_library_out``); a new library is
+    (when known before the import) are checked first (``check_library_out``; ``out`` apart from
+    ``base`` and ``inputs``, flag -> the paths imported, ``outputs.check_apart``); a new library is
     written under a temporary name and renamed into place, so a crash never leaves half of one.
     """
     import shutil
@@ -103,6 +118,7 @@ def import_into_library(base: str, out: str, do_import: Callable, *, append: boo
     from goose_jax.interop.stacking import write_library
     from goose_jax.library import MANIFEST, ExpertLibrary
 
+    check_apart({"--out": out}, {"--base": base, **inputs})
     check_library_out(out, append=append, overwrite=overwrite, names=names)
     cfg, params = load_base(base)
     target = {}
@@ -147,7 +163,7 @@ def peft_to_library(adapters: Sequence[str], base: str, out: str, *,
 
     known = list(names) if names is not None else [default_expert_name(a) for a in adapters]
     return import_into_library(base, out, do_import, append=append, overwrite=overwrite,
-                               names=known)
+                               names=known, inputs={"ADAPTER_DIR": adapters})
 
 
 def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] | None = None,
@@ -168,12 +184,13 @@ def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] |
         return import_release(ckpt, cfg, names=names, **target)
 
     return import_into_library(base, out, do_import, append=append, overwrite=overwrite,
-                               names=known)
+                               names=known, inputs={"CKPT": ckpt})
 
 
 def library_to_peft(library: str, expert: str, out: str, *, overwrite: bool = False) -> list[str]:
     """One expert of a goose-jax library -> a PEFT LoRA adapter directory."""
     from goose_jax.interop.peft import check_adapter_folder, export_peft
 
+    check_apart({"OUT_DIR": out}, {"LIBRARY_DIR": library})
     check_adapter_folder(out, overwrite=overwrite)
     return [f"wrote {p}" for p in export_peft(library, expert, out, overwrite=overwrite)]

@@ -87,8 +87,11 @@ def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
     """(the parsed ``config.json`` of a checkpoint directory, its path), for any model family.
 
     Raises:
-      CheckpointError: the file is missing, not JSON, or not a JSON object.
+      CheckpointError: the file is missing, not JSON, or not a JSON object, or it names custom
+        code (``auto_map``; see ``goose_jax.interop.hf_code``).
     """
+    from goose_jax.interop.hf_code import check_no_custom_code
+
     config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint directory needs "
@@ -96,6 +99,7 @@ def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
     d = read_json(config_path, what="the config as JSON")
     if not isinstance(d, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, found {type(d).__name__}")
+    check_no_custom_code(d, config_path)
     return d, config_path
 
 
