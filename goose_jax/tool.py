@@ -7,6 +7,10 @@ on stderr and an exit code of the table in ``goose_jax.errors``:
 
   0 done, 1 bad input (``GooseError``, an OS error on a user's path), 2 usage (argparse, or a
   ``UsageError``), 75 a peer of a multi-process run died, 130 interrupted (Ctrl-C).
+
+Ctrl-C follows ``goose_jax.tool_process``: in a tool's own process the interrupted line is the
+last thing it does (``os._exit`` after flushing, no interpreter teardown); called in-process,
+``run_tool`` returns 130.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from goose_jax import errors
+from goose_jax import errors, tool_process
 
 
 def _quiet_libraries() -> None:
@@ -60,12 +64,15 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
     from goose_jax import distributed
 
+    tool_process.start_run(prog, interrupted_hint)
     try:
         if hasattr(args, "coordinator"):
             distributed.maybe_initialize(args, prog=prog)
         code = args.run(args)
         return errors.OK if code is None else int(code)
     except KeyboardInterrupt:
+        if tool_process.owns_process():
+            tool_process.exit_now(errors.INTERRUPTED)  # does not return
         hint = f"; {interrupted_hint}" if interrupted_hint else ""
         print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return errors.INTERRUPTED
