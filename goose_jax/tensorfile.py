@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -130,6 +131,8 @@ class SafetensorsFile(Mapping):
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise ValueError(f"header is not JSON ({e})") from None
+            except RecursionError:
+                raise ValueError("header is JSON nested too deeply") from None
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         start = 8 + n
@@ -469,4 +472,7 @@ def read_json(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
             return json.load(f)
     except (OSError, ValueError) as e:
         raise error(f"{os.fspath(path)}: cannot read {what}: {one_line(e)}{fix}") from None
+    except RecursionError:  # Python's JSON parser recurses once per level of nesting
+        raise error(f"{os.fspath(path)}: cannot read {what}: nested deeper than "
+                    f"{sys.getrecursionlimit()} levels{fix}") from None
 
