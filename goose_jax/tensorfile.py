@@ -25,6 +25,7 @@ Legend: nothing here has a fixed shape; shapes are the files' own.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -39,7 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax.errors import CheckpointError, GooseError, UnsafeCheckpointError, one_line
+from goose_jax.errors import (
+    CheckpointError,
+    DiskWriteError,
+    GooseError,
+    UnsafeCheckpointError,
+    one_line,
+)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # The safetensors format's own limit; a larger "header" is a corrupt length field.
@@ -382,6 +389,34 @@ def open_tensors(paths: Iterable[str | os.PathLike], *,
 # --- writing ------------------------------------------------------------------------------------
 
 
+def os_error(e: BaseException) -> tuple[int, str] | None:
+    """The system's error number and reason behind a failed write, whoever raised it: an
+    ``OSError``, or a native writer's error that quotes the number (safetensors' ``os error
+    28``, tensorstore's ``os_error_code='28'``); None when there is none."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno, e.strerror or os.strerror(e.errno)
+    m = re.search(r"os error (\d+)|os_error_code='(\d+)'|\[Errno (\d+)\]", str(e))
+    if m is None:
+        return None
+    number = int(next(g for g in m.groups() if g))
+    return number, os.strerror(number)
+
+
+def disk_write_error(path: str, e: BaseException) -> DiskWriteError | None:
+    """``e`` as the one-line ``DiskWriteError`` naming ``path``, if the system refused a write
+    (see ``os_error``); None for any other error (a bug, which keeps its traceback)."""
+    found = os_error(e)
+    if found is None:
+        return None
+    number, text = found
+    full = number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    error = DiskWriteError(f"{path}: cannot write: {text}; nothing of this write was kept"
+                           + ("; free space (or lift the file-size limit) and rerun" if full
+                              else ""))
+    error.errno = number
+    return error
+
+
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
     # A crash mid-write must not leave a truncated file under the final name, and two processes
     # writing the same name must not share a temporary file.
@@ -394,6 +429,11 @@ def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except Exception as e:
+        error = disk_write_error(path, e)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -27,9 +27,11 @@ from goose_jax import errors, tool_process
 
 def _quiet_libraries() -> None:
     # Orbax and absl log routine steps at INFO / WARNING, and on Ctrl-C absl's handler adds its
-    # own report; a tool's output is its own summary.
-    for name in ("absl", "orbax", "jax._src.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # own report; Orbax logs a failed write at ERROR with a traceback (from its own thread)
+    # before the save raises. A tool's output is its own summary and its one error line.
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("jax._src.distributed").setLevel(logging.ERROR)
 
 
 def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
