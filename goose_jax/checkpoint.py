@@ -25,14 +25,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
-from goose_jax import families
+from goose_jax import families, tool_process
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, ConfigError, one_line
 from goose_jax.families import ModelConfig
@@ -116,8 +115,7 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
     tree_name = TREE_DIRS[1] if old_tree == TREE_DIRS[0] else TREE_DIRS[0]
     primary = jax.process_index() == 0
     created = not os.path.exists(path)
-    hook = sys.unraisablehook
-    _drop_closed_loop_reports_from_now()  # a failed write's reports come during the save
+    restore_hook = tool_process.drop_closed_loop_reports()  # a failed write reports meanwhile
     try:
         if primary:
             os.makedirs(path, exist_ok=True)
@@ -141,8 +139,8 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
         error = disk_write_error(path, e) if isinstance(e, Exception) else None
         if error is None:
             raise
-        raise error from None  # the hook stays: late reports of the failed writes come later
-    sys.unraisablehook = hook
+        raise error from None  # the hook stays: the failed writes report later too
+    restore_hook()
     if primary and old_tree is not None and old_tree != tree_name:
         shutil.rmtree(os.path.join(path, old_tree), ignore_errors=True)
     return path
@@ -170,20 +168,6 @@ def _remove_partial(path: str, tree_name: str, created: bool) -> None:
         if (quiet_since is not None and now - quiet_since >= 0.3) or now > deadline:
             return
         time.sleep(0.05)
-
-
-def _drop_closed_loop_reports(report) -> None:
-    # After a failed write Orbax closes its event loop while TensorStore's other writes are in
-    # flight: each reports "Event loop is closed" from another thread, later. Only those go.
-    if not (isinstance(report.exc_value, RuntimeError)
-            and str(report.exc_value) == "Event loop is closed"):
-        _drop_closed_loop_reports.previous(report)
-
-
-def _drop_closed_loop_reports_from_now() -> None:
-    if sys.unraisablehook is not _drop_closed_loop_reports:
-        _drop_closed_loop_reports.previous = sys.unraisablehook
-        sys.unraisablehook = _drop_closed_loop_reports
 
 
 def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> None:

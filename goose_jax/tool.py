@@ -67,6 +67,7 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     from goose_jax import distributed
 
     tool_process.start_run(prog, interrupted_hint)
+    restore_hook = tool_process.drop_closed_loop_reports()
     try:
         if hasattr(args, "coordinator"):
             distributed.maybe_initialize(args, prog=prog)
@@ -83,8 +84,31 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     except OSError as e:
         return fail(e, errors.USER_ERROR)
     except Exception as e:
+        refused = _refused_write(e)
+        if refused:  # a native writer's (Orbax's, safetensors') I/O error, raised as another type
+            if tool_process.owns_process():  # its threads may still be failing: no teardown
+                tool_process.exit_now(errors.USER_ERROR, f"{prog}: error: {refused}")
+            return fail(Exception(refused), errors.USER_ERROR)
         import jax
 
         if isinstance(e, jax.errors.JaxRuntimeError):
             distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
         raise
+    finally:
+        if not tool_process.owns_process():  # a tool's own process keeps it: reports come late
+            restore_hook()
+
+
+def _refused_write(e: Exception) -> str | None:
+    """The one line for an error that quotes a system error number (``os_error_code='28'``,
+    ``os error 28``): the file it names (the first quoted path) and the system's reason."""
+    import re
+
+    from goose_jax.tensorfile import os_error
+
+    found = os_error(e)
+    if found is None:
+        return None
+    path = re.search(r'"(/[^"]+)"', str(e))
+    where = f"{path.group(1)}: " if path else ""
+    return f"{where}cannot write: {found[1]}"

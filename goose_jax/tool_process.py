@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 INTERRUPTED = 130  # goose_jax.errors.INTERRUPTED (not imported: errors must stay optional here)
@@ -192,3 +192,29 @@ class _QuietTensorFlow:
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec
+
+
+def _drop_closed_loop_report(report) -> None:
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+        _drop_closed_loop_report.previous(report)
+
+
+def drop_closed_loop_reports() -> Callable[[], None]:
+    """Drops the "Event loop is closed" reports of failed asynchronous writes; returns the
+    function that puts the previous hook back.
+
+    When a write fails (a full disk), Orbax closes its event loop while TensorStore's other
+    writes are in flight: each later reports ``RuntimeError: Event loop is closed`` as an
+    unraisable exception, with a traceback, from another thread and at any time. The failure
+    itself is raised and reported once; those reports alone are dropped."""
+    if sys.unraisablehook is _drop_closed_loop_report:
+        return lambda: None
+    previous = _drop_closed_loop_report.previous = sys.unraisablehook
+    sys.unraisablehook = _drop_closed_loop_report
+
+    def restore() -> None:
+        if sys.unraisablehook is _drop_closed_loop_report:
+            sys.unraisablehook = previous
+
+    return restore
