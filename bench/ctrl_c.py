@@ -7,9 +7,12 @@ synthetic P3 release, training data), then for each tool starts it ``--runs`` ti
 shell would (the console script itself, SIGINT at its default) and sends SIGINT after a delay
 drawn uniformly between 0.05 s and the tool's window (start-up imports included). A run passes
 if it ends with 130 and exactly one stderr line ``PROG: interrupted...`` without a traceback, or
-finished before the signal (exit 0, nothing on stderr but its own lines, no traceback). Prints
-one row per tool (runs, interrupted, finished, failed, slowest exit after the signal) and every
-failure's stderr; exits 1 if any run failed.
+finished before the signal (exit 0, no traceback). A signal that lands while the interpreter
+itself starts (before the site module has run, so before any line of goose-jax) gets Python's
+own behaviour (killed by SIGINT, or a traceback of site) and is counted apart, as
+``python_start``. Prints one row per tool (runs, interrupted, finished, python_start, failed,
+slowest exit after the signal) and the stderr of every run not interrupted or finished; exits 1
+if any run failed.
 """
 
 from __future__ import annotations
@@ -102,9 +105,14 @@ def one_run(tool: str, root: str, out: str, delay: float) -> dict:
     interrupted = (code == 130 and len(lines) == 1
                    and lines[0].startswith(f"{tool}: interrupted"))
     finished = code == 0 and "Traceback" not in err and "Fatal Python error" not in err
+    # SIGINT before the interpreter has set itself up (its own start-up and the site module's
+    # .pth files, before any line of the tool runs): Python's behaviour, not the tool's.
+    python_start = ((code == -signal.SIGINT and not err.strip())
+                    or "init_import_site" in err or "<frozen site>" in err)
+    verdict = ("interrupted" if interrupted else "finished" if finished else
+               "python_start" if python_start else "FAILED")
     return {"tool": tool, "delay": round(delay, 2), "code": code, "stderr": err,
-            "exit_s": time.monotonic() - sent,
-            "verdict": "interrupted" if interrupted else "finished" if finished else "FAILED"}
+            "exit_s": time.monotonic() - sent, "verdict": verdict}
 
 
 def main(argv=None) -> int:
@@ -122,7 +130,7 @@ def main(argv=None) -> int:
     failed = 0
     with tempfile.TemporaryDirectory(prefix="ctrl_c_") as root:
         build_inputs(root)
-        print(f"{'tool':15s} runs interrupted finished failed slowest_exit_s")
+        print(f"{'tool':15s} runs interrupted finished python_start failed slowest_exit_s")
         for tool in args.tools.split(","):
             results = []
             for i in range(args.runs):
@@ -132,12 +140,12 @@ def main(argv=None) -> int:
             bad = [r for r in results if r["verdict"] == "FAILED"]
             failed += len(bad)
             count = {v: sum(r["verdict"] == v for r in results)
-                     for v in ("interrupted", "finished")}
+                     for v in ("interrupted", "finished", "python_start")}
             print(f"{tool:15s} {len(results):4d} {count['interrupted']:11d} "
-                  f"{count['finished']:8d} {len(bad):6d} "
+                  f"{count['finished']:8d} {count['python_start']:12d} {len(bad):6d} "
                   f"{max(r['exit_s'] for r in results):14.2f}", flush=True)
-            for r in bad:
-                print(f"  FAILED after {r['delay']} s: exit {r['code']}\n"
+            for r in [r for r in results if r["verdict"] == "python_start"] + bad:
+                print(f"  {r['verdict']} after {r['delay']} s: exit {r['code']}\n"
                       + "\n".join("    " + line for line in r["stderr"].splitlines()[-15:]),
                       flush=True)
     return 1 if failed else 0

@@ -27,9 +27,10 @@ from goose_jax import errors, tool_process
 
 def _quiet_libraries() -> None:
     # Orbax and absl log routine steps at INFO / WARNING, and on Ctrl-C absl's handler adds its
-    # own report; Orbax logs a failed write at ERROR with a traceback (from its own thread)
-    # before the save raises. A tool's output is its own summary and its one error line.
-    for name in ("absl", "orbax"):
+    # own report; Orbax logs a failed write at ERROR with a traceback (from its own thread, and
+    # asyncio once per write still in flight) before the save raises. A tool's output is its own
+    # summary and its one error line.
+    for name in ("absl", "orbax", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("jax._src.distributed").setLevel(logging.ERROR)
 

@@ -176,14 +176,18 @@ class _QuietLoader:
     def exec_module(self, module) -> None:
         with stderr_muted():
             self._loader.exec_module(module)
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        logging.getLogger(module.__name__).setLevel(logging.ERROR)
 
 
 class _QuietTensorFlow:
-    """A meta-path finder that hands ``import tensorflow`` a ``_QuietLoader`` (once)."""
+    """A meta-path finder that hands ``import tensorflow`` (or ``module``) a ``_QuietLoader``
+    (once)."""
+
+    def __init__(self, module: str = "tensorflow"):
+        self.module = module
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != self.module:
             return None
         sys.meta_path.remove(self)
         import importlib.util
