@@ -13,7 +13,9 @@ set ``GOOSE_TOOL``) speaks one line on stderr. ``goose_jax/__init__.py`` calls
   cannot deliver it safely: inside an import (a native module whose initialisation is
   interrupted is freed half-built, and jaxlib's then crashes the process with SIGSEGV), inside
   a garbage-collector callback or a ``__del__`` (where the exception is printed and dropped, and
-  the run goes on). There the interrupt is held and delivered a moment later, at a safe point.
+  the run goes on). There the interrupt is held and delivered a moment later, at a safe point;
+  held for over ``MAX_HOLD_S`` (a long import, such as TensorFlow's), the process ends at once
+  with the one line, as during start-up.
 * Once the wrapper has printed its line, the process ends with ``os._exit`` after flushing its
   streams: nothing is left for the interpreter's own teardown to do but run native libraries'
   destructors while their threads may still be busy.
@@ -40,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -47,7 +50,9 @@ INTERRUPTED = 130  # goose_jax.errors.INTERRUPTED (not imported: errors must sta
 TOOLS = ("goose-convert", "goose-data", "goose-demo", "goose-eval", "goose-train")
 RETRY_S = 0.02  # how soon a held interrupt is tried again
 
-_state = {"prog": None, "hint": "", "running": False, "raised": False, "held": False}
+MAX_HOLD_S = 2.0  # an interrupt held this long (a long import) ends the process at once
+_state = {"prog": None, "hint": "", "running": False, "raised": False, "held": False,
+          "held_since": None, "stderr_fd": 2}
 
 
 def tool_name() -> str | None:
@@ -101,15 +106,15 @@ def exit_now(code: int = INTERRUPTED, line: str | None = None) -> None:
     if line is None:
         hint = f"; {_state['hint']}" if _state["hint"] else ""
         line = f"{_state['prog']}: interrupted{hint}"
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # a closed or broken stream must not hide the line
+        pass
     if line:
-        try:
-            sys.stdout.flush()
-        except Exception:  # a closed or broken stdout must not hide the line
-            pass
-        try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except Exception:
+        try:  # to the real stderr, even while an import has it muted
+            os.write(_state["stderr_fd"], (line + "\n").encode(errors="replace"))
+        except OSError:
             pass
     os._exit(code)
 
@@ -136,13 +141,18 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
     if not _state["running"] or _state["raised"]:
         exit_now()
     if _unsafe(frame):
+        now = time.monotonic()
+        if _state["held_since"] is None:
+            _state["held_since"] = now
+        elif now - _state["held_since"] > MAX_HOLD_S:
+            exit_now()  # a long import (TensorFlow's): better than making the user wait
         if not _state["held"]:
             _state["held"] = True
             timer = threading.Timer(RETRY_S, _retry)
             timer.daemon = True
             timer.start()
         return
-    _state["raised"] = True
+    _state.update(raised=True, held_since=None)
     raise KeyboardInterrupt
 
 
@@ -152,10 +162,13 @@ def stderr_muted() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     null = os.open(os.devnull, os.O_WRONLY)
+    outer = _state["stderr_fd"]
     try:
         os.dup2(null, 2)
+        _state["stderr_fd"] = saved  # where exit_now still reaches the user
         yield
     finally:
+        _state["stderr_fd"] = outer
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)

@@ -145,15 +145,22 @@ def test_interrupts_are_held_inside_imports_gc_callbacks_and_finalizers(tmp_path
     monkeypatch.setitem(tool_process._state, "running", True)
     monkeypatch.setitem(tool_process._state, "raised", False)
     monkeypatch.setitem(tool_process._state, "held", False)
+    monkeypatch.setitem(tool_process._state, "held_since", None)
     retried = []
     monkeypatch.setattr(tool_process, "_retry", lambda: retried.append(1))
     tool_process.on_sigint(signal.SIGINT, seen["del"])
     assert tool_process._state["held"] and not tool_process._state["raised"]
     time.sleep(10 * tool_process.RETRY_S)
     assert retried == [1]
+    # held for longer than MAX_HOLD_S (TensorFlow's import): the process ends at once
+    ended = []
+    monkeypatch.setattr(tool_process, "exit_now", lambda *a: ended.append(a))
+    tool_process._state["held_since"] = time.monotonic() - tool_process.MAX_HOLD_S - 1
+    tool_process.on_sigint(signal.SIGINT, seen["del"])
+    assert ended == [()]
     with pytest.raises(KeyboardInterrupt):
         tool_process.on_sigint(signal.SIGINT, sys._getframe())
-    assert tool_process._state["raised"]
+    assert tool_process._state["raised"] and tool_process._state["held_since"] is None
 
 
 # --- 2. a full disk -------------------------------------------------------------------------------
