@@ -115,7 +115,7 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
     tree_name = TREE_DIRS[1] if old_tree == TREE_DIRS[0] else TREE_DIRS[0]
     primary = jax.process_index() == 0
     created = not os.path.exists(path)
-    restore_hook = tool_process.drop_closed_loop_reports()  # a failed write reports meanwhile
+    tool_process.drop_closed_loop_reports()  # a failed write reports meanwhile, and later
     try:
         if primary:
             os.makedirs(path, exist_ok=True)
@@ -139,8 +139,7 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
         error = disk_write_error(path, e) if isinstance(e, Exception) else None
         if error is None:
             raise
-        raise error from None  # the hook stays: the failed writes report later too
-    restore_hook()
+        raise error from None
     if primary and old_tree is not None and old_tree != tree_name:
         shutil.rmtree(os.path.join(path, old_tree), ignore_errors=True)
     return path

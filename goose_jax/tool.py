@@ -68,7 +68,7 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     from goose_jax import distributed
 
     tool_process.start_run(prog, interrupted_hint)
-    restore_hook = tool_process.drop_closed_loop_reports()
+    tool_process.drop_closed_loop_reports()
     try:
         if hasattr(args, "coordinator"):
             distributed.maybe_initialize(args, prog=prog)
@@ -95,9 +95,6 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
         if isinstance(e, jax.errors.JaxRuntimeError):
             distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
         raise
-    finally:
-        if not tool_process.owns_process():  # a tool's own process keeps it: reports come late
-            restore_hook()
 
 
 def _refused_write(e: Exception) -> str | None:

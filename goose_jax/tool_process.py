@@ -43,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 
 INTERRUPTED = 130  # goose_jax.errors.INTERRUPTED (not imported: errors must stay optional here)
@@ -217,21 +217,14 @@ def _drop_closed_loop_report(report) -> None:
         _drop_closed_loop_report.previous(report)
 
 
-def drop_closed_loop_reports() -> Callable[[], None]:
-    """Drops the "Event loop is closed" reports of failed asynchronous writes; returns the
-    function that puts the previous hook back.
+def drop_closed_loop_reports() -> None:
+    """From now on, drops the "Event loop is closed" reports of failed asynchronous writes.
 
     When a write fails (a full disk), Orbax closes its event loop while TensorStore's other
     writes are in flight: each later reports ``RuntimeError: Event loop is closed`` as an
-    unraisable exception, with a traceback, from another thread and at any time. The failure
-    itself is raised and reported once; those reports alone are dropped."""
-    if sys.unraisablehook is _drop_closed_loop_report:
-        return lambda: None
-    previous = _drop_closed_loop_report.previous = sys.unraisablehook
-    sys.unraisablehook = _drop_closed_loop_report
-
-    def restore() -> None:
-        if sys.unraisablehook is _drop_closed_loop_report:
-            sys.unraisablehook = previous
-
-    return restore
+    unraisable exception, with a traceback, from another thread and at any time (after the
+    tool has returned, too). The failure itself is raised and reported once; those reports
+    alone are dropped, for the rest of the process."""
+    if sys.unraisablehook is not _drop_closed_loop_report:
+        _drop_closed_loop_report.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_closed_loop_report
