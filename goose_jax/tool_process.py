@@ -35,15 +35,13 @@ Standard library only.
 
 from __future__ import annotations
 
-import contextlib
+# Only modules the interpreter has loaded before the tool's first line (so importing this one
+# is instant): the handler must be in place before anything slow. threading, logging: lazily.
 import gc
-import logging
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from types import FrameType
 
 INTERRUPTED = 130  # goose_jax.errors.INTERRUPTED (not imported: errors must stay optional here)
@@ -77,13 +75,16 @@ def tool_name() -> str | None:
 
 def install_if_tool() -> None:
     """Installs the handler if this process is a goose-jax tool whose SIGINT is Python's."""
-    if _state["prog"] is not None or threading.current_thread() is not threading.main_thread():
+    if _state["prog"] is not None:
         return
     prog = tool_name()
     if prog is None or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: not a tool's start-up
+        return
     _state["prog"] = prog
-    signal.signal(signal.SIGINT, on_sigint)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" not in sys.modules:
         sys.meta_path.insert(0, _QuietTensorFlow())
@@ -147,6 +148,8 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
         elif now - _state["held_since"] > MAX_HOLD_S:
             exit_now()  # a long import (TensorFlow's): better than making the user wait
         if not _state["held"]:
+            import threading
+
             _state["held"] = True
             timer = threading.Timer(RETRY_S, _retry)
             timer.daemon = True
@@ -156,22 +159,23 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def stderr_muted() -> Iterator[None]:
-    """Sends the process's stderr (file descriptor 2, C++ code's too) to the null device."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    outer = _state["stderr_fd"]
-    try:
-        os.dup2(null, 2)
-        _state["stderr_fd"] = saved  # where exit_now still reaches the user
-        yield
-    finally:
-        _state["stderr_fd"] = outer
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+class stderr_muted:
+    """``with stderr_muted():`` sends the process's stderr (file descriptor 2, C++ code's too)
+    to the null device for the block."""
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        self._outer = _state["stderr_fd"]
+        os.dup2(self._null, 2)
+        _state["stderr_fd"] = self._saved  # where exit_now still reaches the user
+
+    def __exit__(self, *exc) -> None:
+        _state["stderr_fd"] = self._outer
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        os.close(self._null)
 
 
 class _QuietLoader:
@@ -187,6 +191,8 @@ class _QuietLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        import logging
+
         with stderr_muted():
             self._loader.exec_module(module)
         logging.getLogger(module.__name__).setLevel(logging.ERROR)
