@@ -216,6 +216,19 @@ def test_a_full_disk_is_one_line_and_the_rerun_succeeds(world, tmp_path, capsys)
                lib / "prototypes.safetensors", [lib], limit=1024)
 
 
+def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, capsys):
+    """Orbax's asynchronous training checkpoints raise the disk's refusal as a ValueError from
+    TensorStore: still one line naming the file, no traceback (the next run resumes from the
+    last whole step; Orbax never restores a temporary step folder)."""
+    capsys.readouterr()
+    with file_size_limit(4096):
+        got = tool(TRAIN)([str(a) for a in _train_args([words], tmp_path, "--set", "steps=2")])
+    err = capsys.readouterr().err
+    assert got == errors.USER_ERROR, err
+    line = one_line(err, TRAIN)
+    assert str(tmp_path / "work" / "checkpoints") in line and "File too large" in line, line
+
+
 def test_a_native_writers_os_error_is_one_line_naming_its_file():
     """Errors raised by native writers as other types still carry the error number."""
     from goose_jax.tensorfile import disk_write_error, os_error
