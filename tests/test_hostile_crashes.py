@@ -216,6 +216,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_succeeds(world, tmp_path, capsys)
                lib / "prototypes.safetensors", [lib], limit=1024)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, capsys):
     """Orbax's asynchronous training checkpoints raise the disk's refusal as a ValueError from
     TensorStore: still one line naming the file, no traceback (the next run resumes from the
@@ -227,6 +228,30 @@ def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, ca
     assert got == errors.USER_ERROR, err
     line = one_line(err, TRAIN)
     assert str(tmp_path / "work" / "checkpoints") in line and "File too large" in line, line
+
+
+def test_a_native_writers_refusal_reaching_the_tool_is_one_line(capsys):
+    """The seam the training checkpoint's case goes through (fast; the real one is above):
+    whatever type a native writer raises, an error number in it makes the tool's one line."""
+    import argparse
+
+    from goose_jax.tool import run_tool
+
+    def fail(args):
+        raise ValueError('OUT_OF_RANGE: Error writing local file "/w/checkpoints/2.orbax-'
+                         'checkpoint-tmp/state/_sharding": Failed to write 44673 bytes to file '
+                         "9: No space left on device [os_error_code='28']")
+
+    parser = argparse.ArgumentParser(prog="goose-x")
+    parser.set_defaults(run=fail)
+    capsys.readouterr()
+    assert run_tool("goose-x", parser, []) == errors.USER_ERROR
+    line = one_line(capsys.readouterr().err, "goose-x")
+    assert line == ("goose-x: error: /w/checkpoints/2.orbax-checkpoint-tmp/state/_sharding: "
+                    "cannot write: No space left on device"), line
+    parser.set_defaults(run=lambda args: 1 / 0)  # any other error is a bug: its traceback
+    with pytest.raises(ZeroDivisionError):
+        run_tool("goose-x", parser, [])
 
 
 def test_a_native_writers_os_error_is_one_line_naming_its_file():
