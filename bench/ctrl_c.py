@@ -8,11 +8,11 @@ shell would (the console script itself, SIGINT at its default) and sends SIGINT 
 drawn uniformly between 0.05 s and the tool's window (start-up imports included). A run passes
 if it ends with 130 and exactly one stderr line ``PROG: interrupted...`` without a traceback, or
 finished before the signal (exit 0, no traceback). A signal that lands while the interpreter
-itself starts (before the site module has run, so before any line of goose-jax) gets Python's
-own behaviour (killed by SIGINT, or a traceback of site) and is counted apart, as
-``python_start``. Prints one row per tool (runs, interrupted, finished, python_start, failed,
-slowest exit after the signal) and the stderr of every run not interrupted or finished; exits 1
-if any run failed.
+itself starts (before the site module has run, so before any line of goose-jax), or once a
+finished run's interpreter has begun to exit, gets Python's own behaviour (killed by SIGINT
+without a word, or a traceback of site) and is counted apart, as ``python_start``. Prints one
+row per tool (runs, interrupted, finished, python_start, failed, slowest exit after the signal)
+and the stderr of every run not interrupted or finished; exits 1 if any run failed.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def one_run(tool: str, root: str, out: str, delay: float) -> dict:
                    and lines[0].startswith(f"{tool}: interrupted"))
     finished = code == 0 and "Traceback" not in err and "Fatal Python error" not in err
     # SIGINT before the interpreter has set itself up (its own start-up and the site module's
-    # .pth files, before any line of the tool runs): Python's behaviour, not the tool's.
+    # .pth files, before any line of the tool runs), or after its exit began (a finished run:
+    # Python restores the default action first): Python's behaviour, not the tool's.
     python_start = ((code == -signal.SIGINT and not err.strip())
                     or "init_import_site" in err or "<frozen site>" in err)
     verdict = ("interrupted" if interrupted else "finished" if finished else
