@@ -156,7 +156,27 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
             timer.start()
         return
     _state.update(raised=True, held_since=None)
+    if owns_process():
+        _mute_native_stderr()
     raise KeyboardInterrupt
+
+
+def _mute_native_stderr() -> None:
+    """From now on, native code's writes to file descriptor 2 go to the null device, Python's
+    (``sys.stderr``, the tool's line) to the real stderr: unwinding an interrupted TensorFlow
+    pipeline logs from C++ (XLA's CUDA probing) after the logging level was read."""
+    if _state["stderr_fd"] != 2:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        _state["stderr_fd"] = saved
+        sys.stderr = open(saved, "w", buffering=1, closefd=False, errors="backslashreplace")
+    except OSError:
+        pass
 
 
 class stderr_muted:
