@@ -64,6 +64,8 @@ def _own(ap):
 
 
 def main(argv=None) -> int:
+    import goose_jax  # noqa: F401  (first: its first line installs the Ctrl-C handler)
+
     protocol = _protocol()
     setting = protocol.Setting(
         prog="train/t0.py", config=os.path.join(protocol.ROOT, "configs", "t0_heldin.py"),
