@@ -25,6 +25,12 @@ Any other letter is defined where it is used. ``...`` in a documented shape stan
 leading axes.
 """
 
+# First, before the heavy imports below: a goose-jax tool interrupted while it starts prints its
+# one line and exits 130 (goose_jax.tool_process); other importers are left alone.
+from goose_jax import tool_process as _tool_process
+
+_tool_process.install_if_tool()
+
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.decoder import decoder_logits
 from goose_jax.decoder_config import DecoderConfig

@@ -129,10 +129,16 @@ def _is_decoder_dir(spec: str, read_config_json) -> bool:
     """Whether a Hugging Face directory holds a decoder-only model (by its config.json's
     ``model_type``); False when it has no readable config (the T5 loader then says why)."""
     try:
-        d, _ = read_config_json(spec)
+        d, source = read_config_json(spec)
     except CheckpointError:  # the T5 loader reports it, in one line
         return False
-    return isinstance(d, dict) and d.get("model_type") in families.DECODER_FAMILIES
+    if not isinstance(d, dict):
+        return False
+    try:
+        families.check_model_type(d, source=source)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return d.get("model_type") in families.DECODER_FAMILIES
 
 
 def _checkpoint_shardings(spec: str, mesh: Mesh):

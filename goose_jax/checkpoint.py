@@ -25,12 +25,13 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
-from goose_jax import families
+from goose_jax import families, tool_process
 from goose_jax.config import DTypePolicy, T5Config
 from goose_jax.errors import CheckpointError, ConfigError, one_line
 from goose_jax.families import ModelConfig
@@ -113,22 +114,59 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
     old_tree = _read_meta(path).get("tree", TREE_DIR) if is_checkpoint(path) else None
     tree_name = TREE_DIRS[1] if old_tree == TREE_DIRS[0] else TREE_DIRS[0]
     primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(path, exist_ok=True)
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        ckptr.save(os.path.join(path, tree_name), args=ocp.args.StandardSave(tree), force=True)
-    if primary:
-        from goose_jax.tensorfile import write_atomic
+    created = not os.path.exists(path)
+    tool_process.drop_closed_loop_reports()  # a failed write reports meanwhile, and later
+    try:
+        if primary:
+            os.makedirs(path, exist_ok=True)
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(os.path.join(path, tree_name), args=ocp.args.StandardSave(tree),
+                       force=True)
+        if primary:
+            from goose_jax.tensorfile import write_atomic
 
-        meta["tree"] = tree_name
-        meta["files"] = {rel: {"bytes": size, "sha256": _sha256(os.path.join(path, tree_name,
-                                                                              rel))}
-                         for rel, size in _tree_files(os.path.join(path, tree_name)).items()}
-        write_atomic(os.path.join(path, META_NAME),
-                     json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if old_tree is not None and old_tree != tree_name:
-            shutil.rmtree(os.path.join(path, old_tree), ignore_errors=True)
+            meta["tree"] = tree_name
+            meta["files"] = {rel: {"bytes": size, "sha256": _sha256(os.path.join(path, tree_name,
+                                                                                  rel))}
+                             for rel, size in _tree_files(os.path.join(path, tree_name)).items()}
+            write_atomic(os.path.join(path, META_NAME),
+                         json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except BaseException as e:  # a full disk, Ctrl-C: the old checkpoint stays whole
+        if primary:
+            _remove_partial(path, tree_name, created)
+        from goose_jax.tensorfile import disk_write_error
+
+        error = disk_write_error(path, e) if isinstance(e, Exception) else None
+        if error is None:
+            raise
+        raise error from None
+    if primary and old_tree is not None and old_tree != tree_name:
+        shutil.rmtree(os.path.join(path, old_tree), ignore_errors=True)
     return path
+
+
+def _remove_partial(path: str, tree_name: str, created: bool) -> None:
+    """Removes what a failed ``save_tree`` wrote: the new tree and Orbax's temporary folders
+    beside it, and ``path`` itself if the save created it; an older tree and its metadata stay.
+
+    Orbax's writer threads may still be finishing (and creating folders) after the save
+    raised, so this repeats until nothing has reappeared for a moment (5 s at most)."""
+    def leftovers() -> list[str]:
+        if created:
+            return [path] if os.path.exists(path) else []
+        return [os.path.join(path, n) for n in (os.listdir(path) if os.path.isdir(path) else ())
+                if n == tree_name or n.startswith(f"{tree_name}.orbax-checkpoint-tmp")]
+
+    deadline, quiet_since = time.monotonic() + 5.0, None
+    while True:
+        found = leftovers()
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True)
+        now = time.monotonic()
+        quiet_since = None if found else (quiet_since or now)
+        if (quiet_since is not None and now - quiet_since >= 0.3) or now > deadline:
+            return
+        time.sleep(0.05)
 
 
 def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> None:

@@ -102,3 +102,9 @@ class AdapterError(GooseError, ValueError):
 class UnsafeCheckpointError(AdapterError, CheckpointError):
     """A pickled checkpoint (a model's or an adapter's) that would need to execute code to load
     (not weights-only)."""
+
+
+class DiskWriteError(GooseError, OSError):
+    """A write the disk refused (full, over a file-size limit, read-only), from Python or from a
+    native writer (safetensors, Orbax): names the file and the system's reason; what the write
+    had started is removed, so rerunning the same command after freeing space works."""

@@ -94,9 +94,26 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
 def config_from_hf_dict(d: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """The config of a Hugging Face ``config.json`` dict: a T5 (``model_type`` t5, mt5, umt5
     or a T5 architecture) or a Llama-family decoder (``model_type`` llama, qwen2, mistral)."""
+    check_model_type(d, source=source)
     if d.get("model_type") in DECODER_FAMILIES:
         return DecoderConfig.from_hf_dict(d, source=source)
     return T5Config.from_hf_dict(d, source=source)
+
+
+def check_model_type(d: Mapping[str, Any], *, source: str = "config.json") -> None:
+    """Raises ConfigError for a config without ``model_type`` that is not a T5 by its
+    ``architectures`` (the one case a T5 is recognised by): the family is what tells a loader
+    how to read the folder, so a Llama's config would otherwise be judged "not a T5 config".
+    Names the ``model_type`` to add when ``architectures`` suggests one."""
+    architectures = d.get("architectures") or []
+    if d.get("model_type") not in (None, "") or "T5ForConditionalGeneration" in architectures:
+        return
+    named = [f for f in DECODER_FAMILIES
+             if any(isinstance(a, str) and a.lower().startswith(f) for a in architectures)]
+    hint = (f"architectures={architectures!r} suggest {named[0]!r}: add "
+            f'"model_type": "{named[0]}"' if named else f"architectures={architectures!r}")
+    raise ConfigError(f"{source}: no model_type; goose-jax reads model_type one of "
+                      f"{['t5', 'mt5', *DECODER_FAMILIES]} ({hint})")
 
 
 def config_record(cfg: ModelConfig) -> dict[str, Any]:

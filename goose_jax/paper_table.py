@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from goose_jax.errors import DataError
+from goose_jax.report import md_cell
 
 HELD_IN = ("t0_heldin", "flan", "world held-in")
 HELD_OUT = ("t0_heldout", "bbh", "bbl", "world held-out")   # column order; any other is held out
@@ -383,16 +384,17 @@ def markdown(table: dict, *, title: str = "Results") -> str:
     if table.get("base"):
         lines += [f"Base: `{table['base']}`.", ""]
     head = cols + [f"{g} mean" for g in groups]
-    lines += ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    lines += ["| method | " + " | ".join(map(md_cell, head)) + " |",
+              "|---|" + "---:|" * len(head)]
     for name, r in rows.items():
         cells = [fmt(r["columns"][c]) for c in cols] + [fmt(r[g]) for g in groups]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + " |")
     datasets = list(dict.fromkeys(d for r in rows.values() for d in r["datasets"]))
-    lines += ["", "## Per dataset", "", "| dataset | " + " | ".join(rows) + " |",
+    lines += ["", "## Per dataset", "", "| dataset | " + " | ".join(map(md_cell, rows)) + " |",
               "|---|" + "---:|" * len(rows)]
     for d in sorted(datasets, key=lambda d: (cols.index(column(d)), d)):
-        lines.append(f"| {d} | " + " | ".join(fmt(r["datasets"].get(d), 0)
-                                              for r in rows.values()) + " |")
+        lines.append(f"| {md_cell(d)} | " + " | ".join(fmt(r["datasets"].get(d), 0)
+                                                       for r in rows.values()) + " |")
     return "\n".join(lines) + "\n"
 
 

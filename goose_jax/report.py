@@ -64,6 +64,12 @@ def summarize(results: dict[str, DatasetResult], *, benchmark: str = "",
             "datasets": datasets, **(meta or {})}
 
 
+def md_cell(text) -> str:
+    """``text`` as one markdown table cell: ``|`` escaped (it would start a new column) and line
+    breaks as spaces (they would end the row)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def markdown_table(summary: dict) -> str:
     """A markdown table of a ``summarize`` result: one row per dataset, then the means."""
     lines = ["| dataset | metric | score | examples | skipped |", "|---|---|---:|---:|---:|"]
@@ -72,13 +78,13 @@ def markdown_table(summary: dict) -> str:
         return "n/a" if v is None else f"{v:.1f}"
 
     for name, d in summary["datasets"].items():
-        lines.append(f"| {name} | {d['metric']} | {fmt(d['score'])} | {d['examples']} | "
-                     f"{d['skipped']} |")
+        lines.append(f"| {md_cell(name)} | {md_cell(d['metric'])} | {fmt(d['score'])} | "
+                     f"{d['examples']} | {d['skipped']} |")
     means = [(k, v["score"], v["num_datasets"]) for k, v in summary["benchmarks"].items()]
     if len(means) != 1:
         means.append(("all", summary["score"], summary["num_datasets"]))
     for label, score, n in means:
-        lines.append(f"| **{label} (mean of {n})** | | **{fmt(score)}** | | |")
+        lines.append(f"| **{md_cell(label)} (mean of {n})** | | **{fmt(score)}** | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,13 +98,15 @@ def comparison_table(summaries: dict[str, dict]) -> str:
 
     datasets = list(dict.fromkeys(d for s in summaries.values() for d in s["datasets"]))
     families = list(dict.fromkeys(b for s in summaries.values() for b in s["benchmarks"]))
-    lines = ["| dataset | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    lines = ["| dataset | " + " | ".join(map(md_cell, runs)) + " |",
+             "|---|" + "---:|" * len(runs)]
     for d in datasets:
         cells = [fmt(s["datasets"].get(d, {}).get("score")) for s in summaries.values()]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_cell(d)} | " + " | ".join(cells) + " |")
     for b in families:
         cells = [fmt(s["benchmarks"].get(b, {}).get("score")) for s in summaries.values()]
-        lines.append(f"| **{b} (mean)** | " + " | ".join(f"**{c}**" for c in cells) + " |")
+        lines.append(f"| **{md_cell(b)} (mean)** | " + " | ".join(f"**{c}**" for c in cells)
+                     + " |")
     if len(families) != 1:
         cells = [fmt(s["score"]) for s in summaries.values()]
         lines.append("| **all (mean)** | " + " | ".join(f"**{c}**" for c in cells) + " |")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goose_jax.errors import CheckpointError, LibraryError
+from goose_jax.errors import CheckpointError, LibraryError, one_line
 from goose_jax.evaluation import bucket
 from goose_jax.tensorfile import read_json
 
@@ -439,11 +439,22 @@ class RetrievalIndex:
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise LibraryError(f"{path}: not a readable .npz retrieval index: {e}") from None
+        except ValueError as e:
+            # numpy's refusal of a pickled (object) array advises allow_pickle=True: never here
+            why = ("it holds Python objects (a pickle), which goose-jax never loads"
+                   if "allow_pickle" in str(e) else one_line(e))
+            raise LibraryError(f"{path}: not a readable .npz retrieval index: {why}") from None
+        except Exception as e:  # a damaged zip: BadZipFile, zlib.error, EOFError, OSError, ...
+            raise LibraryError(f"{path}: not a readable .npz retrieval index: "
+                               f"{type(e).__name__}: {one_line(e)}") from None
         want = {"version", "names", "keys", "owner"}
         if not want <= set(data):
             raise LibraryError(f"{path}: expected arrays {sorted(want)}; found {sorted(data)}")
+        kinds = {"version": "iu", "names": "U", "keys": "fiu", "owner": "iu"}
+        for key, kind in kinds.items():
+            if data[key].dtype.kind not in kind or (key == "version" and data[key].size != 1):
+                raise LibraryError(f"{path}: array {key!r} has dtype {data[key].dtype} and shape "
+                                   f"{data[key].shape}; not a goose-jax retrieval index")
         if int(data["version"]) != _INDEX_VERSION:
             raise LibraryError(f"{path}: index format version {int(data['version'])}; this "
                                f"goose-jax reads version {_INDEX_VERSION}")

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import struct
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -40,7 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax.errors import CheckpointError, GooseError, UnsafeCheckpointError, one_line
+from goose_jax.errors import (
+    CheckpointError,
+    DiskWriteError,
+    GooseError,
+    UnsafeCheckpointError,
+    one_line,
+)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # The safetensors format's own limit; a larger "header" is a corrupt length field.
@@ -132,6 +139,8 @@ class SafetensorsFile(Mapping):
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise ValueError(f"header is not JSON ({e})") from None
+            except RecursionError:
+                raise ValueError("header is JSON nested too deeply") from None
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         start = 8 + n
@@ -381,25 +390,53 @@ def open_tensors(paths: Iterable[str | os.PathLike], *,
 # --- writing ------------------------------------------------------------------------------------
 
 
+def os_error(e: BaseException) -> tuple[int, str] | None:
+    """The system's error number and reason behind a failed write, whoever raised it: an
+    ``OSError``, or a native writer's error that quotes the number (safetensors' ``os error
+    28``, tensorstore's ``os_error_code='28'``); None when there is none."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno, e.strerror or os.strerror(e.errno)
+    m = re.search(r"os error (\d+)|os_error_code='(\d+)'|\[Errno (\d+)\]", str(e))
+    if m is None:
+        return None
+    number = int(next(g for g in m.groups() if g))
+    return number, os.strerror(number)
+
+
+def disk_write_error(path: str, e: BaseException) -> DiskWriteError | None:
+    """``e`` as the one-line ``DiskWriteError`` naming ``path``, if the system refused a write
+    (see ``os_error``); None for any other error (a bug, which keeps its traceback)."""
+    found = os_error(e)
+    if found is None:
+        return None
+    number, text = found
+    full = number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    error = DiskWriteError(f"{path}: cannot write: {text}; nothing of this write was kept"
+                           + ("; free space (or lift the file-size limit) and rerun" if full
+                              else ""))
+    error.errno = number
+    return error
+
+
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
     # A crash mid-write must not leave a truncated file under the final name, and two processes
     # writing the same name must not share a temporary file.
-    # An OS error names the file being written (a full disk's ENOSPC comes from a write or a
-    # close, without a file name).
+    # A refused write (a full disk's ENOSPC comes from a write or a close, without a file name)
+    # is one line naming the file being written (disk_write_error).
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
         try:
-            write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as e:
-            if e.filename not in (None, tmp):
-                raise
-            raise OSError(e.errno, e.strerror or str(e), path) from None
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:
+        error = disk_write_error(path, e)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -504,4 +541,7 @@ def read_json(path: str | os.PathLike, *, error: ErrorClass = CheckpointError,
             return json.load(f)
     except (OSError, ValueError) as e:
         raise error(f"{os.fspath(path)}: cannot read {what}: {one_line(e)}{fix}") from None
+    except RecursionError:  # Python's JSON parser recurses once per level of nesting
+        raise error(f"{os.fspath(path)}: cannot read {what}: nested deeper than "
+                    f"{sys.getrecursionlimit()} levels{fix}") from None
 

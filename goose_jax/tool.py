@@ -7,6 +7,10 @@ on stderr and an exit code of the table in ``goose_jax.errors``:
 
   0 done, 1 bad input (``GooseError``, an OS error on a user's path), 2 usage (argparse, or a
   ``UsageError``), 75 a peer of a multi-process run died, 130 interrupted (Ctrl-C).
+
+Ctrl-C follows ``goose_jax.tool_process``: in a tool's own process the interrupted line is the
+last thing it does (``os._exit`` after flushing, no interpreter teardown); called in-process,
+``run_tool`` returns 130.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from goose_jax import errors
+from goose_jax import errors, tool_process
 
 
 def _quiet_libraries() -> None:
     # Orbax and absl log routine steps at INFO / WARNING, and on Ctrl-C absl's handler adds its
-    # own report; a tool's output is its own summary.
-    for name in ("absl", "orbax", "jax._src.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # own report; Orbax logs a failed write at ERROR with a traceback (from its own thread, and
+    # asyncio once per write still in flight) before the save raises. A tool's output is its own
+    # summary and its one error line.
+    for name in ("absl", "orbax", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("jax._src.distributed").setLevel(logging.ERROR)
 
 
 def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
@@ -60,12 +67,16 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
     from goose_jax import distributed
 
+    tool_process.start_run(prog, interrupted_hint)
+    tool_process.drop_closed_loop_reports()
     try:
         if hasattr(args, "coordinator"):
             distributed.maybe_initialize(args, prog=prog)
         code = args.run(args)
         return errors.OK if code is None else int(code)
     except KeyboardInterrupt:
+        if tool_process.owns_process():
+            tool_process.exit_now(errors.INTERRUPTED)  # does not return
         hint = f"; {interrupted_hint}" if interrupted_hint else ""
         print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return errors.INTERRUPTED
@@ -74,8 +85,28 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
     except OSError as e:
         return fail(e, errors.USER_ERROR)
     except Exception as e:
+        refused = _refused_write(e)
+        if refused:  # a native writer's (Orbax's, safetensors') I/O error, raised as another type
+            if tool_process.owns_process():  # its threads may still be failing: no teardown
+                tool_process.exit_now(errors.USER_ERROR, f"{prog}: error: {refused}")
+            return fail(Exception(refused), errors.USER_ERROR)
         import jax
 
         if isinstance(e, jax.errors.JaxRuntimeError):
             distributed.exit_on_peer_failure(e)  # in a process group: one line, exit 75
         raise
+
+
+def _refused_write(e: Exception) -> str | None:
+    """The one line for an error that quotes a system error number (``os_error_code='28'``,
+    ``os error 28``): the file it names (the first quoted path) and the system's reason."""
+    import re
+
+    from goose_jax.tensorfile import os_error
+
+    found = os_error(e)
+    if found is None:
+        return None
+    path = re.search(r'"(/[^"]+)"', str(e))
+    where = f"{path.group(1)}: " if path else ""
+    return f"{where}cannot write: {found[1]}"

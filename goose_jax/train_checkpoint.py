@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from goose_jax import tool_process
 from goose_jax.checkpoint import _abs, _abstract, _sha256
 from goose_jax.errors import CheckpointError, one_line
 
@@ -104,11 +105,13 @@ def interrupts_deferred() -> Iterator[None]:
     ``save`` or ``wait_until_finished`` leaves its finaliser thread half-joined (an error
     report, a traceback, sometimes a hang at exit). Inside the block the first Ctrl-C is noted
     and raised as ``KeyboardInterrupt`` once the block is done; a second one interrupts at once.
-    Only the main thread can do this, and only while Python's own handler is installed (a
-    process started with SIGINT ignored keeps ignoring it); elsewhere the block runs as is.
+    Only the main thread can do this, and only while Python's own handler or a tool's
+    (``goose_jax.tool_process``) is installed (a process started with SIGINT ignored keeps
+    ignoring it); elsewhere the block runs as is.
     """
+    previous = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            or previous not in (signal.default_int_handler, tool_process.on_sigint)):
         yield
         return
     pending = []
@@ -122,7 +125,7 @@ def interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
 

@@ -204,7 +204,12 @@ class Setup:
         check_folder_writable(args.workdir, error=TrainConfigError,
                               fix="; choose another --workdir")
         experts = len(self.sources) if args.command in ("experts", "gate") else 1
-        self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
+        try:
+            self.mesh = train_mesh(args.mesh or tcfg.mesh, experts)
+        except TrainConfigError as e:  # a bad --mesh flag is a usage error (exit 2)
+            if not args.mesh:
+                raise
+            raise UsageError(str(e)) from None
         cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
         tcfg.check_family(cfg)
         self.encoding = {}  # how the batches encode inputs: as the T5's, or as prompts

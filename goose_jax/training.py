@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +73,11 @@ Array = jax.Array
 TRAIN, FREEZE = "train", "freeze"
 KINDS = ("expert", "gate", "full")
 _DTYPES = ("float32", "bfloat16")
+
+
+# Examples one training step may hold (micro_batch x grad_accum): far above any real setting
+# (the paper's is 1,024), low enough that a typo is refused before the batcher allocates it.
+MAX_EFFECTIVE_BATCH = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +201,17 @@ class TrainConfig:
         for name, (ok, want) in checks.items():
             if not ok(getattr(self, name)):
                 fail(name, want)
+        for field in dataclasses.fields(self):  # inf passes "> 0": every number must be finite
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(field.name, "a finite number")
+        if self.lora_scale is not None and (isinstance(self.lora_scale, bool) or not isinstance(
+                self.lora_scale, (int, float)) or self.lora_scale == 0):
+            fail("lora_scale", "a finite non-zero number, or None for 1/lora_rank")
+        if self.micro_batch * self.grad_accum > MAX_EFFECTIVE_BATCH:
+            raise TrainConfigError(
+                f"TrainConfig.micro_batch x grad_accum = {self.micro_batch} x {self.grad_accum} "
+                f"examples per step; at most {MAX_EFFECTIVE_BATCH:,} (each step holds them all)")
         if self.mesh:
             try:
                 sharding.parse_mesh(self.mesh)

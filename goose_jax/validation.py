@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from goose_jax.data.batching import check_text
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.errors import DataError, UsageError
 
@@ -138,7 +139,7 @@ def read_validation(path: str, name: str) -> list[Example]:
     for i, raw in enumerate(lines, 1):
         where = f"{path}:{i}"
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a leading BOM is no text
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file "
                             "as UTF-8") from None
@@ -146,7 +147,7 @@ def read_validation(path: str, name: str) -> list[Example]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             row = None
         if not (isinstance(row, dict) and isinstance(row.get("input"), str)
                 and isinstance(row.get("target"), str) and row["input"].strip()):
@@ -160,6 +161,10 @@ def read_validation(path: str, name: str) -> list[Example]:
             if not (isinstance(choices, list) and choices
                     and all(isinstance(c, str) for c in choices)):
                 raise DataError(f"{where}: 'choices' must be a non-empty list of strings")
+        for key, value in (("input", row["input"]), ("target", row["target"]),
+                           *(("choices", c) for c in choices or ())):
+            check_text(value, where, key)
+        if choices is not None:
             if row["target"] not in choices:
                 raise DataError(f"{where}: the target {row['target']!r} is not one of its "
                                 f"choices {choices}")

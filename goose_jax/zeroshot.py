@@ -231,20 +231,20 @@ def eval_mesh(s: EvalSettings):
     device).
 
     Raises:
-      ConfigError: sizes that do not multiply to the device count (before anything compiles).
+      UsageError: sizes that do not multiply to the device count (before anything compiles).
     """
     import jax
 
-    from goose_jax.errors import ConfigError
+    from goose_jax.errors import ConfigError, UsageError
     from goose_jax.sharding import make_mesh, parse_mesh
 
     if s.mesh is None:
         return make_mesh(data=-1) if jax.device_count() > 1 else None
     try:
         return make_mesh(**parse_mesh(s.mesh))
-    except ConfigError as e:
-        raise ConfigError(f"--mesh {s.mesh}: {e}; give sizes whose product is "
-                          f"{jax.device_count()}") from None
+    except ConfigError as e:  # the --mesh flag: a usage error (exit 2)
+        raise UsageError(f"--mesh {s.mesh}: {e}; give sizes whose product is "
+                         f"{jax.device_count()}") from None
 
 
 def validate(s: EvalSettings) -> None:

@@ -31,6 +31,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GOOSE_TOOL = "train/t0.py"  # goose_jax.tool_process: Ctrl-C is one line from the start
 
 
 def _protocol():
@@ -74,6 +75,8 @@ def _own(ap):
 
 
 def main(argv=None) -> int:
+    import goose_jax  # noqa: F401  (first: its first line installs the Ctrl-C handler)
+
     protocol = _protocol()
     setting = protocol.Setting(
         prog="train/t0.py", config=os.path.join(protocol.ROOT, "configs", "t0_heldin.py"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -100,9 +101,20 @@ def _args_peft(p: argparse.ArgumentParser) -> None:
     _library_out_args(p)
     p.add_argument("--names", nargs="+", metavar="NAME",
                    help="expert names, one per adapter (default: the directory names)")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=_scale, default=None,
                    help="library LoRA scale (default: the scale most adapter sites have; the "
                         "others fold theirs into B)")
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite non-zero number, got {text!r} (the "
+                                         "library's B is stored divided by it)")
+    return value
 
 
 def _args_phatgoose_release(p: argparse.ArgumentParser) -> None:

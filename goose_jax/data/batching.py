@@ -68,7 +68,7 @@ class JsonlSource:
         self.line_numbers = []  # the file line of each example, for messages
         for i, raw in enumerate(lines, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a leading BOM is no text
             except UnicodeDecodeError as e:
                 raise DataError(f"{self.path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at "
                                 f"column {e.start + 1}); save the file as UTF-8") from None
@@ -78,11 +78,13 @@ class JsonlSource:
                 row = json.loads(line)
                 ok = isinstance(row, dict) and all(_is_example_part(row.get(k))
                                                    for k in ("input", "target"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 ok = False
             if not ok:
                 raise DataError(f"{self.path}:{i}: expected a JSON object with 'input' and "
                                 "'target' (strings or lists of ints)")
+            for key in ("input", "target"):
+                check_text(row[key], f"{self.path}:{i}", key)
             for key in ("input", "target"):
                 if isinstance(row[key], list) and row[key] and min(row[key]) < 0:
                     raise DataError(f"{self.path}:{i}: {key!r} holds the token id "
@@ -114,6 +116,20 @@ class JsonlSource:
 
     def __getitem__(self, index: int):
         return self.examples[index]
+
+
+def check_text(value, where: str, key: str) -> None:
+    """Raises DataError unless ``value`` (a str; anything else passes) is text UTF-8 can encode:
+    JSON's ``\\ud800``-style escapes can spell half of a UTF-16 pair (a lone surrogate), which no
+    tokenizer can encode; found here, before any work, rather than at the first batch."""
+    if not isinstance(value, str):
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {key!r} holds a lone surrogate U+{ord(value[e.start]):04X} at "
+                        f"character {e.start + 1} (half of a UTF-16 pair, not text); fix the "
+                        "file's \\u escapes") from None
 
 
 def _is_example_part(v) -> bool:

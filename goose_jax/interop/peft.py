@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -210,9 +211,55 @@ def read_adapter_config(path: str) -> dict:
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"{file}: r: expected a positive integer, found {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise AdapterError(f"{file}: lora_alpha: expected a number, found {alpha!r}")
+    if not _is_number(alpha) or alpha == 0:
+        raise AdapterError(f"{file}: lora_alpha: expected a finite non-zero number, found "
+                           f"{alpha!r}")
+    for key in ("target_modules", "exclude_modules"):  # a regex, a list of names, or none
+        value = config.get(key)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise AdapterError(f"{file}: {key}={value!r} is not a regular expression: "
+                                   f"{e}") from None
+        elif value is not None and not (isinstance(value, list)
+                                        and all(isinstance(v, str) for v in value)):
+            raise AdapterError(f"{file}: {key}: expected a regular expression or a list of "
+                               f"module names (strings), found {value!r}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (
+            isinstance(layers, list) and all(_is_int(v) for v in layers)):
+        raise AdapterError(f"{file}: layers_to_transform: expected a layer index or a list of "
+                           f"them, found {layers!r}")
+    pattern = config.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str) and not (
+            isinstance(pattern, list) and all(isinstance(v, str) for v in pattern)):
+        raise AdapterError(f"{file}: layers_pattern: expected a string or a list of strings, "
+                           f"found {pattern!r}")
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "ranks >= 1"),
+                          ("alpha_pattern", lambda v: _is_number(v) and v != 0,
+                           "finite non-zero alphas")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not (isinstance(patterns, dict) and all(ok(v) for v in patterns.values())):
+            raise AdapterError(f"{file}: {key}: expected an object of module patterns to "
+                               f"{want}, found {patterns!r}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"{file}: {key}: {pattern!r} is not a regular expression: "
+                                   f"{e}") from None
     return config
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _weights_file(path: str) -> str:

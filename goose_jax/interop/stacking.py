@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -109,6 +110,9 @@ def stack_experts(per_expert: Sequence[Mapping[str, SiteLoRA]],
                                      for lora in sites.values())
         scale = max(counts, key=counts.get)  # ties: the first scale seen
     S = float(scale)
+    if S == 0 or not math.isfinite(S):
+        raise AdapterError(f"library LoRA scale {scale!r}: expected a finite non-zero number "
+                           "(B is stored divided by it)")
     E = len(per_expert)
     tree, folded = {}, [0] * E
     for site, (d_in, d_out) in shapes.items():
