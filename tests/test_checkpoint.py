@@ -171,7 +171,8 @@ def test_goose_convert_user_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("goose-convert: error: ")
     assert "missing" in err and "does not exist" in err and "Traceback" not in err
 
-    assert main(["orbax-to-hf", str(tmp_path), str(tmp_path / "dst")]) == 1
+    (tmp_path / "plain").mkdir()   # a folder that is not a checkpoint (DST apart from it)
+    assert main(["orbax-to-hf", str(tmp_path / "plain"), str(tmp_path / "dst")]) == 1
     assert "not a goose-jax checkpoint" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
 
