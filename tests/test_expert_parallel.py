@@ -164,7 +164,8 @@ def _gathered(hlo: str) -> set[tuple[int, ...]]:
 
 @needs_8_devices
 @pytest.mark.parametrize("mesh, code, message", [
-    ("data=3,expert=2", 1, "--mesh data=3,expert=2: .*need 6 devices, have 8; give sizes whose "
+    # A --mesh the devices cannot hold is a usage error too (exit 2), as a malformed one.
+    ("data=3,expert=2", 2, "--mesh data=3,expert=2: .*need 6 devices, have 8; give sizes whose "
                            "product is 8"),
     ("data=2,experts=4", 2, "--mesh: mesh 'data=2,experts=4': expected AXIS=SIZE pairs"),
 ])
