@@ -15,7 +15,7 @@ $(STAMP): $(PY) setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests

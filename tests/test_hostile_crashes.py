@@ -99,17 +99,6 @@ def test_ctrl_c_on_goose_eval_is_one_line_and_exit_130_during_imports_and_mid_ru
         assert "interrupted" in one_line(err, EVAL)
 
 
-@pytest.mark.slow
-def test_ctrl_c_on_every_tool_at_random_moments():
-    """bench/ctrl_c.py, 2 interrupts per tool (goose-data, goose-train, goose-eval,
-    goose-convert, goose-demo, train/t0.py, train/flan.py); its full run is 20 per tool."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ctrl_c.py"), "--runs", "2",
-                           "--seed", str(os.getpid())], cwd=ROOT, text=True,
-                          capture_output=True, timeout=1800,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-
-
 def test_interrupts_are_held_inside_imports_gc_callbacks_and_finalizers(tmp_path, monkeypatch):
     """Where a KeyboardInterrupt would crash the process (an import) or be printed and dropped
     (a gc callback, a ``__del__``), the handler holds it; elsewhere it raises at once."""

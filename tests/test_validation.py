@@ -280,12 +280,11 @@ def test_goose_data_layout_is_found_and_its_absence_is_said(data, tmp_path, caps
     assert validation.validation_files(data) == [
         str(pathlib.Path(p).with_suffix(".validation.jsonl")) for p in data]
     # goose-train finds them (no note) and says so in one line when there are none; both runs
-    # stop at the --workdir check, after the validation files are resolved.
-    blocked = tmp_path / "blocked"
-    blocked.write_text("")
+    # stop at the check that the --library holds none of the inputs, after the validation files
+    # are resolved.
     lone = write_jsonl(tmp_path / "lone.jsonl", [("a", "b")])
-    for files, noted in ((train, False), ([lone], True)):
-        assert main(args(files, tmp_path / "lib", blocked)) == 1
+    for files, noted, holder in ((train, False, out), ([lone], True, tmp_path)):
+        assert main(args(files, holder, tmp_path / f"work_{int(noted)}")) == 1
         captured = capsys.readouterr()
         notes = [x for x in captured.out.splitlines() if "no validation file" in x]
         assert len(notes) == int(noted), captured.out
