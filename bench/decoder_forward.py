@@ -30,10 +30,10 @@ import jax
 import numpy as np
 from calibrate import print_calibration
 
-from goose_jax import decoder
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.decoder_scoring import decoder_choice_nll
-from goose_jax.interop.hf_decoder import hf_state_dict_to_params
+from goose_jax.models.llama import model as decoder
+from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.llama.hf import hf_state_dict_to_params
+from goose_jax.models.llama.scoring import decoder_choice_nll
 
 
 def build(args, seed: int = 0):

@@ -21,9 +21,9 @@ import numpy as np
 from calibrate import print_calibration
 
 import goose_jax as gj
-from goose_jax import evaluation as ev
 from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
+from goose_jax.evaluation import evaluator as ev
 
 
 def make_examples(n: int, rng: np.random.Generator) -> list[Example]:
@@ -38,8 +38,8 @@ def make_examples(n: int, rng: np.random.Generator) -> list[Example]:
 
 
 def routed_world(cfg: gj.T5Config, experts: int):
-    from goose_jax.experts import nest_sites
-    from goose_jax.routers import build_routed
+    from goose_jax.experts.lora import nest_sites
+    from goose_jax.routing.methods import build_routed
 
     rng = np.random.default_rng(1)
     tree, gates = {}, {}

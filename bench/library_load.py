@@ -26,9 +26,9 @@ import numpy as np
 from calibrate import print_calibration
 
 import goose_jax as gj
-from goose_jax.experts import LoRAConfig, init_experts
-from goose_jax.library import ExpertLibrary
-from goose_jax.sharding import expert_shards, make_mesh
+from goose_jax.core.sharding import expert_shards, make_mesh
+from goose_jax.experts.lora import LoRAConfig, init_experts
+from goose_jax.library.store import ExpertLibrary
 
 
 def write_library(path: str, experts: int, rank: int) -> ExpertLibrary:

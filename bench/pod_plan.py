@@ -144,9 +144,9 @@ def abstract_base(cfg, mesh):
     import jax
     import jax.numpy as jnp
 
-    from goose_jax import sharding
-    from goose_jax.layers import per_layer, stack_layers
-    from goose_jax.t5 import T5, param_logical_axes
+    from goose_jax.core import sharding
+    from goose_jax.models.scan import per_layer, stack_layers
+    from goose_jax.models.t5.model import T5, param_logical_axes
 
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     flat = per_layer(cfg)
@@ -160,8 +160,8 @@ def abstract_library(cfg, lora, E, mesh, dtype):
     """E experts (init_experts' shapes) in ``dtype``, E over ``expert``."""
     import jax
 
-    from goose_jax import sharding
-    from goose_jax.experts import init_experts
+    from goose_jax.core import sharding
+    from goose_jax.experts.lora import init_experts
 
     shapes = jax.eval_shape(lambda: init_experts(cfg, lora, E, dtype=dtype))
     return sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
@@ -172,7 +172,7 @@ def abstract_batch(tcfg, E, mesh):
     import jax
     import numpy as np
 
-    from goose_jax import sharding
+    from goose_jax.core import sharding
 
     lead = (E, tcfg.grad_accum, tcfg.micro_batch)
     shapes = {"inputs": jax.ShapeDtypeStruct(lead + (tcfg.max_input_length,), np.int32),
@@ -185,9 +185,9 @@ def train_program(kind, cfg, tcfg, E, mesh, remat, scan):
     """goose-train's jitted step of kind "expert" or "gate", lowered for abstract inputs."""
     import jax
 
-    from goose_jax.experts import init_gates
-    from goose_jax.layers import per_layer
-    from goose_jax.training import Program
+    from goose_jax.experts.lora import init_gates
+    from goose_jax.models.scan import per_layer
+    from goose_jax.training.program import Program
 
     lora = tcfg.lora
     tcfg = dataclasses.replace(tcfg, remat=remat)
@@ -219,10 +219,10 @@ def routed_collections(cfg, lora, E, mesh, dtype):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from goose_jax import sharding
-    from goose_jax.experts import init_experts, init_gates
-    from goose_jax.layers import per_layer, stack_layers
-    from goose_jax.routers import build_routed
+    from goose_jax.core import sharding
+    from goose_jax.experts.lora import init_experts, init_gates
+    from goose_jax.models.scan import per_layer, stack_layers
+    from goose_jax.routing.methods import build_routed
 
     flat = per_layer(cfg)
     small = jax.eval_shape(lambda: init_experts(flat, lora, 2, dtype=dtype))
@@ -246,14 +246,14 @@ def routed_collections(cfg, lora, E, mesh, dtype):
 def batch_input(shape, mesh, dtype="int32"):
     import jax
 
-    from goose_jax.sharding import batch_sharding
+    from goose_jax.core.sharding import batch_sharding
 
     return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
 
 
 def rank_program(cfg, lora, E, mesh):
     """goose-eval's rank classification scorer (``Evaluator.score_choices``'s jitted call)."""
-    from goose_jax import evaluation
+    from goose_jax.evaluation import evaluator as evaluation
 
     adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
     variables = {"params": abstract_base(cfg, mesh), **collections}
@@ -271,7 +271,7 @@ def rank_program(cfg, lora, E, mesh):
 
 def generate_program(cfg, lora, E, mesh):
     """goose-eval's greedy decoder (``generate_greedy``'s jitted call), routed."""
-    from goose_jax import generation
+    from goose_jax.models.t5 import generation
 
     adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
     variables = {"params": abstract_base(cfg, mesh), **collections}
@@ -284,7 +284,7 @@ def generate_program(cfg, lora, E, mesh):
 
 def library_shape(E, mesh, lora) -> tuple[int, int]:
     """(E_pad, R): the routed library's stacked experts on ``mesh`` and its rank."""
-    from goose_jax.sharding import padded_count
+    from goose_jax.core.sharding import padded_count
 
     return padded_count(E, int(mesh.shape["expert"])), lora.rank
 
@@ -362,7 +362,7 @@ def build(name, setting, cfg, tcfg, mesh):
 
 def check_fits(setting, name, built: Built, mesh_text) -> None:
     """One line, before compiling, when the arguments alone exceed the chip."""
-    from goose_jax.errors import ConfigError
+    from goose_jax.core.errors import ConfigError
 
     need = per_device_bytes(built.args) - built.shared
     chip = setting.chip_gib * GIB
@@ -397,8 +397,8 @@ def measure(built: Built) -> dict:
 
 
 def load_config(name: str):
-    from goose_jax.config_files import load_config as load
-    from goose_jax.training import TrainConfig
+    from goose_jax.core.config_files import load_config as load
+    from goose_jax.training.program import TrainConfig
 
     here = os.path.dirname(os.path.abspath(__file__))
     return load(os.path.join(here, "..", "configs", f"{name}.py"), TrainConfig)
@@ -407,9 +407,9 @@ def load_config(name: str):
 def run(args) -> int:
     import jax
 
-    from goose_jax import sharding
-    from goose_jax.config import T5Config
-    from goose_jax.errors import UsageError
+    from goose_jax.core import sharding
+    from goose_jax.core.errors import UsageError
+    from goose_jax.models.config import T5Config
 
     devices = jax.devices()
     settings = [SETTINGS[s] for s in args.settings.split(",")]
@@ -470,8 +470,8 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from goose_jax.errors import UsageError
-    from goose_jax.tool import run_tool
+    from goose_jax.core.errors import UsageError
+    from goose_jax.core.tool import run_tool
 
     def checked(args):
         bad = [s for s in args.settings.split(",") if s not in SETTINGS]
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
         if args.layers < 1:
             raise UsageError(f"--layers must be >= 1, got {args.layers}")
         if args.mesh:
-            from goose_jax.sharding import parse_mesh
+            from goose_jax.core.sharding import parse_mesh
 
             axes = parse_mesh(args.mesh)
             product = 1

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from calibrate import print_calibration
 
-from goose_jax import retrieval as rt
+from goose_jax.routing import retrieval as rt
 
 
 def make_queries(n: int, rng: np.random.Generator) -> list[str]:
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from goose_jax.interop.hf_code import sentence_transformer
+    from goose_jax.core.hf_code import sentence_transformer
 
     print_calibration(torch_too=True)
 

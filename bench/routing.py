@@ -28,8 +28,8 @@ import numpy as np
 from calibrate import print_calibration
 
 import goose_jax as gj
-from goose_jax import experts as ex
-from goose_jax.routers import build_routed
+from goose_jax.experts import lora as ex
+from goose_jax.routing.methods import build_routed
 
 
 def shared_library(cfg: gj.T5Config, E: int, R: int, seed: int = 0):

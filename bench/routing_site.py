@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from calibrate import print_calibration
 
-from goose_jax import routing
-from goose_jax.routing_backends import BACKENDS
+from goose_jax.routing import formula as routing
+from goose_jax.routing.backends import BACKENDS
 
 
 def _timed(fn) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 from calibrate import print_calibration
 
 import goose_jax as gj
-from goose_jax.interop.hf import hf_state_dict_to_params
+from goose_jax.models.t5.hf import hf_state_dict_to_params
 
 
 def forward_flops(cfg: gj.T5Config, B: int, L: int, T: int) -> float:

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from calibrate import print_calibration
 
-from goose_jax import evaluation as ev
 from goose_jax.data import world
-from goose_jax.demo import load_world_base
-from goose_jax.experts import LoRAConfig, flatten_sites, init_experts, nest_sites
-from goose_jax.routers import build_routed
+from goose_jax.evaluation import evaluator as ev
+from goose_jax.experts.lora import LoRAConfig, flatten_sites, init_experts, nest_sites
+from goose_jax.pipeline.demo import load_world_base
+from goose_jax.routing.methods import build_routed
 
 
 def random_library(cfg, num_experts: int, seed: int = 0):

@@ -1,7 +1,7 @@
 """Training E experts at once (one vmapped, jitted step) against E sequential single-expert runs;
 with ``--loop``, goose-train's loop (``trainer.train_loop``) against an older copy of it.
 
-Both sides run the same code (``goose_jax.training.Program``, E = 8 versus E = 1 called 8
+Both sides run the same code (``goose_jax.training.program.Program``, E = 8 versus E = 1 called 8
 times) on the same tiny random T5 (d_model 64), the same batches and the same hyper-parameters,
 in one process, jitted and warmed up. Repeats alternate between the two so that machine noise
 hits both alike; medians are reported. The last line printed is the speed-up of training all
@@ -15,7 +15,8 @@ them (batches built from text, metrics logged, checkpoints written), on the tiny
 (``configs/tiny.py``, two experts, ``random:tiny``) and on the demo's experts stage (the world
 base, its eight held-in tasks, the ``full`` preset's settings), each call in a fresh work
 directory with fresh example sources. ``--before FILE`` is another version of
-``goose_jax/trainer.py`` (e.g. ``git show REV:goose_jax/trainer.py > /tmp/trainer_before.py``)
+``goose_jax/training/loop.py`` (e.g. ``git show REV:goose_jax/training/loop.py >
+/tmp/trainer_before.py``)
 timed in the same process, the two alternating after one warm-up call each (compilation);
 medians are reported:
 
@@ -37,9 +38,9 @@ import numpy as np
 from calibrate import print_calibration
 
 import goose_jax as gj
-from goose_jax import training
-from goose_jax.experts import init_experts
-from goose_jax.t5 import init_params
+from goose_jax.experts.lora import init_experts
+from goose_jax.models.t5.model import init_params
+from goose_jax.training import program as training
 
 
 def make_batches(E: int, steps: int, A: int, M: int, L: int, T: int, vocab: int, seed: int = 0):
@@ -57,7 +58,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _tiny_setting(steps: int, overrides: tuple[str, ...], folder: str):
     """goose-train experts --config configs/tiny.py on two small files, as its run does it."""
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     data = []
     os.makedirs(folder, exist_ok=True)
@@ -89,11 +90,13 @@ def _tiny_setting(steps: int, overrides: tuple[str, ...], folder: str):
 
 
 def _demo_setting(steps: int, overrides: tuple[str, ...], folder: str):
-    """The demo's experts stage (goose_jax.demo.train_experts, preset full), ``steps`` long."""
-    from goose_jax import config_files, demo
+    """The demo's experts stage (``goose_jax.pipeline.demo.train_experts``, preset full), ``steps``
+    long."""
+    from goose_jax.core import config_files
+    from goose_jax.core.errors import TrainConfigError
     from goose_jax.data import world
     from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.errors import TrainConfigError
+    from goose_jax.pipeline import demo
 
     cfg, params = demo.load_world_base()
     p = demo.PRESETS["full"]
@@ -121,7 +124,7 @@ def _load_loop(path: str):
 
 def bench_loop(args) -> None:
     """``--loop``: steps per second of whole train_loop calls, this version and ``--before``."""
-    from goose_jax.trainer import train_loop
+    from goose_jax.training.loop import train_loop
 
     os.environ["GOOSE_QUIET"] = "1"
     loops = {"now": train_loop}
@@ -163,7 +166,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loop", nargs="+", choices=("tiny", "demo"),
                     help="time goose-train's loop on these settings instead")
-    ap.add_argument("--before", help="another goose_jax/trainer.py to time beside this one")
+    ap.add_argument("--before", help="another goose_jax/training/loop.py to time beside this one")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="--loop: override a TrainConfig field of the setting")
     ap.add_argument("--experts", type=int, default=8)

@@ -14,7 +14,7 @@ import dataclasses
 import importlib.util
 import os
 
-from goose_jax.training import TrainConfig
+from goose_jax.training.program import TrainConfig
 
 
 def _t0_heldin():

@@ -6,7 +6,8 @@ eps 1e-8), 6% linear warm-up then constant, clipping 1.0, effective batch 1024, 
 truncated to 512 tokens, seed 42, the frozen base in bf16 with bf16 compute and fp32 trainable
 weights. Gates: 100 steps with the same optimiser (6 warm-up steps).
 
-Validation is the release's (``validation_rules="release"``, ``goose_jax.release_validation``):
+Validation is the release's (``validation_rules="release"``,
+``goose_jax.evaluation.release_validation``):
 each expert's dataset keeps its metric (rank accuracy; SQuAD, BLEU + ROUGE-L or ROUGE-L for the
 generation datasets) and its generation length, each value rounded to 3 decimals.
 
@@ -15,7 +16,7 @@ effective batch at 1024. ``base_model`` names the checkpoint; pass the local dir
 ``--base`` (nothing is downloaded).
 """
 
-from goose_jax.training import TrainConfig
+from goose_jax.training.program import TrainConfig
 
 EXPERTS = (
     "agnews", "amazon_polarity", "cosmos_qa", "samsum", "quartz", "ropes", "wiki_bio", "paws",

@@ -4,7 +4,7 @@
         --library /tmp/lib --workdir /tmp/run
 """
 
-from goose_jax.training import TrainConfig
+from goose_jax.training.program import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -21,11 +21,13 @@ import contextlib
 import json
 import os
 
-from goose_jax import distributed, report, zeroshot
-from goose_jax.errors import UsageError
-from goose_jax.outputs import check_apart, run_lock
-from goose_jax.tensorfile import write_atomic
-from goose_jax.tool import run_tool
+from goose_jax.core import distributed
+from goose_jax.core.errors import UsageError
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.tensorfile import write_atomic
+from goose_jax.core.tool import run_tool
+from goose_jax.evaluation import report
+from goose_jax.pipeline import zeroshot
 
 
 def main(argv: list[str] | None = None) -> int:

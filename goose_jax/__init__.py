@@ -26,17 +26,17 @@ leading axes.
 """
 
 # First, before the heavy imports below: a goose-jax tool interrupted while it starts prints its
-# one line and exits 130 (goose_jax.tool_process); other importers are left alone.
-from goose_jax import tool_process as _tool_process
+# one line and exits 130 (goose_jax.core.tool_process); other importers are left alone.
+from goose_jax.core import tool_process as _tool_process
 
 _tool_process.install_if_tool()
 
-from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.decoder import decoder_logits
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.decoder_generation import generate_decoder_greedy
-from goose_jax.generation import generate_greedy
-from goose_jax.t5 import T5, init_params, param_logical_axes, site_shapes, t5_logits
+from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.llama.generation import generate_decoder_greedy
+from goose_jax.models.llama.model import decoder_logits
+from goose_jax.models.t5.generation import generate_greedy
+from goose_jax.models.t5.model import T5, init_params, param_logical_axes, site_shapes, t5_logits
 
 __version__ = "0.1.0"
 
@@ -44,11 +44,11 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The HF interop module is loaded on first use so that `import goose_jax` stays light.
     if name in ("load_hf_t5", "save_hf_t5"):
-        from goose_jax.interop import hf
+        from goose_jax.models.t5 import hf
 
         return getattr(hf, name)
     if name in ("load_hf_llama", "save_hf_llama"):
-        from goose_jax.interop import hf_decoder
+        from goose_jax.models.llama import hf as hf_decoder
 
         return getattr(hf_decoder, name)
     raise AttributeError(f"module 'goose_jax' has no attribute {name!r}")

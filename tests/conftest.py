@@ -140,8 +140,8 @@ def world(tmp_path_factory):
     from datasets import Dataset, DatasetDict
 
     import goose_jax as gj
-    from goose_jax.experts import LoRAConfig, nest_sites
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.library.store import ExpertLibrary
 
     root = tmp_path_factory.mktemp("world")
     cfg = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40,

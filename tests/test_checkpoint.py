@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import tool
 
-from goose_jax import checkpoint
-from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.errors import CheckpointError
+from goose_jax.core.errors import CheckpointError
+from goose_jax.models import checkpoint
+from goose_jax.models.config import DTypePolicy, T5Config
 
 main = tool("goose-convert")
 
@@ -103,7 +103,7 @@ def test_restore_errors(tmp_path):
 
 
 def test_save_load_model_round_trip(tmp_path):
-    from goose_jax.t5 import init_params
+    from goose_jax.models.t5.model import init_params
 
     for cfg in (T5Config.preset("tiny"),
                 T5Config.preset("tiny").replace(

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goose_jax import decoder
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.decoder_generation import generate_decoder_greedy
-from goose_jax.errors import CheckpointError, ConfigError
-from goose_jax.experts import EXPERTS, LoRAAdapter
-from goose_jax.interop.hf_decoder import load_hf_llama, save_hf_llama
+from goose_jax.core.errors import CheckpointError, ConfigError
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter
+from goose_jax.models.llama import model as decoder
+from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.llama.generation import generate_decoder_greedy
+from goose_jax.models.llama.hf import load_hf_llama, save_hf_llama
 
 SIZES = dict(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -257,7 +257,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, goose_jax, goose_jax.decoder_generation, goose_jax.interop.hf_decoder; "
+    code = ("import sys, goose_jax, goose_jax.models.llama.generation, goose_jax.models.llama.hf; "
             "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
 
-from goose_jax import checkpoint, families
-from goose_jax.config import DTypePolicy, T5Config
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.errors import CheckpointError
+from goose_jax.core.errors import CheckpointError
+from goose_jax.models import checkpoint, families
+from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.llama.config import DecoderConfig
 
 convert = tool("goose-convert")
 train = tool("goose-train")
@@ -156,8 +156,8 @@ def test_goose_convert_round_trip_loads_in_transformers_with_the_same_logits(
         family, tmp_path, capsys):
     import transformers
 
-    from goose_jax.base_model import load_base
-    from goose_jax.interop.hf_decoder import load_hf_llama
+    from goose_jax.models.base import load_base
+    from goose_jax.models.llama.hf import load_hf_llama
 
     model = _hf_model(family)
     model.save_pretrained(tmp_path / "hf")
@@ -182,9 +182,9 @@ def test_goose_convert_round_trip_loads_in_transformers_with_the_same_logits(
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices, as `make test` sets")
 def test_a_decoder_checkpoint_loads_onto_a_mesh(tmp_path):
-    from goose_jax import sharding
-    from goose_jax.base_model import load_base
-    from goose_jax.interop.hf import base_shardings
+    from goose_jax.core import sharding
+    from goose_jax.models.base import load_base
+    from goose_jax.models.t5.hf import base_shardings
 
     params = _random_params(TINY)
     checkpoint.save_model(tmp_path / "m", TINY, params)
@@ -203,7 +203,7 @@ def test_a_decoder_checkpoint_loads_onto_a_mesh(tmp_path):
 def test_multitask_full_on_a_decoder_base_writes_a_model_load_base_reads(tmp_path, capsys):
     import pathlib
 
-    from goose_jax.base_model import load_base
+    from goose_jax.models.base import load_base
 
     data = write_jsonl(tmp_path / "mix.jsonl",
                        [(f"reverse: {w}", w[::-1]) for w in ("goose", "jax", "llama", "route")])
@@ -245,7 +245,7 @@ def _tokenizer_dir(folder, pad=None):
 
 
 def test_a_tokenizer_without_padding_pads_with_the_model_pad_id(tmp_path):
-    from goose_jax.base_model import load_tokenizer
+    from goose_jax.models.base import load_tokenizer
 
     cfg = TINY.replace(pad_token_id=0)
     folder = _tokenizer_dir(tmp_path / "nopad")
@@ -272,7 +272,7 @@ def test_goose_train_batches_of_a_llama_dir_without_a_pad_token(tmp_path):
     """A Hugging Face Llama directory whose tokenizer has no padding token: goose-train's
     batches pad with the model's pad_token_id (its EOS, since config.json names no pad), which
     the causal loss masks after each row's first EOS."""
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     _hf_model("llama").save_pretrained(tmp_path / "hf")   # its config.json: pad_token_id none
     _tokenizer_dir(tmp_path / "hf")

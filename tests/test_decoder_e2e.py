@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash
 
-from goose_jax import decoder
 from goose_jax.data import tasks as T
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.experts import flatten_sites
-from goose_jax.metrics import rank_prediction
+from goose_jax.evaluation.metrics import rank_prediction
+from goose_jax.experts.lora import flatten_sites
+from goose_jax.models.llama import model as decoder
 
 train = tool("goose-train")
 evaluate = tool("goose-eval")
@@ -71,7 +71,7 @@ def protocol(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base():
-    from goose_jax.base_model import load_base
+    from goose_jax.models.base import load_base
 
     return load_base(BASE, min_vocab_size=TOK.vocab_size)
 
@@ -108,8 +108,8 @@ def _greedy(cfg, params, prompt, steps, routing, eos=TOK.eos_id) -> list[int]:
 
 def _phatgoose(root, cfg, params, telemetry=False):
     """(the library's scale, PHATGOOSE top-2 over the library, loaded by hand)."""
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.routers import build_routed
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.routing.methods import build_routed
 
     lib = ExpertLibrary.open(root / "lib", cfg, params)
     experts, gates = lib.load(["reverse", "upper"], gates=True)
@@ -175,7 +175,7 @@ def test_prototypes_are_the_mean_inputs_of_the_packed_training_sequences(protoco
     """Layer 0's attention sites read RMSNorm(embedding) of the tokens, whatever the experts
     do: their prototypes, from NumPy, over each example's prompt (no EOS) and target (with EOS)
     packed into one sequence, averaged per example and then over the examples."""
-    from goose_jax.report import load_prototypes
+    from goose_jax.evaluation.report import load_prototypes
 
     root, _ = protocol
     cfg, params = base
@@ -245,7 +245,7 @@ def test_generation_telemetry_counts_each_row_until_it_ends(protocol, base):
     answer) and a row of batch padding: cached, batched, routed generation gives each row's
     uncached greedy answer, and every site counts each real row's prompt and its generated
     tokens but the last, nothing after a row's EOS and nothing of the padding row."""
-    from goose_jax.decoder_generation import generate_decoder_greedy
+    from goose_jax.models.llama.generation import generate_decoder_greedy
 
     cfg, params = base
     _, routed = _phatgoose(protocol[0], cfg, params)
@@ -286,9 +286,9 @@ def test_goose_eval_refuses_a_library_of_the_other_family(protocol, world, tmp_p
 def test_generation_with_non_finite_logits_is_an_error_not_a_score(base):
     """A base whose head holds a NaN: the Evaluator's decoder generation reports it (one line)
     instead of scoring the tokens argmax picks from NaN logits."""
-    import goose_jax.evaluation as ev
+    import goose_jax.evaluation.evaluator as ev
+    from goose_jax.core.errors import EvalError
     from goose_jax.data.examples import EvalTask, Example
-    from goose_jax.errors import EvalError
 
     cfg, params = base
     head = np.asarray(params["lm_head"]["kernel"]).copy()

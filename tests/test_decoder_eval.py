@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from conftest import tool
 
-from goose_jax import decoder
-from goose_jax import evaluation as ev
 from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.decoder_generation import generate_decoder_greedy
-from goose_jax.decoder_scoring import decoder_choice_nll
-from goose_jax.experts import EXPERTS, LoRAAdapter, nest_sites
-from goose_jax.metrics import rank_prediction
-from goose_jax.routers import ROUTER, RoutedAdapter
+from goose_jax.evaluation import evaluator as ev
+from goose_jax.evaluation.metrics import rank_prediction
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter, nest_sites
+from goose_jax.models.llama import model as decoder
+from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.llama.generation import generate_decoder_greedy
+from goose_jax.models.llama.scoring import decoder_choice_nll
+from goose_jax.routing.methods import ROUTER, RoutedAdapter
 
 TOK = ByteTokenizer()
 ROUTED_SITES = ("layers_0/self_attn/q", "layers_0/self_attn/v", "layers_1/mlp/down")
@@ -148,7 +148,7 @@ def test_evaluator_routed(tiny, method):
     """Routed prompt-once scoring through the Evaluator: per token (with telemetry over real
     tokens only), and one expert per example (the prompt's pass reads B example indices, the
     choices' pass B*C), against each choice alone under the same routing."""
-    from goose_jax.routers import Routed
+    from goose_jax.routing.methods import Routed
 
     cfg, params = tiny
     examples = EXAMPLES[:4]
@@ -214,8 +214,8 @@ def test_evaluator_generation_equals_greedy_decoding(tiny):
 def test_goose_eval_decoder_base(world, tmp_path):
     """goose-eval on random:llama-tiny: the rank task's scores are the whole-sequence reference
     and the generation task's predictions greedy decoding of each prompt alone."""
-    from goose_jax.base_model import load_base
     from goose_jax.data import tasks as T
+    from goose_jax.models.base import load_base
 
     out = tmp_path / "run"
     names = ["bbh/boolean_expressions", "bbh/object_counting"]
@@ -261,10 +261,10 @@ def test_evaluation_starts_prompts_as_training_does(tmp_path):
     prompt with the BOS (model and tokenizer both have one), and so must evaluation."""
     from test_decoder_checkpoint import _tokenizer_dir
 
-    from goose_jax.base_model import load_tokenizer
     from goose_jax.data.batching import Batcher
-    from goose_jax.decoder_training import prompt_tokens
-    from goose_jax.evaluation import Evaluator
+    from goose_jax.evaluation.evaluator import Evaluator
+    from goose_jax.models.base import load_tokenizer
+    from goose_jax.models.llama.loss import prompt_tokens
 
     cfg = DecoderConfig.preset("tiny")
     tok = load_tokenizer(_tokenizer_dir(tmp_path / "tok"), cfg)

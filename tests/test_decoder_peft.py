@@ -15,12 +15,12 @@ from test_decoder import _batch, _hf_logits, _hf_model
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from goose_jax.decoder import decoder_logits  # noqa: E402
-from goose_jax.experts import EXPERTS, LoRAAdapter, flatten_sites  # noqa: E402
-from goose_jax.interop.hf_decoder import load_hf_llama  # noqa: E402
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter, flatten_sites  # noqa: E402
 from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
-from goose_jax.interop.stacking import write_library  # noqa: E402
-from goose_jax.library import ExpertLibrary  # noqa: E402
+from goose_jax.library.stacking import write_library  # noqa: E402
+from goose_jax.library.store import ExpertLibrary  # noqa: E402
+from goose_jax.models.llama.hf import load_hf_llama  # noqa: E402
+from goose_jax.models.llama.model import decoder_logits  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (LoraConfig keywords, save as safetensors). Every adapter covers all seven modules.

@@ -4,7 +4,7 @@ re-implementation of each site's routing and LoRA combination run inside the sam
 The base model is checked against transformers in tests/test_decoder.py; here the reference
 replaces only what routing does at a site (``NumpySites``): the scores, the top-k and its
 softmax, and the weighted sum of the experts' LoRA products, in float64, from the raw gates,
-prototypes or LoRA factors (nothing from ``goose_jax.routing``).
+prototypes or LoRA factors (nothing from ``goose_jax.routing.formula``).
 """
 
 import dataclasses
@@ -16,9 +16,12 @@ import pytest
 from conftest import needs_8_devices
 
 import goose_jax as gj
-from goose_jax import decoder, families, routers, sharding
-from goose_jax import experts as ex
-from goose_jax.routers import build_routed
+from goose_jax.core import sharding
+from goose_jax.experts import lora as ex
+from goose_jax.models import families
+from goose_jax.models.llama import model as decoder
+from goose_jax.routing import methods as routers
+from goose_jax.routing.methods import build_routed
 
 CFG = gj.DecoderConfig.preset("tiny")
 E, R = 5, 4

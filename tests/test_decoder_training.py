@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from conftest import tool, write_jsonl
 
-from goose_jax import decoder, decoder_training, training
+from goose_jax.core.errors import TrainConfigError
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.decoder_config import DecoderConfig
-from goose_jax.errors import TrainConfigError
-from goose_jax.experts import flatten_sites, init_experts, init_gates, nest_sites
-from goose_jax.library import ExpertLibrary
+from goose_jax.experts.lora import flatten_sites, init_experts, init_gates, nest_sites
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.models.llama import loss as decoder_training
+from goose_jax.models.llama import model as decoder
+from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.training import program as training
 
 # Tiny GQA Llama, untied head; odd sizes.
 CFG = DecoderConfig.preset("tiny")
@@ -74,7 +76,7 @@ def test_loss_equals_transformers_llama_with_prompt_and_padding_ignored(params):
     import torch
     import transformers
 
-    from goose_jax.interop.hf_decoder import params_to_hf_state_dict
+    from goose_jax.models.llama.hf import params_to_hf_state_dict
 
     batch = {k: v[0] for k, v in make_batch(0, (), 1, 4).items()}
     nll, n = jax.jit(decoder_training.causal_nll, static_argnums=0, compiler_options=FAST)(
@@ -186,7 +188,7 @@ def test_three_experts_at_once_equal_three_single_runs(params, three_at_once):
 def test_step_on_a_mesh_equals_single_runs(params, three_at_once):
     """Experts over ``expert``, rows over ``data``, the base laid out by the decoder's logical
     axes: the single-device result."""
-    from goose_jax import sharding
+    from goose_jax.core import sharding
 
     experts, _, batches, state, _ = three_at_once
     mesh = sharding.make_mesh(data=2, expert=4)
@@ -287,7 +289,7 @@ def test_goose_train_refuses_remat_on_a_decoder_base_before_any_work(data, tmp_p
 
 
 def test_goose_train_runs_encode_prompts_without_eos(data, tmp_path):
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     setup = train_runs.Setup(train_runs.RunArgs(
         "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],
@@ -303,7 +305,7 @@ def test_targets_end_at_the_tokenizers_eos_not_the_configs_first(data, tmp_path)
     """A config whose pad is its first EOS (Llama 3.1 Instruct lists three, no pad) while the
     tokenizer ends text with another EOS: the loss counts each target up to the tokenizer's EOS
     and no padding after it."""
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     setup = train_runs.Setup(train_runs.RunArgs(
         "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import tool
 
-from goose_jax import demo
 from goose_jax.data import world
+from goose_jax.pipeline import demo
 
 main = tool("goose-demo")
 
@@ -43,7 +43,7 @@ def test_smoke_pipeline_artefacts(smoke, capsys):
     cfg, params = demo.load_world_base()
     assert len(pngs) == cfg.num_encoder_layers + cfg.num_decoder_layers
 
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary
 
     lib = ExpertLibrary.open(res["library"], cfg, params)
     assert lib.names == [t.name for t in world.HELDIN]
@@ -99,7 +99,7 @@ def _fake_seed(seed, rng):
 
 
 def test_several_seeds_are_reported_as_mean_and_interval(tmp_path):
-    from goose_jax.demo_seeds import report_seeds
+    from goose_jax.pipeline.demo_seeds import report_seeds
 
     rng = np.random.default_rng(0)
     seeds = [_fake_seed(s, rng) for s in (0, 4, 7)]
@@ -168,9 +168,9 @@ def test_seeds_flag(tmp_path, capsys):
 def test_goose_eval_world_on_the_demo_library(smoke, tmp_path):
     """goose-eval --benchmark world on the library the demo wrote scores every world task on
     the demo's test examples of that seed, as the demo's own evaluation path does."""
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.routers import build_routed
-    from goose_jax.zeroshot import cap_examples
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.pipeline.zeroshot import cap_examples
+    from goose_jax.routing.methods import build_routed
 
     lib_path = smoke / "library_small_seed1"
     out = tmp_path / "pg"

@@ -4,8 +4,8 @@ import jax
 import pytest
 from conftest import tool
 
-from goose_jax import distributed, errors
-from goose_jax.distributed import DistributedError, settings
+from goose_jax.core import distributed, errors
+from goose_jax.core.distributed import DistributedError, settings
 
 
 def test_single_host_needs_nothing():

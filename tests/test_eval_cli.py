@@ -92,9 +92,9 @@ def test_prototype_file_round_trip_and_bad_file(tmp_path):
     not safetensors is one clear error."""
     from safetensors.numpy import save_file
 
-    from goose_jax.errors import DataError
-    from goose_jax.experts import flatten_sites
-    from goose_jax.report import load_prototypes
+    from goose_jax.core.errors import DataError
+    from goose_jax.evaluation.report import load_prototypes
+    from goose_jax.experts.lora import flatten_sites
 
     gate = np.arange(6, dtype=np.float32).reshape(2, 3)
     save_file({"encoder/block_0/self_attn/q/gate": gate}, str(tmp_path / "p.safetensors"))
@@ -106,8 +106,8 @@ def test_prototype_file_round_trip_and_bad_file(tmp_path):
 
 
 def test_prototype_file_writer_and_reader_agree(tmp_path):
-    from goose_jax.experts import flatten_sites, nest_sites
-    from goose_jax.report import load_prototypes, save_prototypes
+    from goose_jax.evaluation.report import load_prototypes, save_prototypes
+    from goose_jax.experts.lora import flatten_sites, nest_sites
 
     rng = np.random.default_rng(0)
     tree = nest_sites({"encoder/block_0/ffn/wo": {"gate": rng.standard_normal((3, 5))},

@@ -7,7 +7,7 @@ from test_eval_cli import _args
 
 
 def test_paper_runs_every_method_the_library_supports(world, tmp_path, capsys, monkeypatch):
-    from goose_jax import zeroshot
+    from goose_jax.pipeline import zeroshot
 
     reads = []
     load_tasks = zeroshot.load_tasks

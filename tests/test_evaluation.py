@@ -5,11 +5,11 @@ import pytest
 from conftest import build_hf_t5
 
 import goose_jax as gj
-from goose_jax import evaluation as ev
-from goose_jax import metrics, report
+from goose_jax.core.errors import DataError
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.errors import DataError
+from goose_jax.evaluation import evaluator as ev
+from goose_jax.evaluation import metrics, report
 
 TOK = ByteTokenizer()
 # One shape bucket for all (B 4, C 4, L 64, T 32): each scorer compiles once.
@@ -23,7 +23,7 @@ EXAMPLES = [
 ]
 @pytest.fixture(scope="module")
 def hf_and_ours():
-    from goose_jax.interop.hf import hf_state_dict_to_params
+    from goose_jax.models.t5.hf import hf_state_dict_to_params
 
     model = build_hf_t5("v1_1", vocab_size=300)
     cfg = gj.T5Config.from_hf_dict(model.config.to_dict()).replace(tie_word_embeddings=False)
@@ -80,8 +80,8 @@ def small():
 def _routed(cfg, telemetry=False):
     """PHATGOOSE over 5 random experts (non-zero B) with random gates, at a few sites of each
     kind (encoder, decoder, cross-attention k reading encoder tokens) to keep compiles short."""
-    from goose_jax.experts import nest_sites
-    from goose_jax.routers import build_routed
+    from goose_jax.experts.lora import nest_sites
+    from goose_jax.routing.methods import build_routed
 
     rng = np.random.default_rng(1)
     experts, gates = {}, {}
@@ -138,7 +138,7 @@ def test_shapes_are_bucketed(small):
 def test_sharded_batches_match_single_device(small):
     import jax
 
-    from goose_jax.sharding import make_mesh
+    from goose_jax.core.sharding import make_mesh
 
     cfg, params = small
     mesh = make_mesh(data=-1)

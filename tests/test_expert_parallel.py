@@ -1,5 +1,6 @@
 """Expert parallelism: the library split over the mesh's ``expert`` axis, never gathered, and the
-routed model equal to the single-device one (goose_jax.expert_parallel, build_routed(mesh=))."""
+routed model equal to the single-device one (goose_jax.routing.expert_parallel,
+build_routed(mesh=))."""
 
 import json
 import re
@@ -11,9 +12,9 @@ import pytest
 from conftest import needs_8_devices, one_line, tool
 
 import goose_jax as gj
-from goose_jax import experts as ex
-from goose_jax import sharding
-from goose_jax.routers import EXPERTS, ROUTER, build_routed
+from goose_jax.core import sharding
+from goose_jax.experts import lora as ex
+from goose_jax.routing.methods import EXPERTS, ROUTER, build_routed
 
 main = tool("goose-eval")
 CFG = gj.T5Config(vocab_size=101, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_encoder_layers=1,
@@ -42,8 +43,8 @@ def _library(E: int, seed: int):
 def test_goose_eval_on_an_expert_mesh_gives_the_single_device_results(world, tmp_path, method):
     """3 experts on expert=4 (one padding expert): the same predictions, choice scores and
     top-1 telemetry (the same routing choices) as the run without an expert axis."""
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.report import save_prototypes
+    from goose_jax.evaluation.report import save_prototypes
+    from goose_jax.library.store import ExpertLibrary
 
     extra = ["--method", method, "--tasks", "bbh/boolean_expressions"]
     if method == "phatgoose":
@@ -114,7 +115,7 @@ def test_every_device_holds_its_share_of_the_library(E):
 def test_a_padded_library_routes_as_the_unpadded_one_and_is_never_gathered():
     """The compiled routed scorer of 6 experts on expert=4 has no all-gather whose result is a
     whole library leaf, and its scores equal the single-device model's."""
-    from goose_jax import evaluation
+    from goose_jax.evaluation import evaluator as evaluation
 
     params = gj.init_params(CFG, 2)
     lib, gates = _library(6, 4)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import decoder, families
-from goose_jax.errors import ConfigError, LibraryError
-from goose_jax.experts import LoRAConfig, select_sites
-from goose_jax.library import ExpertLibrary
+from goose_jax.core.errors import ConfigError, LibraryError
+from goose_jax.experts.lora import LoRAConfig, select_sites
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.models import families
+from goose_jax.models.llama import model as decoder
 
 DEC = gj.DecoderConfig.preset("tiny")
 T5 = gj.T5Config.preset("tiny")
@@ -72,8 +73,8 @@ def test_t5_library_without_family_field_still_opens(tmp_path):
 
 
 def test_load_base_reads_decoder_bases(tmp_path):
-    from goose_jax.base_model import load_base
-    from goose_jax.errors import CheckpointError
+    from goose_jax.core.errors import CheckpointError
+    from goose_jax.models.base import load_base
 
     cfg, params = load_base("random:llama-tiny", seed=3)
     assert cfg == gj.DecoderConfig.preset("tiny")

@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goose_jax import release_validation, retrieval, routing, training
 from goose_jax.data import bigbench
-from goose_jax.routers import _pool
+from goose_jax.evaluation import release_validation
+from goose_jax.routing import formula as routing
+from goose_jax.routing import retrieval
+from goose_jax.routing.methods import _pool
+from goose_jax.training import program as training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -159,8 +162,8 @@ def test_lora_sites_rank_scale():
     # colm/models/moe_lora_rank16.gin: modules ".*SelfAttention|.*EncDecAttention|
     # .*DenseReluDense", layers "q|k|v|o|w.*" (wi_0, wi_1, wo), d_bottleneck 16, scale 1/16,
     # init_scale 0.01 (lora_linear.py).
-    from goose_jax.config import T5Config
-    from goose_jax.experts import select_sites
+    from goose_jax.experts.lora import select_sites
+    from goose_jax.models.config import T5Config
 
     cfg = T5Config(vocab_size=101, d_model=24, d_kv=4, d_ff=32, num_heads=2,
                    num_encoder_layers=2, num_decoder_layers=3, feed_forward_proj="gated-gelu")
@@ -193,7 +196,7 @@ def test_validation_steps_and_ties():
     # train.gin: validation every 100 steps and at step 0 (procedure_exec_order starts with
     # P/EVALUATE); evaluator.py:122-136 keeps a step whose average_score >= the best (later ties
     # win), the scores rounded to 3 decimals first (metrics.py:292-293).
-    from goose_jax.validation import BestKeeper
+    from goose_jax.evaluation.validation import BestKeeper
 
     for c in _configs():
         assert c.eval_every == 100 and c.validation_rules == "release"
@@ -236,7 +239,7 @@ def test_validation_metric(metric):
     # Unrounded, the metric alone (BLEU over a longer corpus, where every n-gram order hits).
     long_p = ["the quick brown fox jumps over the lazy dog today", "one two three four five"]
     long_r = [["the quick brown fox jumped over the lazy dog"], ["one two three four five six"]]
-    from goose_jax.metrics import corpus_bleu
+    from goose_jax.evaluation.metrics import corpus_bleu
     assert corpus_bleu(long_p, long_r) == pytest.approx(_bleu(long_p, long_r), abs=1e-12)
     assert 0 < _bleu(long_p, long_r) < 1
 
@@ -253,7 +256,7 @@ def test_validation_generation_length():
 def test_gate_training():
     # train_gate.sh: 100 steps; moe.py FFNExperts: expert_input_gate = zeros(d_in); warmup
     # int(0.06 * 100) = 6.
-    from goose_jax.experts import init_gates
+    from goose_jax.experts.lora import init_gates
 
     for c in _configs():
         assert c.gate_steps == 100 and int(c.warmup_ratio * c.gate_steps) == 6
@@ -328,7 +331,7 @@ def test_retrieval():
 def test_t0_heldout_score():
     # Pooled over (example, template) pairs (no round robin; eval.gin HELDOUT datasets), which
     # is the mean of every pair's 0/1, whatever the templates' sizes.
-    from goose_jax.evaluation import DatasetResult
+    from goose_jax.evaluation.evaluator import DatasetResult
 
     pairs = {"t1": [1, 0, 1], "t2": [0, 0], "t3": [1]}
     res = DatasetResult("rte", "accuracy", values=[v for vs in pairs.values() for v in vs])
@@ -392,15 +395,15 @@ def test_rank_classification():
     # forced, NLL summed over its tokens / its token count; the lowest wins.
     import goose_jax as gj
     from goose_jax.data.examples import Example
-    from goose_jax.evaluation import Evaluator
-    from goose_jax.train_runs import load_train_base, load_train_config
+    from goose_jax.evaluation.evaluator import Evaluator
+    from goose_jax.pipeline.train_runs import load_train_base, load_train_config
 
     tcfg = load_train_config(str(ROOT / "configs" / "tiny.py"))
     cfg, params, tok = load_train_base("random:tiny", tcfg)
     ex = Example("pick one", ("yes", "no way", "x"), (0,))
     (scores,) = Evaluator(cfg, params, tok, None, batch_size=2, max_input_length=24,
                           max_target_length=8, fast_compile=True).score_choices([ex])
-    from goose_jax.config import FAST_COMPILE_OPTIONS
+    from goose_jax.models.config import FAST_COMPILE_OPTIONS
 
     fwd = jax.jit(lambda p, i, d, m: gj.t5_logits(cfg, p, i, d, m),
                   compiler_options=FAST_COMPILE_OPTIONS)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import script, tool, tree_hash
 
-from goose_jax import errors
+from goose_jax.core import errors
 from goose_jax.data import flan_pool, p3
 from goose_jax.data.synthetic import write_flan_release, write_niv2_tasks, write_p3
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import routing
-from goose_jax.experts import EXPERTS, flatten_sites, nest_sites
-from goose_jax.routers import ROUTER, build_routed
-from goose_jax.t5 import T5
+from goose_jax.experts.lora import EXPERTS, flatten_sites, nest_sites
+from goose_jax.models.t5.model import T5
+from goose_jax.routing import formula as routing
+from goose_jax.routing.methods import ROUTER, build_routed
 
 E, T = 5, 7
 
@@ -99,7 +99,7 @@ def test_generation_counts_the_routing_it_computes(model, fast_compile):
 
 
 def test_check_finite_refuses_nan_logits_of_a_real_row(model):
-    from goose_jax.errors import NonFiniteError
+    from goose_jax.core.errors import NonFiniteError
 
     cfg, params, routed, ids, mask = model
     assert gj.generate_greedy(cfg, params, ids, T, mask, check_finite=True).shape == (4, T)
@@ -118,10 +118,10 @@ def test_check_finite_refuses_nan_logits_of_a_real_row(model):
 
 
 def test_evaluator_refuses_a_generation_task_with_nan_logits(model):
-    from goose_jax import evaluation as ev
+    from goose_jax.core.errors import EvalError
     from goose_jax.data.examples import EvalTask, Example
     from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.errors import EvalError
+    from goose_jax.evaluation import evaluator as ev
 
     cfg, params, _, _, _ = model
     cfg = cfg.replace(vocab_size=ByteTokenizer().vocab_size)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import build_hf_t5, one_line, tool, tree_hash
 
-from goose_jax import decoder, errors
-from goose_jax.decoder_config import DecoderConfig, read_rope
-from goose_jax.errors import ConfigError
+from goose_jax.core import errors
+from goose_jax.core.errors import ConfigError
+from goose_jax.models.llama import model as decoder
+from goose_jax.models.llama.config import DecoderConfig, read_rope
 
 SIZES = dict(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -140,7 +141,7 @@ def test_linear_rope_and_a_distinct_head_under_a_tie_match_transformers(llama_fo
     import torch
     import transformers
 
-    from goose_jax.interop.hf_decoder import load_hf_llama
+    from goose_jax.models.llama.hf import load_hf_llama
 
     # transformers 5 writes rope_parameters; the v4 layout alone must read the same.
     v4 = _with_config(llama_folder, tmp_path / "v4", rope_parameters=None,
@@ -161,7 +162,7 @@ def test_linear_rope_and_a_distinct_head_under_a_tie_match_transformers(llama_fo
 def test_a_tied_config_beside_an_equal_head_stays_tied(llama_folder, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from goose_jax.interop.hf_decoder import load_hf_llama
+    from goose_jax.models.llama.hf import load_hf_llama
 
     folder = _with_config(llama_folder, tmp_path / "tied", tie_word_embeddings=True)
     state = load_file(folder / "model.safetensors")
@@ -176,7 +177,7 @@ def test_a_t5_tied_config_beside_a_distinct_head_matches_transformers(tmp_path):
     import transformers
 
     import goose_jax as gj
-    from goose_jax import t5
+    from goose_jax.models.t5 import model as t5
 
     model = build_hf_t5("v1_1")   # a distinct lm_head
     model.save_pretrained(tmp_path / "t5")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import one_line, script, tool, tree_hash, write_jsonl
 
-from goose_jax import errors, tool_process
+from goose_jax.core import errors, tool_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -224,7 +224,7 @@ def test_a_native_writers_refusal_reaching_the_tool_is_one_line(capsys):
     whatever type a native writer raises, an error number in it makes the tool's one line."""
     import argparse
 
-    from goose_jax.tool import run_tool
+    from goose_jax.core.tool import run_tool
 
     def fail(args):
         raise ValueError('OUT_OF_RANGE: Error writing local file "/w/checkpoints/2.orbax-'
@@ -245,7 +245,7 @@ def test_a_native_writers_refusal_reaching_the_tool_is_one_line(capsys):
 
 def test_a_native_writers_os_error_is_one_line_naming_its_file():
     """Errors raised by native writers as other types still carry the error number."""
-    from goose_jax.tensorfile import disk_write_error, os_error
+    from goose_jax.core.tensorfile import disk_write_error, os_error
 
     orbax = ValueError('OUT_OF_RANGE: Error writing "k/0.0" in OCDBT database at local file '
                        '"/x/params.orbax-checkpoint-tmp/": Failed to write 79851 bytes to file '
@@ -291,7 +291,7 @@ def test_text_that_is_not_text_is_refused_before_any_write(world, words, tmp_pat
 
 def test_a_byte_order_mark_is_not_part_of_the_first_line(words, tmp_path):
     from goose_jax.data.batching import JsonlSource
-    from goose_jax.validation import read_validation
+    from goose_jax.evaluation.validation import read_validation
 
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + pathlib.Path(words).read_bytes())
@@ -433,9 +433,9 @@ def test_tensorflow_says_nothing_in_a_tool_process(tmp_path):
 
 
 def test_a_config_without_model_type_says_what_to_add(world, tmp_path, capsys):
-    from goose_jax import decoder
-    from goose_jax.decoder_config import DecoderConfig
-    from goose_jax.interop.hf_decoder import save_hf_llama
+    from goose_jax.models.llama import model as decoder
+    from goose_jax.models.llama.config import DecoderConfig
+    from goose_jax.models.llama.hf import save_hf_llama
 
     base = tmp_path / "llama"
     cfg = DecoderConfig.preset("tiny")
@@ -471,7 +471,7 @@ def _cells(row: str) -> int:
 
 
 def test_a_pipe_in_a_name_stays_in_its_cell():
-    from goose_jax import paper_table, report
+    from goose_jax.evaluation import paper_table, report
 
     summary = {"datasets": {"bbh/a|b": {"metric": "exact|match", "score": 50.0,
                                         "examples": 2, "skipped": 0}},

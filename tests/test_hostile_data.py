@@ -10,7 +10,7 @@ import pytest
 from conftest import one_line, tool, tree_hash
 from test_tasks import write_p3
 
-from goose_jax import errors
+from goose_jax.core import errors
 
 
 @pytest.fixture(scope="module")

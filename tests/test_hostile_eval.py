@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import build_hf_t5, one_line, script, tool, tree_hash
 
-from goose_jax import errors
+from goose_jax.core import errors
 
 EVAL, CONVERT, DEMO = "goose-eval", "goose-convert", "goose-demo"
 PAPER = "eval/paper.py"
@@ -49,9 +49,9 @@ def hostile(world, tmp_path_factory):
     overflows float32, a library whose B overflows, a goose-jax checkpoint of the base, a PEFT
     adapter, and another Hugging Face model."""
     import goose_jax as gj
-    from goose_jax import checkpoint
-    from goose_jax.experts import LoRAConfig, nest_sites
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.models import checkpoint
 
     root = tmp_path_factory.mktemp("hostile")
     cfg, params = gj.load_hf_t5(world / "base")

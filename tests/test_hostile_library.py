@@ -21,9 +21,9 @@ import pytest
 from conftest import one_line, tool, tree_hash
 
 import goose_jax as gj
-from goose_jax.errors import LibraryError
-from goose_jax.experts import LoRAConfig, nest_sites
-from goose_jax.library import ExpertLibrary
+from goose_jax.core.errors import LibraryError
+from goose_jax.experts.lora import LoRAConfig, nest_sites
+from goose_jax.library.store import ExpertLibrary
 
 CFG = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_encoder_layers=1,
                   num_decoder_layers=1, relative_attention_num_buckets=8,
@@ -341,7 +341,7 @@ def test_add_refuses_non_finite_weights(lib, where, bad):
 
 def test_non_finite_weights_already_on_disk_are_refused(world, lib, tmp_path, capsys):
     """A file written before the guard (or by hand), whose recorded sha256 matches."""
-    from goose_jax.tensorfile import read_safetensors, safetensors_bytes
+    from goose_jax.core.tensorfile import read_safetensors, safetensors_bytes
 
     tensors = read_safetensors(expert_file(lib, "beta"))
     tensors["encoder/block_0/self_attn/q/lora_b"][0, 3] = np.nan

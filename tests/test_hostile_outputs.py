@@ -17,8 +17,8 @@ import sys
 import pytest
 from conftest import one_line, script, tool, tree_hash
 
-from goose_jax import errors
-from goose_jax.errors import CheckpointError
+from goose_jax.core import errors
+from goose_jax.core.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_eval_tokenizer_with_code_is_one_line_and_runs_nothing(world, tmp_path, 
 def test_base_and_embedder_with_code_are_refused(world, tmp_path, capsys):
     import shutil
 
-    from goose_jax.retrieval import SentenceEmbedder
+    from goose_jax.routing.retrieval import SentenceEmbedder
 
     base = tmp_path / "base"
     shutil.copytree(world / "base", base)
@@ -114,7 +114,7 @@ _DIRECT = re.compile(r"\.from_pretrained\(|\bAuto(Tokenizer|Config|Model\w*)\b|"
 
 def test_only_one_module_hands_folders_to_transformers():
     """Any new direct call (``from_pretrained``, an Auto class, ``SentenceTransformer(...)``) in
-    the package or its scripts fails here: it must go through goose_jax.interop.hf_code."""
+    the package or its scripts fails here: it must go through goose_jax.core.hf_code."""
     found = []
     for top in ("goose_jax", "train", "eval", "bench"):
         for d, _, names in os.walk(os.path.join(ROOT, top)):
@@ -255,7 +255,7 @@ def _train_args(data, lib, work, *extra, command="experts"):
 
 def _killed_after_its_record(monkeypatch, argv):
     """Runs goose-train as if killed right after run.json was written, before any output."""
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -270,8 +270,8 @@ def _other_run_adds(lib_path, gate):
     gate."""
     import numpy as np
 
-    from goose_jax.experts import nest_sites
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.experts.lora import nest_sites
+    from goose_jax.library.store import ExpertLibrary
 
     lib = ExpertLibrary.open(lib_path)
     rng = np.random.default_rng(0)
@@ -296,7 +296,7 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_runs")
     data = write_jsonl(root / "reverse.jsonl",
                        [(f"reverse: {w}", w[::-1]) for w in ("goose", "jax", "flax")])
-    from goose_jax.train_runs import RunArgs, Setup, create_library
+    from goose_jax.pipeline.train_runs import RunArgs, Setup, create_library
 
     setup = Setup(RunArgs("experts", data=[data], workdir=str(root / "w_first"), config=TINY,
                           base="random:tiny"))
@@ -316,7 +316,7 @@ def two_runs(tmp_path_factory):
 def test_a_run_that_fails_on_a_new_library_leaves_no_library(monkeypatch, tmp_path, capsys):
     from conftest import write_jsonl
 
-    from goose_jax import train_runs
+    from goose_jax.pipeline import train_runs
 
     def fails(*a, **k):
         raise errors.DataError("a bad row at step 1")
@@ -439,7 +439,7 @@ def test_a_read_only_library_is_refused_before_training(two_runs, tmp_path, read
 
 
 def test_a_full_disk_names_the_file(tmp_path):
-    from goose_jax.tensorfile import write_atomic
+    from goose_jax.core.tensorfile import write_atomic
 
     # ENOSPC comes from write() / close() without a file name: the error names the file.
     (tmp_path / f"a.json.tmp-{os.getpid()}").symlink_to("/dev/full")
@@ -452,7 +452,7 @@ def test_a_full_disk_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def one_run(world, tmp_path_factory):
     """A goose-eval run, and what its lock file said while the results were written."""
-    from goose_jax import report
+    from goose_jax.evaluation import report
 
     run = tmp_path_factory.mktemp("one_run") / "run"
     seen = []
@@ -489,7 +489,7 @@ def test_a_known_size_is_checked_against_the_free_space_first(world, tmp_path, c
                                                               monkeypatch):
     import shutil
 
-    from goose_jax import outputs
+    from goose_jax.core import outputs
 
     monkeypatch.setattr(outputs.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10, 10, 1000))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
 
-from goose_jax import errors
-from goose_jax.library import ExpertLibrary
-from goose_jax.train_checkpoint import TrainCheckpointer
+from goose_jax.core import errors
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.training.checkpoints import TrainCheckpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -231,7 +231,7 @@ def _expert_bytes(lib):
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data, straight, straight_lib,
                                                                     tmp_path, capsys, monkeypatch,
                                                                     how):
-    from goose_jax import training
+    from goose_jax.training import program as training
 
     lib, work = tmp_path / "lib", tmp_path / "work"
     original, calls = training.Program.step, []

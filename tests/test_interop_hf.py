@@ -15,9 +15,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from goose_jax.config import DTypePolicy
-from goose_jax.errors import CheckpointError
-from goose_jax.interop import hf, hf_folder
+from goose_jax.core.errors import CheckpointError
+from goose_jax.models import hf_folder
+from goose_jax.models.config import DTypePolicy
+from goose_jax.models.t5 import hf
 
 SIZES = dict(vocab_size=101, d_model=24, d_kv=8, d_ff=40, num_heads=3, num_layers=2,
              num_decoder_layers=3, relative_attention_num_buckets=8,
@@ -133,8 +134,8 @@ def test_load_equals_transposed_hf_tensors(hf_dirs, variant):
 
 
 def test_param_tree_matches_the_flax_model():
-    from goose_jax.config import T5Config
-    from goose_jax.t5 import init_params
+    from goose_jax.models.config import T5Config
+    from goose_jax.models.t5.model import init_params
 
     model = build_hf_model("v1.1")
     cfg = T5Config.preset("tiny")  # the sizes above, gated and untied
@@ -272,7 +273,7 @@ def test_hf_cache_layout(hf_dirs, tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from goose_jax.progress import progress_enabled
+    from goose_jax.core.progress import progress_enabled
 
     class Terminal:
         def isatty(self):
@@ -289,9 +290,10 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
 
 
 def test_import_does_not_pull_torch_or_tensorflow():
-    code = ("import sys, goose_jax.interop.hf, goose_jax.data.tokenizers, goose_jax.checkpoint, "
-            "goose_jax.cli.convert, goose_jax.tensorfile, goose_jax.progress, goose_jax.library, "
-            "goose_jax.interop.peft, goose_jax.interop.release, goose_jax.interop.stacking; "
+    code = ("import sys, goose_jax.models.t5.hf, goose_jax.data.tokenizers, "
+            "goose_jax.models.checkpoint, goose_jax.cli.convert, goose_jax.core.tensorfile, "
+            "goose_jax.core.progress, goose_jax.library.store, "
+            "goose_jax.interop.peft, goose_jax.interop.release, goose_jax.library.stacking; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'transformers', 'safetensors') "
             "if m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -12,12 +12,12 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import goose_jax as gj  # noqa: E402
-from goose_jax.errors import AdapterError, GooseError, UnsafeCheckpointError  # noqa: E402
-from goose_jax.experts import flatten_sites  # noqa: E402
+from goose_jax.core.errors import AdapterError, GooseError, UnsafeCheckpointError  # noqa: E402
+from goose_jax.experts.lora import flatten_sites  # noqa: E402
 from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
-from goose_jax.interop.stacking import write_library  # noqa: E402
-from goose_jax.library import ExpertLibrary  # noqa: E402
-from goose_jax.routers import build_routed  # noqa: E402
+from goose_jax.library.stacking import write_library  # noqa: E402
+from goose_jax.library.store import ExpertLibrary  # noqa: E402
+from goose_jax.routing.methods import build_routed  # noqa: E402
 
 VARIANT = "v1_1"  # gated FFN (wi_0, wi_1), untied head
 
@@ -89,7 +89,7 @@ def imported(world):
 
 
 def _site_to_module(cfg):
-    from goose_jax.interop.hf import tensor_specs
+    from goose_jax.models.t5.hf import tensor_specs
 
     return {"/".join(s.path[:-1]): s.hf_key.removesuffix(".weight") for s in tensor_specs(cfg)
             if s.transpose and s.path[0] != "lm_head"}

@@ -7,15 +7,15 @@ from conftest import build_hf_t5, tool
 torch = pytest.importorskip("torch")
 
 import goose_jax as gj  # noqa: E402
-from goose_jax.errors import AdapterError, UnsafeCheckpointError  # noqa: E402
-from goose_jax.experts import flatten_sites  # noqa: E402
+from goose_jax.core.errors import AdapterError, UnsafeCheckpointError  # noqa: E402
+from goose_jax.experts.lora import flatten_sites  # noqa: E402
 from goose_jax.interop.release import (  # noqa: E402
     RELEASE_EXPERT_SETS,
     import_release,
     release_names,
 )
-from goose_jax.library import ExpertLibrary  # noqa: E402
-from goose_jax.routing import combine_lora, phatgoose_route  # noqa: E402
+from goose_jax.library.store import ExpertLibrary  # noqa: E402
+from goose_jax.routing.formula import combine_lora, phatgoose_route  # noqa: E402
 
 E, R = 5, 4
 NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
@@ -58,7 +58,7 @@ def world(tmp_path_factory):
 
 
 def _module_of(cfg):
-    from goose_jax.interop.hf import tensor_specs
+    from goose_jax.models.t5.hf import tensor_specs
 
     return {"/".join(s.path[:-1]): s.hf_key.removesuffix(".weight") for s in tensor_specs(cfg)
             if s.transpose and s.path[0] != "lm_head"}

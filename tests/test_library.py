@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import training
-from goose_jax.errors import GooseError, LibraryError
-from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
-from goose_jax.library import ExpertLibrary, weights_fingerprint
-from goose_jax.t5 import init_params
+from goose_jax.core.errors import GooseError, LibraryError
+from goose_jax.experts.lora import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.library.store import ExpertLibrary, weights_fingerprint
+from goose_jax.models.t5.model import init_params
+from goose_jax.training import program as training
 
 CFG = gj.T5Config.preset("tiny")
 LORA = LoRAConfig(rank=4, sites=r".*/(self_attn/[qv]|cross_attn/k|ffn/wo)")

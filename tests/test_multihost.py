@@ -104,7 +104,7 @@ def train_argv(base, data, lib, work, *extra) -> list[str]:
 def library_tensors(path) -> dict[str, np.ndarray]:
     import jax
 
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary
 
     experts, _ = ExpertLibrary.open(path).load()
     return {"/".join(str(k.key) for k in p): np.asarray(x)
@@ -133,13 +133,15 @@ def evaluate_routed(base: str, library: str, out: str) -> None:
     every prediction to ``out``. The pod and the single-process reference both run this."""
     import jax
 
-    from goose_jax import checkpoint, distributed, report
-    from goose_jax import evaluation as ev
+    from goose_jax.core import distributed
+    from goose_jax.core.sharding import make_mesh, replicate
     from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.experts import nest_sites
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.routers import build_routed
-    from goose_jax.sharding import make_mesh, replicate
+    from goose_jax.evaluation import evaluator as ev
+    from goose_jax.evaluation import report
+    from goose_jax.experts.lora import nest_sites
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.models import checkpoint
+    from goose_jax.routing.methods import build_routed
 
     cfg, params = checkpoint.load_model(base)
     lib = ExpertLibrary.open(library, cfg, params)
@@ -170,8 +172,8 @@ def load_sharded(library: str, out: str) -> None:
     the rows its devices hold to ``out``.<process>.npz."""
     import jax
 
-    from goose_jax.library import EXPERT_DIR, ExpertLibrary
-    from goose_jax.sharding import make_mesh
+    from goose_jax.core.sharding import make_mesh
+    from goose_jax.library.store import EXPERT_DIR, ExpertLibrary
 
     p0, p1 = ([d for d in jax.devices() if d.process_index == p] for p in range(2))
     mesh = make_mesh(data=2, expert=4, devices=[*p0[:2], *p1[:2], *p0[2:], *p1[2:]])
@@ -199,7 +201,7 @@ def load_sharded(library: str, out: str) -> None:
 def _worker(argv: list[str]) -> int:
     import argparse
 
-    from goose_jax import distributed
+    from goose_jax.core import distributed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("command", choices=["eval", "load"])
@@ -222,8 +224,8 @@ def _worker(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import goose_jax as gj
-    from goose_jax.checkpoint import save_model
-    from goose_jax.t5 import init_params
+    from goose_jax.models.checkpoint import save_model
+    from goose_jax.models.t5.model import init_params
 
     root = tmp_path_factory.mktemp("pod")
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
@@ -289,8 +291,8 @@ def test_pod_checkpoint_restores_in_one_process_on_other_meshes(pod_run):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from goose_jax.sharding import make_mesh
-    from goose_jax.train_checkpoint import TrainCheckpointer
+    from goose_jax.core.sharding import make_mesh
+    from goose_jax.training.checkpoints import TrainCheckpointer
 
     root, _ = pod_run
     final = library_tensors(root / "pod_lib")
@@ -349,9 +351,9 @@ def test_each_process_reads_only_its_own_experts_files(tmp_path):
     import ml_dtypes
 
     import goose_jax as gj
-    from goose_jax.experts import LoRAConfig, nest_sites, select_sites
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.t5 import init_params
+    from goose_jax.experts.lora import LoRAConfig, nest_sites, select_sites
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.models.t5.model import init_params
 
     cfg = gj.T5Config.preset("tiny")
     lora = LoRAConfig(rank=2, sites=r".*/ffn/wo|encoder/block_0/self_attn/q")
@@ -389,8 +391,8 @@ def test_each_process_reads_only_its_own_experts_files(tmp_path):
 
 @pytest.mark.slow  # 52-102 s measured on 2 shared cores
 def test_a_killed_process_stops_the_other_and_a_rerun_resumes(world, tmp_path):
-    from goose_jax.errors import PEER_LOST
-    from goose_jax.train_checkpoint import TrainCheckpointer
+    from goose_jax.core.errors import PEER_LOST
+    from goose_jax.training.checkpoints import TrainCheckpointer
 
     _, base, data = world
     work, lib = tmp_path / "work", tmp_path / "lib"

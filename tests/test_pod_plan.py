@@ -87,10 +87,10 @@ def test_the_scanned_train_step_pod_plan_compiles_equals_the_unrolled_one():
     import numpy as np
 
     import goose_jax as gj
-    from goose_jax import training
-    from goose_jax.experts import init_experts
-    from goose_jax.layers import stack_layers
-    from goose_jax.t5 import init_params
+    from goose_jax.experts.lora import init_experts
+    from goose_jax.models.scan import stack_layers
+    from goose_jax.models.t5.model import init_params
+    from goose_jax.training import program as training
 
     cfg = gj.T5Config.preset("tiny").replace(num_encoder_layers=2, num_decoder_layers=2)
     tcfg = training.TrainConfig(steps=2, lr=1e-3, warmup_ratio=0.0, micro_batch=2, grad_accum=1,

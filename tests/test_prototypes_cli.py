@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tool
 
-from goose_jax.experts import flatten_sites
+from goose_jax.experts.lora import flatten_sites
 
 train = tool("goose-train")
 evaluate = tool("goose-eval")
@@ -25,10 +25,10 @@ def world(tmp_path_factory):
     from datasets import Dataset, DatasetDict
 
     import goose_jax as gj
-    from goose_jax.checkpoint import save_model
-    from goose_jax.experts import LoRAConfig, nest_sites
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.t5 import init_params
+    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.models.checkpoint import save_model
+    from goose_jax.models.t5.model import init_params
 
     root = tmp_path_factory.mktemp("protos")
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
@@ -79,8 +79,8 @@ def _digest(path):
 
 
 def test_prototypes_stored_in_the_library(world, tmp_path, capsys):
-    from goose_jax.report import PROTOTYPES_FILE, load_prototypes, prototype_names
-    from goose_jax.tensorfile import SafetensorsFile
+    from goose_jax.core.tensorfile import SafetensorsFile
+    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes, prototype_names
 
     lib = _copy_library(world, tmp_path)
     assert train(_args(world, lib, "--names", "upper", "reverse", "--examples", "6")) == 0
@@ -116,7 +116,7 @@ def test_prototypes_stored_in_the_library(world, tmp_path, capsys):
 
 def test_one_example_pools_the_same_either_way(world, tmp_path):
     """With one example per expert, the mean of per-example means is the token mean."""
-    from goose_jax.report import PROTOTYPES_FILE, load_prototypes
+    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes
 
     lib = _copy_library(world, tmp_path)
     got = {}
@@ -135,7 +135,7 @@ def test_one_example_pools_the_same_either_way(world, tmp_path):
     (["--examples", "0"], 2, ["--examples 0"]),
 ])
 def test_prototypes_refusals(world, tmp_path, capsys, extra, code, words):
-    from goose_jax.report import PROTOTYPES_FILE
+    from goose_jax.evaluation.report import PROTOTYPES_FILE
 
     lib = _copy_library(world, tmp_path)
     assert train(_args(world, lib, *extra)) == code
@@ -158,7 +158,7 @@ def _eval_args(world, lib, out, *extra):
 
 
 def test_goose_eval_finds_the_library_prototypes(world, tmp_path, capsys):
-    from goose_jax.report import PROTOTYPES_FILE
+    from goose_jax.evaluation.report import PROTOTYPES_FILE
 
     lib = _copy_library(world, tmp_path)
     # None yet: one line naming the library, the file and both fixes; nothing written.
@@ -192,10 +192,10 @@ def test_prototypes_are_recorded_checked_and_dropped_with_their_expert(world, tm
 
     from conftest import one_line, tree_hash
 
-    from goose_jax.errors import DataError, LibraryError
-    from goose_jax.library import ExpertLibrary
-    from goose_jax.report import PROTOTYPES_FILE, load_prototypes
-    from goose_jax.tensorfile import read_safetensors
+    from goose_jax.core.errors import DataError, LibraryError
+    from goose_jax.core.tensorfile import read_safetensors
+    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes
+    from goose_jax.library.store import ExpertLibrary
 
     lib = _copy_library(world, tmp_path)
     path = lib / PROTOTYPES_FILE

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_fidelity import release_score
 
-from goose_jax import release_validation as rv
-from goose_jax import validation
-from goose_jax.errors import DataError
+from goose_jax.core.errors import DataError
+from goose_jax.evaluation import release_validation as rv
+from goose_jax.evaluation import validation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,8 @@ _ROUTED = {}
 
 def _forward(cfg, params, tok, experts, i, text, dec, scale):
     import goose_jax as gj
-    from goose_jax.config import FAST_COMPILE_OPTIONS
-    from goose_jax.routers import build_routed
+    from goose_jax.models.config import FAST_COMPILE_OPTIONS
+    from goose_jax.routing.methods import build_routed
 
     key = (id(experts), i)
     if key not in _ROUTED:   # one compiled forward per expert
@@ -115,8 +115,8 @@ def test_release_validator_scores_as_an_independent_scorer(tmp_path):
     """ropes (SQuAD; release length 16: 15 new tokens) and ag_news (rank accuracy) on a random
     tiny T5: the generation length is the release's, and the scores equal the independent
     scorer's (whose greedy outputs are partly the references, so SQuAD is not trivially 0)."""
-    from goose_jax.experts import init_experts
-    from goose_jax.train_runs import load_train_base, load_train_config
+    from goose_jax.experts.lora import init_experts
+    from goose_jax.pipeline.train_runs import load_train_base, load_train_config
 
     tcfg = load_train_config(str(ROOT / "configs" / "tiny.py"),
                              ["validation_rules=release", "max_target_length=16"])
@@ -161,7 +161,7 @@ def test_release_validator_scores_as_an_independent_scorer(tmp_path):
 
 
 def test_a_rank_rule_without_choices_is_refused(tmp_path):
-    from goose_jax.train_runs import load_train_base, load_train_config
+    from goose_jax.pipeline.train_runs import load_train_base, load_train_config
 
     tcfg = load_train_config(str(ROOT / "configs" / "tiny.py"), ["validation_rules=release"])
     path = tmp_path / "imdb.validation.jsonl"
@@ -176,7 +176,7 @@ def test_every_expert_of_the_release_pool_has_its_release_rule():
     """Each of the 166 names of the packaged pool resolves to the gin scope its row names."""
     import json
 
-    from goose_jax import release_validation as rv
+    from goose_jax.evaluation import release_validation as rv
 
     with open(rv.POOL_FILE, encoding="utf-8") as f:
         pool = json.load(f)["experts"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash
 
-from goose_jax import paper_table, report
-from goose_jax.evaluation import DatasetResult
+from goose_jax.evaluation import paper_table, report
+from goose_jax.evaluation.evaluator import DatasetResult
 
 REPORT = "goose-eval report"
 BENCH = {"t0_heldin": ["a", "b"], "t0_heldout": ["rte", "cb", "copa"], "bbh": ["nav", "dates"]}

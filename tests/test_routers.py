@@ -7,9 +7,10 @@ import pytest
 from conftest import needs_8_devices, random_batch
 
 import goose_jax as gj
-from goose_jax import experts as ex
-from goose_jax import routers, sharding
-from goose_jax.routers import LibraryMismatchError, build_routed
+from goose_jax.core import sharding
+from goose_jax.experts import lora as ex
+from goose_jax.routing import methods as routers
+from goose_jax.routing.methods import LibraryMismatchError, build_routed
 
 CFG = gj.T5Config.preset("tiny")
 E, R = 5, 4
@@ -242,7 +243,7 @@ def _release_arrow(x_NI, u_EI, k):
 def test_arrow_release_temperature_is_the_release_formula():
     """A constructed case: |x . u| = 12, 4, 1, 0 for experts 0-3. The release's temperature
     gives near-even top-2 weights; 1 gives near one-hot ones; the kept experts are the same."""
-    from goose_jax import routing
+    from goose_jax.routing import formula as routing
 
     d = 64
     u_EI = np.eye(4, d)
@@ -262,7 +263,7 @@ def test_arrow_release_temperature_is_the_release_formula():
 
 
 def _top1_weights(params, lib, batch, **kw):
-    from goose_jax.t5 import T5
+    from goose_jax.models.t5.model import T5
 
     ids, dec, mask = batch
     routed = build_routed("arrow", CFG, lib, scale=SCALE, telemetry=True, **kw)
@@ -290,7 +291,7 @@ def test_arrow_temperature_reaches_every_site(world):
 
 def test_telemetry_counts_every_token(world):
     params, lib, gates, (ids, dec, mask) = world
-    from goose_jax.t5 import T5
+    from goose_jax.models.t5.model import T5
 
     routed = build_routed("phatgoose", CFG, lib, gates=gates, scale=SCALE, telemetry=True)
     _, state = T5(CFG, routed.adapter).apply({"params": params, **routed.collections}, ids, dec,
@@ -308,7 +309,7 @@ def test_telemetry_counts_the_masked_argmax_of_the_scores(scoring):
     the tokens of its site's telemetry mask only."""
     import flax.linen as nn
 
-    from goose_jax import routing
+    from goose_jax.routing import formula as routing
 
     rng = np.random.default_rng(3)
     D, O = 12, 7

@@ -1,6 +1,6 @@
 """Routing and the routed LoRA sum against plain NumPy loops.
 
-The references below are written independently of goose_jax.routing: one token at a time, in
+The references below are written independently of goose_jax.routing.formula: one token at a time, in
 float64, with NumPy's stable argsort for the tie rule (equal scores: lower expert index first).
 
 Legend: T tokens, D d_in, O d_out, E experts, R LoRA rank, k top-k.
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goose_jax import routing, routing_backends
+from goose_jax.routing import backends as routing_backends
+from goose_jax.routing import formula as routing
 
 BACKENDS = ("dense", "gather", "grouped", "ragged", "auto")
 

@@ -7,13 +7,13 @@ import pytest
 from conftest import random_batch
 
 import goose_jax as gj
-from goose_jax import config_files
-from goose_jax import experts as ex
-from goose_jax.config import FAST_COMPILE_OPTIONS
-from goose_jax.errors import ConfigError, TrainConfigError
-from goose_jax.layers import REMAT_POLICIES, STACKED, stack_layers, unstack_layers
-from goose_jax.routers import build_routed
-from goose_jax.training import Program, TrainConfig
+from goose_jax.core import config_files
+from goose_jax.core.errors import ConfigError, TrainConfigError
+from goose_jax.experts import lora as ex
+from goose_jax.models.config import FAST_COMPILE_OPTIONS
+from goose_jax.models.scan import REMAT_POLICIES, STACKED, stack_layers, unstack_layers
+from goose_jax.routing.methods import build_routed
+from goose_jax.training.program import Program, TrainConfig
 
 CFG = gj.T5Config.preset("tiny")            # 2 encoder and 3 decoder layers
 SCAN = CFG.replace(scan_layers=True)
@@ -152,7 +152,7 @@ def test_remat_gradients_equal_plain_gradients(world):
 def test_evaluator_on_a_scanned_model_equals_the_unrolled(world):
     from goose_jax.data.examples import Example
     from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.evaluation import Evaluator
+    from goose_jax.evaluation.evaluator import Evaluator
 
     params, lib, gates, _ = world
     cfg = CFG.replace(vocab_size=max(CFG.vocab_size, 259))

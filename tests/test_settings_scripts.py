@@ -25,7 +25,7 @@ def _stamps(*roots) -> dict:
 
 
 def _check_setting(name, work, columns, capsys):
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary
 
     main = script(f"train/{name}.py")
     assert main(["--small", "--workdir", str(work)]) == 0

@@ -14,11 +14,13 @@ from conftest import needs_8_devices
 from jax.sharding import NamedSharding, PartitionSpec
 
 import goose_jax as gj
-from goose_jax import base_model, checkpoint, sharding
-from goose_jax.experts import LoRAConfig, flatten_sites, nest_sites, select_sites
-from goose_jax.interop.hf import base_shardings, load_hf_t5, save_hf_t5
-from goose_jax.library import ExpertLibrary
-from goose_jax.t5 import init_params
+from goose_jax.core import sharding
+from goose_jax.experts.lora import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.models import base as base_model
+from goose_jax.models import checkpoint
+from goose_jax.models.t5.hf import base_shardings, load_hf_t5, save_hf_t5
+from goose_jax.models.t5.model import init_params
 
 pytestmark = needs_8_devices
 
@@ -164,7 +166,7 @@ def _assert_laid_out(params, want, mesh, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_base_reads_each_tensor_once_into_its_layout(base_dirs, monkeypatch, dtype):
-    from goose_jax.tensorfile import SafetensorsFile
+    from goose_jax.core.tensorfile import SafetensorsFile
 
     root, params = base_dirs
     mesh = sharding.make_mesh(data=2, model=4)
@@ -192,7 +194,7 @@ def test_checkpoint_and_random_bases_restore_into_their_layout(base_dirs):
 def test_a_corrupt_file_fails_the_sharded_load_in_one_line(world, tmp_path):
     import shutil
 
-    from goose_jax.errors import LibraryError
+    from goose_jax.core.errors import LibraryError
 
     lib, _ = world
     copy = shutil.copytree(lib.path, tmp_path / "lib")

@@ -10,11 +10,11 @@ import pytest
 from conftest import one_line, tool, tree_hash
 from t0_fixture import real_folders, write_all
 
-from goose_jax import retrieval
+from goose_jax.core.errors import DataError
 from goose_jax.data import build_p3, p3
 from goose_jax.data import prompt_templates as pt
 from goose_jax.data.synthetic import write_p3
-from goose_jax.errors import DataError
+from goose_jax.routing import retrieval
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import pytest
 from conftest import build_hf_t5, needs_8_devices, random_batch
 
 import goose_jax as gj
-from goose_jax import sharding
-from goose_jax.t5 import relative_position_buckets
+from goose_jax.core import sharding
+from goose_jax.models.t5.model import relative_position_buckets
 
 
 def _hf_logits(model, ids, mask, dec):
@@ -35,7 +35,7 @@ def test_logits_match_transformers(hf_t5_dir):
 def test_logits_long_sequences_use_far_buckets():
     # Lengths beyond max_distance exercise the logarithmic buckets and the clamp.
     model = build_hf_t5("v1_1", seed=3)
-    from goose_jax.interop.hf import hf_state_dict_to_params
+    from goose_jax.models.t5.hf import hf_state_dict_to_params
 
     cfg = gj.T5Config.from_hf_dict(model.config.to_dict()).replace(tie_word_embeddings=False)
     params = hf_state_dict_to_params(cfg, {k: v.numpy() for k, v in model.state_dict().items()})
@@ -62,7 +62,7 @@ def test_greedy_generation_matches_transformers(variant, use_cache):
     # are compared against its uncached loop; the equal-depth model against its cached one.
     extra = {"num_decoder_layers": 2} if variant.endswith("equal_depth") else {}
     model = build_hf_t5(variant.replace("_equal_depth", ""), seed=5, **extra)
-    from goose_jax.interop.hf import hf_state_dict_to_params
+    from goose_jax.models.t5.hf import hf_state_dict_to_params
 
     untied = variant != "v1_0"
     cfg = gj.T5Config.from_hf_dict(model.config.to_dict()).replace(tie_word_embeddings=not untied)
@@ -217,10 +217,11 @@ def test_config_rejects_bad_values():
 
 
 def test_import_is_light():
-    modules = ("goose_jax", "goose_jax.interop.hf", "goose_jax.interop.peft",
+    modules = ("goose_jax", "goose_jax.models.t5.hf", "goose_jax.interop.peft",
                "goose_jax.interop.release", "goose_jax.data.tokenizers", "goose_jax.data.tasks",
-               "goose_jax.experts", "goose_jax.routing", "goose_jax.routers", "goose_jax.library",
-               "goose_jax.training", "goose_jax.evaluation", "goose_jax.checkpoint")
+               "goose_jax.experts.lora", "goose_jax.routing.formula", "goose_jax.routing.methods",
+               "goose_jax.library.store", "goose_jax.training.program",
+               "goose_jax.evaluation.evaluator", "goose_jax.models.checkpoint")
     code = (f"import sys, {', '.join(modules)}; "
             "bad = [m for m in ('tensorflow', 'torch') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
@@ -234,7 +235,7 @@ def test_import_is_light():
 def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape, steps, monkeypatch):
     # `attend` (heads-first layout; on CPU a few batch rows a step, here forced to 2 steps)
     # against softmax(q k^T + bias) v, one (b, h) at a time.
-    from goose_jax import attention
+    from goose_jax.models import attention
 
     rng = np.random.default_rng(0)
     B, S, H, K = 4, 7, 3, 4
@@ -259,7 +260,8 @@ def test_attention_core_equals_a_loop_over_batch_and_heads(Q, bias_shape, steps,
 def test_forward_in_row_steps_equals_whole_batch(monkeypatch):
     # The whole model with every attention layer forced to one batch row a step (the CPU path
     # of long sequences) against the whole batch at once: padding, causal and cross biases.
-    from goose_jax import attention, t5
+    from goose_jax.models import attention
+    from goose_jax.models.t5 import model as t5
 
     cfg = gj.T5Config.preset("tiny")
     params = gj.init_params(cfg, 0)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from goose_jax.core.errors import DataError
 from goose_jax.data import bigbench, flan, p3, tasks
 from goose_jax.data.synthetic import p3_score_eval as _score_eval
 from goose_jax.data.synthetic import write_p3
-from goose_jax.errors import DataError
-from goose_jax.evaluation import load_all
+from goose_jax.evaluation.evaluator import load_all
 
 # --- P3 fixtures: TFRecords with the release's feature names and seqio info files ---------------
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import tool
 
 import goose_jax as gj
-from goose_jax import tensorfile
-from goose_jax.errors import (
+from goose_jax.core import tensorfile
+from goose_jax.core.errors import (
     AdapterError,
     CheckpointError,
     GooseError,
@@ -178,7 +178,8 @@ def test_malicious_pickle_refused_by_the_reader(tmp_path, zip_format):
 
 
 def test_malicious_pickle_refused_on_the_model_path(tmp_path):
-    from goose_jax.interop import hf, hf_folder
+    from goose_jax.models import hf_folder
+    from goose_jax.models.t5 import hf
 
     marker = tmp_path / "ran"
     folder = tmp_path / "model"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from goose_jax.core.errors import CheckpointError
 from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
-from goose_jax.errors import CheckpointError
 
 TEXT = "Grüße, 世界! naïve café 🦢"
 

@@ -1,12 +1,12 @@
 """One error policy: every tool answers each class of bad input with the exit code of the table in
-goose_jax.errors and exactly one line on stderr, never a traceback."""
+goose_jax.core.errors and exactly one line on stderr, never a traceback."""
 
 import json
 
 import pytest
 from conftest import one_line, script, tool
 
-from goose_jax import errors
+from goose_jax.core import errors
 
 
 @pytest.fixture
@@ -86,12 +86,12 @@ def test_each_tool_each_error_classone_line(tmp_path, jsonl, capsys):
                                     "{tmp}/l"], "resume"),
 ])
 def test_ctrl_c_is_one_line_and_130(name, argv, hint, tmp_path, jsonl, capsys, monkeypatch):
-    import goose_jax.base_model
+    import goose_jax.models.base
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(goose_jax.base_model, "load_base", interrupt)
+    monkeypatch.setattr(goose_jax.models.base, "load_base", interrupt)
     argv = [a.format(jsonl=jsonl, tmp=tmp_path) for a in argv]
     assert _main(name)(argv) == errors.INTERRUPTED
     line = one_line(capsys.readouterr().err, name)
@@ -99,7 +99,7 @@ def test_ctrl_c_is_one_line_and_130(name, argv, hint, tmp_path, jsonl, capsys, m
 
 
 def test_goose_eval_ctrl_c(tmp_path, capsys, monkeypatch):
-    from goose_jax import zeroshot
+    from goose_jax.pipeline import zeroshot
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -146,6 +146,6 @@ def test_every_exception_class_is_a_goose_error_defined_in_errors():
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, BaseException) and obj.__module__ == info.name:
                 found.append(f"{info.name}.{obj.__name__}")
-    assert found == [n for n in found if n.startswith("goose_jax.errors.")]
+    assert found == [n for n in found if n.startswith("goose_jax.core.errors.")]
     assert all(issubclass(getattr(errors, n.rsplit(".", 1)[1]), errors.GooseError)
                for n in found)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from conftest import tool, write_jsonl
 
-from goose_jax import config_files, training
-from goose_jax.errors import TrainConfigError
-from goose_jax.library import ExpertLibrary
-from goose_jax.train_checkpoint import TrainCheckpointer
-from goose_jax.train_runs import load_train_config as load_config
+from goose_jax.core import config_files
+from goose_jax.core.errors import TrainConfigError
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.pipeline.train_runs import load_train_config as load_config
+from goose_jax.training import program as training
+from goose_jax.training.checkpoints import TrainCheckpointer
 
 main = tool("goose-train")
 apply_overrides = functools.partial(config_files.apply_overrides, error=TrainConfigError)
@@ -28,8 +29,8 @@ TINY = str(CONFIGS / "tiny.py")
 def base(tmp_path_factory):
     """A random base checkpoint: the tiny preset with one block each side, byte vocabulary."""
     import goose_jax as gj
-    from goose_jax.checkpoint import save_model
-    from goose_jax.t5 import init_params
+    from goose_jax.models.checkpoint import save_model
+    from goose_jax.models.t5.model import init_params
 
     cfg = gj.T5Config.preset("tiny").replace(vocab_size=259, num_encoder_layers=1,
                                              num_decoder_layers=1)
@@ -198,7 +199,7 @@ def test_user_errors_are_one_line_and_exit_1(base, data, uninterrupted, tmp_path
 
 @pytest.mark.slow
 def test_multitask_lora_and_full(base, data, tmp_path):
-    from goose_jax.checkpoint import load_model
+    from goose_jax.models.checkpoint import load_model
 
     common = ["--config", TINY, "--base", base, "--data", *data, "--set", "steps=2"]
     assert main(["multitask", *common, "--library", str(tmp_path / "lib"),

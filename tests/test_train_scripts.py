@@ -31,7 +31,7 @@ def test_train_is_not_a_package():
 
 
 def test_make_world_base_writes_a_loadable_base(tmp_path):
-    from goose_jax.interop.hf import load_hf_t5
+    from goose_jax.models.t5.hf import load_hf_t5
 
     out = tmp_path / "base"
     run_script("make_world_base.py", "--steps", 2, "--batch", 4, "--fast-compile",
@@ -50,7 +50,7 @@ def test_make_world_base_writes_a_loadable_base(tmp_path):
 
 
 def test_experts_and_gates_trains_both_into_the_library(tmp_path):
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary
 
     words = ["goose", "jax", "flax", "route", "token"]
     data = [write_jsonl(tmp_path / "reverse.jsonl", [(f"reverse: {w}", w[::-1]) for w in words]),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import sharding, training
-from goose_jax.experts import init_experts, init_gates
-from goose_jax.t5 import init_params
+from goose_jax.core import sharding
+from goose_jax.experts.lora import init_experts, init_gates
+from goose_jax.models.t5.model import init_params
+from goose_jax.training import program as training
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: "
                                 "XLA_FLAGS=--xla_force_host_platform_device_count=8")

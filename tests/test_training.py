@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax import sharding, training
+from goose_jax.core import sharding
+from goose_jax.core.errors import DataError, TrainConfigError
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.errors import DataError, TrainConfigError
-from goose_jax.experts import (
+from goose_jax.experts.lora import (
     LoRAAdapter,
     dense_delta,
     flatten_sites,
@@ -21,7 +21,8 @@ from goose_jax.experts import (
     init_gates,
     nest_sites,
 )
-from goose_jax.t5 import T5, init_params
+from goose_jax.models.t5.model import T5, init_params
+from goose_jax.training import program as training
 
 # The tiny preset with 1 + 2 blocks: compiling train steps dominates this file's time.
 CFG = gj.T5Config.preset("tiny").replace(num_encoder_layers=1, num_decoder_layers=2)
@@ -254,7 +255,7 @@ def test_grad_accum_four_by_two_equals_one_batch_of_eight(params):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
 def test_step_sharded_over_expert_and_data_axes_equals_single_runs(params):
-    from goose_jax.sharding import make_mesh
+    from goose_jax.core.sharding import make_mesh
 
     mesh = make_mesh(data=2, expert=4)
     experts = expert_stack(4)
@@ -364,7 +365,7 @@ class CountedSource(ListSource):
 
 
 def loop_setup(tmp_path, steps, bad_position=None):
-    from goose_jax.trainer import train_loop
+    from goose_jax.training.loop import train_loop
 
     source = CountedSource(([2 + i, 3 + i, 4], [5 + i, 6]) for i in range(10))
     tcfg = TCFG.replace(steps=steps, micro_batch=1, grad_accum=1, log_every=1, eval_every=0,
@@ -379,7 +380,7 @@ def loop_setup(tmp_path, steps, bad_position=None):
 
 def test_train_loop_reads_each_logged_step_after_dispatching_the_next(params, tmp_path,
                                                                       monkeypatch):
-    from goose_jax import trainer
+    from goose_jax.training import loop as trainer
 
     events, step, to_json = [], training.Program.step, trainer._to_json
 
@@ -404,7 +405,7 @@ def test_train_loop_reads_each_logged_step_after_dispatching_the_next(params, tm
 
 def test_train_loop_raises_a_batch_error_at_the_step_of_that_batch(params, tmp_path,
                                                                    monkeypatch):
-    from goose_jax.train_checkpoint import TrainCheckpointer
+    from goose_jax.training.checkpoints import TrainCheckpointer
 
     calls, step = [], training.Program.step
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
 
-from goose_jax import training, validation
-from goose_jax.library import ExpertLibrary
-from goose_jax.train_checkpoint import TrainCheckpointer
+from goose_jax.evaluation import validation
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.training import program as training
+from goose_jax.training.checkpoints import TrainCheckpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -157,7 +158,7 @@ def reference_scores(cfg, params, tok, experts, i, examples, scale, max_len):
     token NLL (teacher forcing), or the greedy continuation equal to the target. Inputs and
     decoder rows are padded to fixed lengths (one compiled shape; the decoder is causal)."""
     import goose_jax as gj
-    from goose_jax.routers import build_routed
+    from goose_jax.routing.methods import build_routed
 
     routed = build_routed("single", cfg, experts, scale=scale, expert=i)
 
@@ -194,8 +195,8 @@ def reference_scores(cfg, params, tok, experts, i, examples, scale, max_len):
 
 def test_real_scorer_scores_match_an_independent_scorer_and_the_best_step_is_written(
         data, tmp_path):
-    from goose_jax.experts import init_experts
-    from goose_jax.train_runs import load_train_base, load_train_config, stream_id
+    from goose_jax.experts.lora import init_experts
+    from goose_jax.pipeline.train_runs import load_train_base, load_train_config, stream_id
 
     lib, work = tmp_path / "lib", tmp_path / "work"
     assert main(args(data, lib, work)) == 0

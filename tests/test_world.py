@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from goose_jax.core.errors import DataError
 from goose_jax.data import world
 from goose_jax.data.examples import example_target
-from goose_jax.errors import DataError
 
 
 def _parse(task: world.WorldTask, text: str) -> dict:
@@ -203,7 +203,7 @@ def test_shipped_base_fits_the_vocabulary():
     import json
     import os
 
-    from goose_jax.demo import ASSET
+    from goose_jax.pipeline.demo import ASSET
 
     with open(os.path.join(ASSET, "config.json")) as f:
         config = json.load(f)
@@ -221,7 +221,7 @@ def test_shipped_base_fits_the_vocabulary():
 def test_goose_eval_world_benchmark_checks(tmp_path, capsys):
     from conftest import one_line, tool
 
-    from goose_jax.demo import ASSET
+    from goose_jax.pipeline.demo import ASSET
 
     main = tool("goose-eval")
     args = ["--base", ASSET, "--out", str(tmp_path / "o"), "--no-progress"]

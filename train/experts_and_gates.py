@@ -5,7 +5,7 @@
 
 Trains every expert at once (``goose-train experts``) into LIB, then their PHATGOOSE gates with
 the base and the experts frozen (``goose-train gate``), by calling the same run bodies
-(``goose_jax.train_runs``). The two stages keep their checkpoints in ``W/experts`` and
+(``goose_jax.pipeline.train_runs``). The two stages keep their checkpoints in ``W/experts`` and
 ``W/gates``; rerunning the same command after an interruption resumes where it stopped, and a
 finished stage is not redone. On several hosts, run it on every host with the same arguments
 (and ``--coordinator`` etc. where the cluster is not detected), as goose-train.
@@ -17,9 +17,9 @@ import argparse
 import os
 import sys
 
-from goose_jax import distributed
-from goose_jax.tool import run_tool
-from goose_jax.train_runs import RunArgs, run_experts, run_gate
+from goose_jax.core import distributed
+from goose_jax.core.tool import run_tool
+from goose_jax.pipeline.train_runs import RunArgs, run_experts, run_gate
 
 PROG = "train/experts_and_gates.py"
 

@@ -31,7 +31,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOOSE_TOOL = "train/flan.py"  # goose_jax.tool_process: Ctrl-C is one line from the start
+GOOSE_TOOL = "train/flan.py"  # goose_jax.core.tool_process: Ctrl-C is one line from the start
 
 
 def _protocol():
@@ -66,7 +66,7 @@ def _build(args, source, stage, datasets):
         return build_flan.build_flan(flan_dir, stage, datasets=None if args.small else datasets,
                                      grouping=grouping)
     if args.flan_grouping:
-        from goose_jax.errors import UsageError
+        from goose_jax.core.errors import UsageError
 
         raise UsageError("--flan-grouping is for --pool tasks; the release's pool groups NIv2 "
                          "tasks by their own task files (--niv2-tasks)")

@@ -21,13 +21,13 @@ import jax
 import numpy as np
 
 import goose_jax as gj
-from goose_jax import training
+from goose_jax.core.tensorfile import write_atomic
+from goose_jax.core.tool import run_tool
 from goose_jax.data import world
 from goose_jax.data.batching import Batcher
-from goose_jax.interop.hf import check_hf_folder, save_hf_t5
-from goose_jax.tensorfile import write_atomic
-from goose_jax.tool import run_tool
-from goose_jax.trainer import train_loop
+from goose_jax.models.t5.hf import check_hf_folder, save_hf_t5
+from goose_jax.training import program as training
+from goose_jax.training.loop import train_loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "..", "goose_jax", "assets", "world_base")

@@ -38,11 +38,12 @@ import json
 import os
 from collections.abc import Callable
 
-from goose_jax import routing, zeroshot
-from goose_jax.errors import DataError, UsageError
-from goose_jax.outputs import check_apart, run_lock
-from goose_jax.tensorfile import write_atomic
-from goose_jax.tool import run_tool
+from goose_jax.core.errors import DataError, UsageError
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.tensorfile import write_atomic
+from goose_jax.core.tool import run_tool
+from goose_jax.pipeline import zeroshot
+from goose_jax.routing import formula as routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
@@ -125,8 +126,8 @@ def main(setting: Setting, argv=None, add_own: Callable | None = None) -> int:
 def _small_inputs(setting: Setting, work: str) -> dict:
     """Writes (once) the synthetic release and the tiny base; returns what they stand for."""
     from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.interop.hf import save_hf_t5
-    from goose_jax.train_runs import load_train_config
+    from goose_jax.models.t5.hf import save_hf_t5
+    from goose_jax.pipeline.train_runs import load_train_config
 
     release = os.path.join(work, "release")
     marker = os.path.join(release, "release.json")
@@ -139,7 +140,7 @@ def _small_inputs(setting: Setting, work: str) -> dict:
         small = json.load(f)
     base = os.path.join(work, "base")
     if not os.path.isfile(os.path.join(base, "model.safetensors")):
-        from goose_jax.base_model import load_base
+        from goose_jax.models.base import load_base
 
         tcfg = load_train_config(TINY_CONFIG)
         cfg, params = load_base("random:tiny", seed=tcfg.seed,
@@ -162,7 +163,7 @@ def _build_data(setting: Setting, args, work: str, source: str, datasets) -> dic
 
 
 def _retrieval_index(library: str, train_files, names, embedder: str | None, seed: int) -> None:
-    from goose_jax import retrieval
+    from goose_jax.routing import retrieval
 
     path = os.path.join(library, retrieval.INDEX_FILE)
     if os.path.isfile(path):
@@ -205,9 +206,9 @@ _INPUT_FLAGS = ("p3_dir", "flan_dir", "p3_heldout_root", "flan_grouping", "base"
 
 
 def _run_stages(setting: Setting, args: argparse.Namespace, work: str, source) -> None:
-    from goose_jax import paper_table
-    from goose_jax.prototypes import PrototypeArgs, prototypes_path, run_prototypes
-    from goose_jax.train_runs import (
+    from goose_jax.evaluation import paper_table
+    from goose_jax.pipeline.prototypes import PrototypeArgs, prototypes_path, run_prototypes
+    from goose_jax.pipeline.train_runs import (
         RunArgs,
         load_train_config,
         run_experts,
@@ -285,7 +286,7 @@ def _run_stages(setting: Setting, args: argparse.Namespace, work: str, source) -
 def _evaluate(runs: dict) -> None:
     """Runs every evaluation that has no results yet; the base model and the tasks are read
     once for the runs that share them."""
-    from goose_jax.report import RESULTS
+    from goose_jax.evaluation.report import RESULTS
 
     todo = {k: s for k, s in runs.items() if not os.path.isfile(os.path.join(s.out, RESULTS))}
     if not todo:

@@ -31,7 +31,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOOSE_TOOL = "train/t0.py"  # goose_jax.tool_process: Ctrl-C is one line from the start
+GOOSE_TOOL = "train/t0.py"  # goose_jax.core.tool_process: Ctrl-C is one line from the start
 
 
 def _protocol():

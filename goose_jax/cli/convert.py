@@ -14,7 +14,8 @@ checked before any input is read, and written so that a crash leaves the old or 
 
 Each subcommand is one entry of ``SUBCOMMANDS`` (name -> how to add its arguments, how to run
 it), so converters for other formats slot in without touching ``main``. Errors and exit codes
-follow the one table of every goose-jax tool (``goose_jax.errors``); nothing is ever downloaded.
+follow the one table of every goose-jax tool (``goose_jax.core.errors``); nothing is ever
+downloaded.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from goose_jax.core.tool import run_tool
 from goose_jax.interop import conversions
-from goose_jax.tool import run_tool
 
 PROG = "goose-convert"
 
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-convert``; returns the exit code (the table in ``goose_jax.errors``)."""
+    """Runs ``goose-convert``; returns the exit code (the table in ``goose_jax.core.errors``)."""
     return run_tool(PROG, build_parser(), argv)
 
 

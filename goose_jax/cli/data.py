@@ -13,7 +13,7 @@ Each writes ``OUT_DIR/train/<expert>.jsonl``, ``OUT_DIR/validation/<expert>.json
 original release built them: the rules are in ``goose_jax.data.build_p3`` and
 ``goose_jax.data.build_flan``, the output in ``goose_jax.data.builds``; ``bigbench`` writes
 ``OUT_DIR/bbh`` and ``OUT_DIR/bbl`` (``goose_jax.data.build_bigbench``). Argument parsing and
-dispatch only; exit codes are those of ``goose_jax.errors``.
+dispatch only; exit codes are those of ``goose_jax.core.errors``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from goose_jax.core.errors import UsageError
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.tool import run_tool
 from goose_jax.data import build_bigbench, build_flan, build_p3, builds, flan_pool
-from goose_jax.errors import UsageError
-from goose_jax.outputs import check_apart, run_lock
-from goose_jax.tool import run_tool
 
 PROG = "goose-data"
 
@@ -164,7 +164,7 @@ def _run_flan(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-data``; returns the exit code (the table in ``goose_jax.errors``)."""
+    """Runs ``goose-data``; returns the exit code (the table in ``goose_jax.core.errors``)."""
     return run_tool(PROG, build_parser(), argv,
                     interrupted_hint="nothing was written; rerun the same command")
 

@@ -1,7 +1,8 @@
 """`make demo` / `goose-demo`: the whole PHATGOOSE pipeline on the built-in miniature world.
 
-The stages and outputs are described in ``goose_jax.demo`` (``run_demo``); this module only parses
-the flags. Exit codes are those of ``goose_jax.errors``.
+The stages and outputs are described in ``goose_jax.pipeline.demo`` (``run_demo``); this module
+only parses
+the flags. Exit codes are those of ``goose_jax.core.errors``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from goose_jax.demo import PRESETS, DemoSettings, run_demo
-from goose_jax.tool import run_tool
+from goose_jax.core.tool import run_tool
+from goose_jax.pipeline.demo import PRESETS, DemoSettings, run_demo
 
 PROG = "goose-demo"
 
@@ -45,7 +46,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-demo``; returns the exit code (the table in ``goose_jax.errors``)."""
+    """Runs ``goose-demo``; returns the exit code (the table in ``goose_jax.core.errors``)."""
     return run_tool(PROG, build_parser(), argv,
                     interrupted_hint="rerun the same command to reuse the finished stages")
 

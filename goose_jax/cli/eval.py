@@ -7,11 +7,12 @@ Writes to ``--out``: ``results.json`` (per-dataset and benchmark scores, setting
 ``results.md`` (the table), ``predictions.jsonl`` (every scored example), and for per-token
 routing methods ``telemetry.json`` (per site and dataset, how often each expert was the top-1
 choice over real tokens) with one heatmap per layer (dataset x expert) under ``telemetry/``.
-The run itself is ``goose_jax.zeroshot.run_eval``; exit codes are those of ``goose_jax.errors``.
+The run itself is ``goose_jax.pipeline.zeroshot.run_eval``; exit codes are those of
+``goose_jax.core.errors``.
 
     goose-eval report runs/* --out report/
 
-lays any set of runs out as the paper's table (``goose_jax.paper_table.write_report``).
+lays any set of runs out as the paper's table (``goose_jax.evaluation.paper_table.write_report``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from goose_jax import distributed, zeroshot
-from goose_jax.routers import METHODS
-from goose_jax.tool import run_tool
+from goose_jax.core import distributed
+from goose_jax.core.tool import run_tool
+from goose_jax.pipeline import zeroshot
+from goose_jax.routing.methods import METHODS
 
 PROG = "goose-eval"
 
@@ -61,7 +63,7 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from goose_jax.paper_table import write_report
+    from goose_jax.evaluation.paper_table import write_report
 
     write_report(args.runs, args.out, overwrite=args.overwrite)
     print(f"report of {len(args.runs)} runs in {args.out}")
@@ -69,7 +71,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``goose-eval`` (or ``goose-eval report``); returns the exit code (the table in
-    ``goose_jax.errors``)."""
+    ``goose_jax.core.errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return run_tool(f"{PROG} report", build_report_parser(), argv[1:])

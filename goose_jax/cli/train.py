@@ -10,8 +10,9 @@
     goose-train prototypes --base B --library LIB --data a.jsonl ... --names a ...
                           [--examples 1000] [--pooling example|token]
 
-Argument parsing and dispatch only; the runs are ``goose_jax.train_runs`` (its docstring is the
-user documentation: configs, data files, resuming) and ``goose_jax.prototypes`` (the
+Argument parsing and dispatch only; the runs are ``goose_jax.pipeline.train_runs`` (its docstring
+is the
+user documentation: configs, data files, resuming) and ``goose_jax.pipeline.prototypes`` (the
 average-activation baseline's router vectors, stored in the library). Rerunning an interrupted
 training command resumes it.
 """
@@ -22,8 +23,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from goose_jax import distributed, prototypes, train_runs
-from goose_jax.tool import run_tool
+from goose_jax.core import distributed
+from goose_jax.core.tool import run_tool
+from goose_jax.pipeline import prototypes, train_runs
 
 PROG = "goose-train"
 
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``goose-train``; returns the exit code (see ``goose_jax.errors``)."""
+    """Runs ``goose-train``; returns the exit code (see ``goose_jax.core.errors``)."""
     return run_tool(PROG, build_parser(), argv,
                     interrupted_hint="rerun the same command to resume")
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Protocol
 import jax
 import numpy as np
 
-from goose_jax import sharding
-from goose_jax.errors import DataError
+from goose_jax.core import sharding
+from goose_jax.core.errors import DataError
 
 if TYPE_CHECKING:
-    from goose_jax.training import TrainConfig
+    from goose_jax.training.program import TrainConfig
 
 
 class ExampleSource(Protocol):

@@ -24,8 +24,8 @@ import glob
 import json
 import os
 
+from goose_jax.core.errors import DataError, one_line
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError, one_line
 
 PROMPT_SUFFIX = "\nAnswer:"
 

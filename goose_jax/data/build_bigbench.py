@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import os
 
+from goose_jax.core.errors import DataError
 from goose_jax.data import bigbench
-from goose_jax.errors import DataError
 
 TASKSOURCE, LUKAEMON = "tasksource/bigbench", "lukaemon/bbh"
 # The three BBH tasks the release read from lukaemon/bbh (bigbench.gin), with its split.

@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+from goose_jax.core.errors import DataError
+from goose_jax.core.progress import progress_bar
+from goose_jax.core.tensorfile import read_json
 from goose_jax.data import flan
 from goose_jax.data.builds import ExpertData, Row, file_stems, pick, write_build
-from goose_jax.errors import DataError
-from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_json
 
 MAX_EXAMPLES = flan.MAX_TRAIN
 SEED = flan.SEED

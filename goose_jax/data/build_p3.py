@@ -61,12 +61,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from goose_jax.core.errors import DataError
+from goose_jax.core.progress import progress_bar
 from goose_jax.data import p3, saved_datasets
 from goose_jax.data import prompt_templates as pt
 from goose_jax.data.builds import ExpertData, Row, file_stems, pick, write_build
 from goose_jax.data.examples import Example, example_target
-from goose_jax.errors import DataError
-from goose_jax.progress import progress_bar
 
 MAX_EXAMPLES = 500_000
 SEED = 42

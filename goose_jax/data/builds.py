@@ -23,9 +23,9 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from goose_jax.errors import DataError, UsageError
-from goose_jax.outputs import check_apart, run_lock
-from goose_jax.tensorfile import check_folder_writable, write_atomic
+from goose_jax.core.errors import DataError, UsageError
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.tensorfile import check_folder_writable, write_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 

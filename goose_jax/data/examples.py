@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
-from goose_jax.errors import EvalError
+from goose_jax.core.errors import EvalError
 
 KINDS = ("rank", "generate")
 METRICS = ("accuracy", "exact_match", "exact_match_any", "rouge_l")

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from goose_jax.core.errors import DataError, one_line
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError, one_line
 
 ZERO_SHOT = ("zs_opt", "zs_noopt")
 COLUMNS = ("inputs", "targets", "_task_name", "_template_type")

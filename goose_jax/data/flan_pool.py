@@ -37,12 +37,12 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from goose_jax.core.errors import DataError, UsageError
+from goose_jax.core.progress import progress_bar
+from goose_jax.core.tensorfile import read_json
 from goose_jax.data import build_flan, build_p3, flan, p3
 from goose_jax.data.builds import ExpertData, Row, file_stems, pick, write_build
 from goose_jax.data.examples import example_target
-from goose_jax.errors import DataError, UsageError
-from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_json
 
 POOL_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "assets", "flan_pool.json")

@@ -27,8 +27,8 @@ import os
 import struct
 from collections.abc import Iterator
 
+from goose_jax.core.errors import DataError
 from goose_jax.data.examples import Example
-from goose_jax.errors import DataError
 
 SCORE_EVAL = "_score_eval"
 # Features stored as one value per record (used when a folder has no info.<split>.json).

@@ -31,7 +31,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from goose_jax.errors import DataError
+from goose_jax.core.errors import DataError
 
 TEMPLATE_FILE = "templates.yaml"
 TEXT_VAR_LENGTH = 2048

@@ -15,7 +15,7 @@ import glob
 import os
 from collections.abc import Sequence
 
-from goose_jax.errors import DataError
+from goose_jax.core.errors import DataError
 
 
 def _parquet_files(folder: str, split: str) -> list[str]:

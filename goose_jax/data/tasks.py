@@ -24,9 +24,9 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from goose_jax.core.errors import DataError, one_line
 from goose_jax.data import bigbench, flan, p3
 from goose_jax.data.examples import EvalTask, Example, example_target
-from goose_jax.errors import DataError, one_line
 
 BENCHMARKS = ("t0_heldout", "t0_heldin", "bbh", "bbl", "flan")
 FLAN_MAX_NEW_TOKENS = 64

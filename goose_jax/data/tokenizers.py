@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from goose_jax.errors import CheckpointError, one_line
+from goose_jax.core.errors import CheckpointError, one_line
 
 
 class _Tokenizer:
@@ -160,10 +160,10 @@ def load_hf_tokenizer(path: str | os.PathLike, *, pad_id: int | None = None) -> 
     Raises:
       CheckpointError: the directory or its tokenizer files are missing or unreadable, its
         ``tokenizer_config.json`` or ``config.json`` names custom code (``auto_map``: goose-jax
-        never runs a checkpoint's code, see ``goose_jax.interop.hf_code``), or the tokenizer
+        never runs a checkpoint's code, see ``goose_jax.core.hf_code``), or the tokenizer
         has no EOS, or no padding token and no ``pad_id``.
     """
-    from goose_jax.interop.hf_code import auto_tokenizer, refuse_custom_code
+    from goose_jax.core.hf_code import auto_tokenizer, refuse_custom_code
 
     folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(folder):

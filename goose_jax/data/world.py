@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from goose_jax.core.errors import DataError
 from goose_jax.data.examples import EvalTask, Example, example_target
 from goose_jax.data.tokenizers import _Tokenizer
-from goose_jax.errors import DataError
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "pig", "duck", "goose", "swan",

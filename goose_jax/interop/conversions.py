@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from goose_jax import families
-from goose_jax.config import DTypePolicy
-from goose_jax.errors import LibraryError
-from goose_jax.families import ModelConfig
-from goose_jax.outputs import check_apart, check_free_space, check_library_writable
+from goose_jax.core.errors import LibraryError
+from goose_jax.core.outputs import check_apart, check_free_space, check_library_writable
+from goose_jax.models import families
+from goose_jax.models.config import DTypePolicy
+from goose_jax.models.families import ModelConfig
 
 
 def describe_model(cfg: ModelConfig, params) -> str:
@@ -44,8 +44,8 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
     """A Hugging Face T5, Llama, Qwen2 or Mistral directory -> a goose-jax (Orbax) model
     checkpoint in ``dtype``."""
-    from goose_jax.base_model import load_hf_model
-    from goose_jax.checkpoint import check_destination, save_model
+    from goose_jax.models.base import load_hf_model
+    from goose_jax.models.checkpoint import check_destination, save_model
 
     check_apart({"DST_DIR": dst}, {"SRC_HF_DIR": src})
     check_destination(dst, overwrite=overwrite)   # before the model is read
@@ -58,9 +58,9 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
     """A goose-jax model checkpoint -> a Hugging Face directory of its family (refused when
     ``dst`` already holds a model, unless ``overwrite``)."""
-    from goose_jax.checkpoint import load_model, read_model_config
-    from goose_jax.interop.hf import check_hf_folder, save_hf_t5
-    from goose_jax.interop.hf_decoder import save_hf_llama
+    from goose_jax.models.checkpoint import load_model, read_model_config
+    from goose_jax.models.llama.hf import save_hf_llama
+    from goose_jax.models.t5.hf import check_hf_folder, save_hf_t5
 
     check_hf_folder(dst, overwrite=overwrite)   # before the model is read
     check_apart({"DST": dst}, {"SRC": src})
@@ -81,8 +81,8 @@ def check_library_out(out: str, *, append: bool = False, overwrite: bool = False
         set; is a non-empty folder that is no library; or (``append``) already holds one of
         ``names`` and ``overwrite`` is not set; or a name that cannot be an expert's.
     """
-    from goose_jax.checkpoint import check_folder_writable
-    from goose_jax.library import MANIFEST, ExpertLibrary, check_expert_name
+    from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
+    from goose_jax.models.checkpoint import check_folder_writable
 
     check_folder_writable(out, error=LibraryError, fix="; pass another --out")
     check_library_writable(out, error=LibraryError, flag="--out")
@@ -114,9 +114,9 @@ def import_into_library(base: str, out: str, do_import: Callable, *, append: boo
     """
     import shutil
 
-    from goose_jax.base_model import load_base
-    from goose_jax.interop.stacking import write_library
-    from goose_jax.library import MANIFEST, ExpertLibrary
+    from goose_jax.library.stacking import write_library
+    from goose_jax.library.store import MANIFEST, ExpertLibrary
+    from goose_jax.models.base import load_base
 
     check_apart({"--out": out}, {"--base": base, **inputs})
     check_library_out(out, append=append, overwrite=overwrite, names=names)

@@ -13,13 +13,13 @@ same expert as ``lora_a = A^T`` (I, r) and ``lora_b = B^T`` (r, O) at the matchi
 holds the per-family module table, the only thing that differs between families.
 
 Many adapters become one stacked library with one rank R and one scale S
-(``goose_jax.interop.stacking``), whatever their per-module ranks and alphas: a module of rank
+(``goose_jax.library.stacking``), whatever their per-module ranks and alphas: a module of rank
 r < R is zero-padded (exact), and a module whose own scale s (its alpha over r or sqrt(r))
 differs from S has ``s / S`` folded into its B (one float32 rounding). Export inverts this:
 trailing zero rank components are dropped per module and ``rank_pattern`` / ``alpha_pattern``
 give each module the library scale.
 
-Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors through a
+Loading never executes pickled code: ``goose_jax.core.tensorfile`` reads safetensors through a
 checked header parser and torch files only with ``torch.load(weights_only=True)`` (torch imported
 only then), and refuses any other pickle with ``UnsafeCheckpointError``. ``fan_in_fan_out``
 changes nothing: every adapted layer of the supported families is an ``nn.Linear``, for which
@@ -44,24 +44,24 @@ from typing import Any
 
 import numpy as np
 
-from goose_jax import families
-from goose_jax.errors import AdapterError
-from goose_jax.experts import peft_scale
-from goose_jax.interop.hf_folder import (
-    check_model_folder,
-    resolve_hf_dir,
-    write_model_folder,
-)
+from goose_jax.core.errors import AdapterError
+from goose_jax.core.progress import progress_bar
+from goose_jax.core.tensorfile import read_json, read_tensors
+from goose_jax.experts.lora import peft_scale
 from goose_jax.interop.peft_modules import module_table, recorded_family
-from goose_jax.interop.stacking import (
+from goose_jax.library.stacking import (
     ImportedExperts,
     SiteLoRA,
     library_sites,
     show_names,
     stack_experts,
 )
-from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_json, read_tensors
+from goose_jax.models import families
+from goose_jax.models.hf_folder import (
+    check_model_folder,
+    resolve_hf_dir,
+    write_model_folder,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"
@@ -283,7 +283,7 @@ def _check_family(config: Mapping[str, Any], cfg_file: str, table) -> None:
 
 def load_peft_adapter(path: str | os.PathLike, cfg: families.ModelConfig) -> PeftAdapter:
     """Reads a PEFT LoRA adapter directory and maps it onto the sites of the model ``cfg``
-    configures (a T5, or a Llama-family decoder: ``goose_jax.families``).
+    configures (a T5, or a Llama-family decoder: ``goose_jax.models.families``).
 
     Args:
       path: the adapter directory (or a Hugging Face cache entry ``models--org--name``).
@@ -553,8 +553,8 @@ def export_peft(library, name: str, out_dir: str | os.PathLike, *,
     Returns:
       The paths written.
     """
-    from goose_jax.experts import flatten_sites
-    from goose_jax.library import ExpertLibrary
+    from goose_jax.experts.lora import flatten_sites
+    from goose_jax.library.store import ExpertLibrary
 
     check_adapter_folder(out_dir, overwrite=overwrite)
     lib = library if isinstance(library, ExpertLibrary) else ExpertLibrary.open(library)

@@ -15,8 +15,8 @@ import dataclasses
 import json
 import os
 
-from goose_jax import families
-from goose_jax.interop.hf import Site
+from goose_jax.models import families
+from goose_jax.models.t5.hf import Site
 
 # Hugging Face ``model_type`` values of each family (a T5 checkpoint may be any of these).
 _MODEL_TYPES = {"t5": families.T5, "mt5": families.T5, "umt5": families.T5,
@@ -29,7 +29,7 @@ class ModuleTable:
     """The PEFT view of one base model.
 
     Attributes:
-      family: the model family (``goose_jax.families``).
+      family: the model family (``goose_jax.models.families``).
       label: the family for messages (``"T5"``, ``"Llama"``, ...).
       sites: HF module name -> ``Site`` for every linear layer with a site, in model order.
       no_site: modules a LoRA could target that have no site (embeddings, the output head).
@@ -54,7 +54,7 @@ def module_table(cfg: families.ModelConfig) -> ModuleTable:
     """The PEFT module table of the model ``cfg`` configures."""
     name = families.family(cfg)
     if not families.is_decoder_only(cfg):
-        from goose_jax.interop.hf import linear_sites
+        from goose_jax.models.t5.hf import linear_sites
 
         return ModuleTable(
             name, _LABELS[name], linear_sites(cfg),
@@ -62,7 +62,7 @@ def module_table(cfg: families.ModelConfig) -> ModuleTable:
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
              "decoder.block.0.layer.0.SelfAttention.relative_attention_bias", "lm_head"),
             ("q", "v"), "SEQ_2_SEQ_LM")
-    from goose_jax.interop.hf_decoder import tensor_map
+    from goose_jax.models.llama.hf import tensor_map
 
     shapes = families.site_shapes(cfg)
     sites = {}

@@ -16,7 +16,8 @@ T0 held-in list, 166 to the full FLAN list). The state dict may also hold base-m
 checkpoint from gate training, which has ``_addons.expert_lora.expert_input_gate`` instead of
 router embeddings, gets that vector as its gate (the release's ``use_input_gate_as_router``).
 
-Loading never executes pickled code: ``goose_jax.tensorfile`` reads safetensors, or a torch file
+Loading never executes pickled code: ``goose_jax.core.tensorfile`` reads safetensors, or a torch
+file
 with ``torch.load(weights_only=True)`` only.
 
 Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: r an
@@ -32,19 +33,19 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from goose_jax.config import T5Config
-from goose_jax.errors import AdapterError
-from goose_jax.experts import nest_sites
-from goose_jax.interop.hf import linear_sites
-from goose_jax.interop.stacking import (
+from goose_jax.core.errors import AdapterError
+from goose_jax.core.progress import progress_bar
+from goose_jax.core.tensorfile import read_tensors
+from goose_jax.experts.lora import nest_sites
+from goose_jax.library.stacking import (
     ImportedExperts,
     SiteLoRA,
     library_sites,
     show_names,
     stack_experts,
 )
-from goose_jax.progress import progress_bar
-from goose_jax.tensorfile import read_tensors
+from goose_jax.models.config import T5Config
+from goose_jax.models.t5.hf import linear_sites
 
 # The release's expert collections, in its expert order (its dataset dictionaries' keys).
 _P3 = (

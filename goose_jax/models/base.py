@@ -1,0 +1,188 @@
+"""The one way every tool reads the frozen base model and its tokenizer.
+
+A base is named by one string, the ``--base`` of every tool:
+
+- a local Hugging Face directory (or a ``models--org--name`` cache entry) of a T5, or of a
+  decoder-only Llama, Qwen2 or Mistral model (its ``config.json``'s ``model_type`` decides),
+- a goose-jax (Orbax) model checkpoint written by ``checkpoint.save_model`` or goose-convert,
+- ``random:PRESET``: a seeded random model of a ``T5Config.preset`` size, or, for a name that is
+  not a T5 preset, of a ``DecoderConfig.preset`` size (``random:llama-tiny``,
+  ``random:qwen2-0.5b``), for smoke runs.
+
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from goose_jax.core.errors import CheckpointError, ConfigError
+from goose_jax.models import families
+from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.llama.config import DecoderConfig
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+RANDOM = "random:"
+
+
+def check_base(spec: str) -> None:
+    """Cheap checks of a base spec, without reading the model: not empty, and ``random:...`` or a
+    local directory.
+
+    Raises:
+      CheckpointError: one line naming the spec and what a base can be.
+    """
+    if not spec:
+        raise CheckpointError("no base model: pass --base DIR (a Hugging Face T5 directory, a "
+                              "goose-jax model checkpoint or random:PRESET)")
+    if not spec.startswith(RANDOM) and not os.path.isdir(spec):
+        raise CheckpointError(f"{spec}: --base is not a local directory (a Hugging Face T5 or "
+                              "goose-jax checkpoint; nothing is downloaded) nor random:PRESET")
+
+
+def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_size: int = 0,
+              mesh: Mesh | None = None) -> tuple[families.ModelConfig, dict]:
+    """(cfg, params) of the base model ``spec`` (see the module doc).
+
+    With ``mesh`` the parameters come back as global arrays laid out by the one rules table
+    (``interop.hf.base_shardings``), each process holding only its devices' slices: a Hugging
+    Face directory is read one tensor at a time straight into that layout; a goose-jax
+    checkpoint is restored by Orbax with those target shardings (each process reads only its
+    chunks); a ``random:`` base is drawn on the host, then placed.
+
+    Args:
+      spec: a directory or ``random:PRESET``.
+      dtype: ``float32`` or ``bfloat16``: parameter and compute dtype of a Hugging Face
+        directory (default: float32). A goose-jax checkpoint keeps the dtypes it was saved with.
+      seed: the seed of a ``random:`` base.
+      min_vocab_size: a ``random:`` base's vocabulary is grown to at least this (so that a
+        tokenizer's ids fit).
+      mesh: lay the parameters out on this (data, model, expert) mesh; it may span processes.
+
+    Raises:
+      CheckpointError: an empty spec, a path that is not a local directory, an unknown preset, or
+        any unreadable file (naming the file).
+    """
+    from goose_jax.models import checkpoint
+    from goose_jax.models.t5.hf import base_shardings
+
+    check_base(spec)
+    policy = DTypePolicy(dtype, dtype) if dtype else None
+    if spec.startswith(RANDOM):
+        from goose_jax.core.sharding import put_global
+
+        cfg = random_config(spec)
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
+        params = families.init_params(cfg, seed)
+        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
+    if checkpoint.is_checkpoint(spec):
+        shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
+        return checkpoint.load_model(spec, shardings=shardings)
+    return load_hf_model(spec, dtype=policy, mesh=mesh)
+
+
+def load_hf_model(path: str, *, dtype: DTypePolicy | None = None, mesh: Mesh | None = None
+                  ) -> tuple[families.ModelConfig, dict]:
+    """(cfg, params) of a local Hugging Face directory: a Llama, Qwen2 or Mistral model when its
+    ``config.json``'s ``model_type`` says so, else a T5 (whose loader says what is wrong with a
+    directory that is neither).
+
+    Args:
+      path: the directory (or a ``models--org--name`` cache entry).
+      dtype: the dtype policy of the returned config; parameters are cast to its param dtype.
+        Default: float32.
+      mesh: lay the parameters out on this mesh (see ``load_base``).
+
+    Raises:
+      CheckpointError: any unreadable or inconsistent file, naming it.
+    """
+    from goose_jax.models.hf_folder import read_config_json
+    from goose_jax.models.t5.hf import base_shardings, load_hf_t5
+
+    if _is_decoder_dir(path, read_config_json):
+        from goose_jax.core.sharding import put_global
+        from goose_jax.models.llama.hf import load_hf_llama
+
+        cfg, params = load_hf_llama(path, dtype=dtype)
+        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
+    return load_hf_t5(path, dtype=dtype, mesh=mesh)
+
+
+def random_config(spec: str) -> families.ModelConfig:
+    """The config of a ``random:PRESET`` base: a T5 preset, else a decoder-only one (where
+    ``llama-tiny`` names the decoder's ``tiny``, which the T5's ``tiny`` would shadow)."""
+    name = spec[len(RANDOM):]
+    try:
+        return T5Config.preset(name)
+    except ValueError as t5_error:
+        try:
+            return DecoderConfig.preset("tiny" if name == "llama-tiny" else name)
+        except ConfigError:
+            raise CheckpointError(f"base {spec!r}: {t5_error}; nor is it a decoder-only preset "
+                                  "(llama-tiny, llama-3-8b, ...)") from None
+
+
+def _is_decoder_dir(spec: str, read_config_json) -> bool:
+    """Whether a Hugging Face directory holds a decoder-only model (by its config.json's
+    ``model_type``); False when it has no readable config (the T5 loader then says why)."""
+    try:
+        d, source = read_config_json(spec)
+    except CheckpointError:  # the T5 loader reports it, in one line
+        return False
+    if not isinstance(d, dict):
+        return False
+    try:
+        families.check_model_type(d, source=source)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return d.get("model_type") in families.DECODER_FAMILIES
+
+
+def _checkpoint_shardings(spec: str, mesh: Mesh):
+    """The target shardings of a goose-jax model checkpoint's params on ``mesh``, from the
+    architecture its metadata records; None when that is unreadable (``load_model`` then says
+    what is wrong with it)."""
+    from goose_jax.models import checkpoint
+    from goose_jax.models.t5.hf import base_shardings
+
+    try:
+        cfg = checkpoint.read_model_config(spec)
+    except CheckpointError:
+        return None
+    return base_shardings(cfg, mesh)
+
+
+def load_tokenizer(spec: str | None, cfg: families.ModelConfig | None = None, *,
+                   byte: bool = False):
+    """The tokenizer of a base: the byte-level one, or the Hugging Face tokenizer in ``spec``.
+
+    Padding follows one rule: batches are padded with the tokenizer's pad id and the model's
+    losses and generation treat its ``pad_token_id`` as padding, so the two must be one id. A
+    tokenizer without a padding token (most Llama-family tokenizers) pads with the model's
+    ``pad_token_id``; one with its own must agree with the model's, else it is refused.
+
+    Args:
+      spec: the directory holding the tokenizer files (usually the base's).
+      cfg: the base's config (T5 or decoder-only); when given, its ``pad_token_id`` pads for a
+        tokenizer without a padding token, and must equal the padding token of one with.
+      byte: the byte-level tokenizer (needs no files).
+
+    Raises:
+      CheckpointError: no tokenizer files, a tokenizer without EOS, without a padding token
+        and no ``cfg``, or a pad id that differs from the model's.
+    """
+    from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
+
+    if byte:
+        return ByteTokenizer()
+    if not spec or spec.startswith(RANDOM):
+        raise CheckpointError(f"base {spec!r} has no tokenizer: use the byte-level tokenizer")
+    tok = load_hf_tokenizer(spec, pad_id=None if cfg is None else cfg.pad_token_id)
+    if cfg is not None and tok.pad_id != cfg.pad_token_id:
+        raise CheckpointError(f"{spec}: tokenizer pad id {tok.pad_id} differs from the model's "
+                              f"pad_token_id {cfg.pad_token_id}; make them one id (pad_token in "
+                              "tokenizer_config.json, or pad_token_id in config.json)")
+    return tok
