@@ -41,8 +41,9 @@ def build_inputs(root: str) -> None:
     from datasets import Dataset, DatasetDict
 
     import goose_jax as gj
+    from goose_jax.core.trees import nest_sites
     from goose_jax.data import synthetic
-    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.experts.lora import LoRAConfig
     from goose_jax.library.store import ExpertLibrary
 
     cfg = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40,

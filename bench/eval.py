@@ -38,7 +38,7 @@ def make_examples(n: int, rng: np.random.Generator) -> list[Example]:
 
 
 def routed_world(cfg: gj.T5Config, experts: int):
-    from goose_jax.experts.lora import nest_sites
+    from goose_jax.core.trees import nest_sites
     from goose_jax.routing.methods import build_routed
 
     rng = np.random.default_rng(1)

@@ -409,7 +409,7 @@ def run(args) -> int:
 
     from goose_jax.core import sharding
     from goose_jax.core.errors import UsageError
-    from goose_jax.models.config import T5Config
+    from goose_jax.models.t5.config import T5Config
 
     devices = jax.devices()
     settings = [SETTINGS[s] for s in args.settings.split(",")]

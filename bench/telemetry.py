@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from calibrate import print_calibration
 
+from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.data import world
 from goose_jax.evaluation import evaluator as ev
-from goose_jax.experts.lora import LoRAConfig, flatten_sites, init_experts, nest_sites
+from goose_jax.experts.lora import LoRAConfig, init_experts
 from goose_jax.pipeline.demo import load_world_base
 from goose_jax.routing.methods import build_routed
 

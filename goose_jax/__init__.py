@@ -31,10 +31,11 @@ from goose_jax.core import tool_process as _tool_process
 
 _tool_process.install_if_tool()
 
-from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.config import DTypePolicy
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import generate_decoder_greedy
 from goose_jax.models.llama.model import decoder_logits
+from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.generation import generate_greedy
 from goose_jax.models.t5.model import T5, init_params, param_logical_axes, site_shapes, t5_logits
 

@@ -140,7 +140,8 @@ def world(tmp_path_factory):
     from datasets import Dataset, DatasetDict
 
     import goose_jax as gj
-    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.core.trees import nest_sites
+    from goose_jax.experts.lora import LoRAConfig
     from goose_jax.library.store import ExpertLibrary
 
     root = tmp_path_factory.mktemp("world")

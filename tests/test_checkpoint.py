@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from conftest import tool
 
+from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core.errors import CheckpointError
 from goose_jax.models import checkpoint
-from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.config import DTypePolicy
+from goose_jax.models.t5.config import T5Config
 
 main = tool("goose-convert")
 
@@ -36,15 +38,15 @@ def _assert_bit_exact(a, b):
 def test_save_restore_tree_is_exact(tmp_path, monkeypatch):
     tree = _random_tree()
     monkeypatch.chdir(tmp_path)  # a relative path must work: it is made absolute before Orbax
-    written = checkpoint.save_tree("ckpt", tree, metadata={"step": 7, "note": "hi"})
+    written = core_checkpoint.save_tree("ckpt", tree, metadata={"step": 7, "note": "hi"})
     assert written == str(tmp_path / "ckpt")
-    assert checkpoint.read_metadata(tmp_path / "ckpt") == {"step": 7, "note": "hi"}
-    _assert_bit_exact(tree, checkpoint.restore_tree(tmp_path / "ckpt"))
+    assert core_checkpoint.read_metadata(tmp_path / "ckpt") == {"step": 7, "note": "hi"}
+    _assert_bit_exact(tree, core_checkpoint.restore_tree(tmp_path / "ckpt"))
 
     # A target casts and a sharding places every leaf.
     device = jax.local_devices()[0]
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), tree)
-    restored = checkpoint.restore_tree("ckpt", target=target,
+    restored = core_checkpoint.restore_tree("ckpt", target=target,
                                        shardings=jax.sharding.SingleDeviceSharding(device))
     assert {x.dtype for x in jax.tree.leaves(restored)} == {np.dtype(np.float32)}
     np.testing.assert_array_equal(
@@ -61,43 +63,43 @@ def test_tree_saved_on_a_mesh_restores_on_one_device_or_the_mesh(tmp_path):
     mesh = jax.make_mesh((n,), ("data",))
     sharded = NamedSharding(mesh, PartitionSpec("data", None))
     x_NxD = jax.device_put(np.arange(n * 3 * 5, dtype=np.float32).reshape(n * 3, 5), sharded)
-    checkpoint.save_tree(tmp_path / "ckpt", {"w": x_NxD})
+    core_checkpoint.save_tree(tmp_path / "ckpt", {"w": x_NxD})
 
-    local = checkpoint.restore_tree(tmp_path / "ckpt")["w"]
+    local = core_checkpoint.restore_tree(tmp_path / "ckpt")["w"]
     assert len(local.sharding.device_set) == 1
     np.testing.assert_array_equal(local, np.asarray(x_NxD))
-    on_mesh = checkpoint.restore_tree(tmp_path / "ckpt", shardings={"w": sharded})["w"]
+    on_mesh = core_checkpoint.restore_tree(tmp_path / "ckpt", shardings={"w": sharded})["w"]
     assert on_mesh.sharding == sharded
     np.testing.assert_array_equal(on_mesh, np.asarray(x_NxD))
 
 
 def test_save_tree_refuses_to_clobber(tmp_path):
     tree = _random_tree()
-    checkpoint.save_tree(tmp_path / "a", tree)
+    core_checkpoint.save_tree(tmp_path / "a", tree)
     with pytest.raises(CheckpointError, match=r"already exists"):
-        checkpoint.save_tree(tmp_path / "a", tree)
+        core_checkpoint.save_tree(tmp_path / "a", tree)
     other = _random_tree(seed=1)
-    checkpoint.save_tree(tmp_path / "a", other, overwrite=True)
-    _assert_bit_exact(other, checkpoint.restore_tree(tmp_path / "a"))
+    core_checkpoint.save_tree(tmp_path / "a", other, overwrite=True)
+    _assert_bit_exact(other, core_checkpoint.restore_tree(tmp_path / "a"))
 
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "precious.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match=r"not a goose-jax checkpoint; refusing"):
-        checkpoint.save_tree(tmp_path / "b", tree, overwrite=True)
+        core_checkpoint.save_tree(tmp_path / "b", tree, overwrite=True)
     assert (tmp_path / "b" / "precious.txt").read_text() == "keep me"
     with pytest.raises(CheckpointError, match=r"not JSON-serializable"):
-        checkpoint.save_tree(tmp_path / "c", tree, metadata={"x": object()})
+        core_checkpoint.save_tree(tmp_path / "c", tree, metadata={"x": object()})
 
 
 def test_restore_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"nowhere: checkpoint does not exist"):
-        checkpoint.restore_tree(tmp_path / "nowhere")
+        core_checkpoint.restore_tree(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match=rf"{tmp_path}: not a goose-jax checkpoint"):
-        checkpoint.restore_tree(tmp_path)
-    checkpoint.save_tree(tmp_path / "ok", _random_tree())
+        core_checkpoint.restore_tree(tmp_path)
+    core_checkpoint.save_tree(tmp_path / "ok", _random_tree())
     wrong = {"lm_head": {"kernel": jax.ShapeDtypeStruct((24, 101), jnp.float32)}}
     with pytest.raises(CheckpointError, match=r"ok/params: cannot restore"):
-        checkpoint.restore_tree(tmp_path / "ok", target=wrong)
+        core_checkpoint.restore_tree(tmp_path / "ok", target=wrong)
     with pytest.raises(CheckpointError, match=r"not a T5 model checkpoint"):
         checkpoint.load_model(tmp_path / "ok")
 
@@ -146,7 +148,7 @@ def test_goose_convert_round_trip_is_bit_exact(tmp_path, capsys):
     assert main(["hf-to-orbax", str(src), str(tmp_path / "orbax")]) == 0
     out = capsys.readouterr().out
     assert "wrote goose-jax checkpoint" in out and "untied head" in out
-    assert json.loads((tmp_path / "orbax" / checkpoint.META_NAME).read_text())["format"] == \
+    assert json.loads((tmp_path / "orbax" / core_checkpoint.META_NAME).read_text())["format"] == \
         "goose-jax"
     assert main(["orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "back")]) == 0
     assert "model.safetensors" in capsys.readouterr().out
@@ -181,22 +183,22 @@ def test_overwrite_replaces_whole_and_a_crash_keeps_the_old(tmp_path, monkeypatc
     """A replacing save writes the new tree beside the old one and commits by replacing the meta
     file: interrupted before that, the old checkpoint still loads, bit for bit."""
     old, new = _random_tree(0), _random_tree(1)
-    checkpoint.save_tree(tmp_path / "c", old)
-    meta = json.loads((tmp_path / "c" / checkpoint.META_NAME).read_text())
+    core_checkpoint.save_tree(tmp_path / "c", old)
+    meta = json.loads((tmp_path / "c" / core_checkpoint.META_NAME).read_text())
     assert meta["tree"] == "params" and all(v["bytes"] > 0 and v["sha256"].startswith("sha256:")
                                             for v in meta["files"].values())
 
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_tree_files", crash)   # after Orbax wrote, before commit
+    monkeypatch.setattr(core_checkpoint, "_tree_files", crash)   # after Orbax wrote, before commit
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
+        core_checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
     monkeypatch.undo()
-    _assert_bit_exact(old, checkpoint.restore_tree(tmp_path / "c", verify=True))
-    checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
-    _assert_bit_exact(new, checkpoint.restore_tree(tmp_path / "c", verify=True))
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [checkpoint.META_NAME,
+    _assert_bit_exact(old, core_checkpoint.restore_tree(tmp_path / "c", verify=True))
+    core_checkpoint.save_tree(tmp_path / "c", new, overwrite=True)
+    _assert_bit_exact(new, core_checkpoint.restore_tree(tmp_path / "c", verify=True))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [core_checkpoint.META_NAME,
                                                                    "params-1"]
 
 
@@ -204,15 +206,15 @@ def test_checkpoint_without_a_file_record_still_loads_and_damage_is_one_error(tm
     """Checkpoints written before files were recorded load as before; damage to them is still
     a CheckpointError (never Orbax's AttributeError)."""
     tree = _random_tree()
-    checkpoint.save_tree(tmp_path / "c", tree)
-    meta_path = tmp_path / "c" / checkpoint.META_NAME
+    core_checkpoint.save_tree(tmp_path / "c", tree)
+    meta_path = tmp_path / "c" / core_checkpoint.META_NAME
     meta = json.loads(meta_path.read_text())
     del meta["files"]
     meta_path.write_text(json.dumps(meta))
-    _assert_bit_exact(tree, checkpoint.restore_tree(tmp_path / "c"))
+    _assert_bit_exact(tree, core_checkpoint.restore_tree(tmp_path / "c"))
     (tmp_path / "c" / "params" / "_METADATA").unlink()
     with pytest.raises(CheckpointError, match=r"metadata is unreadable.*re-create it"):
-        checkpoint.restore_tree(tmp_path / "c")
+        core_checkpoint.restore_tree(tmp_path / "c")
 
 
 def test_orbax_to_hf_overwrite_keeps_other_files(tmp_path, capsys):

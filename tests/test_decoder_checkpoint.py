@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
 
+from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core.errors import CheckpointError
 from goose_jax.models import checkpoint, families
-from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.config import DTypePolicy
 from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.t5.config import T5Config
 
 convert = tool("goose-convert")
 train = tool("goose-train")
@@ -50,7 +52,7 @@ def _same_model(a, b):
 
 
 def _set_metadata(path, **changes):
-    meta_path = path / checkpoint.META_NAME
+    meta_path = path / core_checkpoint.META_NAME
     meta = json.loads(meta_path.read_text())
     meta["metadata"].update(changes)
     meta_path.write_text(json.dumps(meta))
@@ -64,7 +66,7 @@ def test_decoder_model_round_trip_is_bit_exact(tmp_path):
         params = _random_params(cfg)
         path = tmp_path / cfg.family
         checkpoint.save_model(path, cfg, params)
-        meta = checkpoint.read_metadata(path)
+        meta = core_checkpoint.read_metadata(path)
         assert meta["family"] == cfg.family and meta["config"]["model_type"] == cfg.family
         cfg2, params2 = checkpoint.load_model(path)
         assert _same_model(cfg2, cfg)
@@ -77,7 +79,7 @@ def test_t5_checkpoint_written_before_decoder_support_still_loads(tmp_path):
     cfg = T5Config.preset("tiny").replace(tie_word_embeddings=True, scale_decoder_outputs=False,
                                           dtype=DTypePolicy("bfloat16", "float32"))
     params = _random_params(cfg)
-    checkpoint.save_tree(tmp_path / "old", params, metadata={
+    core_checkpoint.save_tree(tmp_path / "old", params, metadata={
         "kind": "t5", "t5_config": cfg.to_hf_dict(), "tie_word_embeddings": True,
         "dtype_policy": {"param_dtype": "bfloat16", "compute_dtype": "float32"}})
     cfg2, params2 = checkpoint.load_model(tmp_path / "old")
@@ -85,7 +87,7 @@ def test_t5_checkpoint_written_before_decoder_support_still_loads(tmp_path):
     _assert_bit_exact(params, params2)
     # Written now, a T5 records its family like any model and loads the same.
     checkpoint.save_model(tmp_path / "new", cfg, params)
-    assert checkpoint.read_metadata(tmp_path / "new")["family"] == "t5"
+    assert core_checkpoint.read_metadata(tmp_path / "new")["family"] == "t5"
     assert checkpoint.load_model(tmp_path / "new", family="t5")[0] == cfg
 
 
@@ -105,7 +107,7 @@ def test_a_checkpoint_of_one_family_is_refused_where_the_other_is_expected(tmp_p
     refused(r"holds a T5 model, expected decoder-only \(llama\) or", checkpoint.load_model,
             tmp_path / "t5", family=families.DECODER_FAMILIES)
     # A T5 tree under a decoder's metadata: the decoder's params check refuses it.
-    _set_metadata(tmp_path / "t5", **checkpoint.read_metadata(tmp_path / "llama"))
+    _set_metadata(tmp_path / "t5", **core_checkpoint.read_metadata(tmp_path / "llama"))
     refused(r"params: \d+ parameter\(s\) missing for this config: embed_tokens/embedding",
             checkpoint.load_model, tmp_path / "t5")
     # Saving a model under the other family's config writes nothing.
@@ -301,7 +303,7 @@ def test_hostile_conversions_and_runs_are_one_line_and_write_nothing(tmp_path, c
     _set_metadata(unknown, family="gpt2")
     biased = tmp_path / "biased"   # metadata of a Llama with attention biases
     shutil.copytree(ckpt, biased)
-    bad = dict(checkpoint.read_metadata(ckpt)["config"], attention_bias=True)
+    bad = dict(core_checkpoint.read_metadata(ckpt)["config"], attention_bias=True)
     _set_metadata(biased, config=bad)
     missing = tmp_path / "missing"               # a Llama directory short of a tensor
     shutil.copytree(hf, missing)

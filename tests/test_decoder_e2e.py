@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash
 
+from goose_jax.core.trees import flatten_sites
 from goose_jax.data import tasks as T
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.evaluation.metrics import rank_prediction
-from goose_jax.experts.lora import flatten_sites
 from goose_jax.models.llama import model as decoder
 
 train = tool("goose-train")
@@ -175,7 +175,7 @@ def test_prototypes_are_the_mean_inputs_of_the_packed_training_sequences(protoco
     """Layer 0's attention sites read RMSNorm(embedding) of the tokens, whatever the experts
     do: their prototypes, from NumPy, over each example's prompt (no EOS) and target (with EOS)
     packed into one sequence, averaged per example and then over the examples."""
-    from goose_jax.evaluation.report import load_prototypes
+    from goose_jax.library.prototypes import load_prototypes
 
     root, _ = protocol
     cfg, params = base

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import tool
 
+from goose_jax.core.trees import nest_sites
 from goose_jax.data.examples import Example
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.evaluation import evaluator as ev
 from goose_jax.evaluation.metrics import rank_prediction
-from goose_jax.experts.lora import EXPERTS, LoRAAdapter, nest_sites
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter
 from goose_jax.models.llama import model as decoder
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import generate_decoder_greedy

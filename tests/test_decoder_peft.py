@@ -15,7 +15,8 @@ from test_decoder import _batch, _hf_logits, _hf_model
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from goose_jax.experts.lora import EXPERTS, LoRAAdapter, flatten_sites  # noqa: E402
+from goose_jax.core.trees import flatten_sites  # noqa: E402
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter  # noqa: E402
 from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
 from goose_jax.library.stacking import write_library  # noqa: E402
 from goose_jax.library.store import ExpertLibrary  # noqa: E402

@@ -164,9 +164,9 @@ def test_telemetry_counts_the_real_tokens_of_the_sequence(world):
     m = jnp.asarray(mask)
     _, state = decoder.Decoder(CFG, routed.adapter).apply(
         {"params": params, **routed.collections,
-         routers.TELEMETRY: routers.sequence_telemetry_masks(sites, m)},
+         sites.TELEMETRY: sites.sequence_telemetry_masks(sites, m)},
         jnp.asarray(ids), decoder.positions_from_mask(m), m, mutable=["intermediates"])
-    counts = routers.collect_counts(state)
+    counts = sites.collect_counts(state)
     ref = NumpySites(lib, vectors=gates)
     _reference(params, ids, mask, ref)
     assert set(counts) == set(sites) == set(ref.top1)

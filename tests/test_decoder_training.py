@@ -11,9 +11,10 @@ import pytest
 from conftest import tool, write_jsonl
 
 from goose_jax.core.errors import TrainConfigError
+from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.experts.lora import flatten_sites, init_experts, init_gates, nest_sites
+from goose_jax.experts.lora import init_experts, init_gates
 from goose_jax.library.store import ExpertLibrary
 from goose_jax.models.llama import loss as decoder_training
 from goose_jax.models.llama import model as decoder

@@ -93,8 +93,8 @@ def test_prototype_file_round_trip_and_bad_file(tmp_path):
     from safetensors.numpy import save_file
 
     from goose_jax.core.errors import DataError
-    from goose_jax.evaluation.report import load_prototypes
-    from goose_jax.experts.lora import flatten_sites
+    from goose_jax.core.trees import flatten_sites
+    from goose_jax.library.prototypes import load_prototypes
 
     gate = np.arange(6, dtype=np.float32).reshape(2, 3)
     save_file({"encoder/block_0/self_attn/q/gate": gate}, str(tmp_path / "p.safetensors"))
@@ -106,8 +106,9 @@ def test_prototype_file_round_trip_and_bad_file(tmp_path):
 
 
 def test_prototype_file_writer_and_reader_agree(tmp_path):
-    from goose_jax.evaluation.report import load_prototypes, save_prototypes
-    from goose_jax.experts.lora import flatten_sites, nest_sites
+    from goose_jax.core.trees import flatten_sites, nest_sites
+    from goose_jax.library.prototypes import load_prototypes
+    from goose_jax.library.store import save_prototypes
 
     rng = np.random.default_rng(0)
     tree = nest_sites({"encoder/block_0/ffn/wo": {"gate": rng.standard_normal((3, 5))},

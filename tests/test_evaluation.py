@@ -80,7 +80,7 @@ def small():
 def _routed(cfg, telemetry=False):
     """PHATGOOSE over 5 random experts (non-zero B) with random gates, at a few sites of each
     kind (encoder, decoder, cross-attention k reading encoder tokens) to keep compiles short."""
-    from goose_jax.experts.lora import nest_sites
+    from goose_jax.core.trees import nest_sites
     from goose_jax.routing.methods import build_routed
 
     rng = np.random.default_rng(1)

@@ -43,8 +43,7 @@ def _library(E: int, seed: int):
 def test_goose_eval_on_an_expert_mesh_gives_the_single_device_results(world, tmp_path, method):
     """3 experts on expert=4 (one padding expert): the same predictions, choice scores and
     top-1 telemetry (the same routing choices) as the run without an expert axis."""
-    from goose_jax.evaluation.report import save_prototypes
-    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary, save_prototypes
 
     extra = ["--method", method, "--tasks", "bbh/boolean_expressions"]
     if method == "phatgoose":

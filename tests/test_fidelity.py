@@ -163,7 +163,7 @@ def test_lora_sites_rank_scale():
     # .*DenseReluDense", layers "q|k|v|o|w.*" (wi_0, wi_1, wo), d_bottleneck 16, scale 1/16,
     # init_scale 0.01 (lora_linear.py).
     from goose_jax.experts.lora import select_sites
-    from goose_jax.models.config import T5Config
+    from goose_jax.models.t5.config import T5Config
 
     cfg = T5Config(vocab_size=101, d_model=24, d_kv=4, d_ff=32, num_heads=2,
                    num_encoder_layers=2, num_decoder_layers=3, feed_forward_proj="gated-gelu")

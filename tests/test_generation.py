@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import goose_jax as gj
-from goose_jax.experts.lora import EXPERTS, flatten_sites, nest_sites
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.experts.lora import EXPERTS
 from goose_jax.models.t5.model import T5
 from goose_jax.routing import formula as routing
 from goose_jax.routing.methods import ROUTER, build_routed

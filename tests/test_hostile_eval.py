@@ -49,7 +49,8 @@ def hostile(world, tmp_path_factory):
     overflows float32, a library whose B overflows, a goose-jax checkpoint of the base, a PEFT
     adapter, and another Hugging Face model."""
     import goose_jax as gj
-    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.core.trees import nest_sites
+    from goose_jax.experts.lora import LoRAConfig
     from goose_jax.library.store import ExpertLibrary
     from goose_jax.models import checkpoint
 

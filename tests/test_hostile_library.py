@@ -22,7 +22,8 @@ from conftest import one_line, tool, tree_hash
 
 import goose_jax as gj
 from goose_jax.core.errors import LibraryError
-from goose_jax.experts.lora import LoRAConfig, nest_sites
+from goose_jax.core.trees import nest_sites
+from goose_jax.experts.lora import LoRAConfig
 from goose_jax.library.store import ExpertLibrary
 
 CFG = gj.T5Config(vocab_size=300, d_model=24, d_kv=8, num_heads=3, d_ff=40, num_encoder_layers=1,

@@ -270,7 +270,7 @@ def _other_run_adds(lib_path, gate):
     gate."""
     import numpy as np
 
-    from goose_jax.experts.lora import nest_sites
+    from goose_jax.core.trees import nest_sites
     from goose_jax.library.store import ExpertLibrary
 
     lib = ExpertLibrary.open(lib_path)

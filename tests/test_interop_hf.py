@@ -134,7 +134,7 @@ def test_load_equals_transposed_hf_tensors(hf_dirs, variant):
 
 
 def test_param_tree_matches_the_flax_model():
-    from goose_jax.models.config import T5Config
+    from goose_jax.models.t5.config import T5Config
     from goose_jax.models.t5.model import init_params
 
     model = build_hf_model("v1.1")

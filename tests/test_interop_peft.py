@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 import goose_jax as gj  # noqa: E402
 from goose_jax.core.errors import AdapterError, GooseError, UnsafeCheckpointError  # noqa: E402
-from goose_jax.experts.lora import flatten_sites  # noqa: E402
+from goose_jax.core.trees import flatten_sites  # noqa: E402
 from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
 from goose_jax.library.stacking import write_library  # noqa: E402
 from goose_jax.library.store import ExpertLibrary  # noqa: E402

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 import goose_jax as gj  # noqa: E402
 from goose_jax.core.errors import AdapterError, UnsafeCheckpointError  # noqa: E402
-from goose_jax.experts.lora import flatten_sites  # noqa: E402
+from goose_jax.core.trees import flatten_sites  # noqa: E402
 from goose_jax.interop.release import (  # noqa: E402
     RELEASE_EXPERT_SETS,
     import_release,

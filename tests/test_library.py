@@ -12,7 +12,8 @@ import pytest
 
 import goose_jax as gj
 from goose_jax.core.errors import GooseError, LibraryError
-from goose_jax.experts.lora import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.experts.lora import LoRAConfig, select_sites
 from goose_jax.library.store import ExpertLibrary, weights_fingerprint
 from goose_jax.models.t5.model import init_params
 from goose_jax.training import program as training

@@ -135,10 +135,10 @@ def evaluate_routed(base: str, library: str, out: str) -> None:
 
     from goose_jax.core import distributed
     from goose_jax.core.sharding import make_mesh, replicate
+    from goose_jax.core.trees import nest_sites
     from goose_jax.data.tokenizers import ByteTokenizer
     from goose_jax.evaluation import evaluator as ev
     from goose_jax.evaluation import report
-    from goose_jax.experts.lora import nest_sites
     from goose_jax.library.store import ExpertLibrary
     from goose_jax.models import checkpoint
     from goose_jax.routing.methods import build_routed
@@ -351,7 +351,8 @@ def test_each_process_reads_only_its_own_experts_files(tmp_path):
     import ml_dtypes
 
     import goose_jax as gj
-    from goose_jax.experts.lora import LoRAConfig, nest_sites, select_sites
+    from goose_jax.core.trees import nest_sites
+    from goose_jax.experts.lora import LoRAConfig, select_sites
     from goose_jax.library.store import ExpertLibrary
     from goose_jax.models.t5.model import init_params
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tool
 
-from goose_jax.experts.lora import flatten_sites
+from goose_jax.core.trees import flatten_sites
 
 train = tool("goose-train")
 evaluate = tool("goose-eval")
@@ -25,7 +25,8 @@ def world(tmp_path_factory):
     from datasets import Dataset, DatasetDict
 
     import goose_jax as gj
-    from goose_jax.experts.lora import LoRAConfig, nest_sites
+    from goose_jax.core.trees import nest_sites
+    from goose_jax.experts.lora import LoRAConfig
     from goose_jax.library.store import ExpertLibrary
     from goose_jax.models.checkpoint import save_model
     from goose_jax.models.t5.model import init_params
@@ -80,7 +81,7 @@ def _digest(path):
 
 def test_prototypes_stored_in_the_library(world, tmp_path, capsys):
     from goose_jax.core.tensorfile import SafetensorsFile
-    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes, prototype_names
+    from goose_jax.library.prototypes import PROTOTYPES_FILE, load_prototypes, prototype_names
 
     lib = _copy_library(world, tmp_path)
     assert train(_args(world, lib, "--names", "upper", "reverse", "--examples", "6")) == 0
@@ -116,7 +117,7 @@ def test_prototypes_stored_in_the_library(world, tmp_path, capsys):
 
 def test_one_example_pools_the_same_either_way(world, tmp_path):
     """With one example per expert, the mean of per-example means is the token mean."""
-    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes
+    from goose_jax.library.prototypes import PROTOTYPES_FILE, load_prototypes
 
     lib = _copy_library(world, tmp_path)
     got = {}
@@ -135,7 +136,7 @@ def test_one_example_pools_the_same_either_way(world, tmp_path):
     (["--examples", "0"], 2, ["--examples 0"]),
 ])
 def test_prototypes_refusals(world, tmp_path, capsys, extra, code, words):
-    from goose_jax.evaluation.report import PROTOTYPES_FILE
+    from goose_jax.library.prototypes import PROTOTYPES_FILE
 
     lib = _copy_library(world, tmp_path)
     assert train(_args(world, lib, *extra)) == code
@@ -158,7 +159,7 @@ def _eval_args(world, lib, out, *extra):
 
 
 def test_goose_eval_finds_the_library_prototypes(world, tmp_path, capsys):
-    from goose_jax.evaluation.report import PROTOTYPES_FILE
+    from goose_jax.library.prototypes import PROTOTYPES_FILE
 
     lib = _copy_library(world, tmp_path)
     # None yet: one line naming the library, the file and both fixes; nothing written.
@@ -194,7 +195,7 @@ def test_prototypes_are_recorded_checked_and_dropped_with_their_expert(world, tm
 
     from goose_jax.core.errors import DataError, LibraryError
     from goose_jax.core.tensorfile import read_safetensors
-    from goose_jax.evaluation.report import PROTOTYPES_FILE, load_prototypes
+    from goose_jax.library.prototypes import PROTOTYPES_FILE, load_prototypes
     from goose_jax.library.store import ExpertLibrary
 
     lib = _copy_library(world, tmp_path)

@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import goose_jax as gj
 from goose_jax.core import sharding
-from goose_jax.experts.lora import LoRAConfig, flatten_sites, nest_sites, select_sites
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.experts.lora import LoRAConfig, select_sites
 from goose_jax.library.store import ExpertLibrary
 from goose_jax.models import base as base_model
 from goose_jax.models import checkpoint

@@ -11,16 +11,10 @@ import pytest
 import goose_jax as gj
 from goose_jax.core import sharding
 from goose_jax.core.errors import DataError, TrainConfigError
+from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
-from goose_jax.experts.lora import (
-    LoRAAdapter,
-    dense_delta,
-    flatten_sites,
-    init_experts,
-    init_gates,
-    nest_sites,
-)
+from goose_jax.experts.lora import LoRAAdapter, dense_delta, init_experts, init_gates
 from goose_jax.models.t5.model import T5, init_params
 from goose_jax.training import program as training
 

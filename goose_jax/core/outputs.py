@@ -192,18 +192,6 @@ def run_lock(folder: PathLike, *, prog: str, flag: str = "--out") -> Iterator[st
                 os.rmdir(folder_made)
 
 
-def check_library_writable(path: PathLike, *, error=DataError, flag: str = "--library") -> None:
-    """Probes (writes and removes a temporary file in) a library folder and its expert folder,
-    before any work: a read-only library is refused in one line naming the folder, not found
-    when the trained experts are written."""
-    from goose_jax.core.tensorfile import check_folder_writable
-    from goose_jax.library.store import EXPERT_DIR
-
-    for folder in (path, os.path.join(path, EXPERT_DIR)):
-        if folder == path or os.path.isdir(folder):
-            check_folder_writable(folder, error=error, fix=f"; pass another {flag}")
-
-
 def check_free_space(folder: PathLike, needed: int, *, what: str, flag: str = "--out",
                      error=DataError) -> None:
     """Refuses when the file system of ``folder`` (or its nearest existing parent) has fewer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,9 +18,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from goose_jax.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from goose_jax.training.program import TrainState
 
 MESH_AXES = ("data", "model", "expert")
 
@@ -166,9 +163,9 @@ def shard_experts(tree: Any, mesh: Mesh) -> Any:
     return shard_leading(tree, mesh)
 
 
-def shard_state(state: TrainState, mesh: Mesh) -> TrainState:
-    """A many-experts ``training.TrainState`` on ``mesh``, placed as the jitted step returns it
-    (so the second step does not compile again): experts over ``expert``, the step count
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """A many-experts ``training.program.TrainState`` on ``mesh``, placed as the jitted step
+    returns it (so the second step does not compile again): experts over ``expert``, the step count
     replicated."""
     step, trainable, opt_state = shard_leading(
         (state.step, state.trainable, state.opt_state), mesh)

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from goose_jax.core import sharding
 from goose_jax.core.errors import DataError
-
-if TYPE_CHECKING:
-    from goose_jax.training.program import TrainConfig
 
 
 class ExampleSource(Protocol):
@@ -191,10 +189,11 @@ class Batcher:
         self.input_bos, self.input_eos = input_bos, input_eos
 
     @classmethod
-    def from_config(cls, source, tokenizer, tcfg: TrainConfig, stream: int = 0,
+    def from_config(cls, source, tokenizer, tcfg: Any, stream: int = 0,
                     vocab_size: int | None = None, **encoding) -> Batcher:
-        """A batcher with ``tcfg``'s batch shape and lengths; ``encoding``: ``input_bos`` /
-        ``input_eos`` (see ``__init__``)."""
+        """A batcher with the batch shape and lengths of ``tcfg`` (a
+        ``training.program.TrainConfig``); ``encoding``: ``input_bos`` / ``input_eos`` (see
+        ``__init__``)."""
         return cls(source, tokenizer, micro_batch=tcfg.micro_batch, grad_accum=tcfg.grad_accum,
                    max_input_length=tcfg.max_input_length,
                    max_target_length=tcfg.max_target_length, seed=tcfg.seed, stream=stream,
@@ -320,3 +319,9 @@ def global_batch(batchers: Sequence[Batcher], positions: Sequence[int],
         return jax.make_array_from_callback(shapes[name].shape, shardings[name], callback)
 
     return {name: build(name) for name in shapes}
+
+
+def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """``n`` rounded up to a power of two, at least ``minimum``, at most ``maximum``."""
+    b = max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return b if maximum is None else max(n, min(b, maximum))

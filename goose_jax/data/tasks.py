@@ -243,7 +243,7 @@ def _seqio_name(s: str) -> str:
     return re.sub(r"[^\w.:#]", "_", s)
 
 
-def _vocabulary(vocabulary):
+def seqio_vocabulary(vocabulary):
     import seqio
 
     if vocabulary is None:
@@ -253,7 +253,7 @@ def _vocabulary(vocabulary):
     return vocabulary
 
 
-def _example_source(load: Callable[[], list[Example]], splits: Sequence[str]):
+def example_source(load: Callable[[], list[Example]], splits: Sequence[str]):
     """A seqio source over ``Example`` s: text inputs and targets, choices, answers."""
     import seqio
     import tensorflow as tf
@@ -304,7 +304,7 @@ def register_tasks(*, p3_root: str | None = None, bbh_root: str | None = None,
     """
     import seqio
 
-    vocab = _vocabulary(vocabulary)
+    vocab = seqio_vocabulary(vocabulary)
     features = {"inputs": seqio.Feature(vocab, add_eos=True),
                 "targets": seqio.Feature(vocab, add_eos=True)}
     pre = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
@@ -329,12 +329,12 @@ def register_tasks(*, p3_root: str | None = None, bbh_root: str | None = None,
                                ("bbl", bbl_root, bigbench.BBL_TASKS)):
         if root:
             mixtures[bench] = [
-                add(_seqio_name(f"{bench}_{t}"), _example_source(
+                add(_seqio_name(f"{bench}_{t}"), example_source(
                     lambda split, t=t, r=root: bigbench.examples(r, t), ["validation"]))
                 for t in tasks if bigbench.task_dirs(os.path.abspath(root), t)]
     if flan_root:
         mixtures["flan"] = [
-            add(_seqio_name(f"flan_{e}"), _example_source(
+            add(_seqio_name(f"flan_{e}"), example_source(
                 lambda split, e=e: flan.examples(flan_root, e, split, grouping=flan_grouping),
                 ["train", "validation"]))
             for e in flan.experts(flan_root, flan_grouping)]

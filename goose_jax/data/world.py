@@ -465,9 +465,9 @@ def register_seqio_tasks(seed: int = 0, size: int = 256, vocabulary=None) -> lis
     """
     import seqio
 
-    from goose_jax.data.tasks import _example_source, _vocabulary
+    from goose_jax.data.tasks import example_source, seqio_vocabulary
 
-    vocab = _vocabulary(vocabulary)
+    vocab = seqio_vocabulary(vocabulary)
     features = {k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")}
     names = []
     for t in HELDIN + HELDOUT:
@@ -478,7 +478,7 @@ def register_seqio_tasks(seed: int = 0, size: int = 256, vocabulary=None) -> lis
         def load(split, _t=t.name):
             return [make_example(_t, split, i, seed) for i in range(size)]
 
-        seqio.TaskRegistry.add(name, source=_example_source(load, list(SPLITS)),
+        seqio.TaskRegistry.add(name, source=example_source(load, list(SPLITS)),
                                output_features=features,
                                preprocessors=[seqio.preprocessors.tokenize,
                                               seqio.preprocessors.append_eos])

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -43,35 +42,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.core.errors import DataError, EvalError, NonFiniteError
+from goose_jax.core.trees import flatten_sites
+from goose_jax.data.batching import bucket
 from goose_jax.data.examples import EvalTask, Example
 from goose_jax.evaluation.metrics import generation_score, rank_prediction
-from goose_jax.experts.lora import EXPERTS, flatten_sites
+from goose_jax.experts.lora import EXPERTS
 from goose_jax.models import families
-from goose_jax.models.config import FAST_COMPILE_OPTIONS, T5Config
+from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.llama.generation import generate_decoder_greedy
 from goose_jax.models.llama.loss import prompt_bos
 from goose_jax.models.llama.scoring import decoder_choice_nll, target_nll
 from goose_jax.models.scan import stack_layers, unstack_layers
+from goose_jax.models.sites import TELEMETRY, collect_counts, telemetry_masks
+from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.generation import generate_greedy
 from goose_jax.models.t5.model import T5
-from goose_jax.routing.methods import (
-    PER_EXAMPLE,
-    ROUTER,
-    TELEMETRY,
-    collect_counts,
-    telemetry_masks,
-)
+from goose_jax.routing.methods import PER_EXAMPLE, ROUTER
 
 Array = jax.Array
 
 
 # --- shapes -------------------------------------------------------------------------------------
-
-
-def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
-    """``n`` rounded up to a power of two, at least ``minimum``, at most ``maximum``."""
-    b = max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    return b if maximum is None else max(n, min(b, maximum))
 
 
 def _truncate(ids: list[int], max_len: int, eos: int) -> list[int]:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from goose_jax.core.errors import DataError
-from goose_jax.library import manifest as library_manifest
 
 if TYPE_CHECKING:
     from goose_jax.evaluation.evaluator import DatasetResult
@@ -142,7 +141,7 @@ def check_out_dir(out: str, *, overwrite: bool = False, holds: tuple[str, ...] =
       DataError: ``out`` is an existing file, lies below a file, or already holds results
         (without ``overwrite``).
     """
-    from goose_jax.models.checkpoint import check_folder_writable
+    from goose_jax.core.checkpoint import check_folder_writable
 
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -255,98 +254,3 @@ def write_heatmaps(table: dict, expert_names: list[str], folder: str) -> list[st
         plt.close(fig)
         written.append(path)
     return written
-
-
-# --- prototype files ----------------------------------------------------------------------------
-
-
-# The prototypes a library holds (``goose-train prototypes``), beside its manifest.json.
-PROTOTYPES_FILE = library_manifest.PROTOTYPES_FILE
-
-
-def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = None,
-                    info: dict | None = None) -> None:
-    """Writes average-activation router vectors as ``<site>/gate`` (E, I) safetensors tensors,
-    atomically (a temporary file renamed into place).
-
-    Args:
-      prototypes: per-site ``{"gate": (E, I)}`` tree (``routers.compute_average_activations``).
-      path: the file to write (what ``goose-eval --prototypes`` reads).
-      names: the E experts' names, in row order (stored in the header, so a reader can pick
-        rows by name); None: rows are in the library's order.
-      info: how they were computed (pooling, examples per expert), stored in the header.
-    """
-    from goose_jax.core.tensorfile import safetensors_bytes, write_atomic
-    from goose_jax.experts.lora import flatten_sites
-    from goose_jax.library.store import ExpertLibrary
-
-    flat = {f"{site}/gate": np.ascontiguousarray(v["gate"])
-            for site, v in flatten_sites(prototypes).items()}
-    meta = {} if names is None else {"experts": json.dumps(list(names))}
-    if info:
-        meta["info"] = json.dumps(info)
-    folder = os.path.dirname(os.path.abspath(path))
-    if (os.path.basename(path) == PROTOTYPES_FILE
-            and os.path.isfile(os.path.join(folder, library_manifest.MANIFEST))):
-        # A library's own file: its size and sha256 go into the manifest.
-        ExpertLibrary.open(folder).write_prototypes(flat, meta or None)
-    else:
-        write_atomic(path, safetensors_bytes(flat, metadata=meta or None))
-
-
-def prototype_names(path: str) -> list[str] | None:
-    """The expert names a prototypes file stores in its header (None: a file without them,
-    whose rows are in library order). Reads the header only.
-
-    Raises:
-      DataError: the file is not safetensors, or its expert list is malformed.
-    """
-    from goose_jax.core.tensorfile import SafetensorsFile
-
-    raw = SafetensorsFile(path, error=DataError).metadata.get("experts")
-    if raw is None:
-        return None
-    try:
-        names = json.loads(raw)
-    except ValueError:
-        names = None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: header field 'experts' is not a JSON list of names; "
-                        "recompute the file with goose-train prototypes")
-    return names
-
-
-def load_prototypes(path: str, names: list[str] | None = None) -> dict:
-    """The per-site ``{"gate": (E, I)}`` tree of a file ``save_prototypes`` wrote.
-
-    Args:
-      path: the file.
-      names: the experts wanted, in this order; a file that stores its expert names gives
-        exactly these rows. None, or a file without names: every row, as stored.
-
-    Raises:
-      DataError: the file is missing, is not safetensors, holds no ``<site>/gate`` tensor, or
-        lacks a wanted expert.
-      LibraryError: a library's own file differs from the size and sha256 its manifest
-        records.
-    """
-    from goose_jax.core.tensorfile import read_safetensors
-    from goose_jax.experts.lora import nest_sites
-    from goose_jax.library.store import check_prototypes_file
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: prototypes file does not exist")
-    check_prototypes_file(path)
-    stored = prototype_names(path)
-    flat = read_safetensors(path, error=DataError)
-    sites = {k.rsplit("/", 1)[0]: {"gate": v} for k, v in flat.items() if k.endswith("/gate")}
-    if not sites:
-        raise DataError(f"{path}: no '<site>/gate' tensors")
-    if names is not None and stored is not None:
-        missing = [n for n in names if n not in stored]
-        if missing:
-            raise DataError(f"{path}: no prototypes for experts {missing[:3]} (it has "
-                            f"{stored[:8]}); recompute them with goose-train prototypes")
-        rows = [stored.index(n) for n in names]
-        sites = {k: {"gate": v["gate"][rows]} for k, v in sites.items()}
-    return nest_sites(sites)

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from jax.sharding import Mesh
 
 from goose_jax.core import sharding
 from goose_jax.core.errors import ConfigError
+from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.models import families
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
 
@@ -98,37 +98,6 @@ def select_sites(cfg: families.ModelConfig, lora: LoRAConfig) -> dict[str, tuple
         raise ConfigError(f"LoRAConfig.sites {lora.sites!r} matches no site of this model; "
                          f"sites look like {next(iter(shapes))!r}")
     return chosen
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for name, leaf in flat.items():
-        node = tree
-        parts = name.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = leaf
-    return tree
-
-
-def nest_sites(flat: dict[str, Any]) -> dict:
-    """``{"encoder/block_0/ffn/wo": leaf}`` -> nested dict following the site path."""
-    return _nest(flat)
-
-
-def flatten_sites(tree: dict) -> dict[str, dict[str, Array]]:
-    """Inverse of ``nest_sites`` for expert / gate trees: site name -> its leaf dict."""
-    out: dict[str, dict[str, Array]] = {}
-
-    def walk(node, prefix):
-        if any(not isinstance(v, dict) for v in node.values()):
-            out["/".join(prefix)] = node
-            return
-        for k, v in node.items():
-            walk(v, prefix + (k,))
-
-    walk(tree, ())
-    return out
 
 
 def init_experts(cfg: families.ModelConfig, lora: LoRAConfig, experts: int | Sequence[Array],

@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from goose_jax.core.errors import LibraryError
-from goose_jax.core.outputs import check_apart, check_free_space, check_library_writable
+from goose_jax.core.outputs import check_apart, check_free_space
+from goose_jax.library.manifest import check_library_writable
 from goose_jax.models import families
 from goose_jax.models.config import DTypePolicy
 from goose_jax.models.families import ModelConfig
@@ -44,8 +45,9 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
     """A Hugging Face T5, Llama, Qwen2 or Mistral directory -> a goose-jax (Orbax) model
     checkpoint in ``dtype``."""
+    from goose_jax.core.checkpoint import check_destination
     from goose_jax.models.base import load_hf_model
-    from goose_jax.models.checkpoint import check_destination, save_model
+    from goose_jax.models.checkpoint import save_model
 
     check_apart({"DST_DIR": dst}, {"SRC_HF_DIR": src})
     check_destination(dst, overwrite=overwrite)   # before the model is read
@@ -81,8 +83,8 @@ def check_library_out(out: str, *, append: bool = False, overwrite: bool = False
         set; is a non-empty folder that is no library; or (``append``) already holds one of
         ``names`` and ``overwrite`` is not set; or a name that cannot be an expert's.
     """
+    from goose_jax.core.checkpoint import check_folder_writable
     from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
-    from goose_jax.models.checkpoint import check_folder_writable
 
     check_folder_writable(out, error=LibraryError, fix="; pass another --out")
     check_library_writable(out, error=LibraryError, flag="--out")

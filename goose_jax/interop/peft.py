@@ -553,7 +553,7 @@ def export_peft(library, name: str, out_dir: str | os.PathLike, *,
     Returns:
       The paths written.
     """
-    from goose_jax.experts.lora import flatten_sites
+    from goose_jax.core.trees import flatten_sites
     from goose_jax.library.store import ExpertLibrary
 
     check_adapter_folder(out_dir, overwrite=overwrite)

@@ -36,7 +36,7 @@ import numpy as np
 from goose_jax.core.errors import AdapterError
 from goose_jax.core.progress import progress_bar
 from goose_jax.core.tensorfile import read_tensors
-from goose_jax.experts.lora import nest_sites
+from goose_jax.core.trees import nest_sites
 from goose_jax.library.stacking import (
     ImportedExperts,
     SiteLoRA,
@@ -44,7 +44,7 @@ from goose_jax.library.stacking import (
     show_names,
     stack_experts,
 )
-from goose_jax.models.config import T5Config
+from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.hf import linear_sites
 
 # The release's expert collections, in its expert order (its dataset dictionaries' keys).

@@ -33,14 +33,15 @@ this module only says what a manifest is.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from goose_jax.core.errors import GooseError, LibraryError, one_line
-from goose_jax.core.tensorfile import read_json
+from goose_jax.core.errors import DataError, GooseError, LibraryError, one_line
+from goose_jax.core.tensorfile import check_folder_writable, read_json
 from goose_jax.models import families
 
 MANIFEST = "manifest.json"
@@ -52,14 +53,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """``value`` with every non-finite float as None (the manifest is strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {k: _strict_json(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -96,7 +97,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _read_manifest(path: str) -> dict[str, Any]:
+def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of the library at ``path``, every field checked (see ``_check_manifest``)."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
@@ -126,7 +127,7 @@ def _check_manifest(manifest: Any, path: str) -> None:
         if not ok(manifest[key]):
             raise LibraryError(f"{mpath}: {key}: expected {what}; restore the manifest from a "
                                "backup or recreate the library")
-    _base_config(manifest, mpath)
+    base_config(manifest, mpath)
     seen = set()
     for i, entry in enumerate(manifest["experts"]):
         where = f"{mpath}: experts[{i}]"
@@ -134,13 +135,13 @@ def _check_manifest(manifest: Any, path: str) -> None:
             raise LibraryError(f"{where}: expected an object, found {_kind(entry)}")
         if isinstance(entry.get("name"), str):
             where += f" ({entry['name']!r})"
-        problem = _entry_problem(entry)
+        problem = entry_problem(entry)
         if problem:
             raise LibraryError(f"{where}: {problem}; remove the entry or restore the manifest")
         if entry["name"] in seen:
             raise LibraryError(f"{where}: name: a second expert named {entry['name']!r}")
         seen.add(entry["name"])
-        _expert_file(path, entry, mpath)
+        expert_file(path, entry, mpath)
     record = manifest.get("prototypes")
     if record is not None and not (
             isinstance(record, dict) and record.get("file") == PROTOTYPES_FILE
@@ -162,7 +163,7 @@ def base_family(manifest: dict) -> str:
     return manifest["base_model"].get("family", families.T5)
 
 
-def _base_config(manifest: dict, mpath: str) -> families.ModelConfig:
+def base_config(manifest: dict, mpath: str) -> families.ModelConfig:
     name = base_family(manifest)
     where = f"{mpath}: base_model.{config_key(name)}"
     try:
@@ -172,7 +173,7 @@ def _base_config(manifest: dict, mpath: str) -> families.ModelConfig:
         raise LibraryError(f"{one_line(e)}; restore the manifest from a backup") from None
 
 
-def _entry_problem(entry: dict) -> str | None:
+def entry_problem(entry: dict) -> str | None:
     """What is wrong with the fields of one manifest entry, or None."""
     for key, ok, what in _ENTRY + _ENTRY_OPTIONAL:
         if key not in entry:
@@ -183,7 +184,7 @@ def _entry_problem(entry: dict) -> str | None:
     return None
 
 
-def _expert_file(path: str, entry: dict, mpath: str) -> str:
+def expert_file(path: str, entry: dict, mpath: str) -> str:
     """The absolute path of ``entry``'s file; LibraryError unless it resolves inside ``path``."""
     rel = entry["file"]
     file = os.path.join(path, rel)
@@ -208,3 +209,18 @@ def check_expert_name(name: Any, where: str = "expert library") -> str:
         raise LibraryError(f"{where}: invalid expert name {name!r} (use letters, digits and "
                            "_.+-, starting with a letter or digit, at most 128 characters)")
     return name
+
+
+def check_library_writable(path: str | os.PathLike, *, error=DataError,
+                           flag: str = "--library") -> None:
+    """Probes (writes and removes a temporary file in) a library folder and its expert folder,
+    before any work: a read-only library is refused in one line naming the folder, not found
+    when the trained experts are written."""
+    for folder in (path, os.path.join(path, EXPERT_DIR)):
+        if folder == path or os.path.isdir(folder):
+            check_folder_writable(folder, error=error, fix=f"; pass another {flag}")
+
+
+def bytes_sha256(data: bytes) -> str:
+    """The ``"sha256:<hex>"`` digest the manifest records for a file's bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()

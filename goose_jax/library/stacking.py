@@ -32,7 +32,8 @@ import numpy as np
 
 from goose_jax.core.errors import AdapterError
 from goose_jax.core.progress import progress_bar
-from goose_jax.experts.lora import DEFAULT_SITES, LoRAConfig, nest_sites
+from goose_jax.core.trees import nest_sites
+from goose_jax.experts.lora import DEFAULT_SITES, LoRAConfig
 from goose_jax.models import families
 
 _SHOWN = 4

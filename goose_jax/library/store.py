@@ -51,24 +51,27 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from goose_jax.core.errors import ConfigError, GooseError, LibraryError
+from goose_jax.core.errors import ConfigError, LibraryError
 from goose_jax.core.sharding import expert_sharding, expert_shards, padded_count
 from goose_jax.core.tensorfile import SafetensorsFile, safetensors_bytes, write_atomic
-from goose_jax.experts.lora import LoRAConfig, flatten_sites, nest_sites, select_sites, site_pattern
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.experts.lora import LoRAConfig, select_sites, site_pattern
+from goose_jax.library import prototypes
 from goose_jax.library.manifest import (
     EXPERT_DIR,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     PROTOTYPES_FILE,
-    _base_config,
-    _entry_problem,
-    _expert_file,
-    _read_manifest,
-    _strict_json,
+    base_config,
     base_family,
+    bytes_sha256,
     check_expert_name,
     config_key,
+    entry_problem,
+    expert_file,
+    read_manifest,
+    strict_json,
 )
 from goose_jax.models import families
 
@@ -112,9 +115,6 @@ def _sample(leaf: Any, stride: int):
 def _sample_on_device(leaf, stride: int):
     return jnp.ravel(leaf)[::stride].astype(jnp.float32)
 
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @contextlib.contextmanager
@@ -225,7 +225,7 @@ class ExpertLibrary:
             expert file outside the library, a different base model, or a missing expert file.
         """
         path = os.path.abspath(os.fspath(path))
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         lib = cls(path, manifest)
         if cfg is not None or params is not None:
             lib.check_base(cfg, params)
@@ -308,7 +308,7 @@ class ExpertLibrary:
 
     @property
     def base_config(self) -> families.ModelConfig:
-        return _base_config(self.manifest, self._manifest_path)
+        return base_config(self.manifest, self._manifest_path)
 
     def info(self, name: str) -> dict[str, Any]:
         """The manifest entry of expert ``name``: name, file, data, steps, metrics, has_gate."""
@@ -328,7 +328,7 @@ class ExpertLibrary:
 
     def _write_manifest(self) -> None:
         # Strict JSON: a bare NaN is not JSON, and other readers of the manifest would choke.
-        self.manifest = _strict_json(self.manifest)
+        self.manifest = strict_json(self.manifest)
         text = json.dumps(self.manifest, indent=1, sort_keys=False, allow_nan=False) + "\n"
         write_atomic(self._manifest_path, text)
 
@@ -337,7 +337,7 @@ class ExpertLibrary:
         """Holds the write lock with the manifest freshly re-read from disk and yields its expert
         list; the caller changes it and calls ``_write_manifest`` inside."""
         with _locked(self.path):
-            self.manifest = _read_manifest(self.path)
+            self.manifest = read_manifest(self.path)
             yield self.manifest["experts"]
 
     def _one_expert(self, tree: Any, leaves: Sequence[str], index: int | None,
@@ -415,13 +415,13 @@ class ExpertLibrary:
                  "data": extra.pop("data", ""), "steps": extra.pop("steps", None),
                  "metrics": extra.pop("metrics", {})}
         entry.update({k: v for k, v in extra.items() if k not in entry})
-        entry.update({"bytes": len(data), "sha256": _sha256(data)})
+        entry.update({"bytes": len(data), "sha256": bytes_sha256(data)})
         try:
-            entry = _strict_json(entry)
+            entry = strict_json(entry)
             json.dumps(entry, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise LibraryError(f"{self.path}: info for {name!r} is not JSON: {e}") from None
-        problem = _entry_problem(entry)
+        problem = entry_problem(entry)
         if problem:
             raise LibraryError(f"{self.path}: info for {name!r}: {problem}")
         with self._fresh() as entries:
@@ -458,61 +458,33 @@ class ExpertLibrary:
     def write_prototypes(self, tensors: Mapping[str, np.ndarray],
                          metadata: Mapping[str, str] | None = None) -> str:
         """Writes ``<library>/prototypes.safetensors`` and records its size and sha256 in the
-        manifest (``report.save_prototypes`` calls this for a library's own file). Returns the
+        manifest (``save_prototypes`` calls this for a library's own file). Returns the
         path."""
         data = safetensors_bytes(dict(tensors), metadata=metadata)
         file = os.path.join(self.path, PROTOTYPES_FILE)
         with self._fresh():
             write_atomic(file, data)
             self.manifest["prototypes"] = {"file": PROTOTYPES_FILE, "bytes": len(data),
-                                           "sha256": _sha256(data)}
+                                           "sha256": bytes_sha256(data)}
             self._write_manifest()
         return file
 
     def _drop_prototypes(self, names: Sequence[str]) -> None:
         """Inside the write lock, before ``_write_manifest``: removes the prototype rows of
         ``names`` (experts replaced or removed), or the whole file where it does not name its
-        rows or keeps none. A file that differs from its record is left for readers to
-        refuse."""
-        from goose_jax.core.tensorfile import read_safetensors
-        from goose_jax.evaluation.report import prototype_names
-
+        rows or keeps none (``prototypes.drop_rows``)."""
         file = os.path.join(self.path, PROTOTYPES_FILE)
-        if not os.path.isfile(file):
+        record = prototypes.drop_rows(file, names, self.manifest.get("prototypes"))
+        if record is None:
             self.manifest.pop("prototypes", None)
-            return
-        with open(file, "rb") as f:
-            data = f.read()
-        record = self.manifest.get("prototypes")
-        if record is not None and (len(data) != record["bytes"]
-                                   or _sha256(data) != record["sha256"]):
-            return
-        try:
-            stored = prototype_names(file)
-            header = dict(SafetensorsFile(file, error=LibraryError).metadata)
-            flat = read_safetensors(file, error=LibraryError)
-        except GooseError:
-            return   # not ours to repair; readers refuse it
-        if stored is not None and not any(n in stored for n in names):
-            return
-        keep = [i for i, n in enumerate(stored or []) if n not in names]
-        if not keep:
-            os.remove(file)
-            self.manifest.pop("prototypes", None)
-            return
-        header["experts"] = json.dumps([stored[i] for i in keep])
-        data = safetensors_bytes({k: np.ascontiguousarray(v[keep]) for k, v in flat.items()},
-                                 metadata=header)
-        write_atomic(file, data)
-        self.manifest["prototypes"] = {"file": PROTOTYPES_FILE, "bytes": len(data),
-                                       "sha256": _sha256(data)}
-
+        else:
+            self.manifest["prototypes"] = record
 
     # --- reading -------------------------------------------------------------------------------
 
     def _read(self, entry: dict, want_gate: bool, verify: bool) -> dict[str, np.ndarray]:
         name = entry["name"]
-        file = _expert_file(self.path, entry, self._manifest_path)  # checked again: files change
+        file = expert_file(self.path, entry, self._manifest_path)  # checked again: files change
         if not os.path.isfile(file):
             raise LibraryError(f"{file}: expert file of {name!r} is missing")
         size = os.path.getsize(file)
@@ -525,9 +497,9 @@ class ExpertLibrary:
             with open(file, "rb") as f:
                 data = f.read()
         tensors = SafetensorsFile(file, error=LibraryError, data=data)
-        if verify and _sha256(data) != entry["sha256"]:
+        if verify and bytes_sha256(data) != entry["sha256"]:
             raise LibraryError(f"{file}: expert {name!r}: sha256: expected {entry['sha256']} "
-                               f"(manifest), found {_sha256(data)}: the file changed after it "
+                               f"(manifest), found {bytes_sha256(data)}: the file changed after it "
                                "was written (corrupt copy or disk); restore the file or add the "
                                "expert again (--overwrite)")
         out = tensors.read_all()
@@ -668,29 +640,27 @@ def _stack_into(rows: _ExpertRows, count: int, sharding: jax.sharding.Sharding, 
     return value
 
 
-def check_prototypes_file(path: str | os.PathLike) -> None:
-    """Checks a library's ``prototypes.safetensors`` against the size and sha256 its manifest
-    records (a file elsewhere, or one the manifest does not record, is not checked).
+def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = None,
+                    info: dict | None = None) -> None:
+    """Writes average-activation router vectors as ``<site>/gate`` (E, I) safetensors tensors,
+    atomically (a temporary file renamed into place).
 
-    Raises:
-      LibraryError: the file differs from the record, naming it and the fix.
+    Args:
+      prototypes: per-site ``{"gate": (E, I)}`` tree (``routers.compute_average_activations``).
+      path: the file to write (what ``goose-eval --prototypes`` reads).
+      names: the E experts' names, in row order (stored in the header, so a reader can pick
+        rows by name); None: rows are in the library's order.
+      info: how they were computed (pooling, examples per expert), stored in the header.
     """
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if (os.path.basename(path) != PROTOTYPES_FILE
-            or not os.path.isfile(os.path.join(folder, MANIFEST)) or not os.path.isfile(path)):
-        return
-    record = _read_manifest(folder).get("prototypes")
-    if record is None:
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) != record["bytes"]:
-        found = f"{len(data)} bytes"
-    elif _sha256(data) != record["sha256"]:
-        found = _sha256(data)
+    flat = {f"{site}/gate": np.ascontiguousarray(v["gate"])
+            for site, v in flatten_sites(prototypes).items()}
+    meta = {} if names is None else {"experts": json.dumps(list(names))}
+    if info:
+        meta["info"] = json.dumps(info)
+    folder = os.path.dirname(os.path.abspath(path))
+    if (os.path.basename(path) == PROTOTYPES_FILE
+            and os.path.isfile(os.path.join(folder, MANIFEST))):
+        # A library's own file: its size and sha256 go into the manifest.
+        ExpertLibrary.open(folder).write_prototypes(flat, meta or None)
     else:
-        return
-    raise LibraryError(f"{path}: expected {record['sha256']} ({record['bytes']} bytes, "
-                           f"the library manifest), found {found}: the file changed after it "
-                           "was written; recompute it with goose-train prototypes --overwrite")
+        write_atomic(path, safetensors_bytes(flat, metadata=meta or None))

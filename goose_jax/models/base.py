@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core.errors import CheckpointError, ConfigError
 from goose_jax.models import families
-from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.config import DTypePolicy
 from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.t5.config import T5Config
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -78,7 +80,7 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
         params = families.init_params(cfg, seed)
         return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
-    if checkpoint.is_checkpoint(spec):
+    if core_checkpoint.is_checkpoint(spec):
         shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
         return checkpoint.load_model(spec, shardings=shardings)
     return load_hf_model(spec, dtype=policy, mesh=mesh)

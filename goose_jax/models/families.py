@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 from goose_jax.core.errors import ConfigError
-from goose_jax.models.config import T5Config
 from goose_jax.models.llama.config import FAMILIES as DECODER_FAMILIES
 from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.t5.config import T5Config
 
 ModelConfig = Union[T5Config, DecoderConfig]  # noqa: UP007 (a runtime alias, for isinstance)
 T5 = "t5"
@@ -160,10 +160,10 @@ def validate_params(cfg: ModelConfig, params: Mapping[str, Any], *,
       CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
     """
     if is_decoder_only(cfg):
-        from goose_jax.models.llama.hf import _expected_shapes
+        from goose_jax.models.llama.hf import expected_shapes
         from goose_jax.models.t5.hf import check_param_tree
 
-        check_param_tree(_expected_shapes(cfg), params, source=source)
+        check_param_tree(expected_shapes(cfg), params, source=source)
         return
     from goose_jax.models.t5.hf import validate_params as validate_t5
 

@@ -30,7 +30,7 @@ SHARD_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 _NAMES_SHOWN = 5
 
 
-def _names(keys) -> str:
+def names_shown(keys) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_NAMES_SHOWN])
     return shown + (f" (and {len(keys) - _NAMES_SHOWN} more)" if len(keys) > _NAMES_SHOWN else "")
@@ -50,7 +50,7 @@ def _read_index(index_path: str) -> list[str]:
     absent = [name for name in shard_names if not os.path.isfile(os.path.join(folder, name))]
     if absent:
         raise CheckpointError(f"{index_path}: names shard file(s) that are missing: "
-                              f"{_names(absent)}")
+                              f"{names_shown(absent)}")
     return shards
 
 
@@ -124,7 +124,7 @@ def read_hf_state(path: str | os.PathLike) -> tuple[Mapping[str, np.ndarray], st
             return open_tensors(files, error=CheckpointError), candidate
     others = [n for n in ("flax_model.msgpack", "tf_model.h5") if os.path.isfile(
         os.path.join(folder, n))]
-    hint = (f"; found {_names(others)}, which goose-jax does not read: re-save it with "
+    hint = (f"; found {names_shown(others)}, which goose-jax does not read: re-save it with "
             "transformers' save_pretrained") if others else ""
     raise CheckpointError(f"{folder}: no weights file (looked for {SAFE_WEIGHTS_NAME}, "
                           f"{SAFE_INDEX_NAME}, {TORCH_WEIGHTS_NAME}, {TORCH_INDEX_NAME}){hint}")
@@ -146,7 +146,7 @@ def check_model_folder(path: str | os.PathLike, held: Sequence[str], *, overwrit
       ``error``: ``path`` is a file or lies below one, is a goose-jax checkpoint, or already
         holds a model (without ``overwrite``).
     """
-    from goose_jax.models.checkpoint import check_folder_writable, is_checkpoint
+    from goose_jax.core.checkpoint import check_folder_writable, is_checkpoint
 
     check_folder_writable(path, error=error)
     folder = os.fspath(path)

@@ -218,7 +218,8 @@ def train_multitask(cfg, params, tok, p: Preset, seed: int, work: str, lib_path:
 def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, path: str):
     """Stage 5a: per-site mean inputs of each expert's own training examples (cached)."""
     from goose_jax.data import world
-    from goose_jax.evaluation.report import load_prototypes, save_prototypes
+    from goose_jax.library.prototypes import load_prototypes
+    from goose_jax.library.store import save_prototypes
     from goose_jax.routing.methods import compute_average_activations
     from goose_jax.training import program as training
 
@@ -330,7 +331,7 @@ def check_out(out: str) -> None:
     Raises:
       DataError: ``out`` is a file or lies below one, or is a folder of something else.
     """
-    from goose_jax.models.checkpoint import check_folder_writable
+    from goose_jax.core.checkpoint import check_folder_writable
 
     check_folder_writable(out, error=DataError, fix="; pass another --out")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "work")):

@@ -37,7 +37,7 @@ class EvalSettings:
         ``<dataset>/<template>/<example id>``, to an expert name.
       retrieval_index: for ``retrieval``: the index file (None: the library's own).
       embedder: for ``retrieval``: a sentence-transformers directory (None: the packaged one).
-      prototypes: for ``average_activation``: the ``report.save_prototypes`` file (None: the
+      prototypes: for ``average_activation``: the ``library.store.save_prototypes`` file (None: the
         library's own, ``<library>/prototypes.safetensors`` from ``goose-train prototypes``).
       arrow_temperature: for ``arrow``: the divisor of ``|x . u|`` (a number > 0, or
         ``"release"`` for the original release's ``10 * sqrt(d_in)``); see ``build_routed``.
@@ -162,7 +162,7 @@ class EvalSettings:
     def prototypes_path(self) -> str | None:
         """The prototypes file ``average_activation`` reads: ``prototypes``, else the
         library's own (which may not exist)."""
-        from goose_jax.evaluation.report import PROTOTYPES_FILE
+        from goose_jax.library.prototypes import PROTOTYPES_FILE
 
         if self.prototypes is not None:
             return self.prototypes

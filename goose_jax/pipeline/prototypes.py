@@ -13,8 +13,9 @@ decoder-only base, every real token of the prompt-and-target sequence its traini
 ``routers.compute_average_activations``), pooled per example and then over examples
 (``--pooling example``, the release's) or over all tokens at once (``token``).
 
-The result goes to ``<library>/prototypes.safetensors`` (``report.PROTOTYPES_FILE``, beside
-``manifest.json``), one row per expert with the experts' names in its header, where
+The result goes to ``<library>/prototypes.safetensors``
+(``library.prototypes.PROTOTYPES_FILE``, beside ``manifest.json``), one row per expert with the
+experts' names in its header, where
 ``goose-eval --method average_activation`` finds it without ``--prototypes``. An existing file is
 replaced only with ``overwrite``. Tokenizer, lengths and seed come from the training config
 (``--config`` / ``--set``, as for the other goose-train commands).
@@ -80,7 +81,7 @@ class PrototypeArgs:
 
 def prototypes_path(library: str) -> str:
     """Where a library keeps its prototypes."""
-    from goose_jax.evaluation.report import PROTOTYPES_FILE
+    from goose_jax.library.prototypes import PROTOTYPES_FILE
 
     return os.path.join(library, PROTOTYPES_FILE)
 
@@ -145,8 +146,7 @@ def run_prototypes(args: PrototypeArgs) -> int:
     from goose_jax.core.outputs import check_apart
     from goose_jax.core.tensorfile import check_folder_writable
     from goose_jax.data.batching import JsonlSource, check_token_ids
-    from goose_jax.evaluation.report import save_prototypes
-    from goose_jax.library.store import ExpertLibrary
+    from goose_jax.library.store import ExpertLibrary, save_prototypes
     from goose_jax.pipeline.train_runs import load_train_base, load_train_config
     from goose_jax.routing.methods import compute_average_activations
     from goose_jax.training.program import cast_floats

@@ -60,10 +60,11 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core import distributed, sharding
 from goose_jax.core.config_files import apply_overrides, load_config
 from goose_jax.core.errors import DataError, LibraryError, TrainConfigError, UsageError
-from goose_jax.core.outputs import check_apart, check_library_writable, run_lock
+from goose_jax.core.outputs import check_apart, run_lock
 from goose_jax.core.tensorfile import check_folder_writable, read_json, write_atomic
 from goose_jax.data.batching import (
     Batcher,
@@ -80,6 +81,7 @@ from goose_jax.evaluation.validation import (
     validation_files,
 )
 from goose_jax.experts.lora import LoRAConfig, init_experts, init_gates
+from goose_jax.library.manifest import check_library_writable
 from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.models import checkpoint, families
 from goose_jax.training.loop import train_loop
@@ -637,7 +639,8 @@ def run_multitask(args: RunArgs) -> int:
         evals = [setup.batcher(ConcatSource(setup.eval_sources), stream_id(args.name))]
     key = jax.random.key(tcfg.seed)
     if full:
-        checkpoint.check_destination(args.out, overwrite=recorded is not None or args.overwrite)
+        core_checkpoint.check_destination(args.out,
+                                          overwrite=recorded is not None or args.overwrite)
         if recorded is None:
             record_run(args.workdir, identity)
         program = Program("full", setup.cfg.with_dtypes("float32", tcfg.compute_dtype), tcfg,

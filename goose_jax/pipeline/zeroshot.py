@@ -65,7 +65,7 @@ def build_method(s: EvalSettings, cfg, params, mesh=None):
       LibraryError: a library that cannot serve the method (phatgoose without every gate).
       DataError: an unreadable prototypes file.
     """
-    from goose_jax.evaluation.report import load_prototypes
+    from goose_jax.library.prototypes import load_prototypes
     from goose_jax.routing.methods import build_routed
 
     method = s.routing_method
@@ -156,8 +156,7 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
 def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
     """The prototypes file exists and has a vector for every routed expert (header only)."""
     from goose_jax.core.tensorfile import SafetensorsFile
-    from goose_jax.evaluation.report import PROTOTYPES_FILE, prototype_names
-    from goose_jax.library.store import check_prototypes_file
+    from goose_jax.library.prototypes import PROTOTYPES_FILE, check_prototypes_file, prototype_names
 
     path = s.prototypes_path
     if not os.path.isfile(path):

@@ -45,16 +45,17 @@ from jax.sharding import PartitionSpec as P
 
 from goose_jax.core import sharding
 from goose_jax.core.errors import LibraryMismatchError
-from goose_jax.experts.lora import EXPERTS, LoRAAdapter, flatten_sites, lora_delta, nest_sites
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.experts.lora import EXPERTS, LoRAAdapter, lora_delta
 from goose_jax.models import families
 from goose_jax.models.families import ModelConfig
+from goose_jax.models.sites import TELEMETRY
 from goose_jax.routing import expert_parallel
 from goose_jax.routing import formula as routing
 
 Array = jax.Array
 
 ROUTER = "router"
-TELEMETRY = "telemetry"  # optional per-site ``mask`` of the tokens telemetry counts
 METHODS = ("phatgoose", "average_activation", "arrow", "merged", "merged_factors", "uniform",
            "single", "example", "retrieval", "base")
 PER_EXAMPLE = ("example", "retrieval")  # methods whose caller picks one expert per example
@@ -144,46 +145,6 @@ def _sow_stats(module, route, num_experts: int) -> None:
     module.sow("intermediates", "top1_counts", counts_E)
     module.sow("intermediates", "mean_top1_weight", jnp.sum(w_Nk[:, 0] * mask_N) / real)
     module.sow("intermediates", "mean_entropy", jnp.sum(entropy_N * mask_N) / real)
-
-
-def telemetry_masks(sites, enc_mask_BL: Array, dec_mask_BT: Array, cross_mask_BL: Array) -> dict:
-    """The ``telemetry`` collection: per site, the mask of the tokens its counts include.
-
-    Args:
-      sites: site names (``"encoder/block_0/self_attn/q"``, ...).
-      enc_mask_BL: (B, L) the encoder tokens that count, for encoder sites.
-      dec_mask_BT: (B, T) the decoder tokens that count, for decoder sites.
-      cross_mask_BL: (B, L) the encoder tokens that count for cross-attention k and v, which
-        read the encoder output.
-
-    Returns:
-      ``{"encoder": {"block_0": {"self_attn": {"q": {"mask": ...}}}}, ...}``. For a decoder-only
-      model use ``sequence_telemetry_masks``.
-    """
-
-    def pick(site):
-        if site.startswith("encoder/"):
-            return enc_mask_BL
-        return cross_mask_BL if site.endswith(("cross_attn/k", "cross_attn/v")) else dec_mask_BT
-
-    return nest_sites({s: {"mask": pick(s)} for s in sites})
-
-
-def sequence_telemetry_masks(sites, mask_BT: Array) -> dict:
-    """The ``telemetry`` collection of a decoder-only model: every site (``layers_0/mlp/up``,
-    ...) reads the one token sequence, so every site counts its real tokens, ``mask_BT``
-    (B, T) (1 for a real token; prompt and continuation alike)."""
-    return nest_sites({s: {"mask": mask_BT} for s in sites})
-
-
-def collect_counts(state) -> dict[str, Array]:
-    """Per site, the (E,) top-1 counts a telemetry adapter sowed in ``state["intermediates"]``
-    (summed over the site's calls); sites that sowed nothing are absent."""
-    inter = state.get("intermediates", {}) if state else {}
-    if not inter:
-        return {}
-    return {name: sum(leaf["top1_counts"]) for name, leaf in flatten_sites(inter).items()
-            if "top1_counts" in leaf}
 
 
 @dataclasses.dataclass(frozen=True)

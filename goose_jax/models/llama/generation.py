@@ -14,7 +14,7 @@ EOS or T tokens exist.
 With ``telemetry=True`` the routing that generation computes is also counted, as the T5's
 ``generation.generate_greedy`` does: the adapter sows per-site top-1 counts
 (``goose_jax.routing.methods.RoutedAdapter`` with ``telemetry``) over the tokens of each site's
-``telemetry`` mask (``routers.sequence_telemetry_masks``), and the loop carries their sum. The
+``telemetry`` mask (``sites.sequence_telemetry_masks``), and the loop carries their sum. The
 prompt pass counts the real prompt tokens; each step counts the token it feeds only for rows
 still generating; rows whose prompt is all padding (batch padding) count nothing. So a row counts
 its prompt and every generated token but the last (the one nothing is predicted from): the
@@ -30,11 +30,16 @@ import jax.numpy as jnp
 
 from goose_jax.core.errors import ConfigError, NonFiniteError
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
+from goose_jax.models.greedy import greedy_loop
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.model import Decoder, _variables, positions_from_mask, site_shapes
-from goose_jax.models.t5.generation import greedy_loop
-from goose_jax.models.t5.model import Adapter, _resolve
-from goose_jax.routing.methods import TELEMETRY, collect_counts, sequence_telemetry_masks
+from goose_jax.models.llama.model import Decoder, model_variables, positions_from_mask, site_shapes
+from goose_jax.models.sites import (
+    TELEMETRY,
+    Adapter,
+    collect_counts,
+    resolve_adapter,
+    sequence_telemetry_masks,
+)
 
 Array = jax.Array
 
@@ -122,12 +127,12 @@ def generate_decoder_greedy(cfg: DecoderConfig, params, input_ids_BL, max_new_to
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    adapter, collections = _resolve(adapter, collections, routing)
+    adapter, collections = resolve_adapter(adapter, collections, routing)
     ids = jnp.asarray(input_ids_BL, jnp.int32)
     mask = (jnp.ones(ids.shape, jnp.int32) if attention_mask_BL is None
             else jnp.asarray(attention_mask_BL, jnp.int32))
     run = _generate_fast if fast_compile else _generate
-    tokens_BT, counts, finite_B = run(cfg, _variables(params, collections), ids, mask,
+    tokens_BT, counts, finite_B = run(cfg, model_variables(params, collections), ids, mask,
                                       max_new_tokens, adapter=adapter,
                                       telemetry=bool(telemetry))
     if check_finite and not bool(jnp.all(finite_B)):

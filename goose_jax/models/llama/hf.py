@@ -36,15 +36,15 @@ from goose_jax.models.hf_folder import (
     SAFE_WEIGHTS_NAME,
     SHARD_PATTERNS,
     WEIGHT_FILES,
-    _names,
     check_model_folder,
+    names_shown,
     read_config_json,
     read_hf_state,
     write_model_folder,
 )
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.model import _abstract_variables
-from goose_jax.models.t5.hf import _bits_equal
+from goose_jax.models.llama.model import abstract_variables
+from goose_jax.models.t5.hf import bits_equal
 
 Params = dict[str, Any]
 _HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"
@@ -74,8 +74,8 @@ def tensor_map(cfg: DecoderConfig) -> Iterator[tuple[str, tuple[str, ...], bool]
         yield "lm_head.weight", ("lm_head", "kernel"), True
 
 
-def _expected_shapes(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    tree = nn.meta.unbox(_abstract_variables(cfg))["params"]
+def expected_shapes(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    tree = nn.meta.unbox(abstract_variables(cfg))["params"]
     return {tuple(k.key for k in p): tuple(leaf.shape)
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -92,14 +92,14 @@ def hf_state_dict_to_params(cfg: DecoderConfig, state: Mapping[str, Any], *,
     missing = [hf for hf in names if hf not in state]
     if missing:
         raise CheckpointError(f"{source}: lacks {len(missing)} tensor(s) a {cfg.family} of this "
-                              f"config.json needs: {_names(sorted(missing))}")
+                              f"config.json needs: {names_shown(sorted(missing))}")
     extra = [k for k in state if k not in names and not k.endswith(_IGNORED_SUFFIXES)
              and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if extra:
         raise CheckpointError(f"{source}: holds {len(extra)} tensor(s) this config.json does not "
-                              f"describe: {_names(sorted(extra))}; is config.json the one "
+                              f"describe: {names_shown(sorted(extra))}; is config.json the one "
                               "written with these weights?")
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     params: Params = {}
     for hf, path, transpose in wanted:
         value = np.asarray(state[hf])
@@ -120,7 +120,7 @@ def params_to_hf_state_dict(cfg: DecoderConfig, params: Params) -> dict[str, np.
     Raises:
       CheckpointError: a tensor the config needs is absent or misshapen.
     """
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     out = {}
     for hf, path, transpose in tensor_map(cfg):
         node = params
@@ -173,7 +173,7 @@ def load_hf_llama(path: str | os.PathLike, *, dtype: DTypePolicy | None = None
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     state, source = read_hf_state(path)
-    if cfg.tie_word_embeddings and _HEAD in state and _EMBED in state and not _bits_equal(
+    if cfg.tie_word_embeddings and _HEAD in state and _EMBED in state and not bits_equal(
             np.asarray(state[_HEAD]), np.asarray(state[_EMBED])):
         # transformers keeps a stored head that differs from the embedding, whatever the config
         # says about tying: so do we.

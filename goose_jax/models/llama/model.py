@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.t5.model import Adapter, _resolve
+from goose_jax.models.sites import Adapter, resolve_adapter
 
 Array = jax.Array
 # Added to attention scores at masked keys; finite so that a query with no visible key (a
@@ -357,7 +357,7 @@ class Decoder(nn.Module):
 # --- functional API ---------------------------------------------------------------------------
 
 
-def _abstract_variables(cfg: DecoderConfig) -> dict:
+def abstract_variables(cfg: DecoderConfig) -> dict:
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(Decoder(cfg).init, jax.random.key(0), ids, ids, ids)
 
@@ -374,7 +374,7 @@ def init_params(cfg: DecoderConfig, rng: Array | int = 0) -> dict:
         gen = np.random.default_rng(int(rng))
     else:
         gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
-    shapes = nn.meta.unbox(_abstract_variables(cfg))["params"]
+    shapes = nn.meta.unbox(abstract_variables(cfg))["params"]
 
     def draw(path, leaf):
         param = str(path[-1].key)
@@ -389,7 +389,7 @@ def init_params(cfg: DecoderConfig, rng: Array | int = 0) -> dict:
 
 def param_logical_axes(cfg: DecoderConfig) -> dict:
     """The logical axis names of every base parameter, a pytree of PartitionSpec."""
-    return nn.get_partition_spec(_abstract_variables(cfg))["params"]
+    return nn.get_partition_spec(abstract_variables(cfg))["params"]
 
 
 SITE_ORDER = ("self_attn/q", "self_attn/k", "self_attn/v", "self_attn/o", "mlp/gate", "mlp/up",
@@ -406,7 +406,7 @@ def site_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     return {f"layers_{i}/{s}": shapes[s] for i in range(cfg.num_layers) for s in SITE_ORDER}
 
 
-def _variables(params, collections):
+def model_variables(params, collections):
     return {"params": params, **(collections or {})}
 
 
@@ -434,8 +434,8 @@ def decoder_logits(cfg: DecoderConfig, params, input_ids_BT, attention_mask_BT=N
     Returns:
       float32 logits (B, T, V).
     """
-    adapter, collections = _resolve(adapter, collections, routing)
+    adapter, collections = resolve_adapter(adapter, collections, routing)
     ids = jnp.asarray(input_ids_BT, jnp.int32)
     mask = (jnp.ones(ids.shape, jnp.int32) if attention_mask_BT is None
             else jnp.asarray(attention_mask_BT, jnp.int32))
-    return _logits(cfg, _variables(params, collections), ids, mask, adapter=adapter)
+    return _logits(cfg, model_variables(params, collections), ids, mask, adapter=adapter)

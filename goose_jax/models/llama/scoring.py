@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from goose_jax.core.errors import EvalError
-from goose_jax.experts.lora import nest_sites
+from goose_jax.core.trees import nest_sites
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import left_align
 from goose_jax.models.llama.model import Decoder, positions_from_mask
-from goose_jax.routing.methods import TELEMETRY, collect_counts
+from goose_jax.models.sites import TELEMETRY, collect_counts
 
 Array = jax.Array
 

@@ -22,17 +22,18 @@ import jax
 import jax.numpy as jnp
 
 from goose_jax.core.errors import ConfigError, NonFiniteError
-from goose_jax.models.config import FAST_COMPILE_OPTIONS, T5Config
+from goose_jax.models.config import FAST_COMPILE_OPTIONS
+from goose_jax.models.greedy import greedy_loop
 from goose_jax.models.scan import stack_layers, unstack_layers
-from goose_jax.models.t5.model import (
-    T5,
+from goose_jax.models.sites import (
+    TELEMETRY,
     Adapter,
-    _ones_mask,
-    _resolve,
-    _variables,
-    site_shapes,
+    collect_counts,
+    resolve_adapter,
+    telemetry_masks,
 )
-from goose_jax.routing.methods import TELEMETRY, collect_counts, telemetry_masks
+from goose_jax.models.t5.config import T5Config
+from goose_jax.models.t5.model import T5, model_variables, ones_mask, site_shapes
 
 Array = jax.Array
 
@@ -81,48 +82,6 @@ def _generate_impl(cfg, variables, input_ids_BL, mask_BL, max_new_tokens, adapte
                        cfg.eos_token_id, cfg.pad_token_id)
 
 
-def greedy_loop(step, cache, tok_B, finite_B, counts, real_B, max_new_tokens: int, eos_id: int,
-                pad_id: int):
-    """The greedy decoding loop of every model family, from its first new token on.
-
-    Args:
-      step: ``step(cache, tok_B, i, count_B) -> (new_B, cache, counts, finite_B)`` feeds each
-        row's token i - 1 and returns its argmax successor, the cache, the step's telemetry
-        counts and whether each row's logits were finite; ``count_B`` says which rows count
-        the fed token (real rows that have not finished).
-      cache, tok_B, finite_B, counts: after the first token (B,): the cache, the token, its
-        finiteness and the counts so far.
-      real_B: (B,) rows that hold a real input (batch padding rows do not).
-      max_new_tokens: T.
-      eos_id, pad_id: a row stops at ``eos_id`` and is padded with ``pad_id`` after it.
-
-    Returns:
-      (tokens (B, T) int32, counts, (B,) whether each real row's logits stayed finite; batch
-      padding rows may hold anything and read True).
-    """
-    B, T = tok_B.shape[0], max_new_tokens
-    out_BT = jnp.zeros((B, T), jnp.int32).at[:, 0].set(tok_B)
-    done_B = tok_B == eos_id
-
-    def cond(state):
-        i, _, _, _, done_B, _, _ = state
-        return (i < T) & ~jnp.all(done_B)
-
-    def body(state):
-        i, out_BT, cache, tok_B, done_B, counts, finite_B = state
-        # A row counts this step's token only while it has not finished.
-        new_B, cache, step_counts, step_finite_B = step(cache, tok_B, i, real_B & ~done_B)
-        finite_B = finite_B & (step_finite_B | done_B)
-        counts = {s: c + step_counts[s] if s in step_counts else c for s, c in counts.items()}
-        new_B = jnp.where(done_B, pad_id, new_B)
-        out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, new_B[:, None], i, axis=1)
-        return i + 1, out_BT, cache, new_B, done_B | (new_B == eos_id), counts, finite_B
-
-    state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts, finite_B)
-    state = jax.lax.while_loop(cond, body, state)
-    return state[1], state[5], state[6] | ~real_B
-
-
 _GENERATE_STATIC = ("cfg", "max_new_tokens", "adapter", "telemetry")
 _generate = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 _generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
@@ -165,15 +124,16 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    adapter, collections = _resolve(adapter, collections, routing)
+    adapter, collections = resolve_adapter(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
-    mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+    mask = ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
     if mesh is not None and input_ids_BL.shape[0] % mesh.shape["data"] == 0:
         from goose_jax.core.sharding import batch_sharding, put_global
 
         input_ids_BL, mask = put_global((input_ids_BL, mask), batch_sharding(mesh))
     fn = _generate_fast if fast_compile else _generate
-    tokens_BT, counts, finite_B = fn(cfg, _variables(cfg, params, collections), input_ids_BL, mask,
+    variables = model_variables(cfg, params, collections)
+    tokens_BT, counts, finite_B = fn(cfg, variables, input_ids_BL, mask,
                                      int(max_new_tokens), adapter=adapter,
                                      telemetry=bool(telemetry))
     if check_finite and not bool(jnp.all(finite_B)):

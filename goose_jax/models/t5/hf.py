@@ -33,19 +33,20 @@ from jax.sharding import Mesh
 from goose_jax.core.errors import CheckpointError
 from goose_jax.core.progress import progress_bar, progress_enabled
 from goose_jax.core.sharding import read_into
-from goose_jax.models.config import DTypePolicy, T5Config
+from goose_jax.models.config import DTypePolicy
 from goose_jax.models.hf_folder import (
     CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
     SHARD_PATTERNS,
     WEIGHT_FILES,
-    _names,
     check_model_folder,
+    names_shown,
     read_config_json,
     read_hf_state,
     write_model_folder,
 )
 from goose_jax.models.scan import per_layer, unstack_layers
+from goose_jax.models.t5.config import T5Config
 
 # Present in checkpoints written by older transformers (or by torch.save of a state dict) and
 # never used: the per-stack embeddings are the shared one, and this relative bias was created but
@@ -169,7 +170,7 @@ def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(shape_of(key) if shape_of is not None else np.shape(state[key]))
 
 
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
     # Exact equality of the stored bits: the tie decision must not depend on float tolerance.
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
@@ -196,7 +197,7 @@ def infer_tie_word_embeddings(state: Mapping[str, Any]) -> bool:
     if _LM_HEAD not in state:
         return True
     shared = _shared_key(state)
-    return shared is not None and _bits_equal(state[_LM_HEAD], state[shared])
+    return shared is not None and bits_equal(state[_LM_HEAD], state[shared])
 
 
 def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
@@ -232,7 +233,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
     if missing:
         raise CheckpointError(
             f"{source}: {len(missing)} tensor(s) that the config requires are missing: "
-            f"{_names(missing)}; does {CONFIG_NAME} match these weights?")
+            f"{names_shown(missing)}; does {CONFIG_NAME} match these weights?")
     allowed = set(lookup.values()) | _HARMLESS_KEYS
     if cfg.tie_word_embeddings and _LM_HEAD in state:
         if not infer_tie_word_embeddings(state):
@@ -244,7 +245,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
     if unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} unexpected tensor(s) that a T5 with this config does "
-            f"not have: {_names(unexpected)}; does {CONFIG_NAME} match these weights?")
+            f"not have: {names_shown(unexpected)}; does {CONFIG_NAME} match these weights?")
 
     mismatched = [(s.hf_key, _shape(state, lookup[s.hf_key]), s.hf_shape) for s in specs]
     mismatched = [m for m in mismatched if m[1] != m[2]]
@@ -290,9 +291,9 @@ def base_shardings(cfg, mesh: Mesh) -> Params:
 
     abstract: Params = {}
     if families.is_decoder_only(cfg):
-        from goose_jax.models.llama.hf import _expected_shapes
+        from goose_jax.models.llama.hf import expected_shapes
 
-        for path, shape in _expected_shapes(cfg).items():
+        for path, shape in expected_shapes(cfg).items():
             _put(abstract, path, jax.ShapeDtypeStruct(shape, np.dtype(cfg.dtype.param)))
     else:
         for s in tensor_specs(cfg):
@@ -330,11 +331,11 @@ def check_param_tree(expected: Mapping[tuple[str, ...], tuple[int, ...]], params
     missing = ["/".join(p) for p in expected if p not in flat]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} parameter(s) missing for this config: "
-                              f"{_names(missing)}")
+                              f"{names_shown(missing)}")
     unexpected = ["/".join(p) for p in flat if p not in expected]
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} unexpected parameter(s) for this "
-                              f"config: {_names(unexpected)}")
+                              f"config: {names_shown(unexpected)}")
     for path, want in expected.items():
         shape = tuple(np.shape(flat[path]))
         if shape != tuple(want):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,22 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.models import attention
-from goose_jax.models.config import T5Config
 from goose_jax.models.scan import per_layer, run_blocks, stack_layers
+from goose_jax.models.sites import Adapter, resolve_adapter
+from goose_jax.models.t5.config import T5Config
 
 Array = jax.Array
 # Added to attention scores at masked positions. Finite so that bias + mask cannot overflow.
 _MASKED = -1e9
-
-
-class Adapter(Protocol):
-    """What a site calls after its base matmul. Must be hashable (it is a jit static argument).
-
-    ``module`` is the calling ``Linear``: ``module.site`` is its name, and the adapter may read
-    variables of its own collections there (``module.get_variable('lora', 'a')``).
-    """
-
-    def __call__(self, module: Linear, x: Array, y: Array) -> Array: ...
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -489,7 +480,7 @@ class T5(nn.Module):
 # --- functional API ---------------------------------------------------------------------------
 
 
-def _abstract_variables(cfg: T5Config) -> dict:
+def abstract_variables(cfg: T5Config) -> dict:
     """The model's variables as shapes (partitioning boxes kept): no compute, even for XL."""
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(T5(cfg).init, jax.random.key(0), ids, ids, ids)
@@ -515,7 +506,7 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
         gen = np.random.default_rng(int(rng))
     else:
         gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
-    shapes = nn.meta.unbox(_abstract_variables(cfg))["params"]
+    shapes = nn.meta.unbox(abstract_variables(cfg))["params"]
 
     def draw(path, leaf):
         module, param = (str(k.key) for k in path[-2:])
@@ -531,7 +522,7 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
 def param_logical_axes(cfg: T5Config) -> dict:
     """The logical axis names of every base parameter, as a pytree of PartitionSpec (with
     ``cfg.scan_layers``, the stacked tree's, each block parameter led by ``"layers"``)."""
-    return nn.get_partition_spec(_abstract_variables(cfg))["params"]
+    return nn.get_partition_spec(abstract_variables(cfg))["params"]
 
 
 def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
@@ -540,7 +531,7 @@ def site_shapes(cfg: T5Config) -> dict[str, tuple[int, int]]:
     Ordered encoder first, then decoder, blocks ascending, as the model calls them. Computed from
     abstract shapes, so it costs nothing even for XL. Per layer even with ``cfg.scan_layers``.
     """
-    abstract = nn.meta.unbox(_abstract_variables(per_layer(cfg)))
+    abstract = nn.meta.unbox(abstract_variables(per_layer(cfg)))
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]:
         names = [k.key for k in path]
@@ -559,27 +550,19 @@ _SITE_ORDER = tuple(f"{a}/{p}" for a in ("self_attn", "cross_attn") for p in "qk
     f"ffn/{p}" for p in ("wi", "wi_0", "wi_1", "wo"))
 
 
-def _variables(cfg, params, collections):
+def model_variables(cfg, params, collections):
     variables = {"params": params, **(collections or {})}
     # Either layout is accepted; a stacked tree passes through unchanged (no copy).
     return stack_layers(variables, cfg) if cfg.scan_layers else variables
 
 
-def _ones_mask(ids):
+def ones_mask(ids):
     return jnp.ones(ids.shape, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"))
 def _logits(cfg, variables, input_ids_BL, decoder_ids_BT, mask_BL, adapter=None):
     return T5(cfg, adapter).apply(variables, input_ids_BL, decoder_ids_BT, mask_BL)
-
-
-def _resolve(adapter, collections, routing):
-    if routing is None:
-        return adapter, collections
-    if adapter is not None or collections is not None:
-        raise ValueError("pass either routing= or adapter= / collections=, not both")
-    return routing.adapter, routing.collections
 
 
 def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attention_mask_BL=None,
@@ -600,9 +583,9 @@ def t5_logits(cfg: T5Config, params, input_ids_BL, decoder_input_ids_BT, attenti
     Returns:
       float32 logits (B, T, V).
     """
-    adapter, collections = _resolve(adapter, collections, routing)
+    adapter, collections = resolve_adapter(adapter, collections, routing)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     decoder_input_ids_BT = jnp.asarray(decoder_input_ids_BT, jnp.int32)
-    mask = _ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
-    return _logits(cfg, _variables(cfg, params, collections), input_ids_BL, decoder_input_ids_BT,
-                   mask, adapter=adapter)
+    mask = ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+    variables = model_variables(cfg, params, collections)
+    return _logits(cfg, variables, input_ids_BL, decoder_input_ids_BT, mask, adapter=adapter)
