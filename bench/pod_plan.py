@@ -253,14 +253,14 @@ def batch_input(shape, mesh, dtype="int32"):
 
 def rank_program(cfg, lora, E, mesh):
     """goose-eval's rank classification scorer (``Evaluator.score_choices``'s jitted call)."""
-    from goose_jax.evaluation import evaluator as evaluation
+    from goose_jax.models.t5.scoring import CHOICE_NLL
 
     adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
     variables = {"params": abstract_base(cfg, mesh), **collections}
     B, C, L, T = (RANK_SHAPE[k] for k in ("batch", "choices", "input_length", "target_length"))
     ids, mask = batch_input((B, L), mesh), batch_input((B, L), mesh)
     tgt, tmask = batch_input((B, C, T), mesh), batch_input((B, C, T), mesh)
-    fn = evaluation._CHOICE_NLL[False]  # the scorer Evaluator.score_choices calls
+    fn = CHOICE_NLL[False]  # the scorer Evaluator.score_choices calls (T5)
     # The encoder's and the decoder's variables are one tree (as the Evaluator passes them):
     # held once on a device. (jit drops the half of each copy its side does not use, so the
     # executable's argument bytes count it once too.)

@@ -186,7 +186,7 @@ def test_goose_convert_round_trip_loads_in_transformers_with_the_same_logits(
 def test_a_decoder_checkpoint_loads_onto_a_mesh(tmp_path):
     from goose_jax.core import sharding
     from goose_jax.models.base import load_base
-    from goose_jax.models.t5.hf import base_shardings
+    from goose_jax.models.families import base_shardings
 
     params = _random_params(TINY)
     checkpoint.save_model(tmp_path / "m", TINY, params)

@@ -19,6 +19,7 @@ import goose_jax as gj
 from goose_jax.core import sharding
 from goose_jax.experts import lora as ex
 from goose_jax.models import families
+from goose_jax.models import sites as site_api
 from goose_jax.models.llama import model as decoder
 from goose_jax.routing import methods as routers
 from goose_jax.routing.methods import build_routed
@@ -164,9 +165,9 @@ def test_telemetry_counts_the_real_tokens_of_the_sequence(world):
     m = jnp.asarray(mask)
     _, state = decoder.Decoder(CFG, routed.adapter).apply(
         {"params": params, **routed.collections,
-         sites.TELEMETRY: sites.sequence_telemetry_masks(sites, m)},
+         site_api.TELEMETRY: site_api.sequence_telemetry_masks(sites, m)},
         jnp.asarray(ids), decoder.positions_from_mask(m), m, mutable=["intermediates"])
-    counts = sites.collect_counts(state)
+    counts = site_api.collect_counts(state)
     ref = NumpySites(lib, vectors=gates)
     _reference(params, ids, mask, ref)
     assert set(counts) == set(sites) == set(ref.top1)

@@ -114,7 +114,7 @@ def test_every_device_holds_its_share_of_the_library(E):
 def test_a_padded_library_routes_as_the_unpadded_one_and_is_never_gathered():
     """The compiled routed scorer of 6 experts on expert=4 has no all-gather whose result is a
     whole library leaf, and its scores equal the single-device model's."""
-    from goose_jax.evaluation import evaluator as evaluation
+    from goose_jax.models.t5.scoring import CHOICE_NLL
 
     params = gj.init_params(CFG, 2)
     lib, gates = _library(6, 4)
@@ -127,7 +127,7 @@ def test_a_padded_library_routes_as_the_unpadded_one_and_is_never_gathered():
     put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))  # noqa: E731
     batch = [put(a) for a in (ids, mask, tgt, tmask)]
     on_mesh = sharding.shard_params(params, gj.param_logical_axes(CFG), mesh)
-    score = evaluation._CHOICE_NLL[True]
+    score = CHOICE_NLL[True]
 
     def run(routed, p, args):
         v = {"params": p, **routed.collections}

@@ -46,7 +46,7 @@ def test_library_records_family_and_refuses_another(tmp_path):
     lib = ExpertLibrary.create(tmp_path / "lib", DEC, params, LoRAConfig(rank=2))
     manifest = json.load(open(os.path.join(lib.path, "manifest.json")))
     assert manifest["base_model"]["family"] == "llama"
-    assert manifest["lora"]["sites_pattern"] == families.DECODER_SITES
+    assert manifest["lora"]["sites_pattern"] == families.named("llama").sites_pattern
     assert "decoder_config" in manifest["base_model"]
     reopened = ExpertLibrary.open(tmp_path / "lib", DEC, params)
     assert reopened.family == "llama"

@@ -15,6 +15,7 @@ from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.experts.lora import LoRAAdapter, dense_delta, init_experts, init_gates
+from goose_jax.models.t5 import loss as t5_loss
 from goose_jax.models.t5.model import T5, init_params
 from goose_jax.training import program as training
 
@@ -196,10 +197,10 @@ def test_zero_b_is_the_base_model_and_one_expert_is_a_dense_update(params):
 def test_token_nll_is_masked_cross_entropy_of_shifted_targets(params):
     batch = {k: v[0] for k, v in make_batch(40, (), 1, 3).items()}
     assert np.any(batch["targets"] == 0)  # some padding to mask
-    nll_fn = jax.jit(training.token_nll, static_argnums=0, compiler_options=FAST)
+    nll_fn = jax.jit(t5_loss.token_nll, static_argnums=0, compiler_options=FAST)
     nll, n = nll_fn(CFG, {"params": params}, batch)
     dec = np.concatenate([np.zeros((3, 1), np.int32), batch["targets"][:, :-1]], axis=1)
-    np.testing.assert_array_equal(training.shift_right(jnp.asarray(batch["targets"]), 0), dec)
+    np.testing.assert_array_equal(t5_loss.shift_right(jnp.asarray(batch["targets"]), 0), dec)
     z = np.asarray(logits(params, batch["inputs"], dec, batch["input_mask"]), np.float64)
     z = z - z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -20,7 +20,7 @@ scores all B*C rows at once. Batch size, number of choices, encoder length and c
 rounded up to powers of two (capped by the configured maxima), so a benchmark compiles a handful
 of shapes. Nothing here imports TensorFlow.
 
-A decoder-only base (``families.is_decoder_only``) is evaluated the same way, with the same
+A decoder-only base (a family with ``decoder_only``) is evaluated the same way, with the same
 tasks, batching and metrics: each prompt runs once and every choice is scored from its cached
 keys and values (``goose_jax.models.llama.scoring``; ``encoder_once=False``: each prompt + choice
 row whole), and generation continues the prompt (``decoder_generation``). Its prompts start as
@@ -32,7 +32,6 @@ text nearest the answer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -48,15 +47,7 @@ from goose_jax.data.examples import EvalTask, Example
 from goose_jax.evaluation.metrics import generation_score, rank_prediction
 from goose_jax.experts.lora import EXPERTS
 from goose_jax.models import families
-from goose_jax.models.config import FAST_COMPILE_OPTIONS
-from goose_jax.models.llama.generation import generate_decoder_greedy
-from goose_jax.models.llama.loss import prompt_bos
-from goose_jax.models.llama.scoring import decoder_choice_nll, target_nll
-from goose_jax.models.scan import stack_layers, unstack_layers
-from goose_jax.models.sites import TELEMETRY, collect_counts, telemetry_masks
-from goose_jax.models.t5.config import T5Config
-from goose_jax.models.t5.generation import generate_greedy
-from goose_jax.models.t5.model import T5
+from goose_jax.models.scan import stack_layers
 from goose_jax.routing.methods import PER_EXAMPLE, ROUTER
 
 Array = jax.Array
@@ -80,51 +71,6 @@ def _pad_rows(rows: Sequence[Sequence[int]], n_rows: int, length: int) -> tuple[
 
 
 # --- the jitted scorers -------------------------------------------------------------------------
-
-
-def _choice_nll_impl(cfg: T5Config, adapter, enc_vars, dec_vars, ids_BL, mask_BL, tgt_BCT,
-                     tmask_BCT, naive: bool = False, sites: tuple[str, ...] = ()):
-    """Summed NLL (B, C) of every choice, plus per-site top-1 counts when ``sites`` is given.
-
-    ``naive`` repeats the input per choice and runs the whole model on every (input, choice) row;
-    otherwise the encoder runs once per example and its output is repeated along C.
-    """
-    model = T5(cfg, adapter)
-    B, C, T = tgt_BCT.shape
-    tgt_MT = tgt_BCT.reshape(B * C, T)
-    tmask_MT = tmask_BCT.reshape(B * C, T)
-    mask_ML = jnp.repeat(mask_BL, C, axis=0)
-    enc_rows = mask_ML if naive else mask_BL
-    mutable = ["intermediates"] if sites else False
-    if sites:
-        # Padded choice rows (C rounded up) hold real encoder tokens but are no real input.
-        real_M = (jnp.sum(tmask_MT, axis=-1, keepdims=True) > 0).astype(mask_ML.dtype)
-        enc_real = mask_ML * real_M if naive else mask_BL
-        masks = {TELEMETRY: telemetry_masks(sites, enc_real, tmask_MT, mask_ML * real_M)}
-        if cfg.scan_layers:
-            masks = stack_layers(masks, cfg)
-        enc_vars, dec_vars = {**enc_vars, **masks}, {**dec_vars, **masks}
-    enc_ids = jnp.repeat(ids_BL, C, axis=0) if naive else ids_BL
-    res = model.apply(enc_vars, enc_ids, enc_rows, method=T5.encode, mutable=mutable)
-    enc_XLD, enc_state = res if sites else (res, None)
-    enc_MLD = enc_XLD if naive else jnp.repeat(enc_XLD, C, axis=0)
-    start_M1 = jnp.full_like(tgt_MT[:, :1], cfg.decoder_start_token_id)
-    dec_MT = jnp.concatenate([start_M1, tgt_MT[:, :-1]], axis=1)   # teacher forcing
-    res = model.apply(dec_vars, dec_MT, enc_MLD, mask_ML, method=T5.decode, mutable=mutable)
-    logits_MTV, dec_state = res if sites else (res, None)
-    nll_BC = target_nll(logits_MTV, tgt_MT, tmask_MT).reshape(B, C)
-    if cfg.scan_layers and sites:
-        enc_state, dec_state = (
-            {**st, "intermediates": unstack_layers(st["intermediates"])}
-            for st in (enc_state, dec_state))
-    counts = {**collect_counts(enc_state), **collect_counts(dec_state)}
-    return nll_BC, counts
-
-
-_NLL_STATIC = ("cfg", "adapter", "naive", "sites")
-_CHOICE_NLL = {False: jax.jit(_choice_nll_impl, static_argnames=_NLL_STATIC),
-               True: jax.jit(_choice_nll_impl, static_argnames=_NLL_STATIC,
-                             compiler_options=FAST_COMPILE_OPTIONS)}
 
 
 # --- the evaluator ------------------------------------------------------------------------------
@@ -194,13 +140,12 @@ class Evaluator:
         self.mesh, self.choose_experts = mesh, choose_experts
         self.fixed_shapes = fixed_shapes
         self.fast_compile = bool(fast_compile)
-        self.decoder_only = families.is_decoder_only(cfg)
+        self.family = families.of(cfg)
         self.scan = bool(getattr(cfg, "scan_layers", False))
-        # A decoder-only model stops generating at the EOS its choices and its decoding end with.
-        self.gen_cfg = cfg.replace(eos_token_id=tokenizer.eos_id) if self.decoder_only else cfg
-        # Prompts start as decoder training starts them (``decoder_training.prompt_bos``).
-        bos = prompt_bos(cfg, tokenizer) if self.decoder_only else None
-        self.prefix = [] if bos is None else [bos]
+        # Where generation stops, and how every prompt starts, are the family's
+        # (``ModelFamily.eval_config``, ``eval_prefix``).
+        self.gen_cfg = self.family.eval_config(cfg, tokenizer)
+        self.prefix = self.family.eval_prefix(cfg, tokenizer)
         method = getattr(routed, "method", "base")
         if method in PER_EXAMPLE and choose_experts is None:
             raise EvalError(f"method {method!r} needs choose_experts (one expert per example)")
@@ -267,11 +212,7 @@ class Evaluator:
         return idx
 
     def _encode_input(self, text: str) -> list[int]:
-        if self.decoder_only:   # no EOS: the answer follows; the end is kept
-            keep = max(1, self.max_input_length - len(self.prefix))
-            return self.prefix + self.tok.encode(text, add_eos=False)[-keep:]
-        return _truncate(self.tok.encode(text, add_eos=True), self.max_input_length,
-                         self.tok.eos_id)
+        return self.family.encode_prompt(self.tok, text, self.max_input_length, self.prefix)
 
     # -- rank classification --
 
@@ -317,8 +258,7 @@ class Evaluator:
             enc_vars = self._variables(experts, C if naive else 1)
             dec_vars = self._variables(experts, C) if experts is not None else enc_vars
             self.compiled_shapes.add(("rank", B, C, L, T))
-            score = (functools.partial(decoder_choice_nll, fast_compile=self.fast_compile)
-                     if self.decoder_only else _CHOICE_NLL[self.fast_compile])
+            score = self.family.choice_scorer(self.fast_compile)
             nll, counts = score(self.cfg, self.adapter, enc_vars, dec_vars, self._put(ids),
                                 self._put(mask), self._put(tgt), self._put(tmask), naive=naive,
                                 sites=self.sites)
@@ -357,19 +297,10 @@ class Evaluator:
             self.compiled_shapes.add(("generate", B, L, max_new_tokens))
             coll = {k: v for k, v in variables.items() if k != "params"}
             # With telemetry, decoding counts the routing it computes (no second forward).
-            if self.decoder_only:
-                out_gen = generate_decoder_greedy(
-                    self.gen_cfg, self.params, self._put(ids), max_new_tokens, self._put(mask),
-                    adapter=self.adapter, collections=coll or None,
-                    fast_compile=self.fast_compile, telemetry=self.telemetry,
-                    check_finite=True)
-            else:
-                out_gen = generate_greedy(self.cfg, self.params, self._put(ids), max_new_tokens,
-                                          self._put(mask), adapter=self.adapter,
-                                          collections=coll or None,
-                                          fast_compile=self.fast_compile,
-                                          telemetry=self.telemetry, check_finite=True,
-                                          mesh=self.mesh)
+            out_gen = self.family.generate(
+                self.gen_cfg, self.params, self._put(ids), max_new_tokens, self._put(mask),
+                adapter=self.adapter, collections=coll or None, fast_compile=self.fast_compile,
+                telemetry=self.telemetry, check_finite=True, mesh=self.mesh)
             toks, counts = self._get(out_gen if self.telemetry else (out_gen, {}))
             for b, i in enumerate(idx):
                 out[i] = self.tok.decode(toks[b].tolist())

@@ -43,8 +43,8 @@ GATES = "gates"
 
 # Every attention projection (self and cross) and every FFN matrix, encoder and decoder: the
 # paper's 432 sites on T5-XL. On a decoder-only model the default means every site of that
-# family (``families.DECODER_SITES``).
-DEFAULT_SITES = families.T5_SITES
+# family (its ``sites_pattern``).
+DEFAULT_SITES = families.named("t5").sites_pattern
 
 
 @dataclasses.dataclass(frozen=True)

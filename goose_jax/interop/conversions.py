@@ -17,6 +17,7 @@ from goose_jax.library.manifest import check_library_writable
 from goose_jax.models import families
 from goose_jax.models.config import DTypePolicy
 from goose_jax.models.families import ModelConfig
+from goose_jax.models.hf_folder import WEIGHT_FILES, check_model_folder
 
 
 def describe_model(cfg: ModelConfig, params) -> str:
@@ -26,10 +27,7 @@ def describe_model(cfg: ModelConfig, params) -> str:
     leaves = jax.tree.leaves(params)
     n = sum(int(np.prod(x.shape)) for x in leaves)
     head = "tied head" if cfg.tie_word_embeddings else "untied head"
-    if families.is_decoder_only(cfg):
-        depth = f"{cfg.family}, {cfg.num_layers} layers"
-    else:
-        depth = f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers"
+    depth = families.of(cfg).summary(cfg)
     return f"{len(leaves)} tensors, {n:,} parameters, {cfg.dtype.param_dtype}, {depth}, {head}"
 
 
@@ -61,16 +59,13 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
     """A goose-jax model checkpoint -> a Hugging Face directory of its family (refused when
     ``dst`` already holds a model, unless ``overwrite``)."""
     from goose_jax.models.checkpoint import load_model, read_model_config
-    from goose_jax.models.llama.hf import save_hf_llama
-    from goose_jax.models.t5.hf import check_hf_folder, save_hf_t5
-
-    check_hf_folder(dst, overwrite=overwrite)   # before the model is read
+    check_model_folder(dst, WEIGHT_FILES, overwrite=overwrite)   # before the model is read
     check_apart({"DST": dst}, {"SRC": src})
     read_model_config(src)
     cfg, params = load_model(src)
     check_free_space(dst, tree_bytes(params), what="the model's weights", flag="DST")
-    save = save_hf_llama if families.is_decoder_only(cfg) else save_hf_t5
-    return [f"wrote {p}" for p in save(cfg, params, dst, overwrite=overwrite)] + [
+    written = families.of(cfg).save_hf(cfg, params, dst, overwrite=overwrite)
+    return [f"wrote {p}" for p in written] + [
         f"({describe_model(cfg, params)})"]
 
 

@@ -16,12 +16,11 @@ import json
 import os
 
 from goose_jax.models import families
-from goose_jax.models.t5.hf import Site
+from goose_jax.models.family import Site
 
 # Hugging Face ``model_type`` values of each family (a T5 checkpoint may be any of these).
-_MODEL_TYPES = {"t5": families.T5, "mt5": families.T5, "umt5": families.T5,
-                **{f: f for f in families.DECODER_FAMILIES}}
-_LABELS = {families.T5: "T5", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+_MODEL_TYPES = {t: (fam.names[0] if len(fam.names) == 1 else t)
+                for fam in families.REGISTRY for t in fam.hf_model_types}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,26 +51,10 @@ class ModuleTable:
 
 def module_table(cfg: families.ModelConfig) -> ModuleTable:
     """The PEFT module table of the model ``cfg`` configures."""
-    name = families.family(cfg)
-    if not families.is_decoder_only(cfg):
-        from goose_jax.models.t5.hf import linear_sites
-
-        return ModuleTable(
-            name, _LABELS[name], linear_sites(cfg),
-            ("shared", "encoder.embed_tokens", "decoder.embed_tokens",
-             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
-             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias", "lm_head"),
-            ("q", "v"), "SEQ_2_SEQ_LM")
-    from goose_jax.models.llama.hf import tensor_map
-
-    shapes = families.site_shapes(cfg)
-    sites = {}
-    for hf, path, transposed in tensor_map(cfg):
-        site = "/".join(path[:-1])
-        if transposed and site in shapes:
-            sites[hf.removesuffix(".weight")] = Site(site, *shapes[site])
-    return ModuleTable(name, _LABELS[name], sites, ("model.embed_tokens", "lm_head"),
-                       ("q_proj", "v_proj"), "CAUSAL_LM")
+    fam = families.of(cfg)
+    name = fam.name_of(cfg)
+    return ModuleTable(name, fam.label(name), fam.peft_sites(cfg), fam.peft_no_site,
+                       fam.peft_default_targets, fam.peft_task_type)
 
 
 def recorded_family(base_model_name_or_path) -> tuple[str | None, str | None]:

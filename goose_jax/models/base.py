@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING
 
 from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core.errors import CheckpointError, ConfigError
-from goose_jax.models import families
+from goose_jax.core.sharding import put_global
+from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
+from goose_jax.models import checkpoint, families
 from goose_jax.models.config import DTypePolicy
+from goose_jax.models.hf_folder import read_config_json
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.t5.config import T5Config
 
@@ -50,7 +53,7 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
     """(cfg, params) of the base model ``spec`` (see the module doc).
 
     With ``mesh`` the parameters come back as global arrays laid out by the one rules table
-    (``interop.hf.base_shardings``), each process holding only its devices' slices: a Hugging
+    (``families.base_shardings``), each process holding only its devices' slices: a Hugging
     Face directory is read one tensor at a time straight into that layout; a goose-jax
     checkpoint is restored by Orbax with those target shardings (each process reads only its
     chunks); a ``random:`` base is drawn on the host, then placed.
@@ -68,18 +71,15 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
       CheckpointError: an empty spec, a path that is not a local directory, an unknown preset, or
         any unreadable file (naming the file).
     """
-    from goose_jax.models import checkpoint
-    from goose_jax.models.t5.hf import base_shardings
-
     check_base(spec)
     policy = DTypePolicy(dtype, dtype) if dtype else None
     if spec.startswith(RANDOM):
-        from goose_jax.core.sharding import put_global
-
         cfg = random_config(spec)
         cfg = cfg.replace(vocab_size=max(cfg.vocab_size, min_vocab_size))
         params = families.init_params(cfg, seed)
-        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
+        if mesh is not None:
+            params = put_global(params, families.base_shardings(cfg, mesh))
+        return cfg, params
     if core_checkpoint.is_checkpoint(spec):
         shardings = None if mesh is None else _checkpoint_shardings(spec, mesh)
         return checkpoint.load_model(spec, shardings=shardings)
@@ -101,16 +101,7 @@ def load_hf_model(path: str, *, dtype: DTypePolicy | None = None, mesh: Mesh | N
     Raises:
       CheckpointError: any unreadable or inconsistent file, naming it.
     """
-    from goose_jax.models.hf_folder import read_config_json
-    from goose_jax.models.t5.hf import base_shardings, load_hf_t5
-
-    if _is_decoder_dir(path, read_config_json):
-        from goose_jax.core.sharding import put_global
-        from goose_jax.models.llama.hf import load_hf_llama
-
-        cfg, params = load_hf_llama(path, dtype=dtype)
-        return cfg, params if mesh is None else put_global(params, base_shardings(cfg, mesh))
-    return load_hf_t5(path, dtype=dtype, mesh=mesh)
+    return _hf_family(path).load_hf(path, dtype=dtype, mesh=mesh)
 
 
 def random_config(spec: str) -> families.ModelConfig:
@@ -127,34 +118,30 @@ def random_config(spec: str) -> families.ModelConfig:
                                   "(llama-tiny, llama-3-8b, ...)") from None
 
 
-def _is_decoder_dir(spec: str, read_config_json) -> bool:
-    """Whether a Hugging Face directory holds a decoder-only model (by its config.json's
-    ``model_type``); False when it has no readable config (the T5 loader then says why)."""
+def _hf_family(spec: str):
+    """The family of a Hugging Face directory (by its config.json's ``model_type``); the first
+    registered (the T5) when it has no readable config (whose loader then says why)."""
     try:
         d, source = read_config_json(spec)
     except CheckpointError:  # the T5 loader reports it, in one line
-        return False
+        return families.REGISTRY[0]
     if not isinstance(d, dict):
-        return False
+        return families.REGISTRY[0]
     try:
-        families.check_model_type(d, source=source)
+        return families.for_hf_dict(d, source=source)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    return d.get("model_type") in families.DECODER_FAMILIES
 
 
 def _checkpoint_shardings(spec: str, mesh: Mesh):
     """The target shardings of a goose-jax model checkpoint's params on ``mesh``, from the
     architecture its metadata records; None when that is unreadable (``load_model`` then says
     what is wrong with it)."""
-    from goose_jax.models import checkpoint
-    from goose_jax.models.t5.hf import base_shardings
-
     try:
         cfg = checkpoint.read_model_config(spec)
     except CheckpointError:
         return None
-    return base_shardings(cfg, mesh)
+    return families.base_shardings(cfg, mesh)
 
 
 def load_tokenizer(spec: str | None, cfg: families.ModelConfig | None = None, *,
@@ -176,8 +163,6 @@ def load_tokenizer(spec: str | None, cfg: families.ModelConfig | None = None, *,
       CheckpointError: no tokenizer files, a tokenizer without EOS, without a padding token
         and no ``cfg``, or a pad id that differs from the model's.
     """
-    from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
-
     if byte:
         return ByteTokenizer()
     if not spec or spec.startswith(RANDOM):

@@ -1,16 +1,10 @@
-"""The model families goose-jax routes over, and the one place that tells them apart.
-
-Two families share the site seam (a named site computes ``x @ kernel`` and hands
-``(module, x, y)`` to an adapter): the encoder-decoder T5 (``goose_jax.models.t5.model``,
-configured by
-``T5Config``) and the decoder-only Llama family (``goose_jax.models.llama.model``,
-``DecoderConfig``: Llama,
-Qwen2, Mistral). LoRA, gates, routing, the library and the tools above the seam ask this module
-what differs (the site names and shapes, the parameters, how a config is recorded) instead of
-testing the config type themselves.
+"""The family registry: which ``ModelFamily`` (``goose_jax.models.family``) a config, a family
+name or a Hugging Face ``config.json`` belongs to, and the questions every package asks of it.
 
 A family is named by a string: ``"t5"``, or the decoder's ``DecoderConfig.family`` (``"llama"``,
-``"qwen2"``, ``"mistral"``). Expert libraries record it, and refuse a base of another family.
+``"qwen2"``, ``"mistral"``). Expert libraries and checkpoints record it, and refuse a base of
+another family. Adding a family is one sub-package of ``goose_jax.models`` and one line of
+``REGISTRY``; nothing above ``models`` tests a config's type.
 """
 
 from __future__ import annotations
@@ -19,87 +13,88 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 from goose_jax.core.errors import ConfigError
-from goose_jax.models.llama.config import FAMILIES as DECODER_FAMILIES
+from goose_jax.models.family import ModelFamily
 from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.llama.family import FAMILY as LLAMA
 from goose_jax.models.t5.config import T5Config
+from goose_jax.models.t5.family import FAMILY as T5_FAMILY
 
-ModelConfig = Union[T5Config, DecoderConfig]  # noqa: UP007 (a runtime alias, for isinstance)
+#: Every registered family; the first reads a ``config.json`` whose ``model_type`` no family
+#: names (T5 checkpoints recognised by their ``architectures``).
+REGISTRY: tuple[ModelFamily, ...] = (T5_FAMILY, LLAMA)
+
+ModelConfig = Union[T5Config, DecoderConfig]  # noqa: UP007 (a runtime alias, for annotations)
 T5 = "t5"
-FAMILIES = (T5,) + DECODER_FAMILIES
+FAMILIES = tuple(name for fam in REGISTRY for name in fam.names)
+DECODER_FAMILIES = tuple(name for fam in REGISTRY if fam.decoder_only for name in fam.names)
+_BY_TYPE = {fam.config_type: fam for fam in REGISTRY}
+_BY_NAME = {name: fam for fam in REGISTRY for name in fam.names}
+_BY_MODEL_TYPE = {t: fam for fam in REGISTRY for t in fam.hf_model_types}
 
-# Every site of each kind of model, full-matched against site names: attention q/k/v/o (self and
-# cross) and every FFN matrix for T5; q/k/v/o and gate/up/down for the decoder-only family.
-T5_SITES = r"(encoder|decoder)/block_\d+/(self_attn|cross_attn)/[qkvo]|" \
-           r"(encoder|decoder)/block_\d+/ffn/(wi|wi_0|wi_1|wo)"
-DECODER_SITES = r"layers_\d+/(self_attn/[qkvo]|mlp/(gate|up|down))"
+
+def of(cfg: Any) -> ModelFamily:
+    """The family of a model config; ConfigError (one line) for anything else."""
+    fam = _BY_TYPE.get(type(cfg))
+    if fam is None:
+        known = " or ".join(f.config_type.__name__ for f in REGISTRY)
+        raise ConfigError(f"expected a {known}, got {type(cfg).__name__}")
+    return fam
+
+
+def named(name: str) -> ModelFamily:
+    """The family registered under ``name``; ConfigError for an unknown name."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; known: {list(FAMILIES)}") from None
 
 
 def check_config(cfg: Any) -> ModelConfig:
     """``cfg`` if it configures a supported model; ConfigError (one line) otherwise."""
-    if not isinstance(cfg, (T5Config, DecoderConfig)):
-        raise ConfigError(f"expected a T5Config or DecoderConfig, got {type(cfg).__name__}")
+    of(cfg)
     return cfg
 
 
 def family(cfg: ModelConfig) -> str:
     """``"t5"``, ``"llama"``, ``"qwen2"`` or ``"mistral"``."""
-    return T5 if isinstance(check_config(cfg), T5Config) else cfg.family
-
-
-def is_decoder_only(cfg: ModelConfig) -> bool:
-    return isinstance(check_config(cfg), DecoderConfig)
+    return of(cfg).name_of(cfg)
 
 
 def describe(name: str) -> str:
     """A family name for messages: ``"T5"`` or ``"decoder-only (llama)"``."""
-    return "T5" if name == T5 else f"decoder-only ({name})"
+    return named(name).describe(name)
 
 
 def site_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Every adapter site of the model, ``{name: (I, O)}``, from the config alone."""
-    if is_decoder_only(cfg):
-        from goose_jax.models.llama import model as decoder
-
-        return decoder.site_shapes(cfg)
-    from goose_jax.models.t5 import model as t5
-
-    return t5.site_shapes(cfg)
+    return of(cfg).site_shapes(cfg)
 
 
 def all_sites_pattern(cfg: ModelConfig) -> str:
     """The regular expression that selects every site of ``cfg``'s family."""
-    return DECODER_SITES if is_decoder_only(cfg) else T5_SITES
+    return of(cfg).sites_pattern
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """Random base parameters of ``cfg``'s model (the family's ``init_params``)."""
-    if is_decoder_only(cfg):
-        from goose_jax.models.llama import model as decoder
-
-        return decoder.init_params(cfg, seed)
-    from goose_jax.models.t5 import model as t5
-
-    return t5.init_params(cfg, seed)
+    return of(cfg).init_params(cfg, seed)
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
     """The logical axis names of every base parameter (the family's ``param_logical_axes``)."""
-    if is_decoder_only(cfg):
-        from goose_jax.models.llama import model as decoder
+    return of(cfg).param_logical_axes(cfg)
 
-        return decoder.param_logical_axes(cfg)
-    from goose_jax.models.t5 import model as t5
 
-    return t5.param_logical_axes(cfg)
+def for_hf_dict(d: Mapping[str, Any], *, source: str = "config.json") -> ModelFamily:
+    """The family that reads a Hugging Face ``config.json`` dict (by its ``model_type``)."""
+    check_model_type(d, source=source)
+    return _BY_MODEL_TYPE.get(d.get("model_type"), REGISTRY[0])
 
 
 def config_from_hf_dict(d: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """The config of a Hugging Face ``config.json`` dict: a T5 (``model_type`` t5, mt5, umt5
     or a T5 architecture) or a Llama-family decoder (``model_type`` llama, qwen2, mistral)."""
-    check_model_type(d, source=source)
-    if d.get("model_type") in DECODER_FAMILIES:
-        return DecoderConfig.from_hf_dict(d, source=source)
-    return T5Config.from_hf_dict(d, source=source)
+    return for_hf_dict(d, source=source).config_from_hf_dict(d, source=source)
 
 
 def check_model_type(d: Mapping[str, Any], *, source: str = "config.json") -> None:
@@ -110,10 +105,10 @@ def check_model_type(d: Mapping[str, Any], *, source: str = "config.json") -> No
     architectures = d.get("architectures") or []
     if d.get("model_type") not in (None, "") or "T5ForConditionalGeneration" in architectures:
         return
-    named = [f for f in DECODER_FAMILIES
-             if any(isinstance(a, str) and a.lower().startswith(f) for a in architectures)]
-    hint = (f"architectures={architectures!r} suggest {named[0]!r}: add "
-            f'"model_type": "{named[0]}"' if named else f"architectures={architectures!r}")
+    named_ = [f for f in DECODER_FAMILIES
+              if any(isinstance(a, str) and a.lower().startswith(f) for a in architectures)]
+    hint = (f"architectures={architectures!r} suggest {named_[0]!r}: add "
+            f'"model_type": "{named_[0]}"' if named_ else f"architectures={architectures!r}")
     raise ConfigError(f"{source}: no model_type; goose-jax reads model_type one of "
                       f"{['t5', 'mt5', *DECODER_FAMILIES]} ({hint})")
 
@@ -143,8 +138,7 @@ def config_from_record(d: Mapping[str, Any], name: str, *, source: str) -> Model
     if not isinstance(tie, bool):
         raise ConfigError(f"{source}: field 'tie_word_embeddings': expected true or false, "
                           f"found {tie!r:.60}")
-    cls = T5Config if name == T5 else DecoderConfig
-    cfg = cls.from_hf_dict(d, source=source).replace(tie_word_embeddings=tie)
+    cfg = named(name).config_from_hf_dict(d, source=source).replace(tie_word_embeddings=tie)
     if family(cfg) != name:
         raise ConfigError(f"{source}: the config is of family {family(cfg)!r}, recorded as "
                           f"{name!r}")
@@ -153,18 +147,14 @@ def config_from_record(d: Mapping[str, Any], name: str, *, source: str) -> Model
 
 def validate_params(cfg: ModelConfig, params: Mapping[str, Any], *,
                     source: str = "params") -> None:
-    """Checks that ``params`` has exactly the names and shapes a model with ``cfg`` needs (the
-    T5's ``interop.hf.validate_params``, or the decoder's tensor table).
+    """Checks that ``params`` has exactly the names and shapes a model with ``cfg`` needs.
 
     Raises:
       CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
     """
-    if is_decoder_only(cfg):
-        from goose_jax.models.llama.hf import expected_shapes
-        from goose_jax.models.t5.hf import check_param_tree
+    of(cfg).validate_params(cfg, params, source=source)
 
-        check_param_tree(expected_shapes(cfg), params, source=source)
-        return
-    from goose_jax.models.t5.hf import validate_params as validate_t5
 
-    validate_t5(cfg, params, source=source)
+def base_shardings(cfg: ModelConfig, mesh) -> dict:
+    """The ``NamedSharding`` of every base parameter of ``cfg``'s model on ``mesh``."""
+    return of(cfg).base_shardings(cfg, mesh)

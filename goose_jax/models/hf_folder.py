@@ -214,3 +214,14 @@ def write_model_folder(path: str | os.PathLike, weights_name: str,
                 if os.path.basename(old) not in (weights_name, config_name):
                     os.remove(old)
     return [os.path.join(folder, config_name), os.path.join(folder, weights_name)]
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    # Exact equality of the stored bits: the tie decision must not depend on float tolerance.
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        return bool(np.array_equal(a.astype(np.float32), b.astype(np.float32)))
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                               np.ascontiguousarray(b).view(np.uint8)))

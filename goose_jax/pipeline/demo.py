@@ -25,13 +25,13 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.core.errors import CheckpointError, DataError, UsageError
 from goose_jax.core.tensorfile import write_atomic
 from goose_jax.data import batching
 from goose_jax.experts.lora import init_experts
+from goose_jax.models import families
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                      "world_base")
@@ -221,7 +221,6 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
     from goose_jax.library.prototypes import load_prototypes
     from goose_jax.library.store import save_prototypes
     from goose_jax.routing.methods import compute_average_activations
-    from goose_jax.training import program as training
 
     if os.path.isfile(path):  # the file format goose-eval --prototypes reads
         return load_prototypes(path)
@@ -233,11 +232,8 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
                                          tcfg, stream=i + 1, vocab_size=cfg.vocab_size)
         rows = []
         for pos in range(0, p.prototype_examples, b.batch_size):
-            x = b.batch(pos)
-            tgt = x["targets"][0]
-            dec = np.asarray(training.shift_right(jnp.asarray(tgt), cfg.decoder_start_token_id))
-            rows.append((x["inputs"][0], x["input_mask"][0], dec,
-                         (tgt != tok.pad_id).astype(np.int32)))
+            x = {k: v[0] for k, v in b.batch(pos).items()}   # one micro-batch
+            rows.append(families.of(cfg).activation_batch(cfg, x, tok))
         batches.append(rows)
     # Token pooling, as the demo's published numbers were measured (the release pools per
     # example, the library's default).

@@ -30,8 +30,6 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
 from goose_jax.core.errors import LibraryError, TrainConfigError, UsageError
 from goose_jax.models import families
 
@@ -102,21 +100,17 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
     ``min(examples, len(source))`` examples in the seeded order of its training stream
     (``train_runs.stream_id``), encoded as its training encoded them.
 
-    On a T5 (``cfg`` a ``T5Config``): ``(ids_BL, mask_BL, dec_BT, dec_mask_BT)``, the targets
-    teacher-forced (shifted right after the decoder start token). On a decoder-only model:
-    ``(ids_BS, mask_BS)``, each example's prompt and target packed into one sequence exactly as
-    decoder-only training packs them (``decoder_training.prompt_tokens`` and ``pack``).
+    As the family's ``activation_batch`` gives them: on a T5, ``(ids_BL, mask_BL, dec_BT,
+    dec_mask_BT)``, the targets teacher-forced (shifted right after the decoder start token); on
+    a decoder-only model, ``(ids_BS, mask_BS)``, each example's prompt and target packed into
+    one sequence exactly as decoder-only training packs them (``models.llama.loss``).
     """
     from goose_jax.data.batching import Batcher
     from goose_jax.pipeline.train_runs import stream_id
 
-    decoder_only = families.is_decoder_only(cfg)
-    encoding = {}
-    if decoder_only:
-        from goose_jax.models.llama.loss import loss_config, pack, prompt_tokens
-
-        encoding = prompt_tokens(cfg, tokenizer)
-        cfg = loss_config(cfg, tokenizer)
+    fam = families.of(cfg)
+    encoding = fam.batch_encoding(cfg, tokenizer)
+    cfg = fam.with_tokenizer(cfg, tokenizer)
     batcher = Batcher(source, tokenizer, micro_batch=batch_size, grad_accum=1,
                       max_input_length=tcfg.max_input_length,
                       max_target_length=tcfg.max_target_length, seed=tcfg.seed,
@@ -125,15 +119,7 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
     for pos in range(0, n, batch_size):
         x = batcher.batch(pos, rows=slice(0, min(batch_size, n - pos)))
         x = {k: v[0] for k, v in x.items()}   # one micro-batch (grad_accum=1)
-        if decoder_only:
-            ids_BS, mask_BS, _ = pack(cfg, x)
-            yield np.asarray(ids_BS), np.asarray(mask_BS)
-            continue
-        tgt_BT = x["targets"]
-        dec_BT = np.concatenate([np.full((tgt_BT.shape[0], 1), cfg.decoder_start_token_id,
-                                         tgt_BT.dtype), tgt_BT[:, :-1]], axis=1)   # shifted
-        yield (x["inputs"], x["input_mask"], dec_BT,
-               (tgt_BT != tokenizer.pad_id).astype(np.int32))
+        yield fam.activation_batch(cfg, x, tokenizer)
 
 
 def run_prototypes(args: PrototypeArgs) -> int:

@@ -218,22 +218,19 @@ class Setup:
             raise UsageError(str(e)) from None
         cfg, params, self.tokenizer = load_train_base(self.base_spec, tcfg)
         tcfg.check_family(cfg)
-        self.encoding = {}  # how the batches encode inputs: as the T5's, or as prompts
-        if families.is_decoder_only(cfg):
-            from goose_jax.models.llama.loss import prompt_tokens
-
-            self.encoding = prompt_tokens(cfg, self.tokenizer)
+        fam = families.of(cfg)
+        # How the batches encode inputs (as the T5's, or as prompts): the family's.
+        self.encoding = fam.batch_encoding(cfg, self.tokenizer)
         for source in self.sources + self.eval_sources:
             check_token_ids(source, cfg.vocab_size)
         if args.command != "gate" and not (args.command == "multitask"
                                            and tcfg.multitask_mode == "full"):
             tcfg.check_model(cfg)  # the experts' sites, before any work
         self.full_cfg = cfg
-        self.cfg = cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype)
-        if families.is_decoder_only(cfg):  # the library records the base's own (full_cfg)
-            from goose_jax.models.llama.loss import loss_config
-
-            self.cfg = loss_config(self.cfg, self.tokenizer)
+        # Training runs with the tokenizer's special tokens (the library records the base's
+        # own config, full_cfg).
+        self.cfg = fam.with_tokenizer(cfg.with_dtypes(tcfg.param_dtype, tcfg.compute_dtype),
+                                      self.tokenizer)
         self.host_params = params  # this process's own copy: libraries fingerprint it
         self.params = params
         if self.mesh is not None:

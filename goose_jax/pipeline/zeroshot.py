@@ -354,7 +354,7 @@ def _run_eval(s: EvalSettings, base, data) -> dict:
     mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
     cfg, params, tok = base if base is not None else load_base_model(s, mesh)
-    if s.scan_layers and families.is_decoder_only(cfg):
+    if s.scan_layers and not families.of(cfg).scans:
         kind = families.describe(families.family(cfg))
         raise ConfigError(f"--scan-layers: the base {s.base} is a {kind} model, which has no "
                           "scanned layout; drop the flag")

@@ -403,10 +403,6 @@ class _CaptureAdapter:
         return y
 
 
-def _uses_encoder_tokens(site: str) -> bool:
-    return site.startswith("encoder/") or site.endswith(("cross_attn/k", "cross_attn/v"))
-
-
 def _pool(sum_BI: Array, count_B: Array, pooling: str) -> tuple[Array, Array]:
     """A batch's share of the prototype: (numerator (I,), denominator ()).
 
@@ -499,28 +495,6 @@ def compute_average_activations(cfg: ModelConfig, params: dict, experts: dict, b
 
 def _capture_forward(cfg: ModelConfig, flat: dict, scale: float):
     """``(forward(variables, *batch) -> (out, state), names of the batch's arrays)``: the model
-    under ``_CaptureAdapter`` with every site's ``capture`` mask set from the batch."""
-    adapter = _CaptureAdapter(scale)
-    if families.is_decoder_only(cfg):
-        from goose_jax.models.llama.model import Decoder, positions_from_mask
-
-        model = Decoder(cfg, adapter)
-
-        def forward(variables, ids_BT, mask_BT):
-            masks = nest_sites({name: {"mask": mask_BT} for name in flat})
-            mask_BT = mask_BT.astype(jnp.int32)
-            return model.apply({**variables, "capture": masks}, ids_BT,
-                               positions_from_mask(mask_BT), mask_BT, mutable=["intermediates"])
-
-        return forward, ("input_ids_BT", "mask_BT")
-    from goose_jax.models.t5.model import T5
-
-    model = T5(cfg, adapter)
-
-    def forward(variables, ids_BL, enc_mask_BL, dec_BT, dec_mask_BT):
-        masks = nest_sites({name: {"mask": enc_mask_BL if _uses_encoder_tokens(name)
-                                   else dec_mask_BT} for name in flat})
-        return model.apply({**variables, "capture": masks}, ids_BL, dec_BT, enc_mask_BL,
-                           mutable=["intermediates"])
-
-    return forward, ("input_ids_BL", "enc_mask_BL", "decoder_input_ids_BT", "dec_mask_BT")
+    under ``_CaptureAdapter`` with every site's ``capture`` mask set from the batch (the
+    family's ``masked_forward``)."""
+    return families.of(cfg).masked_forward(cfg, _CaptureAdapter(scale), tuple(flat), "capture")

@@ -66,9 +66,6 @@ from goose_jax.experts.lora import (
 )
 from goose_jax.models import families
 from goose_jax.models.config import FAST_COMPILE_OPTIONS, REMAT_NAMES
-from goose_jax.models.scan import stack_layers
-from goose_jax.models.t5.config import T5Config
-from goose_jax.models.t5.model import T5
 
 Array = jax.Array
 
@@ -234,10 +231,11 @@ class TrainConfig:
         Raises:
           TrainConfigError: ``remat`` on a decoder-only base (only the T5 rematerialises).
         """
-        if families.is_decoder_only(model) and self.remat != "none":
+        fam = families.of(model)
+        if not fam.scans and self.remat != "none":
             raise TrainConfigError(
                 f"TrainConfig.remat={self.remat!r}: rematerialisation is implemented for T5 "
-                f"bases only, not {families.describe(families.family(model))}; set remat=none")
+                f"bases only, not {fam.describe(fam.name_of(model))}; set remat=none")
 
     def check_model(self, model: families.ModelConfig) -> None:
         """Checks the settings that depend on the base model, before any work starts.
@@ -304,33 +302,6 @@ def make_optimizer(tcfg: TrainConfig, steps: int) -> optax.GradientTransformatio
 
 
 # --- loss ----------------------------------------------------------------------------------------
-
-
-def shift_right(targets_BT: Array, start_id: int) -> Array:
-    """Decoder inputs for teacher forcing: the targets shifted right after the start token."""
-    start = jnp.full(targets_BT.shape[:-1] + (1,), start_id, targets_BT.dtype)
-    return jnp.concatenate([start, targets_BT[..., :-1]], axis=-1)
-
-
-def token_nll(cfg: T5Config, variables: dict, batch: dict, adapter=None) -> tuple[Array, Array]:
-    """Summed target-token cross-entropy and the number of target tokens (pad 0 is masked).
-
-    Args:
-      cfg: the model config.
-      variables: ``{"params": ..., "experts": ..., "gates": ...}`` as the adapter needs.
-      batch: ``inputs`` (B, L), ``input_mask`` (B, L), ``targets`` (B, T) int arrays.
-      adapter: the site adapter.
-
-    Returns:
-      (nll_sum, tokens): float32 scalars.
-    """
-    targets_BT = batch["targets"]
-    dec_BT = shift_right(targets_BT, cfg.decoder_start_token_id)
-    logits_BTV = T5(cfg, adapter).apply(variables, batch["inputs"], dec_BT, batch["input_mask"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
-                                                             targets_BT)
-    w_BT = (targets_BT != cfg.pad_token_id).astype(jnp.float32)
-    return jnp.sum(nll_BT * w_BT), jnp.sum(w_BT)
 
 
 # --- programs ------------------------------------------------------------------------------------
@@ -511,15 +482,8 @@ class Program:
 
     def _nll(self, base, frozen, trainable, micro):
         variables = self.variables(base, self._expand(frozen), self._expand(trainable))
-        if families.is_decoder_only(self.model):
-            from goose_jax.models.llama.loss import causal_nll
-
-            return causal_nll(self.model, variables, micro, self.adapter)
-        model = self.model if self.train.remat == "none" else \
-            self.model.replace(remat=self.train.remat)
-        if model.scan_layers:   # a scanned model reads trees stacked along the layer axis
-            variables = stack_layers(variables, model)
-        return token_nll(model, variables, micro, self.adapter)
+        return families.of(self.model).token_nll(self.model, variables, micro, self.adapter,
+                                                 remat=self.train.remat)
 
     def _update(self, base, frozen, trainable, opt_state, batch):
         def micro(carry, mb):

@@ -36,6 +36,7 @@ from goose_jax.models.hf_folder import (
     SAFE_WEIGHTS_NAME,
     SHARD_PATTERNS,
     WEIGHT_FILES,
+    bits_equal,
     check_model_folder,
     names_shown,
     read_config_json,
@@ -44,7 +45,6 @@ from goose_jax.models.hf_folder import (
 )
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.model import abstract_variables
-from goose_jax.models.t5.hf import bits_equal
 
 Params = dict[str, Any]
 _HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"

@@ -34,17 +34,10 @@ from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import left_align
 from goose_jax.models.llama.model import Decoder, positions_from_mask
+from goose_jax.models.scoring import target_nll
 from goose_jax.models.sites import TELEMETRY, collect_counts
 
 Array = jax.Array
-
-
-def target_nll(logits_MTV: Array, tgt_MT: Array, tmask_MT: Array) -> Array:
-    """float32 (M,): the summed NLL of each row's target tokens under its logits (tokens where
-    ``tmask_MT`` is 0 add nothing)."""
-    gold_MT = jnp.take_along_axis(logits_MTV, tgt_MT[..., None], axis=-1)[..., 0]
-    nll_MT = (jax.nn.logsumexp(logits_MTV, axis=-1) - gold_MT) * tmask_MT
-    return jnp.sum(nll_MT, axis=-1)
 
 
 def _telemetry(variables: dict, sites: tuple[str, ...], mask_BQ: Array) -> dict:

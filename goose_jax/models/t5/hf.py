@@ -25,7 +25,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -34,11 +33,19 @@ from goose_jax.core.errors import CheckpointError
 from goose_jax.core.progress import progress_bar, progress_enabled
 from goose_jax.core.sharding import read_into
 from goose_jax.models.config import DTypePolicy
+from goose_jax.models.family import (
+    Site,
+    check_param_tree,
+    flatten_paths,
+    param_shardings,
+    put_path,
+)
 from goose_jax.models.hf_folder import (
     CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
     SHARD_PATTERNS,
     WEIGHT_FILES,
+    bits_equal,
     check_model_folder,
     names_shown,
     read_config_json,
@@ -47,6 +54,7 @@ from goose_jax.models.hf_folder import (
 )
 from goose_jax.models.scan import per_layer, unstack_layers
 from goose_jax.models.t5.config import T5Config
+from goose_jax.models.t5.model import param_logical_axes
 
 # Present in checkpoints written by older transformers (or by torch.save of a state dict) and
 # never used: the per-stack embeddings are the shared one, and this relative bias was created but
@@ -137,15 +145,6 @@ def tensor_specs(cfg: T5Config) -> list[TensorSpec]:
     return specs
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """A T5 linear layer that has a goose-jax site: its site name and (d_in, d_out)."""
-
-    name: str
-    d_in: int
-    d_out: int
-
-
 def linear_sites(cfg: T5Config) -> dict[str, Site]:
     """HF module name -> ``Site`` for every T5 linear layer with a site, in model order."""
     out = {}
@@ -168,17 +167,6 @@ def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...]:
     # Lazy states answer from the file header instead of reading the tensor.
     shape_of = getattr(state, "shape_of", None)
     return tuple(shape_of(key) if shape_of is not None else np.shape(state[key]))
-
-
-def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    # Exact equality of the stored bits: the tie decision must not depend on float tolerance.
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        return False
-    if a.dtype != b.dtype:
-        return bool(np.array_equal(a.astype(np.float32), b.astype(np.float32)))
-    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8),
-                               np.ascontiguousarray(b).view(np.uint8)))
 
 
 def _shared_key(state: Mapping[str, Any]) -> str | None:
@@ -257,7 +245,7 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
                               f"does not match {CONFIG_NAME}: {shown}{more}")
 
     param_dtype = np.dtype(cfg.dtype.param)
-    shardings = _flatten(base_shardings(cfg, mesh)) if mesh is not None else None
+    shardings = flatten_paths(base_shardings(cfg, mesh)) if mesh is not None else None
 
     def value(s: TensorSpec) -> np.ndarray:
         x = np.asarray(state[lookup[s.hf_key]])
@@ -270,44 +258,15 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
 
     params: Params = {}
     for s in progress_bar(specs, "reading tensors", "tensor", progress):
-        _put(params, s.path, jnp.asarray(value(s)) if shardings is None else
+        put_path(params, s.path, jnp.asarray(value(s)) if shardings is None else
              read_into(s.param_shape, shardings[s.path], functools.partial(value, s)))
     return params
 
 
-def _put(tree: Params, path: tuple[str, ...], leaf: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = leaf
-
-
-def base_shardings(cfg, mesh: Mesh) -> Params:
-    """The ``NamedSharding`` of every base parameter of a model with ``cfg`` (a T5 or
-    decoder-only config) on ``mesh``: the parameters' logical axes (the family's
-    ``param_logical_axes``) mapped by the one rules table (``sharding.param_shardings``), from
-    shapes alone; a tree like the params."""
-    from goose_jax.core import sharding
-    from goose_jax.models import families
-
-    abstract: Params = {}
-    if families.is_decoder_only(cfg):
-        from goose_jax.models.llama.hf import expected_shapes
-
-        for path, shape in expected_shapes(cfg).items():
-            _put(abstract, path, jax.ShapeDtypeStruct(shape, np.dtype(cfg.dtype.param)))
-    else:
-        for s in tensor_specs(cfg):
-            _put(abstract, s.path, jax.ShapeDtypeStruct(s.param_shape, np.dtype(cfg.dtype.param)))
-    return sharding.param_shardings(abstract, families.param_logical_axes(cfg), mesh)
-
-
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        flat = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, (*prefix, str(key))))
-        return flat
-    return {prefix: tree}
+def base_shardings(cfg: T5Config, mesh: Mesh) -> Params:
+    """The ``NamedSharding`` of every T5 parameter on ``mesh`` (``family.param_shardings``)."""
+    return param_shardings({s.path: s.param_shape for s in tensor_specs(cfg)},
+                           param_logical_axes(cfg), cfg.dtype.param, mesh)
 
 
 def validate_params(cfg: T5Config, params: Params, *, source: str = "params") -> None:
@@ -317,30 +276,6 @@ def validate_params(cfg: T5Config, params: Params, *, source: str = "params") ->
       CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
     """
     check_param_tree({s.path: s.param_shape for s in tensor_specs(cfg)}, params, source=source)
-
-
-def check_param_tree(expected: Mapping[tuple[str, ...], tuple[int, ...]], params: Params, *,
-                     source: str = "params") -> None:
-    """Checks that ``params`` has exactly the leaves of ``expected`` (key path -> shape), of
-    those shapes: the params check of every model family (``families.validate_params``).
-
-    Raises:
-      CheckpointError: naming ``source`` and the first missing, unexpected or misshapen entries.
-    """
-    flat = _flatten(params)
-    missing = ["/".join(p) for p in expected if p not in flat]
-    if missing:
-        raise CheckpointError(f"{source}: {len(missing)} parameter(s) missing for this config: "
-                              f"{names_shown(missing)}")
-    unexpected = ["/".join(p) for p in flat if p not in expected]
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected parameter(s) for this "
-                              f"config: {names_shown(unexpected)}")
-    for path, want in expected.items():
-        shape = tuple(np.shape(flat[path]))
-        if shape != tuple(want):
-            raise CheckpointError(f"{source}: parameter {'/'.join(path)} has shape {shape}, "
-                                  f"expected {tuple(want)} from the config")
 
 
 def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
@@ -365,7 +300,7 @@ def params_to_hf_state_dict(cfg: T5Config, params: Params, *,
       CheckpointError: ``params`` does not fit ``cfg``.
     """
     validate_params(cfg, params)
-    flat = _flatten(params)
+    flat = flatten_paths(params)
     state = {}
     for s in progress_bar(tensor_specs(cfg), "converting tensors", "tensor", progress):
         value = np.asarray(flat[s.path])
