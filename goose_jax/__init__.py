@@ -34,26 +34,14 @@ _tool_process.install_if_tool()
 from goose_jax.models.config import DTypePolicy
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import generate_decoder_greedy
+from goose_jax.models.llama.hf import load_hf_llama, save_hf_llama
 from goose_jax.models.llama.model import decoder_logits
 from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.generation import generate_greedy
+from goose_jax.models.t5.hf import load_hf_t5, save_hf_t5
 from goose_jax.models.t5.model import T5, init_params, param_logical_axes, site_shapes, t5_logits
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    # The HF interop module is loaded on first use so that `import goose_jax` stays light.
-    if name in ("load_hf_t5", "save_hf_t5"):
-        from goose_jax.models.t5 import hf
-
-        return getattr(hf, name)
-    if name in ("load_hf_llama", "save_hf_llama"):
-        from goose_jax.models.llama import hf as hf_decoder
-
-        return getattr(hf_decoder, name)
-    raise AttributeError(f"module 'goose_jax' has no attribute {name!r}")
-
 
 __all__ = [
     "DTypePolicy", "DecoderConfig", "T5", "T5Config", "decoder_logits", "generate_decoder_greedy",

@@ -115,7 +115,7 @@ def assert_refused_everywhere(world, lib, tmp_path, capsys, expert, *parts):
 WRITER = r"""
 import os, sys, time
 import numpy as np
-from goose_jax import library
+from goose_jax.library import store as library
 from test_hostile_library import CFG, LORA, make_expert
 
 path, who, go, create, remove = sys.argv[1], int(sys.argv[2]), sys.argv[3], *sys.argv[4:6]

@@ -120,7 +120,7 @@ def test_only_one_module_hands_folders_to_transformers():
         for d, _, names in os.walk(os.path.join(ROOT, top)):
             for n in names:
                 path = os.path.join(d, n)
-                if not n.endswith(".py") or path.endswith(os.path.join("interop", "hf_code.py")):
+                if not n.endswith(".py") or path.endswith(os.path.join("core", "hf_code.py")):
                     continue
                 for i, text in enumerate(open(path, encoding="utf-8"), 1):
                     code = text.split("#")[0]

@@ -89,7 +89,7 @@ def test_attention_in_row_steps_equals_one_product():
 def test_embedder_imports_no_torch(embedder):
     import subprocess
 
-    code = ("import sys; from goose_jax import retrieval as rt; "
+    code = ("import sys; from goose_jax.routing import retrieval as rt; "
             "e = rt.SentenceEmbedder.load(); e.encode(['a b']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     env = {**os.environ, "XLA_FLAGS": ""}

@@ -86,12 +86,14 @@ def test_each_tool_each_error_classone_line(tmp_path, jsonl, capsys):
                                     "{tmp}/l"], "resume"),
 ])
 def test_ctrl_c_is_one_line_and_130(name, argv, hint, tmp_path, jsonl, capsys, monkeypatch):
-    import goose_jax.models.base
+    from goose_jax.interop import conversions
+    from goose_jax.pipeline import demo, train_runs, zeroshot
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(goose_jax.models.base, "load_base", interrupt)
+    for user in (conversions, demo, train_runs, zeroshot):   # every tool's base loading
+        monkeypatch.setattr(user, "load_base", interrupt)
     argv = [a.format(jsonl=jsonl, tmp=tmp_path) for a in argv]
     assert _main(name)(argv) == errors.INTERRUPTED
     line = one_line(capsys.readouterr().err, name)

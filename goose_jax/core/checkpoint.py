@@ -34,7 +34,9 @@ from goose_jax.core import tool_process
 from goose_jax.core.errors import CheckpointError, one_line
 from goose_jax.core.tensorfile import (
     check_folder_writable,  # noqa: F401  (re-exported for writers)
+    disk_write_error,
     read_json,
+    write_atomic,
 )
 
 META_NAME = "goose_meta.json"
@@ -120,7 +122,6 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
             ckptr.save(os.path.join(path, tree_name), args=ocp.args.StandardSave(tree),
                        force=True)
         if primary:
-            from goose_jax.core.tensorfile import write_atomic
 
             meta["tree"] = tree_name
             folder = os.path.join(path, tree_name)
@@ -132,7 +133,6 @@ def save_tree(path: str | os.PathLike, tree: Any, *, metadata: dict[str, Any] | 
     except BaseException as e:  # a full disk, Ctrl-C: the old checkpoint stays whole
         if primary:
             _remove_partial(path, tree_name, created)
-        from goose_jax.core.tensorfile import disk_write_error
 
         error = disk_write_error(path, e) if isinstance(e, Exception) else None
         if error is None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from goose_jax.core.errors import DataError
+from goose_jax.core.tensorfile import check_folder_writable
 
 PathLike = str | os.PathLike
 # A lock file without its owner's line for this long was left by a run killed as it wrote it.
@@ -142,7 +143,6 @@ def run_lock(folder: PathLike, *, prog: str, flag: str = "--out") -> Iterator[st
       DataError: another live run holds it (one line: the folder, the owner's host and pid, and
         the lock file to remove if that run is known to be gone).
     """
-    from goose_jax.core.tensorfile import check_folder_writable
 
     path = lock_path(folder)
     # Not a file where a folder goes, and writable: one line naming the path, not an errno.

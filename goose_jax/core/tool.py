@@ -22,7 +22,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from goose_jax.core import errors, tool_process
+from goose_jax.core import distributed, errors, tool_process
+from goose_jax.core.tensorfile import os_error
 
 
 def _quiet_libraries() -> None:
@@ -65,7 +66,6 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
         print(f"{prog}: error: {errors.one_line(e)}{see}", file=sys.stderr)
         return code
 
-    from goose_jax.core import distributed
 
     tool_process.start_run(prog, interrupted_hint)
     tool_process.drop_closed_loop_reports()
@@ -102,7 +102,6 @@ def _refused_write(e: Exception) -> str | None:
     ``os error 28``): the file it names (the first quoted path) and the system's reason."""
     import re
 
-    from goose_jax.core.tensorfile import os_error
 
     found = os_error(e)
     if found is None:

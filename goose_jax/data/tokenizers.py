@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from goose_jax.core.errors import CheckpointError, one_line
+from goose_jax.core.hf_code import auto_tokenizer, refuse_custom_code
 
 
-class _Tokenizer:
+class Tokenizer:
     """The shared part: padding, truncation and EOS handling around a subclass's ``_ids``."""
 
     pad_id: int
@@ -80,7 +81,7 @@ class _Tokenizer:
         return self._text(out)
 
 
-class ByteTokenizer(_Tokenizer):
+class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens, as in ByT5: id = byte + 3; 0 pad, 1 EOS, 2 unknown; 259 ids."""
 
     pad_id = 0
@@ -100,7 +101,7 @@ class ByteTokenizer(_Tokenizer):
         return data.decode("utf-8", errors="ignore")
 
 
-class HFTokenizer(_Tokenizer):
+class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (T5's SentencePiece, a Llama family BPE) behind the
     ByteTokenizer interface.
 
@@ -136,7 +137,7 @@ class HFTokenizer(_Tokenizer):
         self.vocab_size = len(hf_tokenizer)
 
     def _ids(self, text: str) -> list[int]:
-        # EOS is added by _Tokenizer, so truncation can keep it; special tokens off here.
+        # EOS is added by Tokenizer, so truncation can keep it; special tokens off here.
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def _text(self, ids: list[int]) -> str:
@@ -163,7 +164,6 @@ def load_hf_tokenizer(path: str | os.PathLike, *, pad_id: int | None = None) -> 
         never runs a checkpoint's code, see ``goose_jax.core.hf_code``), or the tokenizer
         has no EOS, or no padding token and no ``pad_id``.
     """
-    from goose_jax.core.hf_code import auto_tokenizer, refuse_custom_code
 
     folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(folder):

@@ -39,7 +39,8 @@ import numpy as np
 
 from goose_jax.core.errors import DataError
 from goose_jax.data.examples import EvalTask, Example, example_target
-from goose_jax.data.tokenizers import _Tokenizer
+from goose_jax.data.tasks import example_source, seqio_vocabulary
+from goose_jax.data.tokenizers import Tokenizer
 
 DOMAINS: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "pig", "duck", "goose", "swan",
@@ -237,7 +238,7 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(seen)
 
 
-class WorldTokenizer(_Tokenizer):
+class WorldTokenizer(Tokenizer):
     """Word-level tokenizer over ``vocabulary()``: lower-cased, punctuation split off."""
 
     pad_id, eos_id, unk_id = 0, 1, 2
@@ -465,7 +466,6 @@ def register_seqio_tasks(seed: int = 0, size: int = 256, vocabulary=None) -> lis
     """
     import seqio
 
-    from goose_jax.data.tasks import example_source, seqio_vocabulary
 
     vocab = seqio_vocabulary(vocabulary)
     features = {k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")}

@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from goose_jax.core.distributed import fetch
 from goose_jax.core.errors import DataError, EvalError, NonFiniteError
+from goose_jax.core.sharding import batch_sharding, put_global
 from goose_jax.core.trees import flatten_sites
 from goose_jax.data.batching import bucket
 from goose_jax.data.examples import EvalTask, Example
@@ -184,15 +186,12 @@ class Evaluator:
         # Every process builds the same host batch and places the rows its devices hold.
         if self.mesh is None:
             return jnp.asarray(x)
-        from goose_jax.core.sharding import batch_sharding, put_global
 
         return put_global(np.asarray(x), batch_sharding(self.mesh, np.ndim(x)))
 
     @staticmethod
     def _get(tree):
         # Outputs split over the devices of several processes are gathered on every process.
-        from goose_jax.core.distributed import fetch
-
         return fetch(tree)
 
     def _variables(self, experts_B: np.ndarray | None, repeat: int = 1) -> dict:

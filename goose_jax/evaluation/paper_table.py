@@ -35,7 +35,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from goose_jax.core.errors import DataError
-from goose_jax.evaluation.report import md_cell
+from goose_jax.core.outputs import check_apart
+from goose_jax.core.tensorfile import read_json, write_atomic
+from goose_jax.data import world
+from goose_jax.evaluation.report import RESULTS, check_out_dir, family, md_cell
 
 HELD_IN = ("t0_heldin", "flan", "world held-in")
 HELD_OUT = ("t0_heldout", "bbh", "bbl", "world held-out")   # column order; any other is held out
@@ -92,8 +95,6 @@ def read_run(spec: str) -> Run:
       DataError: not a folder, no ``results.json`` (not a run, or an interrupted one), a
         malformed one, or a single-expert run that does not record its expert.
     """
-    from goose_jax.core.tensorfile import read_json
-    from goose_jax.evaluation.report import RESULTS, family
 
     label, folder = None, spec
     if "=" in spec and not os.path.exists(spec):
@@ -138,7 +139,6 @@ def read_run(spec: str) -> Run:
 
 def column(dataset: str) -> str:
     """The column (benchmark) of a dataset name."""
-    from goose_jax.data import world
 
     fam = dataset.split("/")[0]
     if fam == "world":
@@ -446,9 +446,6 @@ def write_report(specs: Sequence[str], out: str, *, overwrite: bool = False) -> 
     Raises:
       DataError: see ``read_run`` and ``build_table``; ``out`` unusable or already a report.
     """
-    from goose_jax.core.outputs import check_apart
-    from goose_jax.core.tensorfile import write_atomic
-    from goose_jax.evaluation.report import check_out_dir
 
     check_apart({"--out": out}, {"RUN_DIR": [
         s.split("=", 1)[1] if "=" in s and not os.path.exists(s) else s for s in specs]})

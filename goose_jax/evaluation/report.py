@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from goose_jax.core.checkpoint import check_folder_writable
 from goose_jax.core.errors import DataError
+from goose_jax.core.tensorfile import write_atomic
 
 if TYPE_CHECKING:
     from goose_jax.evaluation.evaluator import DatasetResult
@@ -141,7 +143,6 @@ def check_out_dir(out: str, *, overwrite: bool = False, holds: tuple[str, ...] =
       DataError: ``out`` is an existing file, lies below a file, or already holds results
         (without ``overwrite``).
     """
-    from goose_jax.core.checkpoint import check_folder_writable
 
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -170,7 +171,6 @@ def write_results(out: str, summary: dict, results: dict[str, DatasetResult],
     """
     import shutil
 
-    from goose_jax.core.tensorfile import write_atomic
 
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, RESULTS)):

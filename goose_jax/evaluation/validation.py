@@ -50,6 +50,10 @@ import numpy as np
 from goose_jax.core.errors import DataError, UsageError
 from goose_jax.data.batching import check_text
 from goose_jax.data.examples import EvalTask, Example
+from goose_jax.evaluation import release_validation
+from goose_jax.evaluation.evaluator import Evaluator
+from goose_jax.evaluation.release_validation import dataset_score
+from goose_jax.routing.methods import build_routed
 
 SUFFIX = ".validation.jsonl"
 NONE = "none"  # --validation none: no validation even where the files exist
@@ -204,9 +208,6 @@ class Validator:
 
     def __init__(self, cfg, params, tokenizer, examples: Sequence[Sequence[Example]], *,
                  lora_scale: float, tcfg, mesh=None):
-        from goose_jax.evaluation import release_validation
-        from goose_jax.evaluation.evaluator import Evaluator
-
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.lora_scale = lora_scale
         self.names = [ex[0].dataset for ex in examples]
@@ -249,8 +250,6 @@ class Validator:
         Args:
           trainable: the stacked experts (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)).
         """
-        from goose_jax.evaluation.release_validation import dataset_score
-        from goose_jax.routing.methods import build_routed
 
         routed = build_routed("example", self.cfg, trainable, scale=self.lora_scale)
         evaluator = self._evaluator(self.cfg, self.params, self.tokenizer, routed,

@@ -11,10 +11,22 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from goose_jax.core.checkpoint import check_destination, check_folder_writable
 from goose_jax.core.errors import LibraryError
 from goose_jax.core.outputs import check_apart, check_free_space
+from goose_jax.interop.peft import (
+    check_adapter_folder,
+    default_expert_name,
+    export_peft,
+    import_peft,
+)
+from goose_jax.interop.release import RELEASE_EXPERT_SETS, import_release
 from goose_jax.library.manifest import check_library_writable
+from goose_jax.library.stacking import write_library
+from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.models import families
+from goose_jax.models.base import load_base, load_hf_model
+from goose_jax.models.checkpoint import load_model, read_model_config, save_model
 from goose_jax.models.config import DTypePolicy
 from goose_jax.models.families import ModelConfig
 from goose_jax.models.hf_folder import WEIGHT_FILES, check_model_folder
@@ -43,9 +55,6 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
                 overwrite: bool = False) -> list[str]:
     """A Hugging Face T5, Llama, Qwen2 or Mistral directory -> a goose-jax (Orbax) model
     checkpoint in ``dtype``."""
-    from goose_jax.core.checkpoint import check_destination
-    from goose_jax.models.base import load_hf_model
-    from goose_jax.models.checkpoint import save_model
 
     check_apart({"DST_DIR": dst}, {"SRC_HF_DIR": src})
     check_destination(dst, overwrite=overwrite)   # before the model is read
@@ -58,7 +67,6 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False) -> list[str]:
     """A goose-jax model checkpoint -> a Hugging Face directory of its family (refused when
     ``dst`` already holds a model, unless ``overwrite``)."""
-    from goose_jax.models.checkpoint import load_model, read_model_config
     check_model_folder(dst, WEIGHT_FILES, overwrite=overwrite)   # before the model is read
     check_apart({"DST": dst}, {"SRC": src})
     read_model_config(src)
@@ -78,8 +86,6 @@ def check_library_out(out: str, *, append: bool = False, overwrite: bool = False
         set; is a non-empty folder that is no library; or (``append``) already holds one of
         ``names`` and ``overwrite`` is not set; or a name that cannot be an expert's.
     """
-    from goose_jax.core.checkpoint import check_folder_writable
-    from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
 
     check_folder_writable(out, error=LibraryError, fix="; pass another --out")
     check_library_writable(out, error=LibraryError, flag="--out")
@@ -111,9 +117,6 @@ def import_into_library(base: str, out: str, do_import: Callable, *, append: boo
     """
     import shutil
 
-    from goose_jax.library.stacking import write_library
-    from goose_jax.library.store import MANIFEST, ExpertLibrary
-    from goose_jax.models.base import load_base
 
     check_apart({"--out": out}, {"--base": base, **inputs})
     check_library_out(out, append=append, overwrite=overwrite, names=names)
@@ -152,7 +155,6 @@ def peft_to_library(adapters: Sequence[str], base: str, out: str, *,
                     names: Sequence[str] | None = None, scale: float | None = None,
                     append: bool = False, overwrite: bool = False) -> list[str]:
     """PEFT LoRA adapter directories -> experts of a goose-jax library (one each, in order)."""
-    from goose_jax.interop.peft import default_expert_name, import_peft
 
     def do_import(cfg, target):
         return import_peft(adapters, cfg, names=names, scale=target.get("scale", scale),
@@ -170,7 +172,6 @@ def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] |
     ``names`` is a list of expert names in checkpoint order, or one element naming one of the
     release's lists (``P3``, ``Full``, ...).
     """
-    from goose_jax.interop.release import RELEASE_EXPERT_SETS, import_release
 
     known = list(names) if names is not None else None
     if names is not None and len(names) == 1 and names[0] in RELEASE_EXPERT_SETS:
@@ -186,7 +187,6 @@ def release_to_library(ckpt: str, base: str, out: str, *, names: Sequence[str] |
 
 def library_to_peft(library: str, expert: str, out: str, *, overwrite: bool = False) -> list[str]:
     """One expert of a goose-jax library -> a PEFT LoRA adapter directory."""
-    from goose_jax.interop.peft import check_adapter_folder, export_peft
 
     check_apart({"OUT_DIR": out}, {"LIBRARY_DIR": library})
     check_adapter_folder(out, overwrite=overwrite)

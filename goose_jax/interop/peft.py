@@ -47,6 +47,7 @@ import numpy as np
 from goose_jax.core.errors import AdapterError
 from goose_jax.core.progress import progress_bar
 from goose_jax.core.tensorfile import read_json, read_tensors
+from goose_jax.core.trees import flatten_sites
 from goose_jax.experts.lora import peft_scale
 from goose_jax.interop.peft_modules import module_table, recorded_family
 from goose_jax.library.stacking import (
@@ -56,6 +57,7 @@ from goose_jax.library.stacking import (
     show_names,
     stack_experts,
 )
+from goose_jax.library.store import ExpertLibrary
 from goose_jax.models import families
 from goose_jax.models.hf_folder import (
     check_model_folder,
@@ -553,8 +555,6 @@ def export_peft(library, name: str, out_dir: str | os.PathLike, *,
     Returns:
       The paths written.
     """
-    from goose_jax.core.trees import flatten_sites
-    from goose_jax.library.store import ExpertLibrary
 
     check_adapter_folder(out_dir, overwrite=overwrite)
     lib = library if isinstance(library, ExpertLibrary) else ExpertLibrary.open(library)

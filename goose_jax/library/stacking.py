@@ -34,6 +34,7 @@ from goose_jax.core.errors import AdapterError
 from goose_jax.core.progress import progress_bar
 from goose_jax.core.trees import nest_sites
 from goose_jax.experts.lora import DEFAULT_SITES, LoRAConfig
+from goose_jax.library.store import MANIFEST, ExpertLibrary
 from goose_jax.models import families
 
 _SHOWN = 4
@@ -180,7 +181,6 @@ def write_library(imported: ImportedExperts, out: str | os.PathLike, cfg: famili
     Returns:
       The ``ExpertLibrary``.
     """
-    from goose_jax.library.store import MANIFEST, ExpertLibrary
 
     if append and os.path.isfile(os.path.join(os.fspath(out), MANIFEST)):
         lib = ExpertLibrary.open(out, cfg, params)

@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from goose_jax.core.checkpoint import check_folder_writable, is_checkpoint
 from goose_jax.core.errors import CheckpointError, one_line
+from goose_jax.core.hf_code import check_no_custom_code
 from goose_jax.core.tensorfile import open_tensors, read_json, write_atomic, write_safetensors
 
 CONFIG_NAME = "config.json"
@@ -90,7 +92,6 @@ def read_config_json(path: str | os.PathLike) -> tuple[dict, str]:
       CheckpointError: the file is missing, not JSON, or not a JSON object, or it names custom
         code (``auto_map``; see ``goose_jax.core.hf_code``).
     """
-    from goose_jax.core.hf_code import check_no_custom_code
 
     config_path = os.path.join(resolve_hf_dir(path), CONFIG_NAME)
     if not os.path.isfile(config_path):
@@ -146,7 +147,6 @@ def check_model_folder(path: str | os.PathLike, held: Sequence[str], *, overwrit
       ``error``: ``path`` is a file or lies below one, is a goose-jax checkpoint, or already
         holds a model (without ``overwrite``).
     """
-    from goose_jax.core.checkpoint import check_folder_writable, is_checkpoint
 
     check_folder_writable(path, error=error)
     folder = os.fspath(path)

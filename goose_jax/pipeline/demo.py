@@ -27,11 +27,25 @@ import time
 import jax
 import numpy as np
 
+from goose_jax.core.checkpoint import check_folder_writable
 from goose_jax.core.errors import CheckpointError, DataError, UsageError
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.progress import progress_enabled
 from goose_jax.core.tensorfile import write_atomic
-from goose_jax.data import batching
-from goose_jax.experts.lora import init_experts
+from goose_jax.data import batching, world
+from goose_jax.evaluation import evaluator as ev
+from goose_jax.evaluation.paper_table import best_expert, oracle
+from goose_jax.evaluation.report import telemetry_table, write_heatmaps
+from goose_jax.experts.lora import init_experts, init_gates
+from goose_jax.library.prototypes import load_prototypes
+from goose_jax.library.store import ExpertLibrary, save_prototypes
 from goose_jax.models import families
+from goose_jax.models.base import load_base
+from goose_jax.pipeline.demo_seeds import report_seeds
+from goose_jax.routing import retrieval
+from goose_jax.routing.methods import build_routed, compute_average_activations
+from goose_jax.training import program as training
+from goose_jax.training.loop import train_loop
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                      "world_base")
@@ -115,7 +129,6 @@ class _Stages:
 
 def load_world_base(path: str = ASSET):
     """(cfg, params) of the miniature base; a clear error if the files are missing."""
-    from goose_jax.models.base import load_base
 
     # Any base format load_base reads is welcome; the shipped asset is one safetensors file.
     shipped = path == ASSET
@@ -128,8 +141,6 @@ def load_world_base(path: str = ASSET):
 
 
 def _train_config(p: Preset, steps: int, batch: int, seed: int):
-    from goose_jax.training import program as training
-
     return training.TrainConfig(steps=steps, gate_steps=p.gate_steps, lr=p.lr, warmup_ratio=0.06,
                                 micro_batch=batch, grad_accum=1, seed=seed, max_input_length=24,
                                 max_target_length=4, eval_every=0, checkpoint_every=50,
@@ -138,8 +149,6 @@ def _train_config(p: Preset, steps: int, batch: int, seed: int):
 
 
 def _batchers(tcfg, tok, cfg, names, size, seed):
-    from goose_jax.data import world
-
     return [batching.Batcher.from_config(world.TaskSource(n, size, "train", seed), tok, tcfg,
                                          stream=i + 1, vocab_size=cfg.vocab_size)
             for i, n in enumerate(names)]
@@ -147,11 +156,6 @@ def _batchers(tcfg, tok, cfg, names, size, seed):
 
 def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: str):
     """Stages 2-3: experts then gates; both written to the library at ``lib_path``."""
-    from goose_jax.data import world
-    from goose_jax.experts.lora import init_gates
-    from goose_jax.library.store import ExpertLibrary
-    from goose_jax.training import program as training
-    from goose_jax.training.loop import train_loop
 
     names = [t.name for t in world.HELDIN]
     tcfg = _train_config(p, p.expert_steps, p.expert_batch, seed)
@@ -188,10 +192,6 @@ def train_experts(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: s
 
 def train_multitask(cfg, params, tok, p: Preset, seed: int, work: str, lib_path: str):
     """Stage 4: one LoRA on the mixture of all held-in tasks (library of one expert)."""
-    from goose_jax.data import world
-    from goose_jax.library.store import ExpertLibrary
-    from goose_jax.training import program as training
-    from goose_jax.training.loop import train_loop
 
     tcfg = _train_config(p, p.multitask_steps, p.multitask_batch, seed)
     lib = ExpertLibrary.create(lib_path, cfg, params, tcfg.lora, exist_ok=True)
@@ -217,10 +217,6 @@ def train_multitask(cfg, params, tok, p: Preset, seed: int, work: str, lib_path:
 
 def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, path: str):
     """Stage 5a: per-site mean inputs of each expert's own training examples (cached)."""
-    from goose_jax.data import world
-    from goose_jax.library.prototypes import load_prototypes
-    from goose_jax.library.store import save_prototypes
-    from goose_jax.routing.methods import compute_average_activations
 
     if os.path.isfile(path):  # the file format goose-eval --prototypes reads
         return load_prototypes(path)
@@ -246,8 +242,6 @@ def average_activations(cfg, params, tok, experts, scale, p: Preset, seed: int, 
 def _retrieval_chooser(names, examples, p: Preset, seed: int, lib_path: str):
     """Stage 5b: the retrieval baseline's per-example expert choice; its index is saved in the
     library (``goose-eval --method retrieval --library ...`` reads it there)."""
-    from goose_jax.data import world
-    from goose_jax.routing import retrieval
 
     path = os.path.join(lib_path, retrieval.INDEX_FILE)
     embedder = retrieval.SentenceEmbedder.load()
@@ -270,8 +264,6 @@ def _retrieval_chooser(names, examples, p: Preset, seed: int, lib_path: str):
 def _evaluate(name, cfg, params, tok, routed, tasks, examples, cache: str, *, chooser=None,
               telemetry=False, fixed_expert=None):
     """Runs one method over every task; cached as JSON in ``cache``."""
-    from goose_jax.evaluation import evaluator as ev
-    from goose_jax.evaluation.report import telemetry_table
 
     if os.path.isfile(cache):
         with open(cache) as f:
@@ -292,8 +284,6 @@ def _evaluate(name, cfg, params, tok, routed, tasks, examples, cache: str, *, ch
 
 
 def _progress() -> bool:
-    from goose_jax.core.progress import progress_enabled
-
     return progress_enabled() and jax.process_index() == 0
 
 
@@ -327,7 +317,6 @@ def check_out(out: str) -> None:
     Raises:
       DataError: ``out`` is a file or lies below one, or is a folder of something else.
     """
-    from goose_jax.core.checkpoint import check_folder_writable
 
     check_folder_writable(out, error=DataError, fix="; pass another --out")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "work")):
@@ -340,7 +329,6 @@ def run_demo(settings: DemoSettings) -> dict:
     ``results.json`` and the heatmaps to ``settings.out``; returns the summary (results.json).
     With several ``seeds``: each seed's outputs go to ``<out>/seed<N>/`` and the results files
     to ``out`` hold every table as the mean and range over the seeds."""
-    from goose_jax.core.outputs import check_apart, run_lock
 
     check_apart({"--out": settings.out}, {"--base": settings.base})
     check_out(settings.out)
@@ -350,7 +338,6 @@ def run_demo(settings: DemoSettings) -> dict:
 
 def _run_seeds(settings: DemoSettings) -> dict:
     if len(settings.seeds) > 1:
-        from goose_jax.pipeline.demo_seeds import report_seeds
 
         out = os.path.abspath(settings.out)
         summaries = [_run_one(dataclasses.replace(settings, seed=s),
@@ -365,8 +352,6 @@ def _run_seeds(settings: DemoSettings) -> dict:
 
 def _run_one(settings: DemoSettings, dest: str) -> dict:
     """One seed's run; its tables, heatmaps and summary go to ``dest``."""
-    from goose_jax.data import world
-    from goose_jax.routing.methods import build_routed
 
     p = PRESETS[settings.preset]
     out = os.path.abspath(settings.out)
@@ -444,9 +429,6 @@ def _run_one(settings: DemoSettings, dest: str) -> dict:
 
 def report(res: dict, names: list[str], lib, out: str, settings: DemoSettings, stages) -> dict:
     """Tables, heatmaps and the summary (stage 7)."""
-    from goose_jax.data import world
-    from goose_jax.evaluation.paper_table import best_expert, oracle
-    from goose_jax.evaluation.report import write_heatmaps
 
     heldin = [t.name for t in world.HELDIN]
     heldout = [t.name for t in world.HELDOUT]

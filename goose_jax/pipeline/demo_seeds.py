@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from goose_jax.core.tensorfile import write_atomic
+from goose_jax.data import world
 from goose_jax.evaluation import paper_table as pt
 
 # The demo's method names -> the rows goose-eval report gives the same methods.
@@ -43,7 +44,6 @@ def seed_runs(summary: dict) -> list[pt.Run]:
 
 def _per_seed(summary: dict, method: str) -> dict[str, float]:
     """One seed's held-in mean, held-out mean and composition score of ``method`` (percent)."""
-    from goose_jax.data import world
 
     by_task = summary["scores"][method]
     out = {"held-in": float(np.mean([by_task[t.name] for t in world.HELDIN])),
@@ -89,7 +89,6 @@ def _verdict(c: dict) -> str:
 def report_seeds(summaries: Sequence[dict], out: str, preset: str) -> dict:
     """Writes the tables over the seeds of ``summaries`` (each a seed's results.json) to
     ``out``; returns the summary written as ``results.json``."""
-    from goose_jax.data import world
 
     seeds = [s["seed"] for s in summaries]
     table = pt.build_table([r for s in summaries for r in seed_runs(s)])

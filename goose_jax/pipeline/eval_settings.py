@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import os
 
-from goose_jax.core.errors import RoutingError, UsageError
+from goose_jax.core.errors import ConfigError, RoutingError, UsageError
+from goose_jax.core.sharding import parse_mesh
+from goose_jax.library.prototypes import PROTOTYPES_FILE
 from goose_jax.routing import formula as routing
 from goose_jax.routing.methods import METHODS
 
@@ -132,8 +134,6 @@ class EvalSettings:
             raise UsageError(f"--arrow-temperature {self.arrow_temperature!r}: expected a "
                              "number > 0 or 'release'") from None
         if self.mesh is not None:
-            from goose_jax.core.errors import ConfigError
-            from goose_jax.core.sharding import parse_mesh
 
             try:
                 parse_mesh(self.mesh)
@@ -162,7 +162,6 @@ class EvalSettings:
     def prototypes_path(self) -> str | None:
         """The prototypes file ``average_activation`` reads: ``prototypes``, else the
         library's own (which may not exist)."""
-        from goose_jax.library.prototypes import PROTOTYPES_FILE
 
         if self.prototypes is not None:
             return self.prototypes

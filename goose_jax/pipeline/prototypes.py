@@ -31,7 +31,15 @@ import os
 from collections.abc import Iterator, Sequence
 
 from goose_jax.core.errors import LibraryError, TrainConfigError, UsageError
+from goose_jax.core.outputs import check_apart
+from goose_jax.core.tensorfile import check_folder_writable
+from goose_jax.data.batching import Batcher, JsonlSource, check_token_ids
+from goose_jax.library.prototypes import PROTOTYPES_FILE
+from goose_jax.library.store import ExpertLibrary, save_prototypes
 from goose_jax.models import families
+from goose_jax.pipeline.train_runs import load_train_base, load_train_config, stream_id
+from goose_jax.routing.methods import POOLINGS, compute_average_activations
+from goose_jax.training.program import cast_floats
 
 DEFAULT_EXAMPLES = 1000  # per expert, as the paper and the release
 
@@ -66,8 +74,6 @@ class PrototypeArgs:
     overwrite: bool = False
 
     def __post_init__(self):
-        from goose_jax.routing.methods import POOLINGS
-
         if isinstance(self.data, str) or isinstance(self.names, str):
             raise UsageError("PrototypeArgs.data and names must be sequences of strings")
         if self.pooling not in POOLINGS:
@@ -79,7 +85,6 @@ class PrototypeArgs:
 
 def prototypes_path(library: str) -> str:
     """Where a library keeps its prototypes."""
-    from goose_jax.library.prototypes import PROTOTYPES_FILE
 
     return os.path.join(library, PROTOTYPES_FILE)
 
@@ -105,8 +110,6 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
     a decoder-only model, ``(ids_BS, mask_BS)``, each example's prompt and target packed into
     one sequence exactly as decoder-only training packs them (``models.llama.loss``).
     """
-    from goose_jax.data.batching import Batcher
-    from goose_jax.pipeline.train_runs import stream_id
 
     fam = families.of(cfg)
     encoding = fam.batch_encoding(cfg, tokenizer)
@@ -129,13 +132,6 @@ def run_prototypes(args: PrototypeArgs) -> int:
       GooseError: a library, data file, name or output that cannot be used (one line each),
         before any model is read.
     """
-    from goose_jax.core.outputs import check_apart
-    from goose_jax.core.tensorfile import check_folder_writable
-    from goose_jax.data.batching import JsonlSource, check_token_ids
-    from goose_jax.library.store import ExpertLibrary, save_prototypes
-    from goose_jax.pipeline.train_runs import load_train_base, load_train_config
-    from goose_jax.routing.methods import compute_average_activations
-    from goose_jax.training.program import cast_floats
 
     names = _names(args)
     tcfg = load_train_config(args.config, args.overrides)

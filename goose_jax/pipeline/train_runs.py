@@ -73,6 +73,7 @@ from goose_jax.data.batching import (
     JsonlSource,
     check_token_ids,
 )
+from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.evaluation.validation import (
     BestKeeper,
     Validator,
@@ -82,8 +83,9 @@ from goose_jax.evaluation.validation import (
 )
 from goose_jax.experts.lora import LoRAConfig, init_experts, init_gates
 from goose_jax.library.manifest import check_library_writable
-from goose_jax.library.store import MANIFEST, ExpertLibrary, check_expert_name
+from goose_jax.library.store import EXPERT_DIR, LOCK, MANIFEST, ExpertLibrary, check_expert_name
 from goose_jax.models import checkpoint, families
+from goose_jax.models.base import load_base, load_tokenizer
 from goose_jax.training.loop import train_loop
 from goose_jax.training.program import Program, TrainConfig, cast_floats
 
@@ -154,8 +156,6 @@ def load_train_config(path: str | None = None, overrides: Sequence[str] = ()) ->
 
 def load_train_base(spec: str, tcfg: TrainConfig):
     """(cfg, params, tokenizer) of ``spec`` (a directory or ``random:PRESET``)."""
-    from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.models.base import load_base, load_tokenizer
 
     byte = tcfg.tokenizer == "byte"
     if spec and spec.startswith("random:") and not byte:
@@ -396,7 +396,6 @@ def dropped_if_left_empty(path: str, existed: bool):
 
 def remove_if_empty(path: str) -> None:
     """Removes the library at ``path`` if it holds no expert and nothing else."""
-    from goose_jax.library.store import EXPERT_DIR, LOCK
 
     manifest = os.path.join(path, MANIFEST)
     try:

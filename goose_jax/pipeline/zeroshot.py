@@ -19,9 +19,39 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from goose_jax.core.errors import DataError, LibraryError
-from goose_jax.core.tensorfile import read_json
+from goose_jax.core import distributed
+from goose_jax.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LibraryError,
+    LibraryMismatchError,
+    UsageError,
+)
+from goose_jax.core.outputs import check_apart, run_lock
+from goose_jax.core.progress import progress_enabled
+from goose_jax.core.sharding import expert_shards, make_mesh, parse_mesh, shard_params
+from goose_jax.core.tensorfile import SafetensorsFile, read_json
+from goose_jax.data import tasks as T
+from goose_jax.data import world
 from goose_jax.data.examples import Example
+from goose_jax.data.tokenizers import ByteTokenizer
+from goose_jax.data.world import WorldTokenizer
+from goose_jax.evaluation import evaluator as evaluation
+from goose_jax.evaluation import report
+from goose_jax.evaluation.evaluator import load_all
+from goose_jax.evaluation.report import check_out_dir
+from goose_jax.library.prototypes import (
+    PROTOTYPES_FILE,
+    check_prototypes_file,
+    load_prototypes,
+    prototype_names,
+)
+from goose_jax.library.store import ExpertLibrary
+from goose_jax.models import families
+from goose_jax.models.base import RANDOM, check_base, load_base, load_tokenizer
+from goose_jax.models.scan import stack_layers
+from goose_jax.models.t5.model import param_logical_axes
 from goose_jax.pipeline.eval_settings import (  # noqa: F401  (re-exported: the run's API)
     WORLD,
     EvalSettings,
@@ -29,7 +59,8 @@ from goose_jax.pipeline.eval_settings import (  # noqa: F401  (re-exported: the 
     parse_temperature,
     settings_from_args,
 )
-from goose_jax.routing.methods import PER_EXAMPLE
+from goose_jax.routing import retrieval
+from goose_jax.routing.methods import PER_EXAMPLE, build_routed
 
 # --- routing from a library -------------------------------------------------------------------
 
@@ -45,8 +76,6 @@ def _load_library(path: str, cfg, params, names: Sequence[str], *, mesh=None, dt
     an ``expert`` axis, per-token methods get it already padded and placed."""
     import jax.numpy as jnp
 
-    from goose_jax.core.sharding import expert_shards
-    from goose_jax.library.store import ExpertLibrary
 
     lib = ExpertLibrary.open(path, cfg, params)
     load_dtype = jnp.dtype(dtype) if dtype else jnp.float32
@@ -65,8 +94,6 @@ def build_method(s: EvalSettings, cfg, params, mesh=None):
       LibraryError: a library that cannot serve the method (phatgoose without every gate).
       DataError: an unreadable prototypes file.
     """
-    from goose_jax.library.prototypes import load_prototypes
-    from goose_jax.routing.methods import build_routed
 
     method = s.routing_method
     if method == "base":
@@ -116,7 +143,6 @@ def map_chooser(path: str, names: list[str]) -> Callable[[list[Example]], list[i
 
 def retrieval_chooser(s: EvalSettings, names: list[str], examples: dict[str, list[Example]]):
     """For method ``retrieval``: embeds every example once and picks its nearest expert."""
-    from goose_jax.routing import retrieval
 
     index = retrieval.RetrievalIndex.load(s.retrieval_index or s.library).select(names)
     embedder = retrieval.SentenceEmbedder.load(s.embedder)
@@ -155,8 +181,6 @@ def read_json_flag(path: str, flag: str, what: str) -> dict:
 
 def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
     """The prototypes file exists and has a vector for every routed expert (header only)."""
-    from goose_jax.core.tensorfile import SafetensorsFile
-    from goose_jax.library.prototypes import PROTOTYPES_FILE, check_prototypes_file, prototype_names
 
     path = s.prototypes_path
     if not os.path.isfile(path):
@@ -185,8 +209,6 @@ def _check_prototypes(s: EvalSettings, names: list[str]) -> None:
 
 def _check_library(s: EvalSettings) -> list[str]:
     """The routed expert names, after checking that the library can serve the method."""
-    from goose_jax.core.errors import LibraryMismatchError
-    from goose_jax.library.store import ExpertLibrary
 
     lib = ExpertLibrary.open(s.library)   # the manifest only
     unknown = [n for n in s.experts if n not in lib.names]
@@ -216,7 +238,6 @@ def _check_library(s: EvalSettings) -> list[str]:
     if method == "average_activation":
         _check_prototypes(s, names)
     if method == "retrieval":
-        from goose_jax.routing import retrieval
 
         retrieval.RetrievalIndex.load(s.retrieval_index or s.library).select(names)
         if s.embedder is not None and not os.path.isdir(s.embedder):
@@ -234,8 +255,6 @@ def eval_mesh(s: EvalSettings):
     """
     import jax
 
-    from goose_jax.core.errors import ConfigError, UsageError
-    from goose_jax.core.sharding import make_mesh, parse_mesh
 
     if s.mesh is None:
         return make_mesh(data=-1) if jax.device_count() > 1 else None
@@ -256,10 +275,6 @@ def validate(s: EvalSettings) -> None:
     Raises:
       GooseError: one line naming the file or flag and the fix.
     """
-    from goose_jax.core.errors import CheckpointError
-    from goose_jax.core.outputs import check_apart
-    from goose_jax.evaluation.report import check_out_dir
-    from goose_jax.models.base import RANDOM, check_base, load_tokenizer
 
     check_apart({"--out": s.out}, s.inputs())
     check_out_dir(s.out, overwrite=s.overwrite)
@@ -281,9 +296,6 @@ def validate(s: EvalSettings) -> None:
 
 def load_tasks(s: EvalSettings):
     """(tasks, examples by task name) of the settings: every task read and capped up front."""
-    from goose_jax.data import tasks as T
-    from goose_jax.data import world
-    from goose_jax.evaluation.evaluator import load_all
 
     if s.world:   # evaluated apart (EvalSettings)
         names = [n.removeprefix(f"{WORLD}/") for n in s.world if n != WORLD]
@@ -302,14 +314,11 @@ def load_tasks(s: EvalSettings):
 def load_base_model(s: EvalSettings, mesh=None):
     """(cfg, params, tokenizer) of the settings' base model; with ``mesh``, read straight into
     the rules table's layout (``base_model.load_base``)."""
-    from goose_jax.data.tokenizers import ByteTokenizer
-    from goose_jax.models.base import load_base, load_tokenizer
 
     # A random base's vocabulary grows to hold the byte-level tokenizer's ids.
     cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh,
                             min_vocab_size=ByteTokenizer.vocab_size if s.byte_tokenizer else 0)
     if s.world and not (s.tokenizer or s.byte_tokenizer):
-        from goose_jax.data.world import WorldTokenizer
 
         return cfg, params, WorldTokenizer()
     tok = load_tokenizer(s.tokenizer or s.base, None if s.tokenizer else cfg,
@@ -331,8 +340,6 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
       GooseError: any input a user controls that cannot be used (one line each), or another run
         writing ``s.out`` (``outputs.run_lock``).
     """
-    from goose_jax.core import distributed
-    from goose_jax.core.outputs import run_lock
 
     validate(s)
     with contextlib.ExitStack() as held:
@@ -344,12 +351,6 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
 def _run_eval(s: EvalSettings, base, data) -> dict:
     import jax
 
-    from goose_jax.core import distributed
-    from goose_jax.core.errors import ConfigError
-    from goose_jax.core.progress import progress_enabled
-    from goose_jax.evaluation import evaluator as evaluation
-    from goose_jax.evaluation import report
-    from goose_jax.models import families
 
     mesh = eval_mesh(s)
     tasks, examples = data if data is not None else load_tasks(s)
@@ -363,7 +364,6 @@ def _run_eval(s: EvalSettings, base, data) -> dict:
         # Batches over ``data``, the base by the rules table (``model`` splits its large
         # kernels), the library over ``expert``; in a process group every process scores the
         # same batches in step and process 0 alone writes the results.
-        from goose_jax.core.sharding import shard_params
 
         params = shard_params(params, families.param_logical_axes(cfg), mesh)
         data_size = mesh.shape["data"]
@@ -372,9 +372,6 @@ def _run_eval(s: EvalSettings, base, data) -> dict:
     if s.scan_layers and not cfg.scan_layers:
         # After the library has checked the base (per layer, as it was trained): the blocks
         # stacked once, laid out by the stacked specs.
-        from goose_jax.core.sharding import shard_params
-        from goose_jax.models.scan import stack_layers
-        from goose_jax.models.t5.model import param_logical_axes
 
         cfg = cfg.replace(scan_layers=True)
         params = stack_layers(params, cfg)
@@ -431,8 +428,6 @@ def paper_methods(s: EvalSettings) -> dict[str, EvalSettings]:
     given or the library holds one), and the base model alone; each writes to
     ``<s.out>/<method>``.
     """
-    from goose_jax.library.store import ExpertLibrary
-    from goose_jax.routing import retrieval
 
     lib = ExpertLibrary.open(s.library) if s.library else None
     methods = ["base"]

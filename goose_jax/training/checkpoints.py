@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from goose_jax.core import tool_process
+from goose_jax.core import distributed, tool_process
 from goose_jax.core.checkpoint import absolute, abstract_leaf, file_sha256
 from goose_jax.core.errors import CheckpointError, one_line
 
@@ -223,7 +223,6 @@ class TrainCheckpointer:
     def _record_finished(self) -> None:
         """Writes the integrity record of every finished step that lacks one (primary only:
         Orbax has synchronised the processes when a save is finished)."""
-        from goose_jax.core import distributed
 
         if not distributed.is_primary():
             return
@@ -309,8 +308,6 @@ class TrainCheckpointer:
                               "--workdir to start again")
 
     def _set_aside(self, step: int) -> str:
-        from goose_jax.core import distributed
-
         src = os.path.join(self.directory, str(step))
         dst, n = src + UNREADABLE, 1
         while os.path.exists(dst):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from goose_jax.core.errors import ConfigError, NonFiniteError
+from goose_jax.core.sharding import batch_sharding, put_global
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.greedy import greedy_loop
 from goose_jax.models.scan import stack_layers, unstack_layers
@@ -128,7 +129,6 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     mask = ones_mask(input_ids_BL) if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
     if mesh is not None and input_ids_BL.shape[0] % mesh.shape["data"] == 0:
-        from goose_jax.core.sharding import batch_sharding, put_global
 
         input_ids_BL, mask = put_global((input_ids_BL, mask), batch_sharding(mesh))
     fn = _generate_fast if fast_compile else _generate
