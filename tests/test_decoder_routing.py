@@ -122,7 +122,7 @@ class NumpySites:
 
 def _reference(params, ids, mask, sites: NumpySites):
     m = jnp.asarray(mask)
-    return np.asarray(decoder.Decoder(CFG, sites).apply(
+    return np.asarray(decoder.Llama(CFG, sites).apply(
         {"params": params}, jnp.asarray(ids), decoder.positions_from_mask(m), m))
 
 
@@ -163,7 +163,7 @@ def test_telemetry_counts_the_real_tokens_of_the_sequence(world):
     routed = build_routed("phatgoose", CFG, lib, gates=gates, scale=SCALE, telemetry=True)
     sites = list(ex.flatten_sites(lib))
     m = jnp.asarray(mask)
-    _, state = decoder.Decoder(CFG, routed.adapter).apply(
+    _, state = decoder.Llama(CFG, routed.adapter).apply(
         {"params": params, **routed.collections,
          site_api.TELEMETRY: site_api.sequence_telemetry_masks(sites, m)},
         jnp.asarray(ids), decoder.positions_from_mask(m), m, mutable=["intermediates"])

@@ -115,7 +115,7 @@ class LlamaFamily(ModelFamily):
             check_finite=check_finite)
 
     def masked_forward(self, cfg: DecoderConfig, adapter, sites, collection: str):
-        model = llama.Decoder(cfg, adapter)
+        model = llama.Llama(cfg, adapter)
         sites = tuple(sites)
 
         def forward(variables, ids_BT, mask_BT):

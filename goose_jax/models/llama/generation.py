@@ -32,7 +32,7 @@ from goose_jax.core.errors import ConfigError, NonFiniteError
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.greedy import greedy_loop
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.model import Decoder, model_variables, positions_from_mask, site_shapes
+from goose_jax.models.llama.model import Llama, model_variables, positions_from_mask, site_shapes
 from goose_jax.models.sites import (
     TELEMETRY,
     Adapter,
@@ -53,7 +53,7 @@ def left_align(ids_BL: Array, mask_BL: Array) -> tuple[Array, Array]:
 
 def _generate_impl(cfg, variables, ids_BL, mask_BL, max_new_tokens, adapter=None,
                    telemetry=False):
-    model = Decoder(cfg, adapter)
+    model = Llama(cfg, adapter)
     ids_BL, mask_BL = left_align(ids_BL, mask_BL)
     B, L = ids_BL.shape
     T = max_new_tokens

@@ -2,7 +2,7 @@
 
 Reads a local directory (``config.json`` plus ``model.safetensors``, or sharded safetensors with
 ``model.safetensors.index.json``, or ``pytorch_model.bin``) into the nested dict
-``goose_jax.models.llama.model.Decoder`` reads, and writes one back as transformers writes it. The
+``goose_jax.models.llama.model.Llama`` reads, and writes one back as transformers writes it. The
 files are
 found and read by ``goose_jax.models.t5.hf`` (``read_hf_state``) and ``goose_jax.core.tensorfile``;
 never the network.

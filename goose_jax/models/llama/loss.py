@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.model import Decoder, positions_from_mask
+from goose_jax.models.llama.model import Llama, positions_from_mask
 
 Array = jax.Array
 
@@ -132,7 +132,7 @@ def causal_nll(cfg: DecoderConfig, variables: dict, batch: dict,
       (nll_sum, tokens): float32 scalars.
     """
     ids_BS, mask_BS, target_BS = pack(cfg, batch)
-    logits_BSV = Decoder(cfg, adapter).apply(variables, ids_BS, positions_from_mask(mask_BS),
+    logits_BSV = Llama(cfg, adapter).apply(variables, ids_BS, positions_from_mask(mask_BS),
                                              mask_BS)
     # Position s predicts token s + 1: the last position predicts nothing.
     nll_BS = optax.softmax_cross_entropy_with_integer_labels(

@@ -309,7 +309,7 @@ class Block(nn.Module):
         return x_BQD + MLP(self.cfg, self.adapter, name="mlp")(h_BQD)
 
 
-class Decoder(nn.Module):
+class Llama(nn.Module):
     """The decoder-only language model; ``__call__`` returns float32 logits (B, Q, V).
 
     Attributes:
@@ -359,7 +359,7 @@ class Decoder(nn.Module):
 
 def abstract_variables(cfg: DecoderConfig) -> dict:
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    return jax.eval_shape(Decoder(cfg).init, jax.random.key(0), ids, ids, ids)
+    return jax.eval_shape(Llama(cfg).init, jax.random.key(0), ids, ids, ids)
 
 
 def init_params(cfg: DecoderConfig, rng: Array | int = 0) -> dict:
@@ -412,7 +412,7 @@ def model_variables(params, collections):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"))
 def _logits(cfg, variables, ids_BT, mask_BT, adapter=None):
-    return Decoder(cfg, adapter).apply(variables, ids_BT, positions_from_mask(mask_BT), mask_BT)
+    return Llama(cfg, adapter).apply(variables, ids_BT, positions_from_mask(mask_BT), mask_BT)
 
 
 def decoder_logits(cfg: DecoderConfig, params, input_ids_BT, attention_mask_BT=None, *,

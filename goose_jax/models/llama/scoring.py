@@ -33,7 +33,7 @@ from goose_jax.core.trees import nest_sites
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import left_align
-from goose_jax.models.llama.model import Decoder, positions_from_mask
+from goose_jax.models.llama.model import Llama, positions_from_mask
 from goose_jax.models.scoring import target_nll
 from goose_jax.models.sites import TELEMETRY, collect_counts
 
@@ -47,7 +47,7 @@ def _telemetry(variables: dict, sites: tuple[str, ...], mask_BQ: Array) -> dict:
     return {**variables, TELEMETRY: nest_sites({s: {"mask": mask_BQ} for s in sites})}
 
 
-def _apply(model: Decoder, variables: dict, sites, *args, mutable: list[str], **kwargs):
+def _apply(model: Llama, variables: dict, sites, *args, mutable: list[str], **kwargs):
     """(logits, counts): the model's output, and the top-1 counts its sites sowed."""
     mutable = [*mutable, "intermediates"] if sites else mutable
     if not mutable:
@@ -58,7 +58,7 @@ def _apply(model: Decoder, variables: dict, sites, *args, mutable: list[str], **
 
 def _prompt_once(cfg, adapter, prompt_vars, choice_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT,
                  sites):
-    model = Decoder(cfg, adapter)
+    model = Llama(cfg, adapter)
     B, C, T = tgt_BCT.shape
     L = ids_BL.shape[1]
     S = L - 1 + T
@@ -85,7 +85,7 @@ def _prompt_once(cfg, adapter, prompt_vars, choice_vars, ids_BL, mask_BL, tgt_BC
 
 
 def _per_choice(cfg, adapter, prompt_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT, sites):
-    model = Decoder(cfg, adapter)
+    model = Llama(cfg, adapter)
     B, C, T = tgt_BCT.shape
     L = ids_BL.shape[1]
     ids_BL, mask_BL = left_align(ids_BL, mask_BL)
