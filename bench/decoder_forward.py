@@ -3,12 +3,12 @@ rank classification against per-choice scoring, each side by side in one process
 
 (a) ``forward``: a small random Llama (default 4 layers, d_model 512, 8 query and 4 key/value
 heads, vocabulary 32000) built by transformers, its weights converted to goose-jax
-(``interop.hf_decoder.hf_state_dict_to_params``); both compute the logits of the same batch of
+(``models.llama.hf.hf_state_dict_to_params``); both compute the logits of the same batch of
 B x N tokens, float32, on the same CPU. Runs alternate so that machine noise hits both alike.
 Last line of the part: goose-jax / torch throughput ratio.
 
 (b) ``scoring``: the same model scores B examples of C answer choices each
-(``decoder_scoring.decoder_choice_nll``): prompt once (each prompt through the model once into
+(``models.llama.scoring.decoder_choice_nll``): prompt once (each prompt through the model once into
 the key/value cache, every choice scored from it in one batched call) against per choice (each
 prompt + choice row through the whole model, the way a naive evaluator scores). Prompts are
 200 to L real tokens, choices 3 to T, padded to L and T. Last line: the examples/s ratio,

@@ -15,7 +15,7 @@ counts once, not once per iteration).
     flan     T5-XL LM-adapt, bf16     166      16       v5e, 16 GiB  the same (trained 8 at a time)
     ocean    T5-XL LM-adapt, bf16     1000     64       v5e, 16 GiB  rank classification, generate
 
-The programs: ``training.Program(...).step_fn`` for kinds "expert" (the experts of one run at
+The programs: ``training.program.Program`` for kinds "expert" (the experts of one run at
 once, the config's micro batch) and "gate" (as goose-train runs them), over a scanned model
 (``T5Config.scan_layers``: the base stacked, the library in its per-layer layout) with
 ``remat="block"``; ``evaluation``'s choice-NLL scorer

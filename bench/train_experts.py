@@ -1,5 +1,5 @@
 """Training E experts at once (one vmapped, jitted step) against E sequential single-expert runs;
-with ``--loop``, goose-train's loop (``trainer.train_loop``) against an older copy of it.
+with ``--loop``, goose-train's loop (``training.loop.train_loop``) against an older copy of it.
 
 Both sides run the same code (``goose_jax.training.program.Program``, E = 8 versus E = 1 called 8
 times) on the same tiny random T5 (d_model 64), the same batches and the same hyper-parameters,

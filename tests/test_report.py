@@ -1,6 +1,7 @@
 """`goose-eval report`: the paper's table from goose-eval results folders.
 
-Fake runs are written with the real writer (``report.summarize`` / ``report.write_results``);
+Fake runs are written with the real writer (``evaluation.report.summarize`` /
+``evaluation.report.write_results``);
 every cell is compared with a NumPy reference computed here from the raw per-example values:
 the mean and range over seeds, the held-in and held-out means, the oracle (best single expert
 per dataset) and the best individual (the one expert whose mean is best). Hostile inputs end in

@@ -1,7 +1,8 @@
 """Experiment config files and ``--set key=value`` overrides, for any config dataclass.
 
 A config file is a python file whose ``get_config()`` returns an instance of the tool's config
-dataclass (``configs/*.py``; see ``training.TrainConfig``). Overrides are typed by the field's
+dataclass (``configs/*.py``; see ``training.program.TrainConfig``). Overrides are typed by the
+field's
 declared type: ``int``, ``float``, ``str``, ``bool`` (true/false, yes/no, on/off, 1/0), an
 optional field (``none`` or ``null`` for None), a tuple of strings (comma-separated).
 """

@@ -8,7 +8,7 @@ called without coordinates and JAX reads the cluster's own variables. On one hos
 applies and the tools run unchanged. It must run before anything touches a JAX device.
 
 Every process runs the same program on its own devices; the mesh spans all of them
-(``sharding.make_mesh``). What only one process must do (print, draw progress bars, write
+(``core.sharding.make_mesh``). What only one process must do (print, draw progress bars, write
 metrics, results and libraries) is guarded by ``is_primary``; what every process must reach
 together (collectives, barriers) is never guarded.
 

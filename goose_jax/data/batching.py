@@ -273,7 +273,8 @@ def global_batch(batchers: Sequence[Batcher], positions: Sequence[int],
 
     Without a mesh: NumPy arrays, ``stack_batches`` of every batcher's batch (``many``) or the
     one batcher's batch. With a mesh (of one process or several): global arrays laid out as
-    ``sharding.shard_batch`` lays them out, each process reading and tokenising only the experts and
+    ``core.sharding.shard_batch`` lays them out, each process reading and tokenising only the
+    experts and
     microbatch rows its own devices hold. The values are those of the single-process batch,
     whatever the mesh or the number of processes, since a batch is a pure function of
     (seed, stream, position).

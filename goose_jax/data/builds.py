@@ -188,9 +188,9 @@ def summary_table(summary: Mapping) -> str:
 
 def run_build(out: str | os.PathLike, overwrite: bool, build, *, prog: str = "goose-data",
               inputs: Mapping[str, str | None] | None = None) -> dict:
-    """Checks ``out`` (apart from ``inputs``, flag -> path read: ``outputs.check_apart``), runs
+    """Checks ``out`` (apart from ``inputs``, flag -> path read: ``core.outputs.check_apart``), runs
     ``build(staging_folder) -> summary`` in a staging folder under ``out``'s lock
-    (``outputs.run_lock``), moves it to ``out`` once complete, and prints the summary table and
+    (``core.outputs.run_lock``), moves it to ``out`` once complete, and prints the summary table and
     one closing line."""
     check_apart({"OUT_DIR": out}, inputs or {})
     out = check_out_dir(out, overwrite)

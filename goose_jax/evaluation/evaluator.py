@@ -25,7 +25,7 @@ tasks, batching and metrics: each prompt runs once and every choice is scored fr
 keys and values (``goose_jax.models.llama.scoring``; ``encoder_once=False``: each prompt + choice
 row whole), and generation continues the prompt (``decoder_generation``). Its prompts start as
 decoder training starts them (BOS when both the model and the tokenizer have one,
-``decoder_training.prompt_bos``), carry no EOS, and are truncated from the left, keeping the
+``models.llama.loss.prompt_bos``), carry no EOS, and are truncated from the left, keeping the
 text nearest the answer.
 """
 
@@ -114,15 +114,16 @@ class Evaluator:
       telemetry: count top-1 experts per site (per-token routing methods only), in rank
         classification and in generation.
       choose_experts: for method ``example``, maps a list of examples to one expert index each.
-      mesh: optional device mesh (``sharding.make_mesh``); batches are split over its ``data``
+      mesh: optional device mesh (``core.sharding.make_mesh``); batches are split over its ``data``
         axis. ``params`` and ``routed`` are expected on it already: the base by the rules table
-        (``sharding.shard_params``), the library over ``expert`` (``build_routed(mesh=...)``,
-        whose adapter then routes without gathering the library), as ``zeroshot.run_eval``
+        (``core.sharding.shard_params``), the library over ``expert`` (``build_routed(mesh=...)``,
+        whose adapter then routes without gathering the library), as ``pipeline.zeroshot.run_eval``
         lays them out.
       fixed_shapes: pad every batch to ``batch_size`` rows, at least 4 choices and the maximum
         lengths, so each method compiles one rank-classification and one generation shape (for
         short inputs and many methods, e.g. the miniature world, compiling dominates).
-      fast_compile: compile with XLA's CPU optimisations off (``config.FAST_COMPILE_OPTIONS``):
+      fast_compile: compile with XLA's CPU optimisations off
+      (``models.config.FAST_COMPILE_OPTIONS``):
         several times faster to compile, slower to run; for small models.
     """
 

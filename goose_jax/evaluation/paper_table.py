@@ -4,7 +4,7 @@ interval.
 
     write_report(["runs/phatgoose", "runs/arrow", "runs/single_a", ...], "report/")
 
-reads goose-eval results folders (``report.write_results``) and writes ``report.md``,
+reads goose-eval results folders (``evaluation.report.write_results``) and writes ``report.md``,
 ``report.json`` and ``report.png``; ``build_table`` does the same from ``Run`` records that any
 caller makes (the demo builds them from its own results).
 

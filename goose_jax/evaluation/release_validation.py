@@ -28,7 +28,7 @@ The rules, with where the release sets each:
     start token: a dataset with ``max_gen_length = n`` generates at most ``n - 1`` new tokens
     (EOS included), and so it does here (``Rule.max_new_tokens``).
   * best step: ``results["average_score"] >= best`` (evaluator.py:122-136): ties (after the
-    rounding) go to the later step, as ``validation.BestKeeper`` keeps them.
+    rounding) go to the later step, as ``evaluation.validation.BestKeeper`` keeps them.
 
 References: the release scores generations against the dataset's answer field (e.g. every
 answer of adversarial QA, the summary of samsum, FLAN's ``targets``); a goose-jax validation

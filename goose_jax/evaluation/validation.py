@@ -284,7 +284,7 @@ def _keep_better(better_E, trainable, best):
 class BestKeeper:
     """Per expert, the trainable slice of its best validated step so far (see the module doc).
 
-    ``trainer.train_loop`` calls ``update`` at each validated step and saves ``trainable`` and
+    ``training.loop.train_loop`` calls ``update`` at each validated step and saves ``trainable`` and
     ``meta()`` in every checkpoint; after the loop, ``trainable`` is the stacked tree of every
     expert's best slice (on the devices, laid out as the training state), ``step`` and ``score``
     say where each came from.

@@ -119,7 +119,8 @@ def init_experts(cfg: families.ModelConfig, lora: LoRAConfig, experts: int | Seq
       dtype: the returned leaves' dtype.
       fast_compile: compile with XLA's backend optimisation off (tests, smoke runs).
       mesh: build the stack already laid out on this mesh, E over ``expert``
-        (``sharding.leading_shardings``): one jitted program with output shardings in which each
+        (``core.sharding.leading_shardings``): one jitted program with output shardings in which
+        each
         device draws only its own experts, so the whole stack never exists on one device or
         host. The values are those of ``mesh=None``.
 

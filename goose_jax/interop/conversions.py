@@ -112,7 +112,8 @@ def import_into_library(base: str, out: str, do_import: Callable, *, append: boo
     ``target`` holds the rank, scale and sites of the library being appended to (empty for a new
     library), so that imported experts are padded to fit it. ``out`` and the expert ``names``
     (when known before the import) are checked first (``check_library_out``; ``out`` apart from
-    ``base`` and ``inputs``, flag -> the paths imported, ``outputs.check_apart``); a new library is
+    ``base`` and ``inputs``, flag -> the paths imported, ``core.outputs.check_apart``); a new
+    library is
     written under a temporary name and renamed into place, so a crash never leaves half of one.
     """
     import shutil

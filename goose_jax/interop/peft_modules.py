@@ -6,7 +6,7 @@ model (``encoder.block.0.layer.0.SelfAttention.q`` in ``T5ForConditionalGenerati
 ``MistralForCausalLM``). That name table, and the few facts PEFT itself keys on the model type
 (its default targets, the task type of a saved adapter), are the only things the PEFT interop
 (``goose_jax.interop.peft``) needs to know per family; they live here, taken from each family's
-one checkpoint name table (``interop.hf.tensor_specs``, ``interop.hf_decoder.tensor_map``).
+one checkpoint name table (``models.t5.hf.tensor_specs``, ``models.llama.hf.tensor_map``).
 """
 
 from __future__ import annotations

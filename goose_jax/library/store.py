@@ -472,7 +472,7 @@ class ExpertLibrary:
     def _drop_prototypes(self, names: Sequence[str]) -> None:
         """Inside the write lock, before ``_write_manifest``: removes the prototype rows of
         ``names`` (experts replaced or removed), or the whole file where it does not name its
-        rows or keeps none (``prototypes.drop_rows``)."""
+        rows or keeps none (``library.prototypes.drop_rows``)."""
         file = os.path.join(self.path, PROTOTYPES_FILE)
         record = prototypes.drop_rows(file, names, self.manifest.get("prototypes"))
         if record is None:
@@ -526,9 +526,9 @@ class ExpertLibrary:
 
         Each file is read once, checked, and cast to ``dtype`` as it is read (no float32 copy
         of the library). With ``mesh`` the stacks are built straight into their layout
-        (``sharding.expert_sharding``) by ``jax.make_array_from_callback``: each process reads
+        (``core.sharding.expert_sharding``) by ``jax.make_array_from_callback``: each process reads
         only the files of the experts its own devices hold. The expert axis is padded to E_pad
-        = ``sharding.padded_count(E, sharding.expert_shards(mesh))`` to split evenly; rows E ..
+        = ``core.sharding.padded_count`` to split evenly; rows E ..
         E_pad - 1 are inert (all-zero ``lora_a``, ``lora_b``, ``gate``) and a router must never
         choose them (a zero gate still scores 0).
 
@@ -646,7 +646,8 @@ def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = No
     atomically (a temporary file renamed into place).
 
     Args:
-      prototypes: per-site ``{"gate": (E, I)}`` tree (``routers.compute_average_activations``).
+      prototypes: per-site ``{"gate": (E, I)}`` tree
+      (``routing.methods.compute_average_activations``).
       path: the file to write (what ``goose-eval --prototypes`` reads).
       names: the E experts' names, in row order (stored in the header, so a reader can pick
         rows by name); None: rows are in the library's order.

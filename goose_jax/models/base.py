@@ -4,7 +4,7 @@ A base is named by one string, the ``--base`` of every tool:
 
 - a local Hugging Face directory (or a ``models--org--name`` cache entry) of a T5, or of a
   decoder-only Llama, Qwen2 or Mistral model (its ``config.json``'s ``model_type`` decides),
-- a goose-jax (Orbax) model checkpoint written by ``checkpoint.save_model`` or goose-convert,
+- a goose-jax (Orbax) model checkpoint written by ``models.checkpoint.save_model`` or goose-convert,
 - ``random:PRESET``: a seeded random model of a ``T5Config.preset`` size, or, for a name that is
   not a T5 preset, of a ``DecoderConfig.preset`` size (``random:llama-tiny``,
   ``random:qwen2-0.5b``), for smoke runs.
@@ -53,7 +53,7 @@ def load_base(spec: str, *, dtype: str | None = None, seed: int = 0, min_vocab_s
     """(cfg, params) of the base model ``spec`` (see the module doc).
 
     With ``mesh`` the parameters come back as global arrays laid out by the one rules table
-    (``families.base_shardings``), each process holding only its devices' slices: a Hugging
+    (``models.families.base_shardings``), each process holding only its devices' slices: a Hugging
     Face directory is read one tensor at a time straight into that layout; a goose-jax
     checkpoint is restored by Orbax with those target shardings (each process reads only its
     chunks); a ``random:`` base is drawn on the host, then placed.

@@ -42,7 +42,8 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, params: Any, *,
     Args:
       path: checkpoint directory.
       cfg: the model's config, a ``T5Config`` or ``DecoderConfig``.
-      params: its params pytree (checked against ``cfg`` first: ``families.validate_params``).
+      params: its params pytree (checked against ``cfg`` first:
+      ``models.families.validate_params``).
       overwrite: replace an existing goose-jax checkpoint.
 
     Returns:
@@ -68,7 +69,7 @@ def read_model_config(path: str | os.PathLike, *,
 
     Args:
       path: checkpoint directory.
-      family: the family (or families) the caller expects (``families.FAMILIES`` names); a
+      family: the family (or families) the caller expects (``models.families.FAMILIES`` names); a
         checkpoint of another is refused. Default: any.
 
     Raises:

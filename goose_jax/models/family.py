@@ -3,7 +3,7 @@
 A family (the T5, the Llama family, ...) is one sub-package of ``goose_jax.models`` that defines
 one ``ModelFamily`` subclass; ``goose_jax.models.families`` registers one instance of each. Every
 package above ``models`` (experts, the library, routing, evaluation, training, interop, the
-pipeline) asks the registry for the family of a config (``families.of(cfg)``) and calls it:
+pipeline) asks the registry for the family of a config (``models.families.of``) and calls it:
 none of them tests a config's type.
 
 What a family answers:
@@ -165,7 +165,7 @@ class ModelFamily(abc.ABC):
 
     def base_shardings(self, cfg: Any, mesh: Mesh) -> Params:
         """The ``NamedSharding`` of every base parameter on ``mesh``: the parameters' logical
-        axes mapped by the one rules table (``sharding.param_shardings``), from shapes alone;
+        axes mapped by the one rules table (``core.sharding.param_shardings``), from shapes alone;
         a tree like the params."""
         return param_shardings(self.param_shapes(cfg), self.param_logical_axes(cfg),
                                cfg.dtype.param, mesh)

@@ -38,7 +38,8 @@ STACKED = "blocks"      # scope name of a scanned stack's one body
 LAYER_AXIS = "layers"   # logical name of the stacked leading axis
 _BLOCK = re.compile(r"block_(\d+)")
 
-# Activation rematerialisation per block (``config.REMAT_NAMES``): what the backward pass keeps
+# Activation rematerialisation per block (``models.config.REMAT_NAMES``): what the backward pass
+# keeps
 # from the forward one.
 #   none: everything (no recomputation);
 #   block: only each block's inputs; the block is recomputed in the backward pass;

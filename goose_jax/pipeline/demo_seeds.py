@@ -1,6 +1,6 @@
 """The demo over several seeds: every table of ``goose_jax.pipeline.demo`` as the mean and 95%
 interval
-over the seeds (``paper_table.cell``), in the layout of ``goose-eval report``
+over the seeds (``evaluation.paper_table.cell``), in the layout of ``goose-eval report``
 (``goose_jax.evaluation.paper_table``), and PHATGOOSE k=2 against every method, paired by seed.
 
     summary = report_seeds([run_demo(DemoSettings(seed=s, ...)) for s in (0, 1, 2)], out, "full")
@@ -28,7 +28,7 @@ DERIVED = ("oracle", "best_individual")
 
 
 def seed_runs(summary: dict) -> list[pt.Run]:
-    """The ``paper_table.Run`` records of one seed's demo summary (results.json): one per
+    """The ``evaluation.paper_table.Run`` records of one seed's demo summary (results.json): one per
     method and one per single expert, the seed as the repeat."""
     seed = str(summary["seed"])
 
@@ -58,7 +58,8 @@ def paired(summaries: Sequence[dict], reference: str = "phatgoose_k2") -> dict:
     """``reference`` against every other zero-shot method, paired by seed.
 
     For each method and measure (held-in mean, held-out mean, composition task): the per-seed
-    differences ``reference - method`` as a ``paper_table.cell`` (mean, 95% interval, range) and
+    differences ``reference - method`` as a ``evaluation.paper_table.cell`` (mean, 95% interval,
+    range) and
     the number of seeds where ``reference`` is ahead. A difference whose 95% interval excludes 0
     is what the seeds support; anything else they leave open. Also the reference's rank among the
     zero-shot methods on each measure, per seed (1 = best; ties share the better rank).

@@ -1,7 +1,8 @@
 """The settings of one zero-shot evaluation run (``EvalSettings``) and the flags that fill them:
 what ``goose-eval``, ``eval/paper.py`` and the setting scripts share.
 
-``zeroshot.run_eval`` runs them; ``zeroshot.validate`` checks them against the files they name.
+``pipeline.zeroshot.run_eval`` runs them; ``pipeline.zeroshot.validate`` checks them against the
+files they name.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class EvalSettings:
       benchmarks: whole benchmarks (``t0_heldout``, ``t0_heldin``, ``bbh``, ``bbl``, ``flan``,
         ``world``: the miniature world's tasks, on a library ``goose-demo`` wrote).
       library: the expert library directory (None: only method ``base``).
-      method: one of ``routers.METHODS`` (None: ``phatgoose`` with a library, else ``base``).
+      method: one of ``routing.methods.METHODS`` (None: ``phatgoose`` with a library, else
+      ``base``).
       top_k: experts per token (per-token methods).
       expert: for ``single``: an expert name or index.
       experts: the experts to load (empty: all).
@@ -50,10 +52,10 @@ class EvalSettings:
       tokenizer: tokenizer directory (None: the base's).
       byte_tokenizer: use the byte-level tokenizer.
       dtype: ``float32`` or ``bfloat16`` (a Hugging Face base's parameters and compute).
-      mesh: device mesh sizes, ``data=D,model=M,expert=X`` (``sharding.parse_mesh``); None:
+      mesh: device mesh sizes, ``data=D,model=M,expert=X`` (``core.sharding.parse_mesh``); None:
         every device on ``data`` (one device: no mesh).
       scan_layers: run the blocks as one scanned body (``T5Config.scan_layers``).
-      batch_size, max_input_length, max_target_length: see ``evaluation.Evaluator``.
+      batch_size, max_input_length, max_target_length: see ``evaluation.evaluator.Evaluator``.
       max_examples: at most this many examples per template (quick runs).
       length_normalize: mean choice NLL (the paper); False: the sum.
       encoder_once: one encoder pass per example, or for a decoder-only base one pass of the
@@ -104,7 +106,7 @@ class EvalSettings:
     fast_compile: bool = False
 
     def inputs(self) -> dict[str, str | None]:
-        """Flag -> every path this run reads (for ``outputs.check_apart``)."""
+        """Flag -> every path this run reads (for ``core.outputs.check_apart``)."""
         return {"--base": self.base, "--library": self.library, "--tokenizer": self.tokenizer,
                 "--expert-map": self.expert_map, "--retrieval-index": self.retrieval_index,
                 "--embedder": self.embedder, "--prototypes": self.prototypes,

@@ -10,7 +10,7 @@ training would visit first), run through the base model with that expert's LoRA 
 site, the mean input over non-pad tokens (on a T5, encoder tokens for encoder sites and
 cross-attention k / v, teacher-forced target tokens for the other decoder sites; on a
 decoder-only base, every real token of the prompt-and-target sequence its training packs,
-``routers.compute_average_activations``), pooled per example and then over examples
+``routing.methods.compute_average_activations``), pooled per example and then over examples
 (``--pooling example``, the release's) or over all tokens at once (``token``).
 
 The result goes to ``<library>/prototypes.safetensors``
@@ -103,7 +103,7 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
                    batch_size: int) -> Iterator[tuple]:
     """One expert's ``compute_average_activations`` batches over its first
     ``min(examples, len(source))`` examples in the seeded order of its training stream
-    (``train_runs.stream_id``), encoded as its training encoded them.
+    (``pipeline.train_runs.stream_id``), encoded as its training encoded them.
 
     As the family's ``activation_batch`` gives them: on a T5, ``(ids_BL, mask_BL, dec_BT,
     dec_mask_BT)``, the targets teacher-forced (shifted right after the decoder start token); on

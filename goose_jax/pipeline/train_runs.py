@@ -13,7 +13,7 @@ paper's settings); ``key=value`` overrides change any field, typed by the field'
 (``goose_jax.core.config_files``). The base is a local Hugging Face T5 or decoder-only (Llama,
 Qwen2,
 Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
-(``base_model.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
+(``models.base.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
 tokens and the prompts are encoded as ``goose_jax.models.llama.loss`` says; validation scores
 the experts as goose-eval scores a decoder-only base (``goose_jax.evaluation.evaluator``). Data
 files
@@ -33,7 +33,7 @@ parameters) stops with one line and writes nothing to the output.
 
 Validation (``expert`` / ``experts``; ``goose_jax.evaluation.validation``): each expert's
 validation split
-(``--validation``, or each training file's own: ``validation.find_validation``) is
+(``--validation``, or each training file's own: ``evaluation.validation.find_validation``) is
 scored by its task metric at step 0, every ``eval_every`` steps and at the last step; each
 expert keeps the step that scored best (ties: the later), and the library gets that step's
 expert, with the step and score in its manifest entry (``info["validation"]``).
@@ -483,7 +483,7 @@ def _require(value, flag: str, command: str) -> None:
 
 
 def _one_run_per_workdir(body: Callable[[RunArgs], int]) -> Callable[[RunArgs], int]:
-    """``body`` under its work directory's lock (``outputs.run_lock``, process 0): a second run
+    """``body`` under its work directory's lock (``core.outputs.run_lock``, process 0): a second run
     into the same ``--workdir`` is refused in one line while the first lives."""
     @functools.wraps(body)
     def run(args: RunArgs) -> int:

@@ -7,7 +7,8 @@ of a benchmark, and a results folder. What ``goose-eval`` and the ``eval/`` scri
 
 The run reads the data first (a wrong path fails in seconds, before a large model is read), then
 the base model, the library and the method's router vectors; it scores every task with an
-``evaluation.Evaluator`` (batches over the mesh's ``data`` axis, the library over its ``expert``
+``evaluation.evaluator.Evaluator`` (batches over the mesh's ``data`` axis, the library over its
+``expert``
 axis) and writes the results folder of ``goose_jax.evaluation.report`` from process 0.
 """
 
@@ -87,8 +88,8 @@ def _load_library(path: str, cfg, params, names: Sequence[str], *, mesh=None, dt
 
 
 def build_method(s: EvalSettings, cfg, params, mesh=None):
-    """(``routers.Routed``, expert names) of the settings' method over its library, its
-    collections placed on ``mesh`` (``routers.build_routed``).
+    """(``routing.methods.Routed``, expert names) of the settings' method over its library, its
+    collections placed on ``mesh`` (``routing.methods.build_routed``).
 
     Raises:
       LibraryError: a library that cannot serve the method (phatgoose without every gate).
@@ -313,7 +314,7 @@ def load_tasks(s: EvalSettings):
 
 def load_base_model(s: EvalSettings, mesh=None):
     """(cfg, params, tokenizer) of the settings' base model; with ``mesh``, read straight into
-    the rules table's layout (``base_model.load_base``)."""
+    the rules table's layout (``models.base.load_base``)."""
 
     # A random base's vocabulary grows to hold the byte-level tokenizer's ids.
     cfg, params = load_base(s.base, dtype=s.dtype, mesh=mesh,
@@ -338,7 +339,7 @@ def run_eval(s: EvalSettings, *, base=None, data=None) -> dict:
 
     Raises:
       GooseError: any input a user controls that cannot be used (one line each), or another run
-        writing ``s.out`` (``outputs.run_lock``).
+        writing ``s.out`` (``core.outputs.run_lock``).
     """
 
     validate(s)

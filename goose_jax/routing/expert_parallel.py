@@ -3,7 +3,7 @@
 
 Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: X the
 ``expert`` mesh axis size, e = E / X the experts each device holds (E padded to a multiple of X,
-``sharding.pad_experts``), N the tokens of one ``data`` shard.
+``core.sharding.pad_experts``), N the tokens of one ``data`` shard.
 
 Inside one ``jax.shard_map`` over the whole mesh, with the batch over ``data`` and every device
 of an expert group holding the same tokens:
@@ -11,7 +11,8 @@ of an expert group holding the same tokens:
     1. each device scores its own e experts:            (N, e) from its (e, I) router vectors
     2. the scores are all-gathered over ``expert``:     (N, E), small; padding experts at -inf
     3. every device takes the same top-k and softmax    (the single-device routing rule)
-    4. each device combines only the choices it owns    ``routing.combine_lora`` on its (e, I, R)
+    4. each device combines only the choices it owns    ``routing.formula.combine_lora`` on its (e,
+    I, R)
                                                         and (e, R, O) slice, local indices
     5. the partial outputs are summed over ``expert``   (N, O) psum
 
@@ -70,7 +71,7 @@ def routed_delta(adapter, x: Array, router: Array, a_EIR: Array, b_ERO: Array):
     """The routed LoRA sum of one site with the library split over ``adapter.mesh``'s experts.
 
     Args:
-      adapter: the ``routers.RoutedAdapter`` (its ``mesh``, ``scoring``, ``top_k``,
+      adapter: the ``routing.methods.RoutedAdapter`` (its ``mesh``, ``scoring``, ``top_k``,
         ``num_experts``, ``scale``, ``backend``, ``temperature``).
       x: (B, ..., I) site inputs.
       router: (E, I) router vectors, or for ``scoring="example"`` the (B,) expert of each example.
@@ -78,7 +79,8 @@ def routed_delta(adapter, x: Array, router: Array, a_EIR: Array, b_ERO: Array):
       b_ERO: (E, R, O) B factors, split alike.
 
     Returns:
-      (delta (B, ..., O) in x's dtype, ``routing.RouteOutput`` without scores (weights and global
+      (delta (B, ..., O) in x's dtype, ``routing.formula.RouteOutput`` without scores (weights and
+      global
       indices (B, ..., k)) for telemetry).
     """
     mesh = adapter.mesh

@@ -26,7 +26,7 @@ for tracers.
 
 Combination backends (``combine_lora(backend=...)``, implementations and the reasons for each
 in ``routing_backends``): ``dense``, ``gather``, ``grouped`` and ``ragged``; ``auto`` picks one
-from the sizes (``routing_backends.choose_backend``). Routing runs apart from the combination:
+from the sizes (``routing.backends.choose_backend``). Routing runs apart from the combination:
 sharing one matmul between the router scores and a dense shrink (x @ [ln(G)^T | A_cat]) gained
 nothing, because the shrink is R times the scores' work. Measured: bench/README.md.
 """

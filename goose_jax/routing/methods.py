@@ -14,7 +14,7 @@ the base model under a method: a hashable ``adapter`` (static under jit) and the
     logits = gj.decoder_logits(cfg, params, ids, mask, routing=routed)      # a DecoderConfig
 
 Every method works on either family: the adapters only see a site's input, and the library is
-checked against the family's own sites (``families.site_shapes``).
+checked against the family's own sites (``models.families.site_shapes``).
 
 Methods (PHATGOOSE.md sections 5-6):
   ``phatgoose``           per-token top-k against standardized trained gates;
@@ -67,10 +67,11 @@ class RoutedAdapter:
     """Site adapter that routes every token among the experts of its site.
 
     Reads ``experts/<site>/lora_a, lora_b`` and ``router/<site>/vectors`` (E, I). For
-    ``scoring="standardized"`` the vectors are already standardized (``routing.prepare_router``);
+    ``scoring="standardized"`` the vectors are already standardized
+    (``routing.formula.prepare_router``);
     for ``scoring="abs_dot"`` they are Arrow's unit vectors. For ``scoring="example"`` the
     router entry is ``router/<site>/example_index`` (B,) and each example uses one expert.
-    ``temperature`` divides the ``abs_dot`` scores (``routing.arrow_scores``: a float, or
+    ``temperature`` divides the ``abs_dot`` scores (``routing.formula.arrow_scores``: a float, or
     ``"release"`` for ``10 * sqrt(I)``).
     With ``telemetry`` each site sows per-expert counts of its top-1 choices, the mean top-1
     weight and the mean routing entropy into the ``intermediates`` collection, from the routing
@@ -79,7 +80,7 @@ class RoutedAdapter:
     padding never enters the statistics.
 
     ``num_experts`` (0: all) is the number of real experts when the stack is padded
-    (``sharding.pad_experts``): the rest are never routed to. With a ``mesh`` whose ``expert``
+    (``core.sharding.pad_experts``): the rest are never routed to. With a ``mesh`` whose ``expert``
     axis is larger than 1, the library is split over it and each site routes and combines
     without gathering it (``goose_jax.routing.expert_parallel``); without one, the site runs on
     whatever
@@ -181,7 +182,7 @@ def _num_experts(experts: dict) -> int:
 
 def check_library(cfg: ModelConfig, experts: dict) -> int:
     """Checks every site's A and B against the model's site shapes (a T5 or a decoder-only
-    model, ``families.site_shapes``); returns E."""
+    model, ``models.families.site_shapes``); returns E."""
     shapes = families.site_shapes(cfg)
     for name, leaf in flatten_sites(experts).items():
         if name not in shapes:
@@ -223,20 +224,20 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
         against the family's site shapes).
       experts: stacked expert tree (per site ``lora_a`` (E, I, R), ``lora_b`` (E, R, O)); host
         arrays, or arrays already placed on ``mesh``. Its leading axis may be padded with zero
-        experts (``sharding.pad_experts``) when ``num_experts`` says how many are real.
+        experts (``core.sharding.pad_experts``) when ``num_experts`` says how many are real.
       gates: per-site ``gate`` (E, I), for ``phatgoose`` (rows past the real experts ignored).
       prototypes: per-site ``gate`` (E, I) mean activations, for ``average_activation``
         (``compute_average_activations``).
       top_k: experts per token for the per-token methods.
       scale: the LoRA scale of the library (1/r for PHATGOOSE experts).
       expert: the expert index, for ``single``.
-      backend: combination backend of ``routing.combine_lora``.
+      backend: combination backend of ``routing.formula.combine_lora``.
       telemetry: sow routing statistics (per-token methods).
       temperature: for ``arrow``, the divisor of ``|x . u|`` before the softmax: 1.0 (the
         default, as mttl and the paper's formula), a float > 0, or ``"release"`` for the
         original release's ``10 * sqrt(d_in)`` per site, which makes the top-k weights near
         even. It never changes which experts are kept.
-      mesh: a ``sharding.make_mesh`` mesh: the collections are placed on it, the library's
+      mesh: a ``core.sharding.make_mesh`` mesh: the collections are placed on it, the library's
         expert axis over ``expert`` (padded to a multiple of it with inert experts), and with
         an ``expert`` axis larger than 1 the per-token and per-example methods route without
         gathering the library (``goose_jax.routing.expert_parallel``). None: left where they are.

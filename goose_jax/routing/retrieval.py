@@ -475,7 +475,7 @@ class RetrievalIndex:
 
 def assign_experts(examples: Sequence, index: RetrievalIndex, embedder: SentenceEmbedder,
                    batch_size: int = 64) -> np.ndarray:
-    """The retrieved expert of each ``evaluation.Example``: int32 (len(examples),)."""
+    """The retrieved expert of each ``evaluation.evaluator.Example``: int32 (len(examples),)."""
     texts = [format_query(ex.input, ex.choices) for ex in examples]
     if not texts:
         return np.zeros((0,), np.int32)
@@ -484,7 +484,7 @@ def assign_experts(examples: Sequence, index: RetrievalIndex, embedder: Sentence
 
 def expert_chooser(index: RetrievalIndex, embedder: SentenceEmbedder,
                    examples: Sequence = ()) -> Callable[[list], list[int]]:
-    """``choose_experts`` for ``evaluation.Evaluator`` with method ``retrieval``.
+    """``choose_experts`` for ``evaluation.evaluator.Evaluator`` with method ``retrieval``.
 
     Examples given here are embedded up front in one pass; others when first asked for. Results
     are cached by query text.

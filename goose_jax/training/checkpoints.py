@@ -1,5 +1,5 @@
 """Training checkpoints: the trainable trees, optimiser state, step, RNG and data positions of a
-run, saved every ``checkpoint_every`` steps by ``trainer.train_loop`` (Orbax
+run, saved every ``checkpoint_every`` steps by ``training.loop.train_loop`` (Orbax
 ``CheckpointManager``, asynchronous saves, the last ``keep`` steps kept).
 
 Each complete step carries an integrity record, ``<step>/integrity.json``: the size and sha256

@@ -1,11 +1,12 @@
-"""The training loop: runs a ``training.Program`` to its last step, resumably.
+"""The training loop: runs a ``training.program.Program`` to its last step, resumably.
 
 Shared by goose-train's runs (``goose_jax.pipeline.train_runs``), the demo and the world-base
 script.
 A work directory holds the loop's state:
 
     checkpoints/    the last ``keep_checkpoints`` steps: trainable tree, optimiser state, step,
-                    RNG, and each stream's data position (``train_checkpoint.TrainCheckpointer``)
+                    RNG, and each stream's data position
+                    (``training.checkpoints.TrainCheckpointer``)
     metrics.jsonl   one JSON line per logged step (loss, grad_norm, lr, seconds), per eval and
                     per validation (each expert's score and best step so far)
     tensorboard/    the same scalars, if ``tensorboardX`` is installed
@@ -174,7 +175,7 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
     """Runs (or resumes) ``program`` to ``program.steps``.
 
     Args:
-      program: a ``training.Program``.
+      program: a ``training.program.Program``.
       base, frozen: the frozen trees (see ``Program.step``).
       trainable: the initial trainable tree (ignored when a checkpoint exists).
       batchers: one ``Batcher`` per expert stream (``program.many``), or a one-element list.
@@ -183,7 +184,8 @@ def train_loop(program: training.Program, base: Any, frozen: Any, trainable: Any
       mesh: optional mesh; the expert axis is split over its ``expert`` axis.
       desc: progress-bar label.
       seed_key: the run's RNG (saved with the state; kept for dropout and sampling to come).
-      best: validation and best-step keeping (``validation.BestKeeper``), run at step 0, every
+      best: validation and best-step keeping (``evaluation.validation.BestKeeper``), run at step 0,
+      every
         ``eval_every`` steps and at the last step; its state is part of every checkpoint. The
         trainable leaves must lead with the expert axis (kind ``"expert"``).
 

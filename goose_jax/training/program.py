@@ -26,7 +26,8 @@ per-expert tree (gate training), the optimiser state and the batch ``[E, A, M, L
 params are shared. Each vmapped instance sees its expert with a leading axis of 1 (``lora_a``
 (1, I, R)), exactly the single-expert layout, so clipping, Adam and the loss are per expert:
 each expert is its own run. Sharding the expert axis over the ``expert`` mesh axis
-(``sharding.shard_experts``) splits the experts across devices. Single-expert training is E = 1.
+(``core.sharding.shard_experts``) splits the experts across devices. Single-expert training is E =
+1.
 
 Gradient accumulation runs inside the step (``lax.scan`` over A microbatches). The loss is the
 token cross-entropy summed over the whole effective batch and divided by its number of target
@@ -330,7 +331,7 @@ class Program:
       kind: "expert", "gate" or "full" (see the module doc).
       model: the model config with the dtype policy the frozen trees are stored in: a T5
         (``token_nll``) or a decoder-only model (the causal-LM loss of
-        ``decoder_training.causal_nll``).
+        ``models.llama.loss.causal_nll``).
       train: the hyper-parameters.
       steps: total optimiser steps (sets the warm-up length).
       lora_scale: the LoRA scale (ignored for "full").

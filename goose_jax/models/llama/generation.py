@@ -6,13 +6,14 @@ Shapes follow the package legend (the ``goose_jax`` module docstring); S = L + T
 Every prompt is first left-aligned (its padding moved to the front, the order of its real tokens
 kept), so that all rows end at slot L - 1 and every generated token of every row goes to the same
 slot L + i: one ``dynamic_update_slice`` per step, no per-row scatter. Positions stay those of the
-unpadded row (``decoder.positions_from_mask``), so left and right padding generate the same
+unpadded row (``models.llama.model.positions_from_mask``), so left and right padding generate the
+same
 tokens. The prompt runs once through the model, filling slots 0 .. L - 1 of the cache; then each
 step feeds one token per row inside a ``jax.lax.while_loop`` that ends when every row has emitted
 EOS or T tokens exist.
 
 With ``telemetry=True`` the routing that generation computes is also counted, as the T5's
-``generation.generate_greedy`` does: the adapter sows per-site top-1 counts
+``models.t5.generation.generate_greedy`` does: the adapter sows per-site top-1 counts
 (``goose_jax.routing.methods.RoutedAdapter`` with ``telemetry``) over the tokens of each site's
 ``telemetry`` mask (``sites.sequence_telemetry_masks``), and the loop carries their sum. The
 prompt pass counts the real prompt tokens; each step counts the token it feeds only for rows
@@ -113,7 +114,7 @@ def generate_decoder_greedy(cfg: DecoderConfig, params, input_ids_BL, max_new_to
       routing: a ``goose_jax.routing.methods.Routed`` (any routing method over an expert library).
       adapter: optional site adapter (LoRA, gates, routing).
       collections: extra variable collections the adapter reads.
-      fast_compile: compile with ``config.FAST_COMPILE_OPTIONS``.
+      fast_compile: compile with ``models.config.FAST_COMPILE_OPTIONS``.
       telemetry: also return the per-site top-1 expert counts of the routing generation
         computed (module doc); the adapter must sow them (``build_routed(..., telemetry=True)``).
       check_finite: raise ``NonFiniteError`` when the logits of a real row become NaN or inf

@@ -185,7 +185,7 @@ def save_hf_llama(cfg: DecoderConfig, params: Params, path: str | os.PathLike, *
                   overwrite: bool = False) -> list[str]:
     """Writes a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``) that
     transformers loads as ``{Llama,Qwen2,Mistral}ForCausalLM``, crash-safe
-    (``interop.hf_folder.write_model_folder``).
+    (``models.hf_folder.write_model_folder``).
 
     Args:
       cfg: the model's config (``cfg.family`` picks the architecture written).
@@ -198,7 +198,7 @@ def save_hf_llama(cfg: DecoderConfig, params: Params, path: str | os.PathLike, *
 
     Raises:
       CheckpointError: ``params`` does not fit ``cfg``, ``cfg`` cannot be expressed for its
-        family, or ``path`` cannot take the model (``interop.hf_folder.check_model_folder``).
+        family, or ``path`` cannot take the model (``models.hf_folder.check_model_folder``).
     """
     try:
         config = cfg.to_hf_dict()

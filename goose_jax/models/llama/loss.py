@@ -11,7 +11,8 @@ the right,
 
 and the model predicts token t + 1 from tokens <= t. Only predictions of target tokens count
 (the target's EOS included; never the prompt, never padding), summed and counted exactly as the
-T5's ``training.token_nll``, so ``Program`` divides the same way for both families and gradient
+T5's ``models.t5.loss.token_nll``, so ``Program`` divides the same way for both families and
+gradient
 accumulation stays exact.
 
 Special tokens (``prompt_tokens``, which the batches of a decoder-only run are built with):
@@ -120,7 +121,7 @@ def pack(cfg: DecoderConfig, batch: dict) -> tuple[Array, Array, Array]:
 def causal_nll(cfg: DecoderConfig, variables: dict, batch: dict,
                adapter=None) -> tuple[Array, Array]:
     """Summed cross-entropy of the target tokens, each predicted from the tokens before it, and
-    their number: ``training.token_nll`` for a decoder-only model (see the module doc).
+    their number: ``models.t5.loss.token_nll`` for a decoder-only model (see the module doc).
 
     Args:
       cfg: the model config.

@@ -72,7 +72,7 @@ class Linear(nn.Module):
       axes: logical axis names of the (I, O) kernel.
       cfg: the model config (dtype policy).
       use_bias: the site has an (O,) bias (Qwen2's q, k and v).
-      adapter: optional ``goose_jax.models.t5.model.Adapter`` applied after the base matmul.
+      adapter: optional ``goose_jax.models.sites.Adapter`` applied after the base matmul.
     """
 
     features: int

@@ -4,7 +4,7 @@ the prompt run once per example (the decoder-only counterpart of the T5's encode
 Shapes follow the package legend (the ``goose_jax`` module docstring); T is a choice's length,
 M = B*C rows (every choice of every example), S the cache slots.
 
-Prompt once. The prompts are left-aligned (``decoder_generation.left_align``), so that every
+Prompt once. The prompts are left-aligned (``models.llama.generation.left_align``), so that every
 row's last prompt token sits at slot L - 1 and every row's choice tokens at the same slots after
 it. All prompt tokens but the last go through the model once (``decode=True``), filling cache
 slots 0 .. L - 2; the cache is then repeated along C, and one batched call feeds each (example,
@@ -19,7 +19,8 @@ Per choice (``naive=True``): each (example, choice) row is its whole prompt foll
 choice, run through the model without a cache; for reference and for ``bench/decoder_forward``.
 
 Both return the summed NLL of each choice's tokens; the caller normalises by length exactly as
-for the T5 (``evaluation.Evaluator.score_choices``). Choices end with EOS, as on the T5 path, so
+for the T5 (``evaluation.evaluator.Evaluator.score_choices``). Choices end with EOS, as on the T5
+path, so
 that a choice is also scored for ending where it does.
 """
 
@@ -137,9 +138,9 @@ def decoder_choice_nll(cfg: DecoderConfig, adapter, prompt_vars: dict, choice_va
       tgt_BCT, tmask_BCT: (B, C, T) int choice tokens and masks (padded choices: all zero);
         T >= 1.
       naive: run each (prompt, choice) row whole instead of the prompt once (module doc).
-      sites: with a telemetry adapter (``routers.RoutedAdapter(telemetry=True)``), the sites
+      sites: with a telemetry adapter (``routing.methods.RoutedAdapter``), the sites
         whose top-1 experts are counted over real tokens.
-      fast_compile: compile with ``config.FAST_COMPILE_OPTIONS``.
+      fast_compile: compile with ``models.config.FAST_COMPILE_OPTIONS``.
 
     Returns:
       (nll_BC float32, per-site (E,) top-1 counts, empty without ``sites``).

@@ -29,7 +29,7 @@ class T5Config:
         not 24 + 24 at XL sizes); the model then reads trees stacked along a leading layer axis
         (``goose_jax.models.scan``). Not part of the checkpoint format: HF files stay per layer.
       remat: activation rematerialisation per block: "none", "block" (keep only each block's
-        inputs) or "dots" (keep the sites' matmul outputs); see ``layers.REMAT_POLICIES``.
+        inputs) or "dots" (keep the sites' matmul outputs); see ``models.scan.REMAT_POLICIES``.
     """
 
     vocab_size: int = 32128

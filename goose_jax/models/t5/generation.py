@@ -106,14 +106,15 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
       routing: a ``goose_jax.routing.methods.Routed`` (any routing method over an expert library).
       adapter: optional site adapter (LoRA, gates, routing).
       collections: extra variable collections the adapter reads (e.g. ``{"lora": ...}``).
-      fast_compile: compile with ``config.FAST_COMPILE_OPTIONS`` (quicker to compile, slower
+      fast_compile: compile with ``models.config.FAST_COMPILE_OPTIONS`` (quicker to compile, slower
         to run).
       telemetry: also return the per-site top-1 expert counts of the routing decoding computed;
         the adapter must sow them (``build_routed(..., telemetry=True)``).
       check_finite: raise ``NonFiniteError`` when the logits of a real row become NaN or inf
         before it finishes (argmax over NaN would quietly emit token 0); waits for the result.
       mesh: the device mesh ``params`` and the routing collections are laid out on
-        (``sharding.make_mesh``): the rows are placed over its ``data`` axis (when it divides B);
+        (``core.sharding.make_mesh``): the rows are placed over its ``data`` axis (when it divides
+        B);
         a routing built with this mesh (``build_routed(mesh=...)``) decodes with its library
         split over ``expert``, never gathered.
 

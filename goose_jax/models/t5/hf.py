@@ -194,7 +194,8 @@ def hf_state_dict_to_params(cfg: T5Config, state: Mapping[str, Any], *,
     """Maps a Hugging Face T5 state dict onto our params pytree.
 
     One tensor at a time is read, transposed and cast on the host (never a float32 copy of the
-    model); with ``mesh``, straight into its layout (``base_shardings``, ``sharding.read_into``).
+    model); with ``mesh``, straight into its layout (``base_shardings``,
+    ``core.sharding.read_into``).
 
     Args:
       cfg: the model's config; ``cfg.tie_word_embeddings`` decides whether ``lm_head`` is read and

@@ -498,7 +498,7 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
 
     Returns:
       The base parameter tree (plain arrays, no partitioning boxes); stacked along the layers
-      with ``cfg.scan_layers`` (the same draws as the per-layer tree, ``layers.stack_layers``).
+      with ``cfg.scan_layers`` (the same draws as the per-layer tree, ``models.scan.stack_layers``).
     """
     if cfg.scan_layers:
         return stack_layers(init_params(per_layer(cfg), rng), cfg)
