@@ -24,8 +24,6 @@ from goose_jax.data.tokenizers import ByteTokenizer, load_hf_tokenizer
 from goose_jax.models import checkpoint, families
 from goose_jax.models.config import DTypePolicy
 from goose_jax.models.hf_folder import read_config_json
-from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.t5.config import T5Config
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -105,17 +103,20 @@ def load_hf_model(path: str, *, dtype: DTypePolicy | None = None, mesh: Mesh | N
 
 
 def random_config(spec: str) -> families.ModelConfig:
-    """The config of a ``random:PRESET`` base: a T5 preset, else a decoder-only one (where
-    ``llama-tiny`` names the decoder's ``tiny``, which the T5's ``tiny`` would shadow)."""
+    """The config of a ``random:PRESET`` base: the first registered family's preset of that name
+    (a T5 size), else another family's (``llama-tiny``, ``llama-3-8b``, ...)."""
     name = spec[len(RANDOM):]
+    first, *others = families.REGISTRY
     try:
-        return T5Config.preset(name)
-    except ValueError as t5_error:
-        try:
-            return DecoderConfig.preset("tiny" if name == "llama-tiny" else name)
-        except ConfigError:
-            raise CheckpointError(f"base {spec!r}: {t5_error}; nor is it a decoder-only preset "
-                                  "(llama-tiny, llama-3-8b, ...)") from None
+        return first.preset(name)
+    except ValueError as first_error:
+        for fam in others:
+            try:
+                return fam.preset(name)
+            except ValueError:
+                continue
+        raise CheckpointError(f"base {spec!r}: {first_error}; nor is it a decoder-only preset "
+                              "(llama-tiny, llama-3-8b, ...)") from None
 
 
 def _hf_family(spec: str):

@@ -131,6 +131,10 @@ class ModelFamily(abc.ABC):
         return name
 
     @abc.abstractmethod
+    def preset(self, name: str) -> Any:
+        """The config of a named size (``random:NAME`` bases); ValueError for an unknown one."""
+
+    @abc.abstractmethod
     def config_from_hf_dict(self, d: Mapping[str, Any], *, source: str) -> Any:
         """The config of a Hugging Face ``config.json`` dict of this family."""
 

@@ -42,6 +42,10 @@ class LlamaFamily(ModelFamily):
     def label(self, name: str) -> str:
         return _LABELS[name]
 
+    def preset(self, name: str) -> DecoderConfig:
+        # ``llama-tiny`` names the family's ``tiny`` where the T5's ``tiny`` would shadow it.
+        return DecoderConfig.preset("tiny" if name == "llama-tiny" else name)
+
     def config_from_hf_dict(self, d: Mapping[str, Any], *, source: str) -> DecoderConfig:
         return DecoderConfig.from_hf_dict(d, source=source)
 

@@ -44,6 +44,9 @@ class T5Family(ModelFamily):
     def label(self, name: str) -> str:
         return "T5"
 
+    def preset(self, name: str) -> T5Config:
+        return T5Config.preset(name)
+
     def config_from_hf_dict(self, d: Mapping[str, Any], *, source: str) -> T5Config:
         return T5Config.from_hf_dict(d, source=source)
 
