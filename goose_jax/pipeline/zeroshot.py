@@ -52,7 +52,6 @@ from goose_jax.library.store import ExpertLibrary
 from goose_jax.models import families
 from goose_jax.models.base import RANDOM, check_base, load_base, load_tokenizer
 from goose_jax.models.scan import stack_layers
-from goose_jax.models.t5.model import param_logical_axes
 from goose_jax.pipeline.eval_settings import (  # noqa: F401  (re-exported: the run's API)
     WORLD,
     EvalSettings,
@@ -373,11 +372,10 @@ def _run_eval(s: EvalSettings, base, data) -> dict:
     if s.scan_layers and not cfg.scan_layers:
         # After the library has checked the base (per layer, as it was trained): the blocks
         # stacked once, laid out by the stacked specs.
-
         cfg = cfg.replace(scan_layers=True)
         params = stack_layers(params, cfg)
         if mesh is not None:
-            params = shard_params(params, param_logical_axes(cfg), mesh)
+            params = shard_params(params, families.param_logical_axes(cfg), mesh)
     chooser = None
     if routed.method == "example":
         chooser = map_chooser(s.expert_map, names)
