@@ -113,8 +113,9 @@ class ModelFamily(abc.ABC):
     hf_model_types: tuple[str, ...] = ()
     #: A regular expression full-matching every site name of the family.
     sites_pattern: str = ""
-    #: Whether the layer stack can run scanned (``scan_layers``) and rematerialised (``remat``).
+    #: Whether the layer stack can run scanned (``scan_layers``), and rematerialised (``remat``).
     scans: bool = False
+    remats: bool = False
     #: PEFT: the HF modules that are never sites, the default targets and the PEFT task type.
     peft_no_site: tuple[str, ...] = ()
     peft_default_targets: tuple[str, ...] = ()

@@ -230,13 +230,13 @@ class TrainConfig:
         """Checks that every option of this config applies to ``model``'s family.
 
         Raises:
-          TrainConfigError: ``remat`` on a decoder-only base (only the T5 rematerialises).
+          TrainConfigError: ``remat`` on a family that does not rematerialise (``remats``).
         """
         fam = families.of(model)
-        if not fam.scans and self.remat != "none":
+        if not fam.remats and self.remat != "none":
             raise TrainConfigError(
-                f"TrainConfig.remat={self.remat!r}: rematerialisation is implemented for T5 "
-                f"bases only, not {fam.describe(fam.name_of(model))}; set remat=none")
+                f"TrainConfig.remat={self.remat!r}: rematerialisation is not implemented for "
+                f"{fam.describe(fam.name_of(model))} bases; set remat=none")
 
     def check_model(self, model: families.ModelConfig) -> None:
         """Checks the settings that depend on the base model, before any work starts.

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from goose_jax.core.errors import ConfigError
-from goose_jax.models.config import DTypePolicy
+from goose_jax.models.config import REMAT_NAMES, DTypePolicy
 
 FAMILIES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -132,6 +132,9 @@ class DecoderConfig:
       qkv_bias: q, k and v carry biases (Qwen2; Llama's ``attention_bias``); o_bias: o does
         (Llama's ``attention_bias`` only); mlp_bias: gate, up and down do (Llama's ``mlp_bias``).
       tie_word_embeddings: the output head reuses ``embed_tokens/embedding``.
+      remat: activation rematerialisation per layer in training: "none", "block" (keep only
+        each layer's input) or "dots" (keep the sites' matmul outputs); see
+        ``models.scan.REMAT_POLICIES``. Not part of the architecture (not recorded).
     """
 
     family: str = "llama"
@@ -159,8 +162,12 @@ class DecoderConfig:
     eos_token_id: int | None = 2
     pad_token_id: int = 0
     dtype: DTypePolicy = DTypePolicy()
+    remat: str = "none"
 
     def __post_init__(self):
+        if self.remat not in REMAT_NAMES:
+            raise ConfigError(f"DecoderConfig.remat must be one of {list(REMAT_NAMES)}, got "
+                              f"{self.remat!r}")
         if self.family not in FAMILIES:
             raise ConfigError(f"DecoderConfig.family must be one of {list(FAMILIES)}, got "
                               f"{self.family!r}")

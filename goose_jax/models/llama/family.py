@@ -29,6 +29,7 @@ class LlamaFamily(ModelFamily):
     hf_model_types = FAMILIES
     sites_pattern = SITES
     scans = False
+    remats = True
     peft_no_site = ("model.embed_tokens", "lm_head")
     peft_default_targets = ("q_proj", "v_proj")
     peft_task_type = "CAUSAL_LM"
@@ -105,7 +106,8 @@ class LlamaFamily(ModelFamily):
 
     def token_nll(self, cfg: DecoderConfig, variables: dict, batch: dict, adapter=None, *,
                   remat: str = "none"):
-        return loss.causal_nll(cfg, variables, batch, adapter)
+        model = cfg if remat == "none" else cfg.replace(remat=remat)
+        return loss.causal_nll(model, variables, batch, adapter)
 
     def choice_scorer(self, fast_compile: bool):
         return functools.partial(scoring.decoder_choice_nll, fast_compile=bool(fast_compile))

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models.scan import REMAT_POLICIES
 from goose_jax.models.sites import Adapter, resolve_adapter
 
 Array = jax.Array
@@ -345,8 +346,10 @@ class Llama(nn.Module):
         bias = attention_bias(cfg, mask_BS, Q, 0 if pos is None else pos)
         cos_BQK, sin_BQK = rotary(cfg, positions_BQ)
         x_BQD = embed(ids_BQ)
+        block = Block if cfg.remat == "none" else nn.remat(Block,
+                                                           policy=REMAT_POLICIES[cfg.remat])
         for i in range(cfg.num_layers):
-            x_BQD = Block(cfg, self.adapter, decode, max_len, name=f"layers_{i}")(
+            x_BQD = block(cfg, self.adapter, decode, max_len, name=f"layers_{i}")(
                 x_BQD, cos_BQK, sin_BQK, bias, pos)
         x_BQD = RMSNorm(cfg, name="final_norm")(x_BQD)
         if cfg.tie_word_embeddings:

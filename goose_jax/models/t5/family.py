@@ -32,6 +32,7 @@ class T5Family(ModelFamily):
     hf_model_types = ("t5", "mt5", "umt5")
     sites_pattern = SITES
     scans = True
+    remats = True
     peft_no_site = ("shared", "encoder.embed_tokens", "decoder.embed_tokens",
                     "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
                     "decoder.block.0.layer.0.SelfAttention.relative_attention_bias", "lm_head")
