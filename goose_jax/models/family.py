@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from goose_jax.core import sharding
 from goose_jax.core.errors import CheckpointError
 from goose_jax.models.hf_folder import names_shown
+from goose_jax.models.scan import stack_layers
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -220,6 +221,14 @@ class ModelFamily(abc.ABC):
         return ids if len(ids) <= max_length else ids[:max_length - 1] + [tokenizer.eos_id]
 
     # --- compute ---------------------------------------------------------------------------
+
+    def training_layout(self, cfg: Any, variables: dict, remat: str) -> tuple[Any, dict]:
+        """The config and variables a training step runs: ``remat`` applied, and the trees
+        stacked along the layers when the model scans them."""
+        model = cfg if remat == "none" else cfg.replace(remat=remat)
+        if getattr(model, "scan_layers", False):
+            variables = stack_layers(variables, model)
+        return model, variables
 
     @abc.abstractmethod
     def token_nll(self, cfg: Any, variables: dict, batch: dict, adapter=None, *,

@@ -1,4 +1,4 @@
-"""Running a stack of T5 blocks: unrolled or as one scanned body, with optional rematerialisation.
+"""Running a stack of layers: unrolled or as one scanned body, with optional rematerialisation.
 
 Shapes follow the package legend (the ``goose_jax`` module docstring). Also used here: Y the
 layers of one stack (``num_encoder_layers`` or ``num_decoder_layers``).
@@ -8,10 +8,13 @@ collections the adapters read: ``experts``, ``gates``, ``router``, ``telemetry``
 and what the model writes: ``cache``, sown ``intermediates``):
 
 - per layer (the user-facing one, and the only one HF conversion and expert libraries know):
-  ``{"encoder": {"block_0": {...}, "block_1": {...}, ...}}``, sites named
-  ``encoder/block_3/self_attn/q``;
-- stacked (what a ``T5Config(scan_layers=True)`` model reads): ``{"encoder": {"blocks": {...}}}``
-  whose leaves gain a leading (Y, ...) axis, logical axis name ``layers``.
+  ``{"encoder": {"block_0": {...}, "block_1": {...}, ...}}`` in a T5 (sites named
+  ``encoder/block_3/self_attn/q``), ``{"layers_0": {...}, ...}`` in a Llama;
+- stacked (what a config with ``scan_layers=True`` reads): ``{"encoder": {"blocks": {...}}}``, or
+  ``{"layers": {...}}``, whose leaves gain a leading (Y, ...) axis, logical axis name ``layers``.
+
+Each per-layer naming has its stacked name (``STACKED_NAMES``); a config says how many layers
+each stack has (``layer_counts``, keyed by the stack's parent scope, ``""`` at the root).
 
 ``stack_layers`` and ``unstack_layers`` convert between them. Both are idempotent, so the model
 API (``t5_logits``, ``generate_greedy``) accepts either layout and programs that run many steps
@@ -34,9 +37,12 @@ import jax.numpy as jnp
 
 from goose_jax.core.errors import ConfigError
 
-STACKED = "blocks"      # scope name of a scanned stack's one body
+STACKED = "blocks"      # scope name of a scanned T5 stack's one body
 LAYER_AXIS = "layers"   # logical name of the stacked leading axis
-_BLOCK = re.compile(r"block_(\d+)")
+# Per-layer scope prefix -> the stacked body's scope name.
+STACKED_NAMES = {"block_": STACKED, "layers_": "layers"}
+_PREFIXES = {v: k for k, v in STACKED_NAMES.items()}
+_LAYER = re.compile(r"(" + "|".join(STACKED_NAMES) + r")(\d+)")
 
 # Activation rematerialisation per block (``models.config.REMAT_NAMES``): what the backward pass
 # keeps
@@ -64,13 +70,14 @@ def _scan_body(block_cls: type) -> type:
     return Body
 
 
-def run_blocks(block_cls: type, num_layers: int, carry, *shared, **attrs):
+def run_blocks(block_cls: type, num_layers: int, carry, *shared, prefix: str = "block_",
+               **attrs):
     """Runs ``num_layers`` blocks of ``block_cls`` in sequence over the residual stream.
 
     Call inside a compact method: the blocks become children of the calling module, named
-    ``block_{i}`` (unrolled) or ``blocks`` (``cfg.scan_layers``: one body, every variable
-    collection stacked along axis 0), where ``cfg = attrs["cfg"]``, the model config.
-    ``cfg.remat`` wraps each block in ``nn.remat``.
+    ``{prefix}{i}`` (unrolled) or ``STACKED_NAMES[prefix]`` (``cfg.scan_layers``: one body,
+    every variable collection stacked along axis 0), where ``cfg = attrs["cfg"]``, the model
+    config. ``cfg.remat`` wraps each block in ``nn.remat``.
 
     Args:
       block_cls: the block module; ``block_cls(**attrs)(carry, *shared)`` returns the new carry.
@@ -87,12 +94,12 @@ def run_blocks(block_cls: type, num_layers: int, carry, *shared, **attrs):
         cls = nn.remat(cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
         for i in range(num_layers):
-            carry = cls(name=f"block_{i}", **attrs)(carry, *shared)
+            carry = cls(name=f"{prefix}{i}", **attrs)(carry, *shared)
         return carry
     scanned = nn.scan(cls, variable_axes={True: 0}, split_rngs={"params": True},
                       in_axes=nn.broadcast, length=num_layers,
                       metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
-    carry, _ = scanned(name=STACKED, **attrs)(carry, *shared)
+    carry, _ = scanned(name=STACKED_NAMES[prefix], **attrs)(carry, *shared)
     return carry
 
 
@@ -119,9 +126,7 @@ def _zeros_like(x) -> Any:
 
 
 def _layer_counts(cfg) -> dict[str, int]:
-    if cfg is None:
-        return {}
-    return {"encoder": cfg.num_encoder_layers, "decoder": cfg.num_decoder_layers}
+    return {} if cfg is None else dict(cfg.layer_counts)
 
 
 def stack_layers(tree: Any, cfg=None) -> Any:
@@ -147,18 +152,25 @@ def stack_layers(tree: Any, cfg=None) -> Any:
     def walk(node, path):
         if not isinstance(node, dict):
             return node
-        blocks = {int(m.group(1)): v for k, v in node.items() if (m := _BLOCK.fullmatch(k))}
-        rest = {k: walk(v, path + (k,)) for k, v in node.items() if not _BLOCK.fullmatch(k)}
-        if not blocks:
+        found = {k: m for k in node if (m := _LAYER.fullmatch(k))}
+        rest = {k: walk(v, path + (k,)) for k, v in node.items() if k not in found}
+        if not found:
             return rest
+        prefixes = {m.group(1) for m in found.values()}
         where = "/".join(path) or "the tree"
-        if STACKED in rest:
-            raise ConfigError(f"stack_layers: {where} has both per-layer 'block_N' and stacked "
-                              f"'{STACKED}' children; pass one layout")
+        if len(prefixes) > 1:
+            raise ConfigError(f"stack_layers: {where} mixes per-layer names "
+                              f"{sorted(p + 'N' for p in prefixes)}")
+        prefix = prefixes.pop()
+        stacked_name = STACKED_NAMES[prefix]
+        blocks = {int(m.group(2)): node[k] for k, m in found.items()}
+        if stacked_name in rest:
+            raise ConfigError(f"stack_layers: {where} has both per-layer '{prefix}N' and stacked "
+                              f"'{stacked_name}' children; pass one layout")
         n = counts.get(path[-1] if path else "", max(blocks) + 1)
         if max(blocks) >= n:
-            raise ConfigError(f"stack_layers: {where}/block_{max(blocks)} is beyond the model's "
-                              f"{n} layers")
+            raise ConfigError(f"stack_layers: {where}/{prefix}{max(blocks)} is beyond the "
+                              f"model's {n} layers")
         template = {}
         for i in sorted(blocks):
             for p, leaf in jax.tree_util.tree_flatten_with_path(blocks[i])[0]:
@@ -173,10 +185,11 @@ def stack_layers(tree: Any, cfg=None) -> Any:
             shapes = {tuple(jnp.shape(layer[p])) for layer in layers}
             if len(shapes) != 1:
                 name = jax.tree_util.keystr(p)
-                raise ConfigError(f"stack_layers: {where}/block_N{name} differs in shape across "
-                                  f"layers ({sorted(shapes)}); layers must match to be stacked")
+                raise ConfigError(f"stack_layers: {where}/{prefix}N{name} differs in shape "
+                                  f"across layers ({sorted(shapes)}); layers must match to be "
+                                  "stacked")
             stacked[p] = _stack([layer[p] for layer in layers])
-        return {**rest, STACKED: _rebuild(template, stacked)}
+        return {**rest, stacked_name: _rebuild(template, stacked)}
 
     return walk(tree, ())
 
@@ -194,7 +207,8 @@ def _rebuild(template: dict, values: dict) -> Any:
 
 
 def unstack_layers(tree: Any) -> Any:
-    """Stacked tree -> per-layer tree: each ``blocks`` child becomes ``block_0 .. block_{Y-1}``.
+    """Stacked tree -> per-layer tree: each ``blocks`` child becomes ``block_0 .. block_{Y-1}``
+    (each ``layers`` child ``layers_0 ..``).
 
     The inverse of ``stack_layers`` (for the layers and sites it filled, zeros come back). Leaves
     may be arrays, abstract shapes or the tuples that ``sow`` writes; trees without a stacked
@@ -203,15 +217,12 @@ def unstack_layers(tree: Any) -> Any:
     def walk(node):
         if not isinstance(node, dict):
             return node
-        out = {k: walk(v) for k, v in node.items() if k != STACKED}
-        if STACKED not in node:
-            return out
-        sub = node[STACKED]
-        leaves = jax.tree.leaves(sub)
-        if not leaves:
-            return out
-        for i in range(leaves[0].shape[0]):
-            out[f"block_{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), sub)
+        out = {k: walk(v) for k, v in node.items() if k not in _PREFIXES}
+        for name in (k for k in node if k in _PREFIXES):
+            sub = node[name]
+            leaves = jax.tree.leaves(sub)
+            for i in range(leaves[0].shape[0] if leaves else 0):
+                out[f"{_PREFIXES[name]}{i}"] = jax.tree.map(lambda x, i=i: _index(x, i), sub)
         return out
 
     return walk(tree)
@@ -221,3 +232,24 @@ def _index(x, i: int):
     if _is_abstract(x):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
     return x[i]
+
+
+def per_layer_state(cfg, state: dict) -> dict:
+    """A model's mutable ``state`` with its sown ``intermediates`` per layer (unstacked when
+    ``cfg.scan_layers``), as ``sites.collect_counts`` reads them."""
+    if not getattr(cfg, "scan_layers", False) or "intermediates" not in state:
+        return state
+    return {**state, "intermediates": unstack_layers(state["intermediates"])}
+
+
+def repeat_rows(cfg, tree: Any, repeats: int) -> Any:
+    """Each array of ``tree`` (a cache, say) repeated ``repeats`` times along its batch axis:
+    axis 0, or axis 1 under a stacked scope (whose leaves lead with the layer axis). Scalars
+    are kept."""
+    def one(path, x):
+        if not jnp.ndim(x):
+            return x
+        stacked = any(getattr(k, "key", None) in _PREFIXES for k in path)
+        return jnp.repeat(x, repeats, axis=1 if stacked else 0)
+
+    return jax.tree_util.tree_map_with_path(one, tree)

@@ -132,9 +132,11 @@ class DecoderConfig:
       qkv_bias: q, k and v carry biases (Qwen2; Llama's ``attention_bias``); o_bias: o does
         (Llama's ``attention_bias`` only); mlp_bias: gate, up and down do (Llama's ``mlp_bias``).
       tie_word_embeddings: the output head reuses ``embed_tokens/embedding``.
+      scan_layers: run the layers as one ``nn.scan`` over a stacked body (one layer to compile;
+        the trees it reads are stacked, ``models.scan.stack_layers``).
       remat: activation rematerialisation per layer in training: "none", "block" (keep only
         each layer's input) or "dots" (keep the sites' matmul outputs); see
-        ``models.scan.REMAT_POLICIES``. Not part of the architecture (not recorded).
+        ``models.scan.REMAT_POLICIES``. Neither is part of the architecture (not recorded).
     """
 
     family: str = "llama"
@@ -162,9 +164,13 @@ class DecoderConfig:
     eos_token_id: int | None = 2
     pad_token_id: int = 0
     dtype: DTypePolicy = DTypePolicy()
+    scan_layers: bool = False
     remat: str = "none"
 
     def __post_init__(self):
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"DecoderConfig.scan_layers must be True or False, got "
+                              f"{self.scan_layers!r}")
         if self.remat not in REMAT_NAMES:
             raise ConfigError(f"DecoderConfig.remat must be one of {list(REMAT_NAMES)}, got "
                               f"{self.remat!r}")
@@ -284,6 +290,11 @@ class DecoderConfig:
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
+
+    @property
+    def layer_counts(self) -> dict[str, int]:
+        """Layers per stack, by the stack's scope (``models.scan``): one, at the root."""
+        return {"": self.num_layers}
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` dictionary transformers reads back as this model."""

@@ -28,7 +28,7 @@ class LlamaFamily(ModelFamily):
     decoder_only = True
     hf_model_types = FAMILIES
     sites_pattern = SITES
-    scans = False
+    scans = True
     remats = True
     peft_no_site = ("model.embed_tokens", "lm_head")
     peft_default_targets = ("q_proj", "v_proj")
@@ -106,7 +106,7 @@ class LlamaFamily(ModelFamily):
 
     def token_nll(self, cfg: DecoderConfig, variables: dict, batch: dict, adapter=None, *,
                   remat: str = "none"):
-        model = cfg if remat == "none" else cfg.replace(remat=remat)
+        model, variables = self.training_layout(cfg, variables, remat)
         return loss.causal_nll(model, variables, batch, adapter)
 
     def choice_scorer(self, fast_compile: bool):

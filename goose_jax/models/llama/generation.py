@@ -34,6 +34,7 @@ from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.greedy import greedy_loop
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.model import Llama, model_variables, positions_from_mask, site_shapes
+from goose_jax.models.scan import per_layer_state, stack_layers
 from goose_jax.models.sites import (
     TELEMETRY,
     Adapter,
@@ -69,11 +70,12 @@ def _generate_impl(cfg, variables, ids_BL, mask_BL, max_new_tokens, adapter=None
         # (logits, cache, counts): with telemetry each site counts the tokens of ``count_BQ``.
         mutable = ["cache"]
         if telemetry:
-            vs = {**vs, TELEMETRY: sequence_telemetry_masks(sites, count_BQ)}
+            masks = sequence_telemetry_masks(sites, count_BQ)
+            vs = {**vs, TELEMETRY: stack_layers(masks, cfg) if cfg.scan_layers else masks}
             mutable.append("intermediates")
         logits, state = model.apply(vs, *args, cache_mask_BS, decode=True, max_len=S,
                                     mutable=mutable)
-        return logits, state["cache"], collect_counts(state)
+        return logits, state["cache"], collect_counts(per_layer_state(cfg, state))
 
     logits_BLV, cache, counts = apply(variables, mask_BL, ids_BL, positions_from_mask(mask_BL))
     tok_B = jnp.argmax(logits_BLV[:, -1], axis=-1).astype(jnp.int32)
@@ -133,7 +135,7 @@ def generate_decoder_greedy(cfg: DecoderConfig, params, input_ids_BL, max_new_to
     mask = (jnp.ones(ids.shape, jnp.int32) if attention_mask_BL is None
             else jnp.asarray(attention_mask_BL, jnp.int32))
     run = _generate_fast if fast_compile else _generate
-    tokens_BT, counts, finite_B = run(cfg, model_variables(params, collections), ids, mask,
+    tokens_BT, counts, finite_B = run(cfg, model_variables(cfg, params, collections), ids, mask,
                                       max_new_tokens, adapter=adapter,
                                       telemetry=bool(telemetry))
     if check_finite and not bool(jnp.all(finite_B)):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.scan import REMAT_POLICIES
+from goose_jax.models.scan import per_layer, run_blocks, stack_layers
 from goose_jax.models.sites import Adapter, resolve_adapter
 
 Array = jax.Array
@@ -346,11 +346,9 @@ class Llama(nn.Module):
         bias = attention_bias(cfg, mask_BS, Q, 0 if pos is None else pos)
         cos_BQK, sin_BQK = rotary(cfg, positions_BQ)
         x_BQD = embed(ids_BQ)
-        block = Block if cfg.remat == "none" else nn.remat(Block,
-                                                           policy=REMAT_POLICIES[cfg.remat])
-        for i in range(cfg.num_layers):
-            x_BQD = block(cfg, self.adapter, decode, max_len, name=f"layers_{i}")(
-                x_BQD, cos_BQK, sin_BQK, bias, pos)
+        x_BQD = run_blocks(Block, cfg.num_layers, x_BQD, cos_BQK, sin_BQK, bias, pos,
+                           prefix="layers_", cfg=cfg, adapter=self.adapter, decode=decode,
+                           max_len=max_len)
         x_BQD = RMSNorm(cfg, name="final_norm")(x_BQD)
         if cfg.tie_word_embeddings:
             return embed.attend(x_BQD)
@@ -373,6 +371,8 @@ def init_params(cfg: DecoderConfig, rng: Array | int = 0) -> dict:
       cfg: the model config.
       rng: an int seed, or a JAX PRNG key (its key data seeds the generator).
     """
+    if cfg.scan_layers:   # the same draws as the per-layer tree, stacked
+        return stack_layers(init_params(per_layer(cfg), rng), cfg)
     if isinstance(rng, (int, np.integer)):
         gen = np.random.default_rng(int(rng))
     else:
@@ -409,8 +409,10 @@ def site_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     return {f"layers_{i}/{s}": shapes[s] for i in range(cfg.num_layers) for s in SITE_ORDER}
 
 
-def model_variables(params, collections):
-    return {"params": params, **(collections or {})}
+def model_variables(cfg, params, collections):
+    variables = {"params": params, **(collections or {})}
+    # Either layout is accepted; a stacked tree passes through unchanged (no copy).
+    return stack_layers(variables, cfg) if cfg.scan_layers else variables
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"))
@@ -441,4 +443,4 @@ def decoder_logits(cfg: DecoderConfig, params, input_ids_BT, attention_mask_BT=N
     ids = jnp.asarray(input_ids_BT, jnp.int32)
     mask = (jnp.ones(ids.shape, jnp.int32) if attention_mask_BT is None
             else jnp.asarray(attention_mask_BT, jnp.int32))
-    return _logits(cfg, model_variables(params, collections), ids, mask, adapter=adapter)
+    return _logits(cfg, model_variables(cfg, params, collections), ids, mask, adapter=adapter)

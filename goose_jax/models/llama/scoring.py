@@ -35,17 +35,19 @@ from goose_jax.models.config import FAST_COMPILE_OPTIONS
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.generation import left_align
 from goose_jax.models.llama.model import Llama, positions_from_mask
+from goose_jax.models.scan import per_layer_state, repeat_rows, stack_layers
 from goose_jax.models.scoring import target_nll
 from goose_jax.models.sites import TELEMETRY, collect_counts
 
 Array = jax.Array
 
 
-def _telemetry(variables: dict, sites: tuple[str, ...], mask_BQ: Array) -> dict:
+def _telemetry(cfg, variables: dict, sites: tuple[str, ...], mask_BQ: Array) -> dict:
     # Every site of one forward sees the same tokens: its count mask is the call's token mask.
     if not sites:
         return variables
-    return {**variables, TELEMETRY: nest_sites({s: {"mask": mask_BQ} for s in sites})}
+    masks = nest_sites({s: {"mask": mask_BQ} for s in sites})
+    return {**variables, TELEMETRY: stack_layers(masks, cfg) if cfg.scan_layers else masks}
 
 
 def _apply(model: Llama, variables: dict, sites, *args, mutable: list[str], **kwargs):
@@ -54,7 +56,7 @@ def _apply(model: Llama, variables: dict, sites, *args, mutable: list[str], **kw
     if not mutable:
         return model.apply(variables, *args, **kwargs), {}, {}
     out, state = model.apply(variables, *args, mutable=mutable, **kwargs)
-    return out, state, collect_counts(state)
+    return out, state, collect_counts(per_layer_state(model.cfg, state))
 
 
 def _prompt_once(cfg, adapter, prompt_vars, choice_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT,
@@ -68,17 +70,17 @@ def _prompt_once(cfg, adapter, prompt_vars, choice_vars, ids_BL, mask_BL, tgt_BC
     # Choice slots are real keys: the causal rule hides every slot after a query, padding included.
     cache_mask_BS = jnp.concatenate([mask_BL, jnp.ones((B, T - 1), mask_BL.dtype)], axis=1)
     prefix_mask_BP = mask_BL[:, :L - 1]
-    _, state, counts = _apply(model, _telemetry(prompt_vars, sites, prefix_mask_BP), sites,
+    _, state, counts = _apply(model, _telemetry(cfg, prompt_vars, sites, prefix_mask_BP), sites,
                               ids_BL[:, :L - 1], positions_from_mask(prefix_mask_BP),
                               cache_mask_BS, decode=True, max_len=S, mutable=["cache"])
-    cache = jax.tree.map(lambda x: jnp.repeat(x, C, axis=0) if x.ndim else x, state["cache"])
+    cache = repeat_rows(cfg, state["cache"], C)
     last_M1 = jnp.repeat(ids_BL[:, L - 1:], C, axis=0)
     step_MT = jnp.concatenate([last_M1, tgt_MT[:, :T - 1]], axis=1)
     first_M = jnp.repeat(jnp.maximum(jnp.sum(mask_BL, axis=-1) - 1, 0), C, axis=0)
     pos_MT = first_M[:, None] + jnp.arange(T, dtype=first_M.dtype)[None, :]
     # The step's tokens that count for telemetry: the last prompt token and the fed choice
     # tokens of each real choice (as the T5 counts its decoder's start token per choice).
-    step_vars = _telemetry({**choice_vars, "cache": cache}, sites, tmask_MT)
+    step_vars = _telemetry(cfg, {**choice_vars, "cache": cache}, sites, tmask_MT)
     logits_MTV, _, step_counts = _apply(model, step_vars, sites, step_MT, pos_MT,
                                         jnp.repeat(cache_mask_BS, C, axis=0), decode=True,
                                         max_len=S, mutable=["cache"])
@@ -97,7 +99,7 @@ def _per_choice(cfg, adapter, prompt_vars, ids_BL, mask_BL, tgt_BCT, tmask_BCT, 
                                tmask_MT[:, :T - 1].astype(mask_BL.dtype)], axis=1)
     # Padded choice rows (C rounded up) hold a real prompt but are no real input.
     tele_MQ = mask_MQ * real_M1
-    logits_MQV, _, counts = _apply(model, _telemetry(prompt_vars, sites, tele_MQ), sites,
+    logits_MQV, _, counts = _apply(model, _telemetry(cfg, prompt_vars, sites, tele_MQ), sites,
                                    ids_MQ, positions_from_mask(mask_MQ), mask_MQ, mutable=[])
     nll_M = target_nll(logits_MQV[:, L - 1:], tgt_MT, tmask_MT)
     return nll_M.reshape(B, C), counts

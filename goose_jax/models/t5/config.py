@@ -98,6 +98,11 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
+    @property
+    def layer_counts(self) -> dict[str, int]:
+        """Layers per stack, by the stack's scope (``models.scan``)."""
+        return {"encoder": self.num_encoder_layers, "decoder": self.num_decoder_layers}
+
     def replace(self, **changes) -> T5Config:
         return dataclasses.replace(self, **changes)
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from goose_jax.core.trees import nest_sites
 from goose_jax.models.family import ModelFamily, Site
-from goose_jax.models.scan import stack_layers
 from goose_jax.models.t5 import generation, hf, loss, scoring
 from goose_jax.models.t5 import model as t5
 from goose_jax.models.t5.config import T5Config
@@ -78,9 +77,7 @@ class T5Family(ModelFamily):
 
     def token_nll(self, cfg: T5Config, variables: dict, batch: dict, adapter=None, *,
                   remat: str = "none"):
-        model = cfg if remat == "none" else cfg.replace(remat=remat)
-        if model.scan_layers:   # a scanned model reads trees stacked along the layer axis
-            variables = stack_layers(variables, model)
+        model, variables = self.training_layout(cfg, variables, remat)
         return loss.token_nll(model, variables, batch, adapter)
 
     def choice_scorer(self, fast_compile: bool):
