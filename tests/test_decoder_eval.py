@@ -244,17 +244,21 @@ def test_goose_eval_decoder_base(world, tmp_path):
     assert [preds[(gen.dataset, ex.example_id)]["prediction"] for ex in examples] == texts
 
 
-def test_goose_eval_refuses_scan_layers_on_a_decoder_base(world, tmp_path, capsys):
-    from conftest import one_line, tree_hash
-
-    before = tree_hash(tmp_path)
-    rc = tool("goose-eval")(["--base", "random:llama-tiny", "--byte-tokenizer", "--bbh-root",
-                             str(world / "bbh"), "--tasks", "bbh/boolean_expressions",
-                             "--scan-layers", "--out", str(tmp_path / "run"), "--no-progress"])
-    assert rc == 1
-    line = one_line(capsys.readouterr().err, "goose-eval")
-    assert "--scan-layers" in line and "decoder-only (llama)" in line, line
-    assert tree_hash(tmp_path) == before
+def test_goose_eval_scan_layers_on_a_decoder_base_scores_as_the_unrolled(world, tmp_path):
+    """``--scan-layers`` on a Llama base: the layers run as one scanned body, and every
+    prediction and score equals the unrolled run's."""
+    runs = {}
+    for name, flags in (("plain", []), ("scan", ["--scan-layers"])):
+        rc = tool("goose-eval")(["--base", "random:llama-tiny", "--byte-tokenizer", "--bbh-root",
+                                 str(world / "bbh"), "--tasks", "bbh/boolean_expressions",
+                                 *flags, "--out", str(tmp_path / name), "--no-progress"])
+        assert rc == 0
+        with open(tmp_path / name / "predictions.jsonl") as f:
+            runs[name] = [json.loads(line) for line in f]
+    assert runs["scan"] and len(runs["scan"]) == len(runs["plain"])
+    for a, b in zip(runs["scan"], runs["plain"]):
+        assert a["prediction"] == b["prediction"] and "scores" in a
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-5)
 
 
 def test_evaluation_starts_prompts_as_training_does(tmp_path):
