@@ -208,8 +208,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_succeeds(world, tmp_path, capsys)
 @pytest.mark.slow
 def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, capsys):
     """Orbax's asynchronous training checkpoints raise the disk's refusal as a ValueError from
-    TensorStore: still one line naming the file, no traceback (the next run resumes from the
-    last whole step; Orbax never restores a temporary step folder)."""
+    TensorStore: still one line naming the file, no traceback, no temporary step folder left,
+    and the same command then succeeds."""
     capsys.readouterr()
     with file_size_limit(4096):
         got = tool(TRAIN)([str(a) for a in _train_args([words], tmp_path, "--set", "steps=2")])
@@ -217,6 +217,38 @@ def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, ca
     assert got == errors.USER_ERROR, err
     line = one_line(err, TRAIN)
     assert str(tmp_path / "work" / "checkpoints") in line and "File too large" in line, line
+    assert not list((tmp_path / "work" / "checkpoints").glob("*tmp*"))  # the save cleaned up
+    args = _train_args([words], tmp_path, "--set", "steps=2")
+    assert tool(TRAIN)([str(a) for a in args]) == 0, capsys.readouterr().err
+
+
+def test_a_training_checkpoint_the_disk_refused_leaves_no_unfinished_step(tmp_path):
+    """A save the disk refused removed nothing of its own: its ``<step>.orbax-checkpoint-tmp``
+    folder stayed beside the steps. Now the failed save removes it before the error is raised,
+    a folder a killed run left is removed when the directory is opened again, and the rerun
+    saves that step and restores it."""
+    from goose_jax.train_checkpoint import TrainCheckpointer
+
+    small = {"a": np.arange(4, dtype=np.float32)}
+    # random values: they do not compress under the limit
+    big = {"a": np.random.default_rng(0).standard_normal(8192).astype(np.float32)}
+    ckpt = tmp_path / "checkpoints"
+    with TrainCheckpointer(ckpt) as saver:
+        saver.save(1, small, {"p": 1})
+        saver.wait()
+        with file_size_limit(4096), pytest.raises(Exception, match="File too large"):
+            saver.save(2, big, {"p": 2})
+            saver.wait()
+        assert sorted(os.listdir(ckpt)) == ["1"]
+    shutil.copytree(ckpt / "1", ckpt / "3.orbax-checkpoint-tmp")  # a killed run's
+    with TrainCheckpointer(ckpt) as saver:
+        assert saver.all_steps() == [1]
+        saver.save(2, big, {"p": 2})
+        saver.wait()
+        assert sorted(os.listdir(ckpt)) == ["1", "2"]
+        tree, meta = saver.restore({"a": np.zeros(8192, np.float32)})
+    np.testing.assert_array_equal(np.asarray(tree["a"]), big["a"])
+    assert meta == {"p": 2}
 
 
 def test_a_native_writers_refusal_reaching_the_tool_is_one_line(capsys):
