@@ -25,6 +25,7 @@ from goose_jax import training
 from goose_jax.data import world
 from goose_jax.data.batching import Batcher
 from goose_jax.interop.hf import check_hf_folder, save_hf_t5
+from goose_jax.outputs import check_apart
 from goose_jax.tensorfile import write_atomic
 from goose_jax.tool import run_tool
 from goose_jax.trainer import train_loop
@@ -62,10 +63,13 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    check_hf_folder(args.out, overwrite=args.overwrite)  # before the pre-training, not after
     workdir = args.workdir or os.path.join(
         tempfile.gettempdir(), f"goose_world_pretrain_seed{args.seed}_batch{args.batch}_"
         f"lr{args.lr}")
+    # Writing the model (--overwrite replaces the folder) must not remove the checkpoints, nor
+    # the checkpoints land in the model's folder.
+    check_apart({"--out": args.out}, {"--workdir": workdir})
+    check_hf_folder(args.out, overwrite=args.overwrite)  # before the pre-training, not after
 
     tok = world.WorldTokenizer()
     cfg = base_config(tok.vocab_size)
