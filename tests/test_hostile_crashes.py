@@ -152,6 +152,61 @@ def test_interrupts_are_held_inside_imports_gc_callbacks_and_finalizers(tmp_path
     assert tool_process._state["raised"] and tool_process._state["held_since"] is None
 
 
+_LATE_TOOL = """GOOSE_TOOL = "goose-x"
+import argparse, atexit, os, signal, sys, time, weakref
+import goose_jax  # noqa: F401  (installs the handler)
+from goose_jax.tool import run_tool
+
+
+def ctrl_c(*_):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)  # the handler runs here, inside the callback
+
+
+class Thing:
+    pass
+
+
+def run(args):
+    if args.where == "weakref":
+        thing = Thing()
+        ref = weakref.ref(thing, ctrl_c)
+        del thing
+        time.sleep(2)
+        print("went on", file=sys.stderr)
+    else:
+        atexit.register(ctrl_c)
+
+
+parser = argparse.ArgumentParser(prog="goose-x")
+parser.add_argument("where")
+parser.set_defaults(run=run)
+sys.exit(run_tool("goose-x", parser))
+"""
+
+
+@pytest.mark.parametrize("where,code,err", [("weakref", errors.INTERRUPTED,
+                                             "goose-x: interrupted\n"), ("atexit", 0, "")])
+def test_ctrl_c_where_python_drops_exceptions_and_once_the_run_is_over(tmp_path, where, code,
+                                                                       err):
+    """Ctrl-C inside a weak reference's callback (as while tf.data frees an iterator) was
+    printed with a traceback and dropped: the run went on and exited 0. Ctrl-C once the run
+    was over (the interpreter's exit: atexit functions) gave a traceback, or a process killed
+    by SIGINT. Now the first is delivered again (exit 130, the one line), and the second ends
+    the process at once with the run's exit code, without a word."""
+    (tmp_path / "goose_x.py").write_text(_LATE_TOOL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the child: SIG_DFL
+    try:
+        proc = subprocess.run([sys.executable, str(tmp_path / "goose_x.py"), where],
+                              cwd=tmp_path, env=env, text=True, capture_output=True,
+                              timeout=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (proc.returncode, proc.stderr) == (code, err), proc.stderr
+
+
 # --- 2. a full disk -------------------------------------------------------------------------------
 
 
@@ -450,15 +505,29 @@ def test_a_tool_process_imports_tensorflow_with_stderr_muted(tmp_path, capfd, mo
     assert capfd.readouterr().err == "after\n"
 
 
+def test_an_inherited_tensorflow_log_level_is_raised_unless_it_asks_for_the_logs():
+    """JAX sets TF_CPP_MIN_LOG_LEVEL=1 in any process that imports it; a tool started from one
+    inherited it, and at 1 TensorFlow's first operation printed CUDA's probing error
+    (``cuda_platform.cc:52] failed call to cuInit``) before the tool's line."""
+    for given, want in [(None, "3"), ("1", "3"), ("2", "3"), ("3", "3"), ("0", "0")]:
+        env = {} if given is None else {"TF_CPP_MIN_LOG_LEVEL": given}
+        tool_process.quiet_tensorflow_level(env)
+        assert env == {"TF_CPP_MIN_LOG_LEVEL": want}, given
+
+
 @pytest.mark.slow
-def test_tensorflow_says_nothing_in_a_tool_process(tmp_path):
+@pytest.mark.parametrize("inherited", [None, "1"])
+def test_tensorflow_says_nothing_in_a_tool_process(tmp_path, inherited):
     """TensorFlow's C++ start-up lines (absl, CUDA probing) broke goose-data's and
-    train/t0.py's one-line contract: a tool process imports it silently."""
+    train/t0.py's one-line contract: a tool process imports it silently, also when started
+    by a process that imported JAX (TF_CPP_MIN_LOG_LEVEL=1 inherited)."""
     code = ("GOOSE_TOOL = 'goose-data'\nimport goose_jax\nimport logging, tensorflow as tf\n"
             "tf.data.Dataset.range(3).reduce(tf.constant(0, tf.int64), lambda a, b: a + b)\n"
             "assert logging.getLogger('tensorflow').level == logging.ERROR\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    if inherited is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = inherited
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
