@@ -21,6 +21,8 @@ import contextlib
 import json
 import os
 
+GOOSE_TOOL = "eval/paper.py"  # goose_jax.tool_process: Ctrl-C is one line from the start
+
 from goose_jax import distributed, report, zeroshot
 from goose_jax.errors import UsageError
 from goose_jax.outputs import check_apart, run_lock

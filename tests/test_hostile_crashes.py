@@ -152,6 +152,45 @@ def test_interrupts_are_held_inside_imports_gc_callbacks_and_finalizers(tmp_path
     assert tool_process._state["raised"] and tool_process._state["held_since"] is None
 
 
+_CTRL_C_AT_JAX = """import importlib.abc, os, runpy, signal, sys
+
+
+class CtrlCAtJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax" and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here
+        return None
+
+
+sys.meta_path.insert(0, CtrlCAtJax())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+_SCRIPTS = sorted(str(p.relative_to(ROOT)) for d in ("train", "eval")
+                  for p in (ROOT / d).glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+@pytest.mark.parametrize("path", _SCRIPTS)
+def test_ctrl_c_during_a_scripts_start_up_imports_is_one_line(tmp_path, path):
+    """eval/paper.py and train/experts_and_gates.py gave a traceback for a Ctrl-C during their
+    start-up imports (train/make_world_base.py too, JAX imported before goose-jax): every
+    script under train/ and eval/ names itself (GOOSE_TOOL) before it imports goose-jax, so
+    its handler is in place from the start. SIGINT as the imports reach JAX's: exit 130 and
+    the one line."""
+    assert len(_SCRIPTS) >= 5, _SCRIPTS
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the child: SIG_DFL
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_JAX, str(ROOT / path)],
+                              cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.returncode == errors.INTERRUPTED, proc.stderr
+    assert one_line(proc.stderr, path) == f"{path}: interrupted"
+
+
 _LATE_TOOL = """GOOSE_TOOL = "goose-x"
 import argparse, atexit, os, signal, sys, time, weakref
 import goose_jax  # noqa: F401  (installs the handler)

@@ -17,8 +17,7 @@ import os
 import tempfile
 import time
 
-import jax
-import numpy as np
+GOOSE_TOOL = "train/make_world_base.py"  # goose_jax.tool_process: Ctrl-C is one line from the start
 
 import goose_jax as gj
 from goose_jax import training
@@ -63,6 +62,9 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    import jax
+    import numpy as np
+
     workdir = args.workdir or os.path.join(
         tempfile.gettempdir(), f"goose_world_pretrain_seed{args.seed}_batch{args.batch}_"
         f"lr{args.lr}")
