@@ -20,7 +20,9 @@ set ``GOOSE_TOOL``) speaks one line on stderr. ``goose_jax/__init__.py`` calls
   reaches ``sys.unraisablehook``: it is not printed but delivered again, a moment later.
 * Once the work is over (done or failed, its line printed: ``finish_run``), only the
   interpreter's own exit is left (atexit functions, thread joins): Ctrl-C then ends the
-  process at once, without a word, with the exit code the run had.
+  process at once, without a word, with the exit code the run had. After the last atexit
+  function Python gives SIGINT back its default action (the process killed by the signal,
+  without a word) while it frees the modules; a tool ignores it instead, from there to the end.
 * Once the wrapper has printed its line, the process ends with ``os._exit`` after flushing its
   streams: nothing is left for the interpreter's own teardown to do but run native libraries'
   destructors while their threads may still be busy.
@@ -99,6 +101,16 @@ def install_if_tool() -> None:
         sys.meta_path.insert(0, _QuietTensorFlow())
     _on_unraisable.previous = sys.unraisablehook
     sys.unraisablehook = _on_unraisable
+    import atexit
+
+    atexit.register(_ignore_sigint_at_exit)  # the first registered: runs last
+
+
+def _ignore_sigint_at_exit() -> None:
+    # Python restores the default action of a signal whose handler is a Python function (not
+    # of one ignored) once the atexit functions have run, before it frees the modules.
+    if owns_process():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def quiet_tensorflow_level(environ=os.environ) -> None:

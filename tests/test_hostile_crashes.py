@@ -213,8 +213,17 @@ def run(args):
         del thing
         time.sleep(2)
         print("went on", file=sys.stderr)
-    else:
+    elif args.where == "atexit":
         atexit.register(ctrl_c)
+    else:  # freed as the interpreter tears its modules down, after the atexit functions
+        global LAST
+        LAST = Freed()
+
+
+class Freed:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGINT, sleep=time.sleep):
+        kill(pid, sig)  # the module's names may be gone by now
+        sleep(0.2)
 
 
 parser = argparse.ArgumentParser(prog="goose-x")
@@ -225,14 +234,16 @@ sys.exit(run_tool("goose-x", parser))
 
 
 @pytest.mark.parametrize("where,code,err", [("weakref", errors.INTERRUPTED,
-                                             "goose-x: interrupted\n"), ("atexit", 0, "")])
+                                             "goose-x: interrupted\n"), ("atexit", 0, ""),
+                                             ("teardown", 0, "")])
 def test_ctrl_c_where_python_drops_exceptions_and_once_the_run_is_over(tmp_path, where, code,
                                                                        err):
     """Ctrl-C inside a weak reference's callback (as while tf.data frees an iterator) was
     printed with a traceback and dropped: the run went on and exited 0. Ctrl-C once the run
-    was over (the interpreter's exit: atexit functions) gave a traceback, or a process killed
-    by SIGINT. Now the first is delivered again (exit 130, the one line), and the second ends
-    the process at once with the run's exit code, without a word."""
+    was over gave a traceback (in an atexit function) or killed the process by SIGINT without
+    a word (exit -2: as the interpreter frees its modules, after Python restored the signal's
+    default action). Now the first is delivered again (exit 130, the one line), and the others
+    end with the run's exit code, without a word."""
     (tmp_path / "goose_x.py").write_text(_LATE_TOOL)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
