@@ -21,6 +21,8 @@ import contextlib
 import json
 import os
 
+GOOSE_TOOL = "eval/paper.py"  # goose_jax.core.tool_process: Ctrl-C is one line from the start
+
 from goose_jax.core import distributed
 from goose_jax.core.errors import UsageError
 from goose_jax.core.outputs import check_apart, run_lock

@@ -152,6 +152,111 @@ def test_interrupts_are_held_inside_imports_gc_callbacks_and_finalizers(tmp_path
     assert tool_process._state["raised"] and tool_process._state["held_since"] is None
 
 
+_CTRL_C_AT_JAX = """import importlib.abc, os, runpy, signal, sys
+
+
+class CtrlCAtJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax" and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here
+        return None
+
+
+sys.meta_path.insert(0, CtrlCAtJax())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+_SCRIPTS = sorted(str(p.relative_to(ROOT)) for d in ("train", "eval")
+                  for p in (ROOT / d).glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+@pytest.mark.parametrize("path", _SCRIPTS)
+def test_ctrl_c_during_a_scripts_start_up_imports_is_one_line(tmp_path, path):
+    """eval/paper.py and train/experts_and_gates.py gave a traceback for a Ctrl-C during their
+    start-up imports (train/make_world_base.py too, JAX imported before goose-jax): every
+    script under train/ and eval/ names itself (GOOSE_TOOL) before it imports goose-jax, so
+    its handler is in place from the start. SIGINT as the imports reach JAX's: exit 130 and
+    the one line."""
+    assert len(_SCRIPTS) >= 5, _SCRIPTS
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the child: SIG_DFL
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_JAX, str(ROOT / path)],
+                              cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert proc.returncode == errors.INTERRUPTED, proc.stderr
+    assert one_line(proc.stderr, path) == f"{path}: interrupted"
+
+
+_LATE_TOOL = """GOOSE_TOOL = "goose-x"
+import argparse, atexit, os, signal, sys, time, weakref
+import goose_jax  # noqa: F401  (installs the handler)
+from goose_jax.core.tool import run_tool
+
+
+def ctrl_c(*_):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)  # the handler runs here, inside the callback
+
+
+class Thing:
+    pass
+
+
+def run(args):
+    if args.where == "weakref":
+        thing = Thing()
+        ref = weakref.ref(thing, ctrl_c)
+        del thing
+        time.sleep(2)
+        print("went on", file=sys.stderr)
+    elif args.where == "atexit":
+        atexit.register(ctrl_c)
+    else:  # freed as the interpreter tears its modules down, after the atexit functions
+        global LAST
+        LAST = Freed()
+
+
+class Freed:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGINT, sleep=time.sleep):
+        kill(pid, sig)  # the module's names may be gone by now
+        sleep(0.2)
+
+
+parser = argparse.ArgumentParser(prog="goose-x")
+parser.add_argument("where")
+parser.set_defaults(run=run)
+sys.exit(run_tool("goose-x", parser))
+"""
+
+
+@pytest.mark.parametrize("where,code,err", [("weakref", errors.INTERRUPTED,
+                                             "goose-x: interrupted\n"), ("atexit", 0, ""),
+                                             ("teardown", 0, "")])
+def test_ctrl_c_where_python_drops_exceptions_and_once_the_run_is_over(tmp_path, where, code,
+                                                                       err):
+    """Ctrl-C inside a weak reference's callback (as while tf.data frees an iterator) was
+    printed with a traceback and dropped: the run went on and exited 0. Ctrl-C once the run
+    was over gave a traceback (in an atexit function) or killed the process by SIGINT without
+    a word (exit -2: as the interpreter frees its modules, after Python restored the signal's
+    default action). Now the first is delivered again (exit 130, the one line), and the others
+    end with the run's exit code, without a word."""
+    (tmp_path / "goose_x.py").write_text(_LATE_TOOL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the child: SIG_DFL
+    try:
+        proc = subprocess.run([sys.executable, str(tmp_path / "goose_x.py"), where],
+                              cwd=tmp_path, env=env, text=True, capture_output=True,
+                              timeout=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (proc.returncode, proc.stderr) == (code, err), proc.stderr
+
+
 # --- 2. a full disk -------------------------------------------------------------------------------
 
 
@@ -208,8 +313,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_succeeds(world, tmp_path, capsys)
 @pytest.mark.slow
 def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, capsys):
     """Orbax's asynchronous training checkpoints raise the disk's refusal as a ValueError from
-    TensorStore: still one line naming the file, no traceback (the next run resumes from the
-    last whole step; Orbax never restores a temporary step folder)."""
+    TensorStore: still one line naming the file, no traceback, no temporary step folder left,
+    and the same command then succeeds."""
     capsys.readouterr()
     with file_size_limit(4096):
         got = tool(TRAIN)([str(a) for a in _train_args([words], tmp_path, "--set", "steps=2")])
@@ -217,6 +322,38 @@ def test_a_full_disk_under_a_training_checkpoint_is_one_line(words, tmp_path, ca
     assert got == errors.USER_ERROR, err
     line = one_line(err, TRAIN)
     assert str(tmp_path / "work" / "checkpoints") in line and "File too large" in line, line
+    assert not list((tmp_path / "work" / "checkpoints").glob("*tmp*"))  # the save cleaned up
+    args = _train_args([words], tmp_path, "--set", "steps=2")
+    assert tool(TRAIN)([str(a) for a in args]) == 0, capsys.readouterr().err
+
+
+def test_a_training_checkpoint_the_disk_refused_leaves_no_unfinished_step(tmp_path):
+    """A save the disk refused removed nothing of its own: its ``<step>.orbax-checkpoint-tmp``
+    folder stayed beside the steps. Now the failed save removes it before the error is raised,
+    a folder a killed run left is removed when the directory is opened again, and the rerun
+    saves that step and restores it."""
+    from goose_jax.training.checkpoints import TrainCheckpointer
+
+    small = {"a": np.arange(4, dtype=np.float32)}
+    # random values: they do not compress under the limit
+    big = {"a": np.random.default_rng(0).standard_normal(8192).astype(np.float32)}
+    ckpt = tmp_path / "checkpoints"
+    with TrainCheckpointer(ckpt) as saver:
+        saver.save(1, small, {"p": 1})
+        saver.wait()
+        with file_size_limit(4096), pytest.raises(Exception, match="File too large"):
+            saver.save(2, big, {"p": 2})
+            saver.wait()
+        assert sorted(os.listdir(ckpt)) == ["1"]
+    shutil.copytree(ckpt / "1", ckpt / "3.orbax-checkpoint-tmp")  # a killed run's
+    with TrainCheckpointer(ckpt) as saver:
+        assert saver.all_steps() == [1]
+        saver.save(2, big, {"p": 2})
+        saver.wait()
+        assert sorted(os.listdir(ckpt)) == ["1", "2"]
+        tree, meta = saver.restore({"a": np.zeros(8192, np.float32)})
+    np.testing.assert_array_equal(np.asarray(tree["a"]), big["a"])
+    assert meta == {"p": 2}
 
 
 def test_a_native_writers_refusal_reaching_the_tool_is_one_line(capsys):
@@ -418,15 +555,29 @@ def test_a_tool_process_imports_tensorflow_with_stderr_muted(tmp_path, capfd, mo
     assert capfd.readouterr().err == "after\n"
 
 
+def test_an_inherited_tensorflow_log_level_is_raised_unless_it_asks_for_the_logs():
+    """JAX sets TF_CPP_MIN_LOG_LEVEL=1 in any process that imports it; a tool started from one
+    inherited it, and at 1 TensorFlow's first operation printed CUDA's probing error
+    (``cuda_platform.cc:52] failed call to cuInit``) before the tool's line."""
+    for given, want in [(None, "3"), ("1", "3"), ("2", "3"), ("3", "3"), ("0", "0")]:
+        env = {} if given is None else {"TF_CPP_MIN_LOG_LEVEL": given}
+        tool_process.quiet_tensorflow_level(env)
+        assert env == {"TF_CPP_MIN_LOG_LEVEL": want}, given
+
+
 @pytest.mark.slow
-def test_tensorflow_says_nothing_in_a_tool_process(tmp_path):
+@pytest.mark.parametrize("inherited", [None, "1"])
+def test_tensorflow_says_nothing_in_a_tool_process(tmp_path, inherited):
     """TensorFlow's C++ start-up lines (absl, CUDA probing) broke goose-data's and
-    train/t0.py's one-line contract: a tool process imports it silently."""
+    train/t0.py's one-line contract: a tool process imports it silently, also when started
+    by a process that imported JAX (TF_CPP_MIN_LOG_LEVEL=1 inherited)."""
     code = ("GOOSE_TOOL = 'goose-data'\nimport goose_jax\nimport logging, tensorflow as tf\n"
             "tf.data.Dataset.range(3).reduce(tf.constant(0, tf.int64), lambda a, b: a + b)\n"
             "assert logging.getLogger('tensorflow').level == logging.ERROR\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    if inherited is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = inherited
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -90,6 +90,66 @@ def test_eval_tokenizer_with_code_is_one_line_and_runs_nothing(world, tmp_path, 
     assert tree_hash(world, folder) == before
 
 
+def _on_a_terminal(argv, typed: bytes, timeout: float = 240) -> tuple[int, str]:
+    """Runs ``argv`` with a terminal (a pseudo-terminal) as its stdin, stdout and stderr, with
+    ``typed`` typed ahead (echo off); returns the exit code and everything it wrote there."""
+    import pty
+    import select
+    import subprocess
+    import termios
+    import time
+
+    main_fd, term_fd = pty.openpty()
+    attrs = termios.tcgetattr(term_fd)
+    attrs[3] &= ~termios.ECHO
+    termios.tcsetattr(term_fd, termios.TCSANOW, attrs)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.Popen(argv, stdin=term_fd, stdout=term_fd, stderr=term_fd, env=env,
+                            start_new_session=True)
+    os.close(term_fd)
+    os.write(main_fd, typed)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([main_fd], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(main_fd, 4096)
+                except OSError:  # EIO: every end of the terminal is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)
+    return code, out.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_tokenizer_code_on_a_terminal_neither_asks_nor_runs(world, tmp_path):
+    """With a terminal attached, transformers asks "Do you wish to run the custom code? [y/N]"
+    on it and runs the folder's code when the user answers yes. goose-eval with such a
+    --tokenizer on a terminal, "y" typed ahead: no question, one line, exit 1, no code run."""
+    marker = tmp_path / "marker"
+    folder = _code_folder(tmp_path / "tok", marker, "tokenizer_config.json")
+    before = tree_hash(world, folder)
+    code, said = _on_a_terminal([
+        os.path.join(os.path.dirname(sys.executable), "goose-eval"), "--base",
+        str(world / "base"), "--tokenizer", str(folder), "--library", str(world / "lib"),
+        "--method", "phatgoose", "--bbh-root", str(world / "bbh"), "--tasks",
+        "bbh/boolean_expressions", "--out", str(tmp_path / "out"), "--no-progress"],
+        typed=b"y\n" * 3)
+    assert "[y/N]" not in said and "custom code?" not in said, said
+    line = one_line(said, "goose-eval")
+    assert code == errors.USER_ERROR and "auto_map" in line, said
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert tree_hash(world, folder) == before
+
+
 def test_base_and_embedder_with_code_are_refused(world, tmp_path, capsys):
     import shutil
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import write_jsonl
+from conftest import one_line, script, tree_hash, write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
@@ -47,6 +47,24 @@ def test_make_world_base_writes_a_loadable_base(tmp_path):
                       "--out", out, "--workdir", tmp_path / "work2", code=1)
     assert "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "work2").exists() and (out / "model.safetensors").read_bytes() == before
+
+
+def test_make_world_base_keeps_its_model_and_its_checkpoints_apart(tmp_path, capsys):
+    """--out and --workdir overlapping (the work folder inside the model's, which --overwrite
+    replaces; the model inside the work folder; one folder for both): refused in one line
+    before any work, nothing written."""
+    main = script("train/make_world_base.py")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    for out, work in [("base", "base/work"), ("work/base", "work"), ("base", "base")]:
+        before = tree_hash(tmp_path)
+        capsys.readouterr()
+        code = main(["--steps", "2", "--batch", "4", "--fast-compile", "--overwrite",
+                     "--out", str(tmp_path / out), "--workdir", str(tmp_path / work)])
+        line = one_line(capsys.readouterr().err, "train/make_world_base.py")
+        assert code == 1, line
+        assert "--out" in line and "--workdir" in line, line
+        assert tree_hash(tmp_path) == before and not (tmp_path / "work").exists()
 
 
 def test_experts_and_gates_trains_both_into_the_library(tmp_path):

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+GOOSE_TOOL = "train/experts_and_gates.py"  # goose_jax.core.tool_process: one line from the start
+
 from goose_jax.core import distributed
 from goose_jax.core.tool import run_tool
 from goose_jax.pipeline.train_runs import RunArgs, run_experts, run_gate

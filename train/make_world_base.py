@@ -17,10 +17,10 @@ import os
 import tempfile
 import time
 
-import jax
-import numpy as np
+GOOSE_TOOL = "train/make_world_base.py"  # core.tool_process: Ctrl-C is one line from the start
 
 import goose_jax as gj
+from goose_jax.core.outputs import check_apart
 from goose_jax.core.tensorfile import write_atomic
 from goose_jax.core.tool import run_tool
 from goose_jax.data import world
@@ -62,10 +62,16 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    check_hf_folder(args.out, overwrite=args.overwrite)  # before the pre-training, not after
+    import jax
+    import numpy as np
+
     workdir = args.workdir or os.path.join(
         tempfile.gettempdir(), f"goose_world_pretrain_seed{args.seed}_batch{args.batch}_"
         f"lr{args.lr}")
+    # Writing the model (--overwrite replaces the folder) must not remove the checkpoints, nor
+    # the checkpoints land in the model's folder.
+    check_apart({"--out": args.out}, {"--workdir": workdir})
+    check_hf_folder(args.out, overwrite=args.overwrite)  # before the pre-training, not after
 
     tok = world.WorldTokenizer()
     cfg = base_config(tok.vocab_size)

@@ -9,8 +9,9 @@ on stderr and an exit code of the table in ``goose_jax.core.errors``:
   ``UsageError``), 75 a peer of a multi-process run died, 130 interrupted (Ctrl-C).
 
 Ctrl-C follows ``goose_jax.core.tool_process``: in a tool's own process the interrupted line is the
-last thing it does (``os._exit`` after flushing, no interpreter teardown); called in-process,
-``run_tool`` returns 130.
+last thing it does (``os._exit`` after flushing, no interpreter teardown), and a Ctrl-C once the
+run is over ends the process with the run's exit code; called in-process, ``run_tool`` returns
+130.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | N
       argv: the arguments (default: ``sys.argv[1:]``).
       interrupted_hint: what to tell the user after Ctrl-C (for example how to resume).
     """
+    code = errors.USER_ERROR  # a bug's traceback: Python then exits with 1
+    try:
+        code = _run_tool(prog, parser, argv, interrupted_hint)
+        return code
+    finally:
+        # Only the interpreter's exit is left: a Ctrl-C now ends the process with this code.
+        tool_process.finish_run(code)
+
+
+def _run_tool(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+              interrupted_hint: str) -> int:
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):

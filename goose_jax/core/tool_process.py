@@ -15,7 +15,14 @@ set ``GOOSE_TOOL``) speaks one line on stderr. ``goose_jax/__init__.py`` calls
   a garbage-collector callback or a ``__del__`` (where the exception is printed and dropped, and
   the run goes on). There the interrupt is held and delivered a moment later, at a safe point;
   held for over ``MAX_HOLD_S`` (a long import, such as TensorFlow's), the process ends at once
-  with the one line, as during start-up.
+  with the one line, as during start-up. An interrupt raised where Python drops exceptions
+  that no frame gives away (a weak reference's callback, an object freed by native code)
+  reaches ``sys.unraisablehook``: it is not printed but delivered again, a moment later.
+* Once the work is over (done or failed, its line printed: ``finish_run``), only the
+  interpreter's own exit is left (atexit functions, thread joins): Ctrl-C then ends the
+  process at once, without a word, with the exit code the run had. After the last atexit
+  function Python gives SIGINT back its default action (the process killed by the signal,
+  without a word) while it frees the modules; a tool ignores it instead, from there to the end.
 * Once the wrapper has printed its line, the process ends with ``os._exit`` after flushing its
   streams: nothing is left for the interpreter's own teardown to do but run native libraries'
   destructors while their threads may still be busy.
@@ -27,8 +34,12 @@ tool's ``main`` get the exit code back as before.
 
 **TensorFlow** (read by the P3 and BIG-bench loaders) logs from C++ as it loads, on the process's
 stderr and before any Python logging is set up. In a tool process its import is silenced:
-``TF_CPP_MIN_LOG_LEVEL`` defaults to 3 (errors come back as Python exceptions), stderr is
-muted while ``import tensorflow`` runs, and its Python logger keeps only errors.
+``TF_CPP_MIN_LOG_LEVEL`` is 3 (errors come back as Python exceptions), stderr is muted while
+``import tensorflow`` runs, and its Python logger keeps only errors. TensorFlow's libraries read
+the level as they load, and an inherited value counts: JAX sets 1 in every process that imports
+it, which the processes it starts inherit, and at 1 the first TensorFlow operation prints CUDA's
+probing error (``cuda_platform.cc ... failed call to cuInit``) on a machine without a GPU. Only
+0 (a user asking for TensorFlow's logs) is kept; any other value becomes 3.
 
 Standard library only.
 """
@@ -51,7 +62,7 @@ RETRY_S = 0.02  # how soon a held interrupt is tried again
 
 MAX_HOLD_S = 2.0  # an interrupt held this long (a long import) ends the process at once
 _state = {"prog": None, "hint": "", "running": False, "raised": False, "held": False,
-          "held_since": None, "stderr_fd": 2}
+          "held_since": None, "stderr_fd": 2, "done": None}
 
 
 def tool_name() -> str | None:
@@ -86,9 +97,27 @@ def install_if_tool() -> None:
     except ValueError:  # not the main thread: not a tool's start-up
         return
     _state["prog"] = prog
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow_level()
     if "tensorflow" not in sys.modules:
         sys.meta_path.insert(0, _QuietTensorFlow())
+    _on_unraisable.previous = sys.unraisablehook
+    sys.unraisablehook = _on_unraisable
+    import atexit
+
+    atexit.register(_ignore_sigint_at_exit)  # the first registered: runs last
+
+
+def _ignore_sigint_at_exit() -> None:
+    # Python restores the default action of a signal whose handler is a Python function (not
+    # of one ignored) once the atexit functions have run, before it frees the modules.
+    if owns_process():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet_tensorflow_level(environ=os.environ) -> None:
+    """Sets ``TF_CPP_MIN_LOG_LEVEL`` to 3 unless it is 0 (see the module docstring)."""
+    if environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
+        environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 
 def owns_process() -> bool:
@@ -100,6 +129,13 @@ def start_run(prog: str, hint: str) -> None:
     """Called by the tool wrapper when the work begins: from now on Ctrl-C unwinds."""
     if _state["prog"] is not None:
         _state.update(prog=prog, hint=hint, running=True)
+
+
+def finish_run(code: int) -> None:
+    """Called by the tool wrapper once the work is over: from now on Ctrl-C ends the process
+    at once with ``code`` (the interpreter's exit is all that is left)."""
+    if _state["prog"] is not None:
+        _state["done"] = code
 
 
 def exit_now(code: int = INTERRUPTED, line: str | None = None) -> None:
@@ -138,8 +174,21 @@ def _retry() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def _hold() -> None:
+    """Delivers the interrupt again in ``RETRY_S`` (once, however often it is held meanwhile)."""
+    if not _state["held"]:
+        import threading
+
+        _state["held"] = True
+        timer = threading.Timer(RETRY_S, _retry)
+        timer.daemon = True
+        timer.start()
+
+
 def on_sigint(signum: int, frame: FrameType | None) -> None:
     """The SIGINT handler of a tool process (see the module docstring)."""
+    if _state["done"] is not None:
+        exit_now(_state["done"], line="")
     if not _state["running"] or _state["raised"]:
         exit_now()
     if _unsafe(frame):
@@ -148,18 +197,29 @@ def on_sigint(signum: int, frame: FrameType | None) -> None:
             _state["held_since"] = now
         elif now - _state["held_since"] > MAX_HOLD_S:
             exit_now()  # a long import (TensorFlow's): better than making the user wait
-        if not _state["held"]:
-            import threading
-
-            _state["held"] = True
-            timer = threading.Timer(RETRY_S, _retry)
-            timer.daemon = True
-            timer.start()
+        _hold()
         return
     _state.update(raised=True, held_since=None)
     if owns_process():
         _mute_native_stderr()
     raise KeyboardInterrupt
+
+
+def _on_unraisable(report) -> None:
+    """``sys.unraisablehook`` of a tool process: the interrupt this module raised, dropped where
+    Python cannot raise (printed with a traceback, and the run went on), is delivered again;
+    every other report goes to the previous hook."""
+    if (report.exc_type is KeyboardInterrupt and _state["raised"]
+            and _state["prog"] is not None):
+        if _state["done"] is not None:
+            exit_now(_state["done"], line="")
+        _state["raised"] = False
+        _hold()
+        return
+    _on_unraisable.previous(report)
+
+
+_on_unraisable.previous = sys.unraisablehook
 
 
 def _mute_native_stderr() -> None:

@@ -7,7 +7,9 @@ of every file of the step, written (atomically) once the save is on disk, and ch
 step is restored, so a flipped, truncated or deleted file of any item is found before Orbax reads
 it. A step that cannot be read (a file differs from its record, or Orbax fails on it) is set
 aside (``<step>.unreadable``) once an older kept step has restored, and Ctrl-C during a save is
-held until the save is consistent. Model checkpoints (the one-shot
+held until the save is consistent. A save that fails (a full disk) removes its temporary
+folder (``<step>.orbax-checkpoint-tmp``) before the error is raised, and opening a directory
+removes any such folder a killed run left. Model checkpoints (the one-shot
 ``save_model`` / ``load_model`` format) are ``goose_jax.models.checkpoint``.
 """
 
@@ -17,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -33,6 +36,7 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 UNREADABLE = ".unreadable"  # suffix of a step directory set aside because it could not be read
 RECORD = "integrity.json"   # in each step directory: {"files": {rel: {"bytes", "sha256"}}}
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step folder Orbax has not finished
 
 
 def _step_files(step_dir: str) -> list[str]:
@@ -188,8 +192,11 @@ class TrainCheckpointer:
         self.directory = absolute(directory)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"{self.directory}: exists and is not a directory")
+        # cleanup_tmp_directories: the unfinished step folders of a killed run are removed
+        # (by the primary process, before the first save) rather than left beside the steps.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
                     META_ITEM: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -216,9 +223,41 @@ class TrainCheckpointer:
                                      META_ITEM: ocp.args.JsonSave(meta or {})})
         with interrupts_deferred():
             # Orbax waits for the previous save here anyway; its record is written first.
-            self._manager.wait_until_finished()
+            self._wait_saved()
             self._record_finished()
-            self._manager.save(int(step), args=args, force=True)
+            try:
+                self._manager.save(int(step), args=args, force=True)
+            except Exception:  # a synchronous save's failure, or its folder refused
+                with contextlib.suppress(Exception):
+                    self._manager.wait_until_finished()
+                self._remove_unfinished()
+                raise
+
+    def _wait_saved(self) -> None:
+        """Waits for the asynchronous save in flight; if it failed (a full disk, a read-only
+        folder), removes its unfinished folder and raises the failure."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:
+            self._remove_unfinished()
+            raise
+
+    def _remove_unfinished(self) -> None:
+        """Removes every unfinished step folder (``*.orbax-checkpoint-tmp*``) of the directory
+        (primary only: it is the one that finalises steps). Called once no save is in flight."""
+        if not distributed.is_primary():
+            return
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if TMP_MARK in name:
+                # A failed write's sibling writes may still be closing their files: try again.
+                for _ in range(3):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                    if not os.path.lexists(os.path.join(self.directory, name)):
+                        break
 
     def _record_finished(self) -> None:
         """Writes the integrity record of every finished step that lacks one (primary only:
@@ -355,13 +394,13 @@ class TrainCheckpointer:
     def wait(self) -> None:
         """Blocks until the last asynchronous save is on disk, with its integrity record."""
         with interrupts_deferred():
-            self._manager.wait_until_finished()
+            self._wait_saved()
             self._record_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager (also on leaving a ``with``)."""
         with interrupts_deferred():
-            self._manager.wait_until_finished()
+            self._wait_saved()
             self._record_finished()
             self._manager.close()
 
