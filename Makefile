@@ -14,11 +14,17 @@ $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist); each test file stays on one of them,
+# so a file's module fixtures are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
+	-n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=15 tests
+	$(PYTEST) --durations=15 tests
 
 test-fast: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The time printed last includes the install when the environment had to be built.
 demo:

