@@ -209,6 +209,25 @@ def reconvert_hint(path: str) -> str:
             f"{path} --overwrite, or the training run that wrote it)")
 
 
+def file_mismatch(file: str, want: Any, *, verify: bool = True) -> tuple[str, Any] | None:
+    """How ``file`` differs from its record ``want`` (``{"bytes": n, "sha256": ...}``), or None:
+    ``("missing", None)``, ``("size", its size)``, ``("unreadable", the OSError)`` or
+    ``("sha256", its digest)``; the digest is compared only with ``verify``."""
+    try:
+        size = os.path.getsize(file)
+    except OSError:
+        return "missing", None
+    if not isinstance(want, dict) or size != want.get("bytes"):
+        return "size", size
+    if not verify:
+        return None
+    try:
+        digest = file_sha256(file)
+    except OSError as e:
+        return "unreadable", e
+    return ("sha256", digest) if digest != want.get("sha256") else None
+
+
 def _check_files(path: str, meta: dict[str, Any], tree_dir: str, verify: bool) -> None:
     """Every file ``meta`` records is there with its size (and, with ``verify``, its sha256)."""
     recorded = meta.get("files")
@@ -216,17 +235,21 @@ def _check_files(path: str, meta: dict[str, Any], tree_dir: str, verify: bool) -
         return   # written before files were recorded: Orbax's own checks only
     for rel, want in recorded.items():
         file = os.path.join(tree_dir, rel)
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            raise CheckpointError(f"{file}: missing; {reconvert_hint(path)}") from None
-        if not isinstance(want, dict) or size != want.get("bytes"):
-            raise CheckpointError(f"{file}: {size} bytes, expected "
+        problem = file_mismatch(file, want, verify=verify)
+        if problem is None:
+            continue
+        kind, found = problem
+        if kind == "missing":
+            raise CheckpointError(f"{file}: missing; {reconvert_hint(path)}")
+        if kind == "size":
+            raise CheckpointError(f"{file}: {found} bytes, expected "
                                   f"{want.get('bytes') if isinstance(want, dict) else want} "
                                   f"(truncated or altered); {reconvert_hint(path)}")
-        if verify and file_sha256(file) != want.get("sha256"):
-            raise CheckpointError(f"{file}: sha256 differs from the one recorded at save "
-                                  f"(altered); {reconvert_hint(path)}")
+        if kind == "unreadable":
+            raise CheckpointError(f"{file}: cannot be read ({one_line(found)}); "
+                                  f"{reconvert_hint(path)}")
+        raise CheckpointError(f"{file}: sha256 differs from the one recorded at save "
+                              f"(altered); {reconvert_hint(path)}")
 
 
 def abstract_leaf(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 
 from goose_jax.core import distributed, tool_process
-from goose_jax.core.checkpoint import absolute, abstract_leaf, file_sha256
+from goose_jax.core.checkpoint import absolute, abstract_leaf, file_mismatch, file_sha256
 from goose_jax.core.errors import CheckpointError, one_line
 
 STATE_ITEM = "state"
@@ -85,20 +85,18 @@ def check_record(step_dir: str) -> None:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{RECORD}: cannot be read ({one_line(e)})") from None
     for rel, want in files.items():
-        file = os.path.join(step_dir, rel)
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            raise CheckpointError(f"{rel}: missing") from None
-        if not isinstance(want, dict) or size != want.get("bytes"):
-            raise CheckpointError(f"{rel}: {size} bytes, recorded "
+        problem = file_mismatch(os.path.join(step_dir, rel), want)
+        if problem is None:
+            continue
+        kind, found = problem
+        if kind == "missing":
+            raise CheckpointError(f"{rel}: missing")
+        if kind == "size":
+            raise CheckpointError(f"{rel}: {found} bytes, recorded "
                                   f"{want.get('bytes') if isinstance(want, dict) else want}")
-        try:
-            digest = file_sha256(file)
-        except OSError as e:
-            raise CheckpointError(f"{rel}: cannot be read ({one_line(e)})") from None
-        if digest != want.get("sha256"):
-            raise CheckpointError(f"{rel}: sha256 differs from the record")
+        if kind == "unreadable":
+            raise CheckpointError(f"{rel}: cannot be read ({one_line(found)})")
+        raise CheckpointError(f"{rel}: sha256 differs from the record")
 
 
 @contextlib.contextmanager
