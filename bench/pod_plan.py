@@ -122,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-cpu-hoist", action="store_true",
                    help="(cpu) compile as XLA:CPU does by default, with the f32 copies of the "
                    "stacked bf16 kernels that its loop-invariant code motion hoists")
+    p.add_argument("--no-costs", action="store_true",
+                   help="skip the step-time estimate (its two small unrolled compiles per "
+                   "program)")
     p.add_argument("--ratios", action="store_true",
                    help="(tpu) instead of the table: the estimated routed / base rank "
                    "classification time for E = 36, 166, 1000, backends ragged and grouped")
@@ -222,7 +225,7 @@ def run(args) -> int:
                   f"{row.get('bytes', 0) / 1e9:.1f} | {est} | {tps} | "
                   f"{row['compile_s']:.0f} |", flush=True)
 
-        for row in P.plan(r, devices, chip, on_row=show):
+        for row in P.plan(r, devices, chip, costs=not args.no_costs, on_row=show):
             worst = max(worst, (row["fraction"], f"{s.name} {row['program']}"))
     print(f"worst fraction of chip memory: {worst[0]:.2f} ({worst[1]})")
     return 0
@@ -246,10 +249,9 @@ def ratios(args) -> int:
         times, spent = {}, 0.0
         for label, experts, backend in (("base", 0, "auto"), ("ragged", E, "ragged"),
                                         ("grouped", E, "grouped")):
-            rr = dataclasses.replace(r, experts=experts, backend=backend)
-            row = P.plan(rr, devices, chip)[0]
-            times[label] = row.get("step_s", float("nan"))
-            spent += row["compile_s"]
+            c = P.cost(dataclasses.replace(r, experts=experts, backend=backend), "rank", devices)
+            times[label] = P.roofline(c["flops"], c["bytes"], chip)
+            spent += c["cost_s"]
         print(f"| {E} | {TOPOLOGY[name] if args.target == 'tpu' else s.devices} | "
               f"{r.eval_mesh} | {times['base'] * 1e3:.1f} | {times['ragged'] * 1e3:.1f} | "
               f"{times['ragged'] / times['base']:.2f} | {times['grouped'] * 1e3:.1f} | "

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(PROGRAMS)}")
     ap.add_argument("--layers", type=int, help="compile this many encoder and decoder blocks "
                     "instead of the base's (quicker; memory and time scale about linearly)")
+    ap.add_argument("--no-estimate", action="store_true", help="skip the step-time estimate "
+                    "(two small unrolled compiles per program): memory only, quicker")
     ap.add_argument("--target", choices=("tpu", "cpu"), default="tpu", help=argparse.SUPPRESS)
     ap.set_defaults(run=_run)
     return ap
@@ -121,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{row['compile_s']:.0f} |", flush=True)
 
     start = time.perf_counter()
-    rows = P.plan(run, devices, chip, on_row=show)
+    rows = P.plan(run, devices, chip, costs=not args.no_estimate, on_row=show)
     worst = max(rows, key=lambda r: r["fraction"])
     print(f"worst fraction of chip memory: {worst['fraction']:.2f} ({worst['program']}); "
           f"{time.perf_counter() - start:.0f} s; step times are roofline estimates "

@@ -143,8 +143,14 @@ def tpu_devices(topology: Topology) -> list:
 
     if not libtpu_available():
         raise ConfigError(f"compiling for a TPU needs the libtpu wheel: {INSTALL}")
-    desc = topologies.get_topology_desc(topology.topology_name, "tpu")
-    return list(desc.devices)
+    # v4 and v5p chips hold two TensorCores, run as one device ("megacore"), as on a pod.
+    kwargs = {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
+    desc = topologies.get_topology_desc(topology.topology_name, "tpu", **kwargs)
+    devices = list(desc.devices)
+    if len(devices) != topology.chips:
+        raise ConfigError(f"{topology.name}: the TPU compiler gave {len(devices)} devices for "
+                          f"{topology.chips} chips")
+    return devices
 
 
 # --- the programs: each one small function over the library's own API --------------------------
@@ -353,7 +359,7 @@ _OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def measure(built: Built) -> dict:
+def measure(built: Built, memory: bool = True) -> dict:
     """Compiles ``built``: the memory analysis (bytes per device; ``total`` counts aliased
     outputs once), the collectives, the library gathers, the cost analysis (``flops`` and
     ``bytes`` per device) and the lowering and compile seconds. A program the TPU compiler
@@ -371,6 +377,14 @@ def measure(built: Built) -> dict:
         return {"oom": True, "total": int(used), "argument": arguments_bytes(built),
                 "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
     t2 = time.perf_counter()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = {"flops": float((cost or {}).get("flops", 0.0)),
+            "bytes": float((cost or {}).get("bytes accessed", 0.0)),
+            "lower_s": t1 - t0, "compile_s": t2 - t1}
+    if not memory:
+        return cost
     mem = compiled.memory_analysis()
     sizes = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
              ("argument", "output", "temp", "generated_code", "alias")}
@@ -378,14 +392,8 @@ def measure(built: Built) -> dict:
         sizes["generated_code"]
     hlo = compiled.as_text()
     gathered = library_gathers(hlo, *built.library) if built.library else None
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return {**sizes, "oom": False, "total": total, "collectives": collectives(hlo),
-            "library_gathers": gathered, "flops": float(cost.get("flops", 0.0)),
-            "bytes": float(cost.get("bytes accessed", 0.0)), "lower_s": t1 - t0,
-            "compile_s": t2 - t1}
+    return {**sizes, **cost, "oom": False, "total": total, "collectives": collectives(hlo),
+            "library_gathers": gathered}
 
 
 def roofline(flops: float, nbytes: float, chip: Chip) -> float:
@@ -413,8 +421,9 @@ class Run:
     backend: str = "auto"  # the routed programs' combination backend
 
 
-def build(run: Run, name: str, devices: Sequence) -> tuple[str, Built]:
-    """(mesh text, the program) of ``name`` in ``run`` on ``devices``."""
+def build(run: Run, name: str, devices: Sequence, scan: bool = True) -> tuple[str, Built]:
+    """(mesh text, the program) of ``name`` in ``run`` on ``devices``; ``scan=False`` unrolls
+    the blocks (``cost``'s compiles)."""
     mesh_text = run.train_mesh if name in TRAIN_PROGRAMS else run.eval_mesh
     try:
         mesh = sharding.make_mesh(**sharding.parse_mesh(mesh_text), devices=devices)
@@ -424,12 +433,34 @@ def build(run: Run, name: str, devices: Sequence) -> tuple[str, Built]:
     lora = run.tcfg.lora
     if name in TRAIN_PROGRAMS:
         built = train_program("expert" if name == "experts" else name, run.cfg, run.tcfg,
-                              run.train_experts, mesh, run.remat)
+                              run.train_experts, mesh, run.remat, scan)
     else:
-        scan = run.cfg.replace(scan_layers=True)  # as goose-eval compiles an XL scorer
+        cfg = run.cfg.replace(scan_layers=scan)  # as goose-eval compiles an XL scorer: scanned
         make = rank_program if name == "rank" else generate_program
-        built = make(scan, lora, run.experts, mesh, run.shape, run.backend)
+        built = make(cfg, lora, run.experts, mesh, run.shape, run.backend)
     return mesh_text, built
+
+
+def cost(run: Run, name: str, devices: Sequence) -> dict:
+    """FLOPs and bytes accessed per device of one call of ``name``, from the compiler's cost
+    analysis, at the run's depth.
+
+    XLA's cost analysis counts the body of a loop once, whatever its trip count, so the scanned
+    program under-counts its blocks. This compiles the program unrolled with 1 and with 2 blocks
+    each side (small compiles) and extrapolates linearly to the run's depth. Loops other than the
+    blocks are still counted once: generation's decode loop (its body is one of the
+    ``new_tokens`` steps) and the ``grouped`` routing backend's scan over row blocks; those
+    estimates are lower bounds."""
+    out = []
+    for layers in (1, 2):
+        cfg = run.cfg.replace(num_encoder_layers=layers, num_decoder_layers=layers)
+        r = measure(build(dataclasses.replace(run, cfg=cfg), name, devices, scan=False)[1],
+                    memory=False)
+        out.append(r)
+    depth = (run.cfg.num_encoder_layers + run.cfg.num_decoder_layers) / 2
+    one, two = out
+    return {k: one[k] + (depth - 1) * (two[k] - one[k]) for k in ("flops", "bytes")} | {
+        "cost_s": sum(r["lower_s"] + r["compile_s"] for r in out)}
 
 
 def advice(built: Built, total: float, chip_bytes: float, mesh_text: str) -> str:
@@ -475,7 +506,7 @@ def row(name: str, E: Any, mesh_text: str, built: Built, r: dict, chip: Chip,
     chip_bytes = chip.hbm_gib * GIB
     frac = r["total"] / chip_bytes
     out = {"program": name, "E": E, "mesh": mesh_text, "fraction": frac, "fits": frac <= 1.0,
-           "compile_s": r["lower_s"] + r["compile_s"], **r}
+           **r, "compile_s": r["lower_s"] + r["compile_s"] + r.get("cost_s", 0.0)}
     out["advice"] = "" if frac <= 0.85 else advice(built, r["total"], chip_bytes, mesh_text)
     if not r.get("oom") and r.get("flops"):
         seconds = roofline(r["flops"], r["bytes"], chip)
@@ -487,10 +518,12 @@ def row(name: str, E: Any, mesh_text: str, built: Built, r: dict, chip: Chip,
 
 
 def plan(run: Run, devices: Sequence, chip: Chip, *, compile_programs: bool = True,
-         on_row=None) -> list[dict]:
+         costs: bool = True, on_row=None) -> list[dict]:
     """Every program of ``run`` built, checked against ``chip`` and compiled on ``devices``;
     one row per program (``row``), each passed to ``on_row`` as it is measured. A program whose
-    arguments alone exceed the chip is not compiled: its row says so (``args_only``)."""
+    arguments alone exceed the chip is not compiled: its row says so (``args_only``). With
+    ``costs`` the FLOPs and bytes are ``cost``'s (depth-extrapolated); without, the scanned
+    program's own cost analysis (its blocks counted once)."""
     built = [(name,) + build(run, name, devices) for name in run.programs]
     rows = []
     for name, mesh_text, b in built:
@@ -503,6 +536,8 @@ def plan(run: Run, devices: Sequence, chip: Chip, *, compile_programs: bool = Tr
                  "argument": need, "lower_s": 0.0, "compile_s": 0.0}
         else:
             r = measure(b)
+            if costs and not r["oom"]:
+                r.update(cost(run, name, devices))
         rows.append(row(name, E, mesh_text, b, r, chip, len(devices)))
         if on_row is not None:
             on_row(rows[-1])
