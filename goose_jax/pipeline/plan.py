@@ -106,7 +106,7 @@ def chip_shape(chip: Chip, chips: int) -> tuple[int, ...]:
     while math.prod(dims) < chips:  # grow the smallest axis, the last of equals first
         low = min(dims)
         dims[max(i for i, d in enumerate(dims) if d == low)] *= 2
-    return tuple(sorted(dims))
+    return tuple(dims)
 
 
 def parse_topology(text: str) -> Topology:
