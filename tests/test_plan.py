@@ -101,12 +101,11 @@ def test_goose_plan_compiles_a_small_run_with_the_tpu_compiler():
     code, out, err = goose_plan("--topology", "v5e-4", "--base", "tiny", "--library", "8",
                                 "--set", "micro_batch=2", "--set", "max_input_length=32",
                                 "--set", "max_target_length=8", "--batch-size", "8",
-                                "--max-input-length", "32", "--programs", "experts,rank")
+                                "--max-input-length", "32", "--programs", "rank")
     assert code == 0, err
     lines = out.strip().splitlines()
     assert "v5e-4 (v5e:2x2, 4 chips of 16 GiB" in lines[0] and "TPU compiler" in lines[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:5]]
-    assert [r[0] for r in rows] == ["experts", "rank"]
-    for r in rows:
-        assert r[5] == "yes" and 0 < float(r[4]) < 0.01
-        assert float(r[7].split()[0]) > 0  # an estimated step time
+    r = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert r[:3] == ["rank", "8 (8)" if r[1] != "8" else "8", "data=1,model=1,expert=4"]
+    assert r[5] == "yes" and float(r[4]) <= 0.01 and float(r[3]) < 0.1
+    assert float(r[7].split()[0]) > 0  # an estimated step time

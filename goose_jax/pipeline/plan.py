@@ -143,6 +143,9 @@ def tpu_devices(topology: Topology) -> list:
 
     if not libtpu_available():
         raise ConfigError(f"compiling for a TPU needs the libtpu wheel: {INSTALL}")
+    # No TPU is used, so several planning processes may load the compiler at once (libtpu
+    # otherwise takes a machine-wide lock, meant for processes sharing real chips).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # v4 and v5p chips hold two TensorCores, run as one device ("megacore"), as on a pod.
     kwargs = {"chip_config_name": "megacore"} if topology.chip.cores_per_chip == 2 else {}
     desc = topologies.get_topology_desc(topology.topology_name, "tpu", **kwargs)
