@@ -478,8 +478,10 @@ def advice(built: Built, total: float, chip_bytes: float, mesh_text: str) -> str
     half = total - part / 2
     what = {"model": "it splits the base's kernels", "expert": "it splits the expert-stacked "
             "trees", "data": "it splits the batch; or a smaller batch"}[axis]
+    others = [a for a, n in axes.items() if a != axis and n > 1]
+    source = f"halve `{others[0]}`" if others else "twice the chips"
     return (f"grow `{axis}` ({what}): {axis}={axes.get(axis, 1)} -> {2 * axes.get(axis, 1)} "
-            f"about {half / chip_bytes:.2f} of the chip")
+            f"({source}) about {half / chip_bytes:.2f} of the chip")
 
 
 def check_arguments(built: Built, chip: Chip, where: str, mesh_text: str) -> None:
