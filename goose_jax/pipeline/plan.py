@@ -513,7 +513,7 @@ def row(name: str, E: Any, mesh_text: str, built: Built, r: dict, chip: Chip,
     out = {"program": name, "E": E, "mesh": mesh_text, "fraction": frac, "fits": frac <= 1.0,
            **r, "compile_s": r["lower_s"] + r["compile_s"] + r.get("cost_s", 0.0)}
     out["advice"] = "" if frac <= 0.85 else advice(built, r["total"], chip_bytes, mesh_text)
-    if not r.get("oom") and r.get("flops"):
+    if not r.get("oom") and r.get("flops") and "cost_s" in r:  # depth-extrapolated costs only
         seconds = roofline(r["flops"], r["bytes"], chip)
         out["step_s"] = seconds
         out["bound"] = ("compute" if r["flops"] / (chip.bf16_tflops * 1e12) >=
