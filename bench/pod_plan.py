@@ -1,8 +1,11 @@
-"""Whether the paper's settings fit a chip: the real programs compiled for simulated meshes.
+"""Whether the paper's settings fit a chip: the real programs compiled for their meshes.
 
 For each setting, the jitted programs goose-train and goose-eval run are lowered with abstract
-inputs (``jax.ShapeDtypeStruct`` with shardings: nothing is materialised) for a mesh of fake CPU
-devices, and compiled. Per program it prints, per device, the argument, output, temporary and
+inputs (``jax.ShapeDtypeStruct`` with shardings: nothing is materialised) and compiled, with
+``--target tpu`` (the default when libtpu is installed) by the TPU compiler for the setting's
+real topology (``TOPOLOGY``; no TPU needed), with ``--target cpu`` for a mesh of fake CPU devices
+by XLA:CPU. The programs and the measuring are ``goose_jax.pipeline.plan``'s (goose-plan's).
+Per program it prints, per device, the argument, output, temporary and
 code bytes of ``compiled.memory_analysis()``, their total against the chip's memory (outputs that
 alias donated arguments counted once), and the collectives of ``compiled.as_text()``: count and
 result bytes per kind, counted once per instruction of the HLO (an instruction inside a loop
@@ -36,6 +39,8 @@ that says by how much and which axis would help. ``--layers N`` compiles N + N b
 of chip memory over every program compiled.
 
     python bench/pod_plan.py                          # every setting, full depth
+    python bench/pod_plan.py --target cpu             # fake CPU devices, XLA:CPU
+    python bench/pod_plan.py --ratios                 # estimated routed / base, E = 36, 166, 1000
     python bench/pod_plan.py --settings t0,flan --programs experts,gate
     python bench/pod_plan.py --layers 2               # 2 + 2 blocks, for iteration
 """
