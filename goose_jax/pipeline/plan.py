@@ -480,6 +480,8 @@ def advice(built: Built, total: float, chip_bytes: float, mesh_text: str) -> str
             "trees", "data": "it splits the batch; or a smaller batch"}[axis]
     others = [a for a, n in axes.items() if a != axis and n > 1]
     source = f"halve `{others[0]}`" if others else "twice the chips"
+    if others:  # the halved axis doubles the part it splits
+        half += {"model": base, "expert": stacked, "data": rest}[others[0]]
     return (f"grow `{axis}` ({what}): {axis}={axes.get(axis, 1)} -> {2 * axes.get(axis, 1)} "
             f"({source}) about {half / chip_bytes:.2f} of the chip")
 
