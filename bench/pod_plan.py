@@ -1,8 +1,11 @@
-"""Whether the paper's settings fit a chip: the real programs compiled for simulated meshes.
+"""Whether the paper's settings fit a chip: the real programs compiled for their meshes.
 
 For each setting, the jitted programs goose-train and goose-eval run are lowered with abstract
-inputs (``jax.ShapeDtypeStruct`` with shardings: nothing is materialised) for a mesh of fake CPU
-devices, and compiled. Per program it prints, per device, the argument, output, temporary and
+inputs (``jax.ShapeDtypeStruct`` with shardings: nothing is materialised) and compiled, with
+``--target tpu`` (the default when libtpu is installed) by the TPU compiler for the setting's
+real topology (``TOPOLOGY``; no TPU needed), with ``--target cpu`` for a mesh of fake CPU devices
+by XLA:CPU. The programs and the measuring are ``goose_jax.pipeline.plan``'s (goose-plan's).
+Per program it prints, per device, the argument, output, temporary and
 code bytes of ``compiled.memory_analysis()``, their total against the chip's memory (outputs that
 alias donated arguments counted once), and the collectives of ``compiled.as_text()``: count and
 result bytes per kind, counted once per instruction of the HLO (an instruction inside a loop
@@ -36,6 +39,8 @@ that says by how much and which axis would help. ``--layers N`` compiles N + N b
 of chip memory over every program compiled.
 
     python bench/pod_plan.py                          # every setting, full depth
+    python bench/pod_plan.py --target cpu             # fake CPU devices, XLA:CPU
+    python bench/pod_plan.py --ratios                 # estimated routed / base, E = 36, 166, 1000
     python bench/pod_plan.py --settings t0,flan --programs experts,gate
     python bench/pod_plan.py --layers 2               # 2 + 2 blocks, for iteration
 """
@@ -47,7 +52,6 @@ import dataclasses
 import os
 import re
 import sys
-import time
 
 GIB = 1024**3
 
@@ -101,13 +105,17 @@ SETTINGS = {
 # ``--keep-cpu-hoist`` compiles as XLA:CPU does by default (both tables are in the README).
 CPU_HOIST = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 PROGRAMS = ("experts", "gate", "rank", "generate")
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-RANK_SHAPE = dict(batch=64, choices=4, input_length=256, target_length=8)
-GENERATE_SHAPE = dict(batch=64, input_length=256, new_tokens=8)
+# The real topology of each setting on the TPU path (Cloud TPU names: v4-32 is 16 chips).
+TOPOLOGY = {"t0": "v4-32", "flan": "v5e-16", "ocean": "v5e-64"}
+# --ratios: the routed / base estimate of each library size, on its setting's eval mesh.
+RATIO_SETTINGS = {36: "t0", 166: "flan", 1000: "ocean"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="pod_plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", choices=("tpu", "cpu"), default=None,
+                   help="tpu: the TPU compiler for each setting's real topology (the default "
+                   "when libtpu is installed); cpu: fake CPU devices, compiled by XLA:CPU")
     p.add_argument("--settings", default="t0,flan,ocean",
                    help=f"comma-separated subset of {','.join(SETTINGS)}")
     p.add_argument("--programs", default=",".join(PROGRAMS),
@@ -117,283 +125,23 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default="", help="replace every chosen setting's mesh, e.g. "
                    "data=2,model=4,expert=2 (the product must be the setting's device count)")
     p.add_argument("--keep-cpu-hoist", action="store_true",
-                   help="compile as XLA:CPU does by default, with the f32 copies of the stacked "
-                   "bf16 kernels that its loop-invariant code motion hoists (see CPU_HOIST)")
+                   help="(cpu) compile as XLA:CPU does by default, with the f32 copies of the "
+                   "stacked bf16 kernels that its loop-invariant code motion hoists")
+    p.add_argument("--no-costs", action="store_true",
+                   help="skip the step-time estimate (its two small unrolled compiles per "
+                   "program)")
+    p.add_argument("--ratios", action="store_true",
+                   help="(tpu) instead of the table: the estimated routed / base rank "
+                   "classification time for E = 36, 166, 1000, backends ragged and grouped")
+    p.add_argument("--backends", default="ragged,grouped",
+                   help="(--ratios) the routed programs' combination backends")
     return p
 
 
-# --- the programs: each one small function over the library's own API --------------------------
+def default_target() -> str:
+    import importlib.util
 
-
-@dataclasses.dataclass
-class Built:
-    """A jitted program and its abstract arguments."""
-
-    fn: object
-    args: tuple
-    kwargs: dict
-    base: object  # the base params among the arguments
-    shared: int = 0  # per-device bytes of an argument passed twice (one buffer on a device)
-    library: tuple = ()  # (E_pad, R) of a split routed library: its gathers are counted
-
-
-def abstract_base(cfg, mesh):
-    """The base params as shapes laid out by the rules table (nothing built); with
-    ``cfg.scan_layers`` the stacked tree, each block parameter led by ``layers`` (unsplit)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from goose_jax.core import sharding
-    from goose_jax.models.scan import per_layer, stack_layers
-    from goose_jax.models.t5.model import T5, param_logical_axes
-
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    flat = per_layer(cfg)
-    shapes = nn.meta.unbox(jax.eval_shape(T5(flat).init, jax.random.key(0), ids, ids, ids))
-    shapes = stack_layers(shapes["params"], cfg) if cfg.scan_layers else shapes["params"]
-    return sharding.abstract(shapes, sharding.param_shardings(shapes, param_logical_axes(cfg),
-                                                              mesh))
-
-
-def abstract_library(cfg, lora, E, mesh, dtype):
-    """E experts (init_experts' shapes) in ``dtype``, E over ``expert``."""
-    import jax
-
-    from goose_jax.core import sharding
-    from goose_jax.experts.lora import init_experts
-
-    shapes = jax.eval_shape(lambda: init_experts(cfg, lora, E, dtype=dtype))
-    return sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
-
-
-def abstract_batch(tcfg, E, mesh):
-    """One experts-step batch [E, A, M, L] / [E, A, M, T], laid out as global_batch lays it."""
-    import jax
-    import numpy as np
-
-    from goose_jax.core import sharding
-
-    lead = (E, tcfg.grad_accum, tcfg.micro_batch)
-    shapes = {"inputs": jax.ShapeDtypeStruct(lead + (tcfg.max_input_length,), np.int32),
-              "input_mask": jax.ShapeDtypeStruct(lead + (tcfg.max_input_length,), np.int32),
-              "targets": jax.ShapeDtypeStruct(lead + (tcfg.max_target_length,), np.int32)}
-    return sharding.abstract(shapes, sharding.batch_shardings(shapes, mesh, many=True))
-
-
-def train_program(kind, cfg, tcfg, E, mesh, remat, scan):
-    """goose-train's jitted step of kind "expert" or "gate", lowered for abstract inputs."""
-    import jax
-
-    from goose_jax.experts.lora import init_gates
-    from goose_jax.models.scan import per_layer
-    from goose_jax.training.program import Program
-
-    lora = tcfg.lora
-    tcfg = dataclasses.replace(tcfg, remat=remat)
-    cfg = cfg.replace(scan_layers=scan)
-    steps = tcfg.steps if kind == "expert" else tcfg.gate_steps
-    program = Program(kind, cfg, tcfg, steps, lora.lora_scale, mesh=mesh)
-    base = abstract_base(cfg, mesh)
-    experts = abstract_library(per_layer(cfg), lora, E, mesh, cfg.dtype.param)  # user layout
-    frozen, trainable = (None, experts) if kind == "expert" else (
-        experts, jax.eval_shape(init_gates, experts))
-    state = program.state_shapes(trainable)
-    batch = abstract_batch(tcfg, E, mesh)
-    args = (base, frozen, state, batch)
-    return Built(program.step_fn(*args, donate=True), args, {}, base)
-
-
-def routed_collections(cfg, lora, E, mesh, dtype):
-    """PHATGOOSE top-2 over E experts as goose-eval runs it: ``build_routed``'s adapter (expert
-    parallel on a mesh whose ``expert`` axis X > 1), and its collections as shapes.
-
-    ``build_routed`` checks concrete arrays, so it builds from a two-expert stand-in without a
-    mesh; the adapter is then given the mesh and the real count, as ``build_routed(...,
-    mesh=mesh)`` sets them for a library padded to E_pad = ``padded_count(E, X)``. Its
-    collections are declared at E_pad over ``expert``; with ``cfg.scan_layers`` stacked as the
-    Evaluator stacks them, (Y, E_pad, ...): the expert axis is then axis 1."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from goose_jax.core import sharding
-    from goose_jax.experts.lora import init_experts, init_gates
-    from goose_jax.models.scan import per_layer, stack_layers
-    from goose_jax.routing.methods import build_routed
-
-    flat = per_layer(cfg)
-    small = jax.eval_shape(lambda: init_experts(flat, lora, 2, dtype=dtype))
-    experts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), small)
-    gates = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), jax.eval_shape(init_gates, small))
-    routed = build_routed("phatgoose", flat, experts, gates=gates, top_k=2,
-                          scale=lora.lora_scale)
-    X = int(mesh.shape["expert"])
-    E_pad = sharding.padded_count(E, X)
-    adapter = dataclasses.replace(routed.adapter, mesh=mesh if X > 1 else None,
-                                  num_experts=E if E_pad > E else 0)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((E_pad,) + x.shape[1:], x.dtype),
-                          routed.collections)
-    if not cfg.scan_layers:
-        return adapter, sharding.abstract(shapes, sharding.leading_shardings(shapes, mesh))
-    stacked = stack_layers(shapes, cfg)
-    split = NamedSharding(mesh, PartitionSpec(None, "expert"))
-    return adapter, sharding.abstract(stacked, split)
-
-
-def batch_input(shape, mesh, dtype="int32"):
-    import jax
-
-    from goose_jax.core.sharding import batch_sharding
-
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-
-
-def rank_program(cfg, lora, E, mesh):
-    """goose-eval's rank classification scorer (``Evaluator.score_choices``'s jitted call)."""
-    from goose_jax.models.t5.scoring import CHOICE_NLL
-
-    adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
-    variables = {"params": abstract_base(cfg, mesh), **collections}
-    B, C, L, T = (RANK_SHAPE[k] for k in ("batch", "choices", "input_length", "target_length"))
-    ids, mask = batch_input((B, L), mesh), batch_input((B, L), mesh)
-    tgt, tmask = batch_input((B, C, T), mesh), batch_input((B, C, T), mesh)
-    fn = CHOICE_NLL[False]  # the scorer Evaluator.score_choices calls (T5)
-    # The encoder's and the decoder's variables are one tree (as the Evaluator passes them):
-    # held once on a device. (jit drops the half of each copy its side does not use, so the
-    # executable's argument bytes count it once too.)
-    args = (cfg, adapter, variables, variables, ids, mask, tgt, tmask)
-    return Built(fn, args, {"naive": False, "sites": ()}, variables["params"],
-                 per_device_bytes(variables), library_shape(E, mesh, lora))
-
-
-def generate_program(cfg, lora, E, mesh):
-    """goose-eval's greedy decoder (``generate_greedy``'s jitted call), routed."""
-    from goose_jax.models.t5 import generation
-
-    adapter, collections = routed_collections(cfg, lora, E, mesh, cfg.dtype.param)
-    variables = {"params": abstract_base(cfg, mesh), **collections}
-    B, L, T = (GENERATE_SHAPE[k] for k in ("batch", "input_length", "new_tokens"))
-    fn = generation._generate  # the decoder generate_greedy calls
-    args = (cfg, variables, batch_input((B, L), mesh), batch_input((B, L), mesh), T)
-    return Built(fn, args, {"adapter": adapter, "telemetry": False}, variables["params"],
-                 library=library_shape(E, mesh, lora))
-
-
-def library_shape(E, mesh, lora) -> tuple[int, int]:
-    """(E_pad, R): the routed library's stacked experts on ``mesh`` and its rank."""
-    from goose_jax.core.sharding import padded_count
-
-    return padded_count(E, int(mesh.shape["expert"])), lora.rank
-
-
-# --- measuring ------------------------------------------------------------------------------------
-
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """kind -> (instructions, result bytes) in the compiled HLO text."""
-    out = {k: [0, 0] for k in COLLECTIVES}
-    for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
-        if not m:
-            continue
-        nbytes = 0
-        for dtype, dims in _SHAPE.findall(m.group(1)):
-            n = 1
-            for d in filter(None, dims.split(",")):
-                n *= int(d)
-            nbytes += n * _DTYPE_BYTES[dtype]
-        out[m.group(2)][0] += 1
-        out[m.group(2)][1] += nbytes
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def library_gathers(hlo: str, E_pad: int, R: int) -> int:
-    """All-gathers whose result is a whole library leaf: an (E_pad, I, R) or (E_pad, R, O) block
-    (optionally led by the layer axis). Expert parallelism gathers only (N, E) scores."""
-    count = 0
-    for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
-        if not m or m.group(2) != "all-gather":
-            continue
-        for _, dims in _SHAPE.findall(m.group(1)):
-            d = [int(x) for x in filter(None, dims.split(","))]
-            if len(d) >= 3 and d[-3] == E_pad and R in d[-2:]:
-                count += 1
-                break
-    return count
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of the abstract (sharded) leaves of ``tree`` (the largest share)."""
-    import jax
-    import numpy as np
-
-    total = 0
-    for x in jax.tree.leaves(tree):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-            total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def fmt_gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
-
-
-def build(name, setting, cfg, tcfg, mesh):
-    lora = tcfg.lora
-    if name in ("experts", "gate"):
-        return train_program("expert" if name == "experts" else name, cfg, tcfg,
-                             setting.train_experts or setting.experts, mesh, setting.remat,
-                             setting.scan_train)
-    scan = cfg.replace(scan_layers=True)  # as goose-eval compiles the XL scorer: one scanned block
-    return (rank_program if name == "rank" else generate_program)(scan, lora, setting.experts,
-                                                                  mesh)
-
-
-def check_fits(setting, name, built: Built, mesh_text) -> None:
-    """One line, before compiling, when the arguments alone exceed the chip."""
-    from goose_jax.core.errors import ConfigError
-
-    need = per_device_bytes(built.args) - built.shared
-    chip = setting.chip_gib * GIB
-    if need <= chip:
-        return
-    base = per_device_bytes(built.base)
-    rest = need - base
-    axis = ("`expert` axis (it splits the expert-stacked trees)" if rest >= base
-            else "`model` axis (it splits the base's kernels)")
-    raise ConfigError(
-        f"setting {setting.name}, {name}: its arguments alone need {fmt_gib(need)} GiB per "
-        f"device on {mesh_text}, {fmt_gib(need - chip)} GiB over the {setting.chip} chip's "
-        f"{setting.chip_gib:g} GiB (base {fmt_gib(base)}, the rest {fmt_gib(rest)} GiB); a "
-        f"larger {axis} would help: pass --mesh")
-
-
-def measure(built: Built) -> dict:
-    t0 = time.perf_counter()
-    lowered = built.fn.lower(*built.args, **built.kwargs)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    sizes = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-             ("argument", "output", "temp", "generated_code", "alias")}
-    total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + \
-        sizes["generated_code"]
-    hlo = compiled.as_text()
-    gathered = library_gathers(hlo, *built.library) if built.library else None
-    return {**sizes, "total": total, "collectives": collectives(hlo), "library_gathers": gathered,
-            "lower_s": t1 - t0, "compile_s": t2 - t1}
+    return "tpu" if importlib.util.find_spec("libtpu") is not None else "cpu"
 
 
 def load_config(name: str):
@@ -404,76 +152,143 @@ def load_config(name: str):
     return load(os.path.join(here, "..", "configs", f"{name}.py"), TrainConfig)
 
 
-def run(args) -> int:
+def setting_run(s: Setting, args, programs):
+    from goose_jax.models.t5.config import T5Config
+    from goose_jax.pipeline import plan as P
+
+    tcfg = load_config(s.config)
+    cfg = T5Config.preset("t5-xl-lm-adapt").replace(
+        num_encoder_layers=args.layers, num_decoder_layers=args.layers).with_dtypes(
+        tcfg.param_dtype, tcfg.compute_dtype)
+    return P.Run(cfg, tcfg, s.experts, s.train_experts or s.experts,
+                 args.mesh or s.train_mesh, args.mesh or s.eval_mesh,
+                 tuple(p for p in programs if p in s.programs), remat=s.remat)
+
+
+def setting_devices(s: Setting, target: str):
+    """(devices, chip) of a setting: its TPU topology, or the first N fake CPU devices."""
     import jax
 
-    from goose_jax.core import sharding
-    from goose_jax.core.errors import UsageError
-    from goose_jax.models.t5.config import T5Config
+    from goose_jax.pipeline import plan as P
 
-    devices = jax.devices()
+    if target == "tpu":
+        topo = P.parse_topology(TOPOLOGY[s.name])
+        return P.tpu_devices(topo), topo.chip
+    return jax.devices()[:s.devices], P.CHIPS[s.chip]
+
+
+def run(args) -> int:
+    from goose_jax.core.errors import UsageError
+    from goose_jax.pipeline import plan as P
+
+    if args.ratios:
+        return ratios(args)
     settings = [SETTINGS[s] for s in args.settings.split(",")]
     programs = args.programs.split(",")
-    plan = []
+    todo = []
     for s in settings:  # every request checked, and every fit estimated, before compiling
-        tcfg = load_config(s.config)
-        cfg = T5Config.preset("t5-xl-lm-adapt").replace(
-            num_encoder_layers=args.layers, num_decoder_layers=args.layers).with_dtypes(
-            tcfg.param_dtype, tcfg.compute_dtype)
-        for name in (p for p in programs if p in s.programs):
-            mesh_text = args.mesh or (s.train_mesh if name in ("experts", "gate") else s.eval_mesh)
-            mesh = sharding.make_mesh(**sharding.parse_mesh(mesh_text), devices=devices[:s.devices])
-            built = build(name, s, cfg, tcfg, mesh)
-            check_fits(s, name, built, mesh_text)
-            plan.append((s, mesh_text, name, built))
-    if not plan:
+        r = setting_run(s, args, programs)
+        if not r.programs:
+            continue
+        devices, chip = setting_devices(s, args.target)
+        for name in r.programs:
+            mesh_text, built = P.build(r, name, devices)
+            P.check_arguments(built, chip, f"setting {s.name}, {name}", mesh_text)
+        todo.append((s, r, devices, chip))
+    if not todo:
         raise UsageError(f"no program of {programs} belongs to the settings {args.settings}")
-    hoist = ("XLA:CPU's hoisted f32 kernel copies kept" if args.keep_cpu_hoist else
-             "XLA:CPU's loop-invariant code motion off")
+    if args.target == "tpu":
+        where = "the TPU compiler (libtpu), each setting on its real topology"
+    else:
+        where = ("XLA:CPU on fake devices; " + (
+            "its hoisted f32 kernel copies kept" if args.keep_cpu_hoist else
+            "its loop-invariant code motion off"))
     print(f"T5-XL LM-adapt with {args.layers} + {args.layers} blocks, bf16; per device, GiB; "
-          f"collectives: kind instructions/MiB of results; {hoist}")
+          f"collectives: kind instructions/MiB of results; {where}")
     print("| setting | program | E | mesh | args | out | temp | code | total | chip | fraction "
-          "| collectives | library gathers | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| collectives | library gathers | GFLOP | GB accessed | est. ms | tokens/s/chip "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = (0.0, "")
-    for s, mesh_text, name, built in plan:
-        r = measure(built)
-        frac = r["total"] / (s.chip_gib * GIB)
-        coll = ", ".join(f"{k} {n}/{b / 2**20:.0f}" for k, (n, b) in r["collectives"].items()
-                         if n) or "none"
-        E = s.train_experts or s.experts if name in ("experts", "gate") else s.experts
-        if built.library and built.library[0] != E:
-            E = f"{E} ({built.library[0]})"  # padded with inert experts to a multiple of X
-        gathers = "-" if r["library_gathers"] is None else r["library_gathers"]
-        print(f"| {s.name} | {name} | {E} | {mesh_text} | {fmt_gib(r['argument'])} | "
-              f"{fmt_gib(r['output'])} | {fmt_gib(r['temp'])} | "
-              f"{fmt_gib(r['generated_code'])} | {fmt_gib(r['total'])} | {s.chip} "
-              f"{s.chip_gib:g} | {frac:.2f} | {coll} | {gathers} | "
-              f"{r['lower_s'] + r['compile_s']:.0f} |",
-              flush=True)
-        worst = max(worst, (frac, f"{s.name} {name}"))
+    for s, r, devices, chip in todo:
+        topo = TOPOLOGY[s.name] if args.target == "tpu" else f"{s.devices} x"
+
+        def show(row, s=s, chip=chip, topo=topo):
+            coll = ", ".join(f"{k} {n}/{b / 2**20:.0f}"
+                             for k, (n, b) in row.get("collectives", {}).items() if n) or "none"
+            gathers = "-" if row.get("library_gathers") is None else row["library_gathers"]
+
+            def g(k, row=row):
+                return P.fmt_gib(row[k]) if k in row else "-"
+
+            est = f"{row['step_s'] * 1e3:.1f} ({row['bound']})" if "step_s" in row else "-"
+            tps = (f"{row['tokens_per_s_chip']:.0f}" if row.get("tokens_per_s_chip") and
+                   row["program"] == "experts" else "-")
+            print(f"| {s.name} | {row['program']} | {row['E']} | {row['mesh']} | "
+                  f"{g('argument')} | {g('output')} | {g('temp')} | {g('generated_code')} | "
+                  f"{P.fmt_gib(row['total'])} | {topo} {chip.name} {chip.hbm_gib:g} | "
+                  f"{row['fraction']:.2f}{' OOM' if row.get('oom') else ''} | {coll} | "
+                  f"{gathers} | {row.get('flops', 0) / 1e9:.0f} | "
+                  f"{row.get('bytes', 0) / 1e9:.1f} | {est} | {tps} | "
+                  f"{row['compile_s']:.0f} |", flush=True)
+
+        for row in P.plan(r, devices, chip, costs=not args.no_costs, on_row=show):
+            worst = max(worst, (row["fraction"], f"{s.name} {row['program']}"))
     print(f"worst fraction of chip memory: {worst[0]:.2f} ({worst[1]})")
+    return 0
+
+
+def ratios(args) -> int:
+    """Estimated routed / base time of rank classification on each library size's setting."""
+    import dataclasses
+
+    from goose_jax.pipeline import plan as P
+
+    print(f"rank classification, T5-XL with {args.layers} + {args.layers} blocks, bf16, "
+          f"{args.target}: roofline estimate (max of FLOPs / peak, bytes / HBM bandwidth)")
+    backends = args.backends.split(",")
+    print("| E | topology | mesh | base ms | " + " | ".join(
+        f"routed {b} ms | {b} / base" for b in backends) + " | compile s |")
+    print("|---" * (4 + 2 * len(backends)) + "|")
+    for E, name in RATIO_SETTINGS.items():
+        if name not in args.settings.split(","):
+            continue
+        s = SETTINGS[name]
+        r = setting_run(s, args, ("rank",))
+        devices, chip = setting_devices(s, args.target)
+        times, spent = {}, 0.0
+        for label, experts, backend in [("base", 0, "auto")] + [(b, E, b) for b in backends]:
+            c = P.cost(dataclasses.replace(r, experts=experts, backend=backend), "rank", devices)
+            times[label] = P.roofline(c["flops"], c["bytes"], chip)
+            spent += c["cost_s"]
+        cells = " | ".join(f"{times[b] * 1e3:.1f} | {times[b] / times['base']:.2f}"
+                           for b in backends)
+        print(f"| {E} | {TOPOLOGY[name] if args.target == 'tpu' else s.devices} | "
+              f"{r.eval_mesh} | {times['base'] * 1e3:.1f} | {cells} | {spent:.0f} |",
+              flush=True)
     return 0
 
 
 def main(argv=None) -> int:
     parser = parse_args(argv)
     known = parser.parse_known_args(argv)[0]
-    # The fake device count must be set before jax is imported.
-    names = [s for s in known.settings.split(",") if s in SETTINGS]
-    count = max([SETTINGS[s].devices for s in names] or [1])
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    flags = f"{flags} --xla_force_host_platform_device_count={count}"
-    if "--keep-cpu-hoist" not in (argv if argv is not None else sys.argv[1:]):
-        flags = f"{flags} {CPU_HOIST}"
-    os.environ["XLA_FLAGS"] = flags.strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    target = known.target or default_target()
+    if target == "cpu":  # the fake device count must be set before jax is imported
+        names = [s for s in known.settings.split(",") if s in SETTINGS]
+        count = max([SETTINGS[s].devices for s in names] or [1])
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        flags = f"{flags} --xla_force_host_platform_device_count={count}"
+        if not known.keep_cpu_hoist:
+            flags = f"{flags} {CPU_HOIST}"
+        os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is a compile target, not a device
 
     from goose_jax.core.errors import UsageError
     from goose_jax.core.tool import run_tool
 
     def checked(args):
+        args.target = target
         bad = [s for s in args.settings.split(",") if s not in SETTINGS]
         badp = [p for p in args.programs.split(",") if p not in PROGRAMS]
         if bad or badp:
@@ -482,6 +297,9 @@ def main(argv=None) -> int:
                              f"{', '.join(SETTINGS if bad else PROGRAMS)}")
         if args.layers < 1:
             raise UsageError(f"--layers must be >= 1, got {args.layers}")
+        if target == "tpu" and importlib_missing("libtpu"):
+            raise UsageError('--target tpu needs the libtpu wheel: pip install '
+                             '"goose-jax[tpu-plan]"')
         if args.mesh:
             from goose_jax.core.sharding import parse_mesh
 
@@ -499,6 +317,12 @@ def main(argv=None) -> int:
 
     parser.set_defaults(run=checked)
     return run_tool("pod_plan", parser, argv)
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
 
 
 if __name__ == "__main__":

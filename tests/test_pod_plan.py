@@ -18,7 +18,8 @@ LAST = re.compile(r"worst fraction of chip memory: (\d+\.\d+) \((\w+) (\w+)\)")
 def pod_plan(*argv):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pod_plan.py"), *argv],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pod_plan.py"),
+                           "--target", "cpu", *argv],
                           capture_output=True, text=True, env=env, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -28,9 +29,10 @@ def test_rank_classification_compiles_split_and_never_gathers_the_library():
     assert code == 0, err
     lines = out.strip().splitlines()
     row = [c.strip() for c in lines[-2].strip("|").split("|")]
-    setting, program, E, mesh, args, output, temp, gen, total, chip, frac, coll, gathers, _ = row
+    (setting, program, E, mesh, args, output, temp, gen, total, chip, frac, coll, gathers,
+     *_) = row
     assert (setting, program, E, mesh, chip) == ("t0", "rank", "36", "data=1,model=4,expert=4",
-                                                 "v4 32")
+                                                 "16 x v4 32")
     # The library is split over `expert` (36 / 4 = 9 experts a device) and routed in place:
     # no all-gather returns a whole (E, I, R) or (E, R, O) library leaf.
     assert gathers == "0"
@@ -62,11 +64,7 @@ def test_a_mesh_of_the_wrong_size_and_a_setting_that_cannot_fit_are_refused_in_o
 
 
 def test_library_gathers_counts_whole_library_leaves_only():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import pod_plan as plan
-    finally:
-        sys.path.pop(0)
+    from goose_jax.pipeline import plan
     hlo = "\n".join([
         "  %ag.1 = bf16[40,2048,16]{2,1,0} all-gather(bf16[5,2048,16]{2,1,0} %p), dimensions={0}",
         "  %ag.2 = bf16[24,40,16,5120]{3,2,1,0} all-gather-start(bf16[24,5,16,5120] %q)",

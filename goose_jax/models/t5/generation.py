@@ -87,6 +87,8 @@ _GENERATE_STATIC = ("cfg", "max_new_tokens", "adapter", "telemetry")
 _generate = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 _generate_fast = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
                          compiler_options=FAST_COMPILE_OPTIONS)
+# The jitted decoder generate_greedy calls, public for ahead-of-time compiles (pipeline.plan).
+GREEDY = _generate
 
 
 def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
