@@ -43,7 +43,6 @@ from goose_jax.models.base import RANDOM, random_config
 from goose_jax.models.hf_folder import read_config_json
 from goose_jax.models.scan import per_layer, stack_layers
 from goose_jax.models.t5 import generation
-from goose_jax.models.t5.config import T5Config
 from goose_jax.models.t5.model import T5, param_logical_axes
 from goose_jax.models.t5.scoring import CHOICE_NLL
 from goose_jax.routing.methods import build_routed
@@ -574,10 +573,10 @@ def resolve_base(spec: str | None, library: str | None):
     else:
         raise UsageError("name the base: --base PRESET or DIRECTORY (or --library DIR, whose "
                          "manifest names it)")
-    if not isinstance(cfg, T5Config):
-        raise UsageError(f"base {spec or library!r} is a {families.family(cfg)} model: only the "
-                         "T5 family is planned so far (the decoder family has no scanned, "
-                         "rematerialised layers yet)")
+    if families.of(cfg).decoder_only:
+        raise UsageError(f"base {spec or library!r} is a {families.family(cfg)} model: only "
+                         "encoder-decoder (T5) bases are planned so far (the plan builds the "
+                         "T5's programs)")
     return cfg
 
 
