@@ -17,11 +17,7 @@ $(STAMP): $(PY) setup.py
 # The suite runs on TEST_WORKERS processes (pytest-xdist); each test file stays on one of them,
 # so a file's module fixtures are built once. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-# One persistent XLA compilation cache for every worker and every tool process the tests start
-# (the same small programs compile in many test files); kept between runs, `make clean` drops it.
-JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-PYTEST := $(JAX_CACHE) XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q \
 	-n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
@@ -58,4 +54,4 @@ lint: $(STAMP)
 	$(PY) tools/lint_imports.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .jax_cache
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -86,20 +86,26 @@ def tool_name() -> str | None:
 
 
 def install_if_tool() -> None:
-    """Installs the handler if this process is a goose-jax tool whose SIGINT is Python's."""
+    """In a goose-jax tool process: quiets TensorFlow, and installs the Ctrl-C handler where
+    SIGINT is Python's (not where it is ignored, as under nohup)."""
     if _state["prog"] is not None:
         return
     prog = tool_name()
-    if prog is None or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if prog is None:
+        return
+    if not any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
+        # TensorFlow stays quiet in every tool process, whatever SIGINT's disposition (a tool
+        # started with SIGINT ignored, under nohup or a test runner's worker, too).
+        quiet_tensorflow_level()
+        if "tensorflow" not in sys.modules:
+            sys.meta_path.insert(0, _QuietTensorFlow())
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return
     try:
         signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: not a tool's start-up
         return
     _state["prog"] = prog
-    quiet_tensorflow_level()
-    if "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, _QuietTensorFlow())
     _on_unraisable.previous = sys.unraisablehook
     sys.unraisablehook = _on_unraisable
     import atexit
