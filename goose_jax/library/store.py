@@ -73,12 +73,11 @@ from goose_jax.library.manifest import (
     read_manifest,
     strict_json,
 )
+from goose_jax.library.rows import GATE, LEAVES, ExpertRows, stack_into, stack_on_host
 from goose_jax.models import families
 
 LOCK = "manifest.lock"
 FINGERPRINT_SAMPLES = 4096
-LEAVES = ("lora_a", "lora_b")
-GATE = "gate"
 
 
 def _flat_params(tree: Any) -> dict[str, Any]:
@@ -562,16 +561,16 @@ class ExpertLibrary:
             lacking = [e["name"] for e in entries if not e.get("has_gate")]
             raise LibraryError(f"{self.path}: experts without a trained gate: {lacking[:5]}")
         want_gate = have_gates if gates is None else bool(gates)
-        rows = _ExpertRows(self, entries, want_gate, verify, dtype)
+        rows = ExpertRows(self, entries, want_gate, verify, dtype)
         if mesh is None:
-            stack = functools.partial(_stack_on_host, rows, len(entries))
+            stack = functools.partial(stack_on_host, rows, len(entries))
         elif dtype is None:
             raise ConfigError(f"{self.path}: loading onto a mesh needs a dtype (float32 or "
                               "bfloat16), not None")
         else:
             sharding = expert_sharding(mesh)
             count = padded_count(len(entries), expert_shards(mesh))
-            stack = functools.partial(_stack_into, rows, count, sharding)
+            stack = functools.partial(stack_into, rows, count, sharding)
         experts, gate_tree = {}, {}
         for site, (d_in, d_out) in self.sites.items():
             shapes = {"lora_a": (d_in, self.rank), "lora_b": (self.rank, d_out)}
@@ -580,64 +579,6 @@ class ExpertLibrary:
             if want_gate:
                 gate_tree[site] = {GATE: stack(f"{site}/{GATE}", (d_in,))}
         return nest_sites(experts), (nest_sites(gate_tree) if want_gate else None)
-
-
-class _ExpertRows:
-    """Rows of the stacked library, read on demand: each expert's file is read (and checked)
-    the first time one of its tensors is asked for, cast to the load's dtype, and kept only
-    until every leaf has taken its tensor (``release``). Rows past the real experts are zero.
-
-    ``read`` records the names of the experts whose files were read, in order.
-    """
-
-    def __init__(self, lib: ExpertLibrary, entries: list[dict], want_gate: bool, verify: bool,
-                 dtype):
-        self.lib, self.entries, self.want_gate, self.verify = lib, entries, want_gate, verify
-        self.dtype = None if dtype is None else jnp.dtype(dtype)  # None: as stored
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
-        self.read: list[str] = []
-
-    def expert(self, row: int) -> dict[str, np.ndarray]:
-        if row not in self._cache:
-            entry = self.entries[row]
-            tensors = self.lib._read(entry, self.want_gate, self.verify)
-            leaves = LEAVES + ((GATE,) if self.want_gate else ())
-            self._cache[row] = {key: tensors[key] if self.dtype is None else
-                                tensors[key].astype(self.dtype, copy=False)
-                                for key in (f"{s}/{leaf}" for s in self.lib.sites
-                                            for leaf in leaves)}
-            self.read.append(entry["name"])
-        return self._cache[row]
-
-    def block(self, key: str, shape: tuple[int, ...], index: tuple[slice, ...],
-              count: int) -> np.ndarray:
-        """The ``index`` block of leaf ``key`` stacked to (count, *shape)."""
-        rows = range(*index[0].indices(count))
-        real = {i: self.expert(row)[key] for i, row in enumerate(rows) if row < len(self.entries)}
-        out = np.zeros((len(rows), *shape), self.dtype or np.result_type(*real.values()))
-        for i, x in real.items():
-            out[i] = x
-        return out[(slice(None), *index[1:])]
-
-    def release(self, key: str) -> None:
-        for tensors in self._cache.values():
-            tensors.pop(key, None)
-
-
-def _stack_on_host(rows: _ExpertRows, count: int, key: str, shape: tuple[int, ...]) -> jax.Array:
-    value = rows.block(key, shape, (slice(0, count),), count)
-    rows.release(key)
-    return jnp.asarray(value)
-
-
-def _stack_into(rows: _ExpertRows, count: int, sharding: jax.sharding.Sharding, key: str,
-                shape: tuple[int, ...]) -> jax.Array:
-    # Called once per local device; devices that hold the same rows (replicas over `data`)
-    # share the rows read for the first.
-    value = jax.make_array_from_callback((count, *shape), sharding,
-                                         lambda index: rows.block(key, shape, index, count))
-    rows.release(key)
-    return value
 
 
 def save_prototypes(prototypes: dict, path: str, *, names: list[str] | None = None,
