@@ -19,6 +19,7 @@ from typing import Any
 
 from goose_jax.models import families
 from goose_jax.models.llama import model as llama_model
+from goose_jax.models.llama.loss import pack, target_weights
 
 #: The sizes every case shares (HF ``config.json`` names); a case's ``config`` adds to them.
 #: initializer_range 0.3 makes attention sharp enough that a wrong position changes greedy
@@ -86,9 +87,14 @@ FIRST_RANDOM_BASE = "random:llama-tiny"
 #: name (training, scoring and generation go through it).
 LOGITS: dict[Any, Callable] = {families.named("llama"): llama_model.decoder_logits}
 
-#: The rotary frequencies (K/2,) of a config: the one family-internal function the llama3
-#: rope test reads.
+#: Family-internal functions that single-family tests check directly (no contract method
+#: names them): the rotary frequencies (K/2,) of a config (the llama3 rope test), and the first
+#: family's packing of prompt and target into one sequence and its target-token weights (the
+#: training tests).
 rope_inv_freq = llama_model.rope_inv_freq
+__all__ = ["CASES", "DECODERS", "FIRST", "FIRST_RANDOM_BASE", "LOGITS", "SIZES", "Case",
+           "family_of", "hf_config_dict", "hf_model", "logits_of", "pack", "rope_inv_freq",
+           "target_weights", "tiny_config", "write_hf_model"]
 
 
 def _check_registry() -> None:
