@@ -452,16 +452,23 @@ def cost(run: Run, name: str, devices: Sequence) -> dict:
     each side (small compiles) and extrapolates linearly to the run's depth. Loops other than the
     blocks are still counted once: generation's decode loop (its body is one of the
     ``new_tokens`` steps) and the ``grouped`` routing backend's scan over row blocks; those
-    estimates are lower bounds."""
+    estimates are lower bounds.
+
+    A train step's gradient accumulation is a loop too (a scan over ``grad_accum``
+    microbatches): its cost is compiled with one microbatch and multiplied by ``grad_accum``,
+    which counts the optimiser update (once a step, a few reads of the trainable state)
+    ``grad_accum`` times instead of once."""
+    accum = run.tcfg.grad_accum if name in TRAIN_PROGRAMS else 1
+    one_micro = dataclasses.replace(run, tcfg=dataclasses.replace(run.tcfg, grad_accum=1))
     out = []
     for layers in (1, 2):
         cfg = run.cfg.replace(num_encoder_layers=layers, num_decoder_layers=layers)
-        r = measure(build(dataclasses.replace(run, cfg=cfg), name, devices, scan=False)[1],
-                    memory=False)
+        r = measure(build(dataclasses.replace(one_micro, cfg=cfg), name, devices,
+                          scan=False)[1], memory=False)
         out.append(r)
     depth = (run.cfg.num_encoder_layers + run.cfg.num_decoder_layers) / 2
     one, two = out
-    return {k: one[k] + (depth - 1) * (two[k] - one[k]) for k in ("flops", "bytes")} | {
+    return {k: accum * (one[k] + (depth - 1) * (two[k] - one[k])) for k in ("flops", "bytes")} | {
         "cost_s": sum(r["lower_s"] + r["compile_s"] for r in out)}
 
 
