@@ -269,7 +269,7 @@ def test_evaluation_starts_prompts_as_training_does(tmp_path):
     from goose_jax.data.batching import Batcher
     from goose_jax.evaluation.evaluator import Evaluator
     from goose_jax.models.base import load_tokenizer
-    from goose_jax.models.llama.loss import prompt_tokens
+    from goose_jax.models.causal.loss import prompt_tokens
 
     cfg = DecoderConfig.preset("tiny")
     tok = load_tokenizer(_tokenizer_dir(tmp_path / "tok"), cfg)

@@ -20,6 +20,7 @@ from goose_jax.core import sharding
 from goose_jax.experts import lora as ex
 from goose_jax.models import families
 from goose_jax.models import sites as site_api
+from goose_jax.models.causal.model import positions_from_mask
 from goose_jax.models.llama import model as decoder
 from goose_jax.routing import methods as routers
 from goose_jax.routing.methods import build_routed
@@ -123,7 +124,7 @@ class NumpySites:
 def _reference(params, ids, mask, sites: NumpySites):
     m = jnp.asarray(mask)
     return np.asarray(decoder.Llama(CFG, sites).apply(
-        {"params": params}, jnp.asarray(ids), decoder.positions_from_mask(m), m))
+        {"params": params}, jnp.asarray(ids), positions_from_mask(m), m))
 
 
 def _logits(params, ids, mask, routed):
@@ -166,7 +167,7 @@ def test_telemetry_counts_the_real_tokens_of_the_sequence(world):
     _, state = decoder.Llama(CFG, routed.adapter).apply(
         {"params": params, **routed.collections,
          site_api.TELEMETRY: site_api.sequence_telemetry_masks(sites, m)},
-        jnp.asarray(ids), decoder.positions_from_mask(m), m, mutable=["intermediates"])
+        jnp.asarray(ids), positions_from_mask(m), m, mutable=["intermediates"])
     counts = site_api.collect_counts(state)
     ref = NumpySites(lib, vectors=gates)
     _reference(params, ids, mask, ref)

@@ -15,7 +15,7 @@ from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.experts.lora import init_experts, init_gates
 from goose_jax.library.store import ExpertLibrary
-from goose_jax.models.llama import loss as decoder_training
+from goose_jax.models.causal import loss as decoder_training
 from goose_jax.models.llama import model as decoder
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.training import program as training
@@ -79,8 +79,8 @@ def test_loss_equals_transformers_llama_with_prompt_and_padding_ignored(params):
     from goose_jax.models.llama.hf import params_to_hf_state_dict
 
     batch = {k: v[0] for k, v in make_batch(0, (), 1, 4).items()}
-    nll, n = jax.jit(decoder_training.causal_nll, static_argnums=0, compiler_options=FAST)(
-        CFG, {"params": params}, batch)
+    nll, n = jax.jit(decoder_training.causal_nll, static_argnums=(0, 1), compiler_options=FAST)(
+        decoder.Llama, CFG, {"params": params}, batch)
 
     # The reference: each row's prompt and target written out by hand, then padded; labels
     # -100 on the prompt and the padding; transformers shifts the labels itself.
