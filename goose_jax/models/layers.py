@@ -7,8 +7,9 @@ parameter dtype and computed with in the compute dtype.
 
 What differs between families is passed in, not branched on here:
 
-- the initial scales, by an ``init_rule`` ``(cfg, module, param, shape) -> std``: a float draws
-  ``std * N(0, 1)``; None gives ones for a norm's ``scale`` and zeros for anything else (biases);
+- the initial scales, by an ``init_rule`` ``(cfg, module, param, shape) -> std``: a positive
+  float draws ``std * N(0, 1)``, 0.0 gives zeros (Gemma's norm scales); None gives ones for a
+  norm's ``scale`` and zeros for anything else (biases);
   the default, ``normal_std``, is transformers' ``initializer_range`` 0.02 for kernels and
   embeddings;
 - the norm's epsilon, whether its scale multiplies in float32 before the cast back (T5, Gemma)
@@ -44,8 +45,9 @@ def initializer(rule: InitRule, cfg: Any, module: str, param: str):
 
     def init(key, shape, dtype=jnp.float32):
         std = rule(cfg, module, param, tuple(shape))
-        if std is None:
-            return (jnp.ones if param == "scale" else jnp.zeros)(shape, dtype)
+        if not std:
+            ones = std is None and param == "scale"
+            return (jnp.ones if ones else jnp.zeros)(shape, dtype)
         return std * jax.random.normal(key, shape, dtype)
 
     return init
@@ -71,8 +73,9 @@ def draw_params(shapes: Any, rule: InitRule, cfg: Any, rng: Array | int = 0) -> 
     def draw(path, leaf):
         module, param = (str(k.key) for k in path[-2:])
         std = rule(cfg, module, param, tuple(leaf.shape))
-        if std is None:
-            return (jnp.ones if param == "scale" else jnp.zeros)(leaf.shape, leaf.dtype)
+        if not std:
+            ones = std is None and param == "scale"
+            return (jnp.ones if ones else jnp.zeros)(leaf.shape, leaf.dtype)
         values = gen.standard_normal(leaf.shape, np.float32) * np.float32(std)
         return jnp.asarray(values.astype(leaf.dtype))
 
@@ -183,7 +186,8 @@ class Embedding(nn.Module):
     def __call__(self, ids_BQ: Array) -> Array:
         rows_BQD = jnp.take(self.embedding, ids_BQ, axis=0)
         if self.multiplier is not None:
-            rows_BQD = rows_BQD * jnp.asarray(self.multiplier, rows_BQD.dtype)
+            # As transformers: the factor as a float32 tensor, cast to the embedding's dtype.
+            rows_BQD = rows_BQD * jnp.asarray(np.float32(self.multiplier)).astype(rows_BQD.dtype)
         return rows_BQD.astype(self.cfg.dtype.compute)
 
     def attend(self, x_BQD: Array) -> Array:
