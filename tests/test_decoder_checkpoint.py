@@ -4,6 +4,7 @@ padding rule of Llama-family tokenizers; hostile cases one line each with nothin
 
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -11,20 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash, write_jsonl
+from family_cases import DECODERS, FIRST, FIRST_RANDOM_BASE, family_of, hf_model, tiny_config
 
 from goose_jax.core import checkpoint as core_checkpoint
 from goose_jax.core.errors import CheckpointError
 from goose_jax.models import checkpoint, families
 from goose_jax.models.config import DTypePolicy
-from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.t5.config import T5Config
 
 convert = tool("goose-convert")
 train = tool("goose-train")
-TINY = DecoderConfig.preset("tiny")
-# Qwen2 flavour: q/k/v biases, tied head, bfloat16 storage.
-QWEN = TINY.replace(family="qwen2", qkv_bias=True, tie_word_embeddings=True,
-                    dtype=DTypePolicy("bfloat16", "bfloat16"))
+# The first decoder family's random:...-tiny base; and every family's tiny case (each with its
+# quirks: q/k/v biases, a tied head, ...) in bfloat16 storage.
+TINY = family_of(FIRST).preset(FIRST_RANDOM_BASE.removeprefix("random:"))
+CASE_CONFIGS = [tiny_config(name).replace(dtype=DTypePolicy("bfloat16", "bfloat16"))
+                for name in DECODERS]
 
 
 def _random_params(cfg, seed=1):
@@ -62,12 +64,13 @@ def _set_metadata(path, **changes):
 
 
 def test_decoder_model_round_trip_is_bit_exact(tmp_path):
-    for cfg in (TINY, QWEN):
+    for n, cfg in enumerate((TINY, *CASE_CONFIGS)):
         params = _random_params(cfg)
-        path = tmp_path / cfg.family
+        name = families.family(cfg)
+        path = tmp_path / f"{n}_{name}"
         checkpoint.save_model(path, cfg, params)
         meta = core_checkpoint.read_metadata(path)
-        assert meta["family"] == cfg.family and meta["config"]["model_type"] == cfg.family
+        assert meta["family"] == name and meta["config"]["model_type"] == name
         cfg2, params2 = checkpoint.load_model(path)
         assert _same_model(cfg2, cfg)
         _assert_bit_exact(params, params2)
@@ -95,19 +98,20 @@ def test_a_checkpoint_of_one_family_is_refused_where_the_other_is_expected(tmp_p
     t5_cfg = T5Config.preset("tiny")
     t5_params = _random_params(t5_cfg)
     checkpoint.save_model(tmp_path / "t5", t5_cfg, t5_params)
-    checkpoint.save_model(tmp_path / "llama", TINY, _random_params(TINY))
+    checkpoint.save_model(tmp_path / "dec", TINY, _random_params(TINY))
+    dec = re.escape(families.describe(FIRST))   # decoder-only (llama), escaped
 
     def refused(match, fn, *args, **kwargs):
         with pytest.raises(CheckpointError, match=match) as e:
             fn(*args, **kwargs)
         assert "\n" not in str(e.value)
 
-    refused(r"holds a decoder-only \(llama\) model, expected T5", checkpoint.load_model,
-            tmp_path / "llama", family="t5")
-    refused(r"holds a T5 model, expected decoder-only \(llama\) or", checkpoint.load_model,
+    refused(rf"holds a {dec} model, expected T5", checkpoint.load_model,
+            tmp_path / "dec", family="t5")
+    refused(rf"holds a T5 model, expected {dec} or", checkpoint.load_model,
             tmp_path / "t5", family=families.DECODER_FAMILIES)
     # A T5 tree under a decoder's metadata: the decoder's params check refuses it.
-    _set_metadata(tmp_path / "t5", **core_checkpoint.read_metadata(tmp_path / "llama"))
+    _set_metadata(tmp_path / "t5", **core_checkpoint.read_metadata(tmp_path / "dec"))
     refused(r"params: \d+ parameter\(s\) missing for this config: embed_tokens/embedding",
             checkpoint.load_model, tmp_path / "t5")
     # Saving a model under the other family's config writes nothing.
@@ -116,30 +120,6 @@ def test_a_checkpoint_of_one_family_is_refused_where_the_other_is_expected(tmp_p
 
 
 # --- goose-convert ------------------------------------------------------------------------------
-
-
-def _hf_model(family):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    sizes = dict(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                 bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    config, model = {
-        "llama": (dict(head_dim=8, tie_word_embeddings=False),
-                  (transformers.LlamaConfig, transformers.LlamaForCausalLM)),
-        "qwen2": (dict(tie_word_embeddings=True),
-                  (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)),
-        "mistral": (dict(head_dim=6, sliding_window=5, tie_word_embeddings=False),
-                    (transformers.MistralConfig, transformers.MistralForCausalLM)),
-    }[family]
-    hf = model[1](model[0](**sizes, **config)).eval()
-    with torch.no_grad():  # random biases and norm scales, so their mapping is tested
-        for name, p in hf.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return hf
 
 
 def _logits(model):
@@ -153,28 +133,27 @@ def _logits(model):
                      ).logits.float().numpy()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", DECODERS)
 def test_goose_convert_round_trip_loads_in_transformers_with_the_same_logits(
         family, tmp_path, capsys):
     import transformers
 
     from goose_jax.models.base import load_base
-    from goose_jax.models.llama.hf import load_hf_llama
 
-    model = _hf_model(family)
+    model = hf_model(family)
     model.save_pretrained(tmp_path / "hf")
+    want_cfg, want_params = family_of(family).load_hf(str(tmp_path / "hf"))
     assert convert(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orbax")]) == 0
-    assert f"{family}, 2 layers" in capsys.readouterr().out
+    assert family_of(family).summary(want_cfg) in capsys.readouterr().out
     # load_base reads the checkpoint as the directory it came from, bit for bit.
     cfg, params = load_base(str(tmp_path / "orbax"))
-    want_cfg, want_params = load_hf_llama(tmp_path / "hf")
     assert cfg == want_cfg
     _assert_bit_exact(want_params, params)
     assert convert(["orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert type(back) is type(model)
     np.testing.assert_allclose(_logits(back), _logits(model), atol=1e-5, rtol=0)
-    if family == "llama":   # bfloat16 on the way in: the checkpoint holds bfloat16
+    if family == FIRST:   # bfloat16 on the way in: the checkpoint holds bfloat16
         assert convert(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "bf16"),
                         "--dtype", "bfloat16"]) == 0
         cfg, params = checkpoint.load_model(tmp_path / "bf16")
@@ -210,13 +189,13 @@ def test_multitask_full_on_a_decoder_base_writes_a_model_load_base_reads(tmp_pat
     data = write_jsonl(tmp_path / "mix.jsonl",
                        [(f"reverse: {w}", w[::-1]) for w in ("goose", "jax", "llama", "route")])
     config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    assert train(["multitask", "--config", str(config), "--base", "random:llama-tiny",
+    assert train(["multitask", "--config", str(config), "--base", FIRST_RANDOM_BASE,
                   "--set", "tokenizer=byte", "--set", "steps=2", "--set", "multitask_mode=full",
                   "--data", data,
                   "--out", str(tmp_path / "model"), "--workdir", str(tmp_path / "w")]) == 0
     assert "multitask model" in capsys.readouterr().out
     cfg, params = load_base(str(tmp_path / "model"))
-    start_cfg, start = load_base("random:llama-tiny", min_vocab_size=259)
+    start_cfg, start = load_base(FIRST_RANDOM_BASE, min_vocab_size=259)
     assert _same_model(cfg, start_cfg.with_dtypes("float32", start_cfg.dtype.compute_dtype))
     assert jax.tree.structure(params) == jax.tree.structure(start)
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
@@ -276,7 +255,7 @@ def test_goose_train_batches_of_a_llama_dir_without_a_pad_token(tmp_path):
     the causal loss masks after each row's first EOS."""
     from goose_jax.pipeline import train_runs
 
-    _hf_model("llama").save_pretrained(tmp_path / "hf")   # its config.json: pad_token_id none
+    hf_model(FIRST, pad_token_id=None).save_pretrained(tmp_path / "hf")  # config.json: no pad
     _tokenizer_dir(tmp_path / "hf")
     data = write_jsonl(tmp_path / "d.jsonl", [("the goose routes", "tokens"), ("jax", "llama")])
     setup = train_runs.Setup(train_runs.RunArgs(
@@ -297,7 +276,7 @@ def test_hostile_conversions_and_runs_are_one_line_and_write_nothing(tmp_path, c
     ckpt = tmp_path / "ckpt"
     checkpoint.save_model(ckpt, TINY, _random_params(TINY))
     hf = tmp_path / "hf"
-    _hf_model("llama").save_pretrained(hf)
+    hf_model(FIRST).save_pretrained(hf)
     unknown = tmp_path / "unknown"
     shutil.copytree(ckpt, unknown)
     _set_metadata(unknown, family="gpt2")
@@ -328,7 +307,7 @@ def test_hostile_conversions_and_runs_are_one_line_and_write_nothing(tmp_path, c
         "destination holds a checkpoint": (convert, ["hf-to-orbax", str(hf), str(ckpt)],
                                            "checkpoint already exists"),
         "full run into a folder that is no checkpoint": (
-            train, ["multitask", "--base", "random:llama-tiny", "--set", "tokenizer=byte",
+            train, ["multitask", "--base", FIRST_RANDOM_BASE, "--set", "tokenizer=byte",
                     "--set", "multitask_mode=full", "--data", data, "--out", str(taken),
                     "--workdir", str(tmp_path / "w")], "is not a goose-jax checkpoint"),
     }

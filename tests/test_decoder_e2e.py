@@ -4,7 +4,11 @@ then goose-eval with every routing method on that library. Checked against indep
 references: the base model's own scores for step-0 validation, the layer-0 site inputs computed
 in NumPy for the prototypes, and whole-sequence scoring and uncached greedy decoding under the
 library loaded by hand for PHATGOOSE's predictions; telemetry counts every real token once. And
-the two family mix-ups goose-eval refuses in one line, writing nothing."""
+the two family mix-ups goose-eval refuses in one line, writing nothing.
+
+On the first decoder family only (tests/family_cases.py ``FIRST``): every stage is a whole tool
+run, the costliest tests of the suite; the stages are the same code for every family past the
+family contract, which tests/test_decoder.py checks for each family against transformers."""
 
 import json
 import pathlib
@@ -12,18 +16,20 @@ import pathlib
 import numpy as np
 import pytest
 from conftest import one_line, tool, tree_hash
+from family_cases import FIRST, FIRST_RANDOM_BASE, family_of, logits_of
 
 from goose_jax.core.trees import flatten_sites
 from goose_jax.data import tasks as T
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.evaluation.metrics import rank_prediction
-from goose_jax.models.llama import model as decoder
+from goose_jax.models import families
 
 train = tool("goose-train")
 evaluate = tool("goose-eval")
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-BASE = "random:llama-tiny"
+BASE = FIRST_RANDOM_BASE
+decoder_logits = logits_of(FIRST)
 # A few sites over both layers keep the compilations short.
 SITES = r"layers_0/self_attn/(q|v)|layers_1/mlp/(gate|down)"
 TOK = ByteTokenizer()
@@ -87,7 +93,7 @@ def _mean_nlls(cfg, params, prompt, choices, routing=None) -> np.ndarray:
     """Each choice's mean token NLL after the prompt: every (prompt, choice) one whole sequence
     through ``decoder_logits`` (no cache), log-softmax in float64."""
     ids, mask = _rows([prompt + c for c in choices])
-    lg = np.asarray(decoder.decoder_logits(cfg, params, ids, mask, routing=routing), np.float64)
+    lg = np.asarray(decoder_logits(cfg, params, ids, mask, routing=routing), np.float64)
     m = lg.max(-1, keepdims=True)
     logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
     return np.array([-sum(logp[i, len(prompt) - 1 + t, tok] for t, tok in enumerate(c)) / len(c)
@@ -99,7 +105,7 @@ def _greedy(cfg, params, prompt, steps, routing, eos=TOK.eos_id) -> list[int]:
     seq = list(prompt)
     for _ in range(steps):
         ids, mask = _rows([seq])
-        logits = np.asarray(decoder.decoder_logits(cfg, params, ids, mask, routing=routing))
+        logits = np.asarray(decoder_logits(cfg, params, ids, mask, routing=routing))
         seq.append(int(np.argmax(logits[0, len(seq) - 1])))
         if seq[-1] == eos:
             break
@@ -130,7 +136,7 @@ def test_every_stage_exits_0_and_writes_its_results(protocol):
     root, codes = protocol
     assert codes == dict.fromkeys(codes, 0)
     manifest = json.loads((root / "lib" / "manifest.json").read_text())
-    assert manifest["base_model"]["family"] == "llama"
+    assert manifest["base_model"]["family"] == FIRST
     assert set(manifest["sites"]) == {"layers_0/self_attn/q", "layers_0/self_attn/v",
                                       "layers_1/mlp/gate", "layers_1/mlp/down"}
     assert all(e["has_gate"] for e in manifest["experts"])
@@ -245,8 +251,6 @@ def test_generation_telemetry_counts_each_row_until_it_ends(protocol, base):
     answer) and a row of batch padding: cached, batched, routed generation gives each row's
     uncached greedy answer, and every site counts each real row's prompt and its generated
     tokens but the last, nothing after a row's EOS and nothing of the padding row."""
-    from goose_jax.models.llama.generation import generate_decoder_greedy
-
     cfg, params = base
     _, routed = _phatgoose(protocol[0], cfg, params)
     prompts = [TOK.encode(t, add_eos=False) for t in ("count 1", "reverse: goose", "upper: j")]
@@ -255,9 +259,10 @@ def test_generation_telemetry_counts_each_row_until_it_ends(protocol, base):
     assert len(ref[0]) == 1 and max(map(len, ref)) > 1   # rows end at different steps
     ids, mask = _rows(prompts + [[]])
     _, telemetry = _phatgoose(protocol[0], cfg, params, telemetry=True)
-    toks, counts = generate_decoder_greedy(cfg.replace(eos_token_id=eos), params, ids[:, :16],
-                                           6, mask[:, :16], routing=telemetry, telemetry=True,
-                                           check_finite=True, fast_compile=True)
+    toks, counts = family_of(FIRST).generate(
+        cfg.replace(eos_token_id=eos), params, ids[:, :16], 6, mask[:, :16],
+        adapter=telemetry.adapter, collections=telemetry.collections, telemetry=True,
+        check_finite=True, fast_compile=True)
     toks = np.asarray(toks).tolist()
     assert [t[:len(r)] for t, r in zip(toks, ref)] == ref
     assert all(set(t[len(r):]) <= {cfg.pad_token_id} for t, r in zip(toks, ref))
@@ -279,7 +284,7 @@ def test_goose_eval_refuses_a_library_of_the_other_family(protocol, world, tmp_p
                    "--out", str(tmp_path / "run"), "--no-progress"])
     assert rc == 1
     line = one_line(capsys.readouterr().err, "goose-eval")
-    assert "decoder-only (llama)" in line and "T5" in line and "families" in line, line
+    assert families.describe(FIRST) in line and "T5" in line and "families" in line, line
     assert tree_hash(tmp_path, lib) == before and not (tmp_path / "run").exists()
 
 

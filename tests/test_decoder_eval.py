@@ -1,12 +1,15 @@
 """Evaluation of decoder-only models: prompt-once rank classification against each choice scored
 as its own whole sequence, the Evaluator's generation against per-prompt greedy decoding, and
-goose-eval end to end on ``random:llama-tiny``."""
+goose-eval end to end on ``random:llama-tiny``. On the first decoder family only (the Llama
+family's tiny preset): every check compiles the model several times; the families' differences
+are tested against transformers in tests/test_decoder.py."""
 
 import json
 
 import numpy as np
 import pytest
 from conftest import tool
+from family_cases import FIRST, FIRST_RANDOM_BASE, family_of, logits_of
 
 from goose_jax.core.trees import nest_sites
 from goose_jax.data.examples import Example
@@ -14,20 +17,19 @@ from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.evaluation import evaluator as ev
 from goose_jax.evaluation.metrics import rank_prediction
 from goose_jax.experts.lora import EXPERTS, LoRAAdapter
-from goose_jax.models.llama import model as decoder
-from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.generation import generate_decoder_greedy
-from goose_jax.models.llama.scoring import decoder_choice_nll
 from goose_jax.routing.methods import ROUTER, RoutedAdapter
 
 TOK = ByteTokenizer()
+FAM = family_of(FIRST)
+TINY = FAM.preset(FIRST_RANDOM_BASE.removeprefix("random:"))
+decoder_logits = logits_of(FIRST)
 ROUTED_SITES = ("layers_0/self_attn/q", "layers_0/self_attn/v", "layers_1/mlp/down")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = DecoderConfig.preset("tiny").replace(vocab_size=TOK.vocab_size)
-    return cfg, decoder.init_params(cfg, 3)
+    cfg = TINY.replace(vocab_size=TOK.vocab_size)
+    return cfg, FAM.init_params(cfg, 3)
 
 
 def _adapter(cfg, kind, telemetry=False):
@@ -38,7 +40,7 @@ def _adapter(cfg, kind, telemetry=False):
     rng = np.random.default_rng(7)
     E, R = (1, 2) if kind == "lora" else (3, 2)
     experts, router = {}, {}
-    for site, (d_in, d_out) in decoder.site_shapes(cfg).items():
+    for site, (d_in, d_out) in FAM.site_shapes(cfg).items():
         if kind == "routed" and site not in ROUTED_SITES:
             continue
         experts[site] = {"lora_a": 0.3 * rng.standard_normal((E, d_in, R), np.float32),
@@ -66,7 +68,7 @@ def _ref_nlls(cfg, params, pairs, adapter=None, collections=None) -> np.ndarray:
     """Summed NLL of each ``(prompt, choice)``'s choice after its prompt: every pair one whole
     sequence through ``decoder_logits``, no cache, log-softmax in float64."""
     ids, mask = _rows([list(p) + list(c) for p, c in pairs])
-    lg = np.asarray(decoder.decoder_logits(cfg, params, ids, mask, adapter=adapter,
+    lg = np.asarray(decoder_logits(cfg, params, ids, mask, adapter=adapter,
                                            collections=collections or None), np.float64)
     m = lg.max(-1, keepdims=True)
     logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
@@ -101,8 +103,8 @@ def test_prompt_once_equals_per_choice(tiny, kind):
                      ref_adapter, coll)
     refs = np.split(flat, np.cumsum([len(cs) for cs in choices])[:-1])
     for naive in (False, True):
-        nll, counts = decoder_choice_nll(cfg, adapter, variables, variables, ids, mask, tgt,
-                                         tmask, naive=naive, sites=sites, fast_compile=True)
+        nll, counts = FAM.choice_scorer(True)(cfg, adapter, variables, variables, ids, mask,
+                                              tgt, tmask, naive=naive, sites=sites)
         nll = np.asarray(nll)
         for b, ref in enumerate(refs):
             np.testing.assert_allclose(nll[b, :len(ref)], ref, atol=1e-5, rtol=0)
@@ -187,7 +189,7 @@ def _greedy(cfg, params, prompts, steps):
     seqs, done = [list(p) for p in prompts], [False] * len(prompts)
     for _ in range(steps):
         ids, mask = _rows(seqs)
-        logits = np.asarray(decoder.decoder_logits(cfg, params, ids, mask))
+        logits = np.asarray(decoder_logits(cfg, params, ids, mask))
         for i, seq in enumerate(seqs):
             if not done[i]:
                 seq.append(int(np.argmax(logits[i, len(seq) - 1])))
@@ -208,7 +210,7 @@ def test_evaluator_generation_equals_greedy_decoding(tiny):
         EXAMPLES, 6)
     assert texts == [TOK.decode(t) for t in ref] and texts[0]
     ids, mask = _rows(prompts)
-    toks = generate_decoder_greedy(cfg.replace(eos_token_id=TOK.eos_id), params, ids, 6, mask)
+    toks = FAM.generate(cfg.replace(eos_token_id=TOK.eos_id), params, ids, 6, mask)
     assert texts == [TOK.decode(t) for t in np.asarray(toks).tolist()]
 
 
@@ -220,7 +222,7 @@ def test_goose_eval_decoder_base(world, tmp_path):
 
     out = tmp_path / "run"
     names = ["bbh/boolean_expressions", "bbh/object_counting"]
-    rc = tool("goose-eval")(["--base", "random:llama-tiny", "--byte-tokenizer", "--bbh-root",
+    rc = tool("goose-eval")(["--base", FIRST_RANDOM_BASE, "--byte-tokenizer", "--bbh-root",
                              str(world / "bbh"), "--tasks", ",".join(names), "--out", str(out),
                              "--no-progress", "--batch-size", "4"])
     assert rc == 0
@@ -228,7 +230,7 @@ def test_goose_eval_decoder_base(world, tmp_path):
     assert summary["method"] == "base" and set(summary["datasets"]) == set(names)
     preds = {(p["dataset"], p["id"]): p for p in map(
         json.loads, (out / "predictions.jsonl").read_text().splitlines())}
-    cfg, params = load_base("random:llama-tiny", min_vocab_size=TOK.vocab_size)
+    cfg, params = load_base(FIRST_RANDOM_BASE, min_vocab_size=TOK.vocab_size)
     rank, gen = T.get_tasks(names, [], T.DataRoots(bbh=str(world / "bbh")))
     assert rank.kind == "rank" and gen.kind == "generate"
     for ex in rank.load():
@@ -249,7 +251,7 @@ def test_goose_eval_scan_layers_on_a_decoder_base_scores_as_the_unrolled(world, 
     prediction and score equals the unrolled run's."""
     runs = {}
     for name, flags in (("plain", []), ("scan", ["--scan-layers"])):
-        rc = tool("goose-eval")(["--base", "random:llama-tiny", "--byte-tokenizer", "--bbh-root",
+        rc = tool("goose-eval")(["--base", FIRST_RANDOM_BASE, "--byte-tokenizer", "--bbh-root",
                                  str(world / "bbh"), "--tasks", "bbh/boolean_expressions",
                                  *flags, "--out", str(tmp_path / name), "--no-progress"])
         assert rc == 0
@@ -269,9 +271,8 @@ def test_evaluation_starts_prompts_as_training_does(tmp_path):
     from goose_jax.data.batching import Batcher
     from goose_jax.evaluation.evaluator import Evaluator
     from goose_jax.models.base import load_tokenizer
-    from goose_jax.models.causal.loss import prompt_tokens
 
-    cfg = DecoderConfig.preset("tiny")
+    cfg = TINY
     tok = load_tokenizer(_tokenizer_dir(tmp_path / "tok"), cfg)
     assert tok.encode("the goose", add_eos=False)[0] != cfg.bos_token_id
     class Source(list):
@@ -279,8 +280,8 @@ def test_evaluation_starts_prompts_as_training_does(tmp_path):
 
     batch = Batcher(Source([("the goose", "jax")]), tok, micro_batch=1, grad_accum=1,
                     max_input_length=8, max_target_length=4, seed=0, stream=0,
-                    vocab_size=cfg.vocab_size, **prompt_tokens(cfg, tok)).batch(0)
+                    vocab_size=cfg.vocab_size, **FAM.batch_encoding(cfg, tok)).batch(0)
     trained = [int(t) for t in batch["inputs"][0, 0][batch["input_mask"][0, 0] == 1]]
-    evaluator = Evaluator(cfg, decoder.init_params(cfg, 0), tok, max_input_length=8)
+    evaluator = Evaluator(cfg, FAM.init_params(cfg, 0), tok, max_input_length=8)
     assert evaluator._encode_input("the goose") == trained
     assert trained[0] == cfg.bos_token_id

@@ -1,5 +1,5 @@
-"""PEFT LoRA adapters of Llama-family models in and out, checked against the peft package itself
-on tiny random Llama (GQA, untied head), Qwen2 (q/k/v biases, tied head) and Mistral models."""
+"""PEFT LoRA adapters of decoder-only models in and out, checked against the peft package itself
+on the tiny random model of every registered decoder family (tests/family_cases.py)."""
 
 import copy
 import json
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import build_hf_t5, one_line, tool, tree_hash
-from test_decoder import _batch, _hf_logits, _hf_model
+from family_cases import DECODERS, family_of, hf_model, logits_of
+from test_decoder import _batch, _hf_logits
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -20,8 +21,6 @@ from goose_jax.experts.lora import EXPERTS, LoRAAdapter  # noqa: E402
 from goose_jax.interop.peft import export_peft, import_peft, load_peft_adapter  # noqa: E402
 from goose_jax.library.stacking import write_library  # noqa: E402
 from goose_jax.library.store import ExpertLibrary  # noqa: E402
-from goose_jax.models.llama.hf import load_hf_llama  # noqa: E402
-from goose_jax.models.llama.model import decoder_logits  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (LoraConfig keywords, save as safetensors). Every adapter covers all seven modules.
@@ -34,7 +33,6 @@ ADAPTERS = {
                     rank_pattern={"up_proj": 5}), True),
 }
 REL = 1e-4
-LABELS = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 convert_main = tool("goose-convert")
 
 
@@ -59,15 +57,15 @@ def _close(got, want, real, what):
     assert err <= REL * np.abs(want[real]).max(), f"{what}: {err}"
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=DECODERS)
 def world(request, tmp_path_factory):
     """One family: the HF base (in memory and saved), our params, three adapters on disk with
     their PEFT logits."""
     family = request.param
     root = tmp_path_factory.mktemp(f"peft_{family}")
-    base = _hf_model(family)
+    base = hf_model(family)
     base.save_pretrained(root / "base")
-    cfg, params = load_hf_llama(root / "base")
+    cfg, params = family_of(family).load_hf(str(root / "base"))
     ids, mask = _batch()
     dirs, logits, covered = {}, {}, {}
     for seed, (name, (kwargs, safe)) in enumerate(ADAPTERS.items()):
@@ -97,8 +95,9 @@ def test_import_gives_peft_logits(world, imported):
     assert len(imported.sites) == 7 * cfg.num_layers
     for n, name in enumerate(ADAPTERS):
         assert world["covered"][name] == len(imported.info[n]["covered_sites"]) == 14
-        got = decoder_logits(cfg, params, ids, mask, adapter=LoRAAdapter(imported.scale),
-                             collections={EXPERTS: _one_expert(imported.experts, n)})
+        got = logits_of(world["family"])(
+            cfg, params, ids, mask, adapter=LoRAAdapter(imported.scale),
+            collections={EXPERTS: _one_expert(imported.experts, n)})
         _close(got, world["logits"][name], real, name)
         # The adapter really moves the logits, so the comparison above can fail.
         assert np.abs(world["logits"][name] - world["base_logits"])[real].max() > 1e-2
@@ -167,7 +166,7 @@ def test_cli_peft_and_to_peft(world, tmp_path, capsys):
 
 def _hostile(world, tmp_path):
     """name -> (adapter dir, base dir, the message's telling part) for this family."""
-    root, base = world["root"], world["base"]
+    root, base, fam = world["root"], world["base"], world["family"]
     cases = {}
 
     def made(name, seed=0, **kwargs):
@@ -188,18 +187,18 @@ def _hostile(world, tmp_path):
     cases["modules_to_save"] = (made("mts", r=2, target_modules=["q_proj"],
                                      modules_to_save=["lm_head"]), base_dir, "modules_to_save")
     cases["t5_names"] = (edited("t5names", target_modules=["q", "v"]), base_dir,
-                         f"match no module of this {LABELS[world['family']]}")
+                         f"match no module of this {family_of(fam).label(fam)}")
     cases["embeddings"] = (made("emb", r=2, target_modules=["embed_tokens", "q_proj"]),
                            base_dir, "not attention or feed-forward linear layers")
     t5 = tmp_path / "t5_base"
     build_hf_t5("v1_1").save_pretrained(t5)
     cases["t5_base"] = (world["dirs"]["plain"], str(t5), "base given is T5")
-    if world["family"] == "qwen2":  # the one family with biases for bias="all" to train
+    if any(n.endswith(".bias") for n, _ in base.named_parameters()):  # for bias="all" to train
         cases["bias_all"] = (made("bias", r=2, target_modules=SEVEN, bias="all"), base_dir,
                              "bias='all' trained base-model biases")
     else:  # a decoder of another family (same module names)
-        other = "qwen2" if world["family"] == "llama" else "llama"
-        _hf_model(other).save_pretrained(tmp_path / other)
+        other = next(n for n in DECODERS if n != fam)
+        hf_model(other).save_pretrained(tmp_path / other)
         cases["other_family"] = (world["dirs"]["plain"], str(tmp_path / other),
                                  f"made on a '{world['family']}' base")
     return cases

@@ -1,5 +1,7 @@
-"""Every routing method over a decoder-only model (the tiny Llama preset), against a NumPy
-re-implementation of each site's routing and LoRA combination run inside the same base model.
+"""Every routing method over a decoder-only model (the first decoder family's tiny preset, the
+tiny Llama: routing is the same code for every family, and each check compiles the model
+several times), against a NumPy re-implementation of each site's routing and LoRA combination
+run inside the same base model.
 
 The base model is checked against transformers in tests/test_decoder.py; here the reference
 replaces only what routing does at a site (``NumpySites``): the scores, the top-k and its
@@ -14,18 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import needs_8_devices
+from family_cases import FIRST, FIRST_RANDOM_BASE, family_of, logits_of
 
 import goose_jax as gj
 from goose_jax.core import sharding
 from goose_jax.experts import lora as ex
 from goose_jax.models import families
 from goose_jax.models import sites as site_api
-from goose_jax.models.causal.model import positions_from_mask
-from goose_jax.models.llama import model as decoder
 from goose_jax.routing import methods as routers
 from goose_jax.routing.methods import build_routed
 
-CFG = gj.DecoderConfig.preset("tiny")
+FAM = family_of(FIRST)
+CFG = FAM.preset(FIRST_RANDOM_BASE.removeprefix("random:"))
+decoder_logits = logits_of(FIRST)
 E, R = 5, 4
 SCALE = 1 / R
 ATOL = 1e-5
@@ -122,13 +125,13 @@ class NumpySites:
 
 
 def _reference(params, ids, mask, sites: NumpySites):
-    m = jnp.asarray(mask)
-    return np.asarray(decoder.Llama(CFG, sites).apply(
-        {"params": params}, jnp.asarray(ids), positions_from_mask(m), m))
+    """The model run eagerly with ``sites`` as its adapter (``masked_forward`` of no site)."""
+    forward, _ = FAM.masked_forward(CFG, sites, (), site_api.TELEMETRY)
+    return np.asarray(forward({"params": params}, jnp.asarray(ids), jnp.asarray(mask))[0])
 
 
 def _logits(params, ids, mask, routed):
-    return np.asarray(gj.decoder_logits(CFG, params, ids, mask, routing=routed))
+    return np.asarray(decoder_logits(CFG, params, ids, mask, routing=routed))
 
 
 @pytest.mark.parametrize("method, k", [("phatgoose", 2), ("phatgoose", 1), ("arrow", 2),
@@ -163,11 +166,9 @@ def test_telemetry_counts_the_real_tokens_of_the_sequence(world):
     params, lib, gates, ids, mask = world
     routed = build_routed("phatgoose", CFG, lib, gates=gates, scale=SCALE, telemetry=True)
     sites = list(ex.flatten_sites(lib))
-    m = jnp.asarray(mask)
-    _, state = decoder.Llama(CFG, routed.adapter).apply(
-        {"params": params, **routed.collections,
-         site_api.TELEMETRY: site_api.sequence_telemetry_masks(sites, m)},
-        jnp.asarray(ids), positions_from_mask(m), m, mutable=["intermediates"])
+    forward, _ = FAM.masked_forward(CFG, routed.adapter, sites, site_api.TELEMETRY)
+    _, state = forward({"params": params, **routed.collections}, jnp.asarray(ids),
+                       jnp.asarray(mask))
     counts = site_api.collect_counts(state)
     ref = NumpySites(lib, vectors=gates)
     _reference(params, ids, mask, ref)
@@ -247,7 +248,8 @@ def _stepwise_greedy(params, ids, mask, routed, steps: int):
 def test_routed_generation_equals_stepwise_argmax(world):
     params, lib, gates, ids, mask = world
     routed = build_routed("phatgoose", CFG, lib, gates=gates, scale=SCALE)
-    toks = np.asarray(gj.generate_decoder_greedy(CFG, params, ids, 6, mask, routing=routed))
+    toks = np.asarray(FAM.generate(CFG, params, ids, 6, mask, adapter=routed.adapter,
+                                   collections=routed.collections))
     np.testing.assert_array_equal(toks, _stepwise_greedy(params, ids, mask, routed, 6))
     assert (toks != _stepwise_greedy(params, ids, mask, None, 6)).any()   # routing mattered
 
@@ -275,10 +277,10 @@ def test_expert_mesh_equals_no_mesh(world):
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL, err_msg=method)
         if method == "phatgoose":
             np.testing.assert_array_equal(
-                np.asarray(gj.generate_decoder_greedy(CFG, on_mesh, put(ids), 5, put(mask),
-                                                      routing=split)),
-                np.asarray(gj.generate_decoder_greedy(CFG, params, ids, 5, mask,
-                                                      routing=plain)), err_msg=method)
+                np.asarray(FAM.generate(CFG, on_mesh, put(ids), 5, put(mask),
+                                        adapter=split.adapter, collections=split.collections)),
+                np.asarray(FAM.generate(CFG, params, ids, 5, mask, adapter=plain.adapter,
+                                        collections=plain.collections)), err_msg=method)
 
 
 def test_a_library_of_the_other_family_is_refused(world):

@@ -1,6 +1,8 @@
 """Expert and gate training on a decoder-only base: the causal-LM loss against transformers'
 LlamaForCausalLM, what trains and what stays frozen, many experts at once against single runs,
-and goose-train end to end on ``random:llama-tiny``."""
+and goose-train end to end on ``random:llama-tiny``. On the first decoder family only (the Llama
+family's tiny preset): training is the same code for every family past the family's
+``token_nll``, and each check compiles a training step."""
 
 import json
 
@@ -9,19 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tool, write_jsonl
+from family_cases import FIRST, FIRST_RANDOM_BASE, family_of, pack, target_weights
 
 from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.data import batching
 from goose_jax.data.tokenizers import ByteTokenizer
 from goose_jax.experts.lora import init_experts, init_gates
 from goose_jax.library.store import ExpertLibrary
-from goose_jax.models.causal import loss as decoder_training
-from goose_jax.models.llama import model as decoder
-from goose_jax.models.llama.config import DecoderConfig
+from goose_jax.models import families
 from goose_jax.training import program as training
 
 # Tiny GQA Llama, untied head; odd sizes.
-CFG = DecoderConfig.preset("tiny")
+FAM = family_of(FIRST)
+CFG = FAM.preset(FIRST_RANDOM_BASE.removeprefix("random:"))
 FAST = training.FAST_COMPILE_OPTIONS
 # Freezing layer 0's MLP exercises the optimiser's freeze mask on decoder sites. A small lr keeps
 # the comparisons at 1e-5 clear of Adam's amplified rounding (see tests/test_training.py).
@@ -37,7 +39,7 @@ main = tool("goose-train")
 @pytest.fixture(scope="module")
 def params():
     # Ten times the default std: logits far from uniform, so an error in the loss shows.
-    return jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, decoder.init_params(CFG, 0))
+    return jax.tree.map(lambda x: x * 10.0 if x.ndim == 2 else x, FAM.init_params(CFG, 0))
 
 
 def make_batch(seed, lead, A, M):
@@ -72,15 +74,13 @@ def expert_stack(E, seed=1):
 # --- the loss ------------------------------------------------------------------------------------
 
 
-def test_loss_equals_transformers_llama_with_prompt_and_padding_ignored(params):
+def test_loss_equals_transformers_llama_with_prompt_and_padding_ignored(params, tmp_path):
     import torch
     import transformers
 
-    from goose_jax.models.llama.hf import params_to_hf_state_dict
-
     batch = {k: v[0] for k, v in make_batch(0, (), 1, 4).items()}
-    nll, n = jax.jit(decoder_training.causal_nll, static_argnums=(0, 1), compiler_options=FAST)(
-        decoder.Llama, CFG, {"params": params}, batch)
+    nll, n = jax.jit(FAM.token_nll, static_argnums=0, compiler_options=FAST)(
+        CFG, {"params": params}, batch)
 
     # The reference: each row's prompt and target written out by hand, then padded; labels
     # -100 on the prompt and the padding; transformers shifts the labels itself.
@@ -93,9 +93,8 @@ def test_loss_equals_transformers_llama_with_prompt_and_padding_ignored(params):
         ids[b, :len(row)], att[b, :len(row)] = row, 1
         prompt = int(batch["input_mask"][b].sum())
         labels[b, prompt:len(row)] = row[prompt:]
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG.to_hf_dict())).eval()
-    hf.load_state_dict({k: torch.tensor(v) for k, v in
-                        params_to_hf_state_dict(CFG, params).items()}, strict=True)
+    FAM.save_hf(CFG, params, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(att),
                   labels=torch.tensor(labels)).loss.item()
@@ -108,12 +107,12 @@ def test_pack_and_pad_equal_to_eos():
     batch = {"inputs": jnp.asarray([[5, 6, 0], [7, 0, 0]]),
              "input_mask": jnp.asarray([[1, 1, 0], [1, 0, 0]]),
              "targets": jnp.asarray([[8, 2, 2, 2], [9, 4, 2, 2]])}
-    ids, mask, target = decoder_training.pack(CFG.replace(pad_token_id=2), batch)
+    ids, mask, target = pack(CFG.replace(pad_token_id=2), batch)
     # pad == EOS (Qwen2): a row's first 2 is its EOS and counts; the rest is padding.
     np.testing.assert_array_equal(ids, [[5, 6, 8, 2, 2, 2, 2], [7, 9, 4, 2, 2, 2, 2]])
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(target, [[0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0]])
-    ids, mask, target = decoder_training.pack(CFG, batch)  # pad 0, EOS 2: every 2 is a token
+    ids, mask, target = pack(CFG, batch)  # pad 0, EOS 2: every 2 is a token
     np.testing.assert_array_equal(target.sum(-1), [4, 4])
 
 
@@ -129,7 +128,7 @@ def test_prompts_have_no_eos_and_a_bos_only_where_both_have_one():
     def inputs(cfg, tok):
         b = batching.Batcher(source, tok, micro_batch=1, grad_accum=1, max_input_length=4,
                              max_target_length=3, seed=0,
-                             **decoder_training.prompt_tokens(cfg, tok))
+                             **FAM.batch_encoding(cfg, tok))
         out = b.batch(0)
         np.testing.assert_array_equal(out["targets"][0, 0], [ord("c") + 3, 1, 0])  # EOS
         return out["inputs"][0, 0].tolist()
@@ -160,7 +159,7 @@ def test_expert_step_moves_only_unfrozen_lora_leaves(params, three_at_once):
     before, after = leaves(experts), leaves(state.trainable)
     assert after.keys() == before.keys()
     assert all(k.endswith(("/lora_a", "/lora_b")) for k in after)
-    assert {k.rsplit("/", 1)[0] for k in after} == set(decoder.site_shapes(CFG))
+    assert {k.rsplit("/", 1)[0] for k in after} == set(FAM.site_shapes(CFG))
     frozen = [k for k in after if k.startswith("layers_0/mlp/")]
     assert len(frozen) == 6
     for k in after:
@@ -229,7 +228,7 @@ def test_gate_step_trains_only_gates(params):
 def test_remat_gradients_equal_plain_gradients():
     """``TrainConfig.remat`` reaches the decoder's layers (a checkpoint in the jaxpr) and leaves
     the expert gradients as they are without it."""
-    params = decoder.init_params(CFG, 0)
+    params = FAM.init_params(CFG, 0)
     experts = jax.tree.map(lambda x: x + 0.01, expert_stack(1))   # B non-zero: A moves too
     rng = np.random.default_rng(1)
     batch = {"inputs": jnp.asarray(rng.integers(3, CFG.vocab_size, (2, 5)), jnp.int32),
@@ -271,7 +270,7 @@ def _args(command, data, lib, work, *extra):
     import pathlib
 
     tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    return [command, "--config", str(tiny), "--base", "random:llama-tiny", "--set",
+    return [command, "--config", str(tiny), "--base", FIRST_RANDOM_BASE, "--set",
             "tokenizer=byte", "--data", *data, "--library", str(lib), "--workdir", str(work),
             *extra]
 
@@ -281,12 +280,11 @@ def test_goose_train_experts_and_gates_on_llama_tiny(data, tmp_path, capsys):
     assert main(_args("experts", data, lib, tmp_path / "w1")) == 0
     assert main(_args("gate", data, lib, tmp_path / "w2")) == 0
     manifest = json.loads((lib / "manifest.json").read_text())
-    assert manifest["base_model"]["family"] == "llama"
+    assert manifest["base_model"]["family"] == FIRST
     opened = ExpertLibrary.open(lib)
-    assert opened.family == "llama" and opened.names == ["reverse", "upper"]
+    assert opened.family == FIRST and opened.names == ["reverse", "upper"]
     experts, gates = opened.load(gates=True)
-    assert set(flatten_sites(experts)) == set(decoder.site_shapes(
-        DecoderConfig.preset("tiny").replace(vocab_size=259)))
+    assert set(flatten_sites(experts)) == set(FAM.site_shapes(CFG.replace(vocab_size=259)))
     assert np.abs(leaves(experts)["layers_1/mlp/down/lora_b"]).max() > 0  # it trained
     assert np.abs(np.concatenate([np.ravel(g) for g in jax.tree.leaves(gates)])).max() > 0
     lines = [json.loads(s) for s in open(tmp_path / "w1" / "metrics.jsonl")]
@@ -298,10 +296,10 @@ def test_goose_train_experts_and_gates_on_llama_tiny(data, tmp_path, capsys):
     # A T5 base is refused, in one line, and the library is left as it was.
     before = (lib / "manifest.json").read_bytes()
     t5 = _args("gate", data, lib, tmp_path / "w3", "--overwrite")
-    t5[t5.index("random:llama-tiny")] = "random:tiny"
+    t5[t5.index(FIRST_RANDOM_BASE)] = "random:tiny"
     assert main(t5) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "decoder-only (llama)" in err and "T5" in err, err
+    assert "\n" not in err and families.describe(FIRST) in err and "T5" in err, err
     assert (lib / "manifest.json").read_bytes() == before
 
 
@@ -318,7 +316,7 @@ def test_goose_train_runs_encode_prompts_without_eos(data, tmp_path):
 
     setup = train_runs.Setup(train_runs.RunArgs(
         "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],
-        base="random:llama-tiny"))
+        base=FIRST_RANDOM_BASE))
     batch = setup.batcher(setup.sources[0], 0).batch(0)
     ends = batch["inputs"][0, 0, batch["input_mask"][0, 0].sum() - 1]
     assert ends != ByteTokenizer.eos_id  # the prompt runs straight into its target
@@ -334,14 +332,14 @@ def test_targets_end_at_the_tokenizers_eos_not_the_configs_first(data, tmp_path)
 
     setup = train_runs.Setup(train_runs.RunArgs(
         "experts", data, str(tmp_path / "w"), overrides=["tokenizer=byte", "eval_every=0"],
-        base="random:llama-tiny"))
+        base=FIRST_RANDOM_BASE))
     assert setup.cfg.eos_token_id == ByteTokenizer.eos_id != setup.full_cfg.eos_token_id
-    assert setup.full_cfg.eos_token_id == DecoderConfig.preset("tiny").eos_token_id
+    assert setup.full_cfg.eos_token_id == CFG.eos_token_id
     base = setup.full_cfg.replace(pad_token_id=setup.full_cfg.eos_token_id)  # pad = EOS = 2
-    run = decoder_training.loss_config(base, ByteTokenizer())                # targets end at 1
+    run = FAM.with_tokenizer(base, ByteTokenizer())                # targets end at 1
     targets = jnp.asarray([[10, 11, ByteTokenizer.eos_id, 2, 2, 2]], jnp.int32)
-    np.testing.assert_array_equal(decoder_training.target_weights(run, targets),
+    np.testing.assert_array_equal(target_weights(run, targets),
                                   [[1, 1, 1, 0, 0, 0]])
     # The base's own config would train a padding token as an EOS after every target.
-    np.testing.assert_array_equal(decoder_training.target_weights(base, targets),
+    np.testing.assert_array_equal(target_weights(base, targets),
                                   [[1, 1, 1, 1, 0, 0]])

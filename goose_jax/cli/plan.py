@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--programs", default=",".join(PROGRAMS),
                    help=f"comma-separated subset of {','.join(PROGRAMS)}")
     ap.add_argument("--layers", type=int, help="compile this many encoder and decoder blocks "
-                    "instead of the base's (quicker; memory and time scale about linearly)")
+                    "instead of the base's: a shallower model's memory and step time "
+                    "(the blocks are scanned, so the compile is not quicker)")
     ap.add_argument("--no-estimate", action="store_true", help="skip the step-time estimate "
                     "(two small unrolled compiles per program): memory only, quicker")
     ap.add_argument("--target", choices=("tpu", "cpu"), default="tpu", help=argparse.SUPPRESS)
