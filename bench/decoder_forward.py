@@ -8,7 +8,7 @@ B x N tokens, float32, on the same CPU. Runs alternate so that machine noise hit
 Last line of the part: goose-jax / torch throughput ratio.
 
 (b) ``scoring``: the same model scores B examples of C answer choices each
-(``models.llama.scoring.decoder_choice_nll``): prompt once (each prompt through the model once into
+(``models.causal.scoring.choice_nll``): prompt once (each prompt through the model once into
 the key/value cache, every choice scored from it in one batched call) against per choice (each
 prompt + choice row through the whole model, the way a naive evaluator scores). Prompts are
 200 to L real tokens, choices 3 to T, padded to L and T. Last line: the examples/s ratio,

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from goose_jax.models import families
+from goose_jax.models.causal.loss import pack, target_weights
+from goose_jax.models.gemma import model as gemma_model
 from goose_jax.models.llama import model as llama_model
-from goose_jax.models.llama.loss import pack, target_weights
 
 #: The sizes every case shares (HF ``config.json`` names); a case's ``config`` adds to them.
 #: initializer_range 0.3 makes attention sharp enough that a wrong position changes greedy
@@ -57,7 +58,10 @@ class Case:
 # Llama: GQA, untied head, llama3 rotary scaling (theta 100 and an original context of 32 put
 # the 4 frequencies of head_dim 8 in all three bands: wavelengths 6.3 < 8, 20 in [8, 32], 63 and
 # 199 > 32). Qwen2: q/k/v biases, tied head, MHA. Mistral: GQA and a sliding window shorter
-# than the test sequences.
+# than the test sequences. Gemma: GeGLU, 1 + w norms, the sqrt(D)-scaled embedding, tied head.
+# Gemma 2: a sliding layer (window 4, shorter than the test sequences), then a global one;
+# attention scores and final logits soft-capped at 5 and 3 (small enough to bite), queries
+# scaled by 12 ** -0.5 rather than head_dim 8's, an untied head.
 CASES: dict[str, Case] = {case.name: case for case in (
     Case("llama", "LlamaConfig", "LlamaForCausalLM",
          dict(head_dim=8, tie_word_embeddings=False, rope_parameters=dict(
@@ -73,6 +77,16 @@ CASES: dict[str, Case] = {case.name: case for case in (
          dict(head_dim=6, sliding_window=5, tie_word_embeddings=False),
          seed=2, expect=dict(num_kv_heads=2, tie_word_embeddings=False, qkv_bias=False,
                              sliding_window=5, rope_type="default")),
+    Case("gemma", "GemmaConfig", "GemmaForCausalLM",
+         dict(head_dim=8, tie_word_embeddings=True),
+         seed=3, expect=dict(num_kv_heads=2, tie_word_embeddings=True, sliding_window=None,
+                             query_scale=8 ** -0.5, final_logit_softcapping=None)),
+    Case("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
+         dict(head_dim=8, sliding_window=4, attn_logit_softcapping=5.0,
+              final_logit_softcapping=3.0, query_pre_attn_scalar=12, tie_word_embeddings=False),
+         seed=4, expect=dict(num_kv_heads=2, tie_word_embeddings=False, sliding_window=4,
+                             sliding_layers=(True, False), query_scale=12 ** -0.5,
+                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
 )}
 
 #: Every registered decoder-only family, in registry order: what the tests parametrize over.
@@ -85,7 +99,8 @@ FIRST_RANDOM_BASE = "random:llama-tiny"
 #: Per ``ModelFamily`` object: the full forward pass ``logits(cfg, params, ids_BT, mask_BT, *,
 #: routing=None, adapter=None, collections=None) -> (B, T, V)``, which the contract does not
 #: name (training, scoring and generation go through it).
-LOGITS: dict[Any, Callable] = {families.named("llama"): llama_model.decoder_logits}
+LOGITS: dict[Any, Callable] = {families.named("llama"): llama_model.decoder_logits,
+                               families.named("gemma"): gemma_model.gemma_logits}
 
 #: Family-internal functions that single-family tests check directly (no contract method
 #: names them): the rotary frequencies (K/2,) of a config (the llama3 rope test), and the first

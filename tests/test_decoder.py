@@ -238,6 +238,7 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
         with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape"):
             fam.load_hf(str(folder))
         d["num_hidden_layers"] = 3
+        d.pop("layer_types", None)   # a per-layer list (Gemma 2) must match the layer count
         with open(folder / "config.json", "w") as f:
             json.dump(d, f)
         with pytest.raises(CheckpointError, match=f"lacks {per_layer} tensor"):

@@ -12,13 +12,15 @@ from goose_jax.core import sharding
 from goose_jax.core.trees import flatten_sites
 from goose_jax.models import families
 
-FAMILIES = {fam.names[0]: fam for fam in families.REGISTRY}
+# Each family's tiny preset, and those of its names whose architecture differs (Gemma 2).
+CASES = {**{fam.names[0]: (fam, "tiny") for fam in families.REGISTRY},
+         "gemma2": (families.named("gemma2"), "gemma2-tiny")}
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+@pytest.fixture(params=sorted(CASES))
 def family(request):
-    fam = FAMILIES[request.param]
-    return fam, fam.preset("tiny")
+    fam, preset = CASES[request.param]
+    return fam, fam.preset(preset)
 
 
 def _paths(tree, prefix=()):

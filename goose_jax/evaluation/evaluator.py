@@ -22,10 +22,10 @@ of shapes. Nothing here imports TensorFlow.
 
 A decoder-only base (a family with ``decoder_only``) is evaluated the same way, with the same
 tasks, batching and metrics: each prompt runs once and every choice is scored from its cached
-keys and values (``goose_jax.models.llama.scoring``; ``encoder_once=False``: each prompt + choice
+keys and values (``goose_jax.models.causal.scoring``; ``encoder_once=False``: each prompt + choice
 row whole), and generation continues the prompt (``decoder_generation``). Its prompts start as
 decoder training starts them (BOS when both the model and the tokenizer have one,
-``models.llama.loss.prompt_bos``), carry no EOS, and are truncated from the left, keeping the
+``models.causal.loss.prompt_bos``), carry no EOS, and are truncated from the left, keeping the
 text nearest the answer.
 """
 

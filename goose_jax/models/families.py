@@ -14,6 +14,8 @@ from typing import Any, Union
 
 from goose_jax.core.errors import ConfigError
 from goose_jax.models.family import ModelFamily
+from goose_jax.models.gemma.config import GemmaConfig
+from goose_jax.models.gemma.family import FAMILY as GEMMA
 from goose_jax.models.llama.config import DecoderConfig
 from goose_jax.models.llama.family import FAMILY as LLAMA
 from goose_jax.models.t5.config import T5Config
@@ -21,9 +23,9 @@ from goose_jax.models.t5.family import FAMILY as T5_FAMILY
 
 #: Every registered family; the first reads a ``config.json`` whose ``model_type`` no family
 #: names (T5 checkpoints recognised by their ``architectures``).
-REGISTRY: tuple[ModelFamily, ...] = (T5_FAMILY, LLAMA)
+REGISTRY: tuple[ModelFamily, ...] = (T5_FAMILY, LLAMA, GEMMA)
 
-ModelConfig = Union[T5Config, DecoderConfig]  # noqa: UP007 (a runtime alias, for annotations)
+ModelConfig = Union[T5Config, DecoderConfig, GemmaConfig]  # noqa: UP007 (a runtime alias, for annotations)
 T5 = "t5"
 FAMILIES = tuple(name for fam in REGISTRY for name in fam.names)
 DECODER_FAMILIES = tuple(name for fam in REGISTRY if fam.decoder_only for name in fam.names)
@@ -105,8 +107,10 @@ def check_model_type(d: Mapping[str, Any], *, source: str = "config.json") -> No
     architectures = d.get("architectures") or []
     if d.get("model_type") not in (None, "") or "T5ForConditionalGeneration" in architectures:
         return
-    named_ = [f for f in DECODER_FAMILIES
-              if any(isinstance(a, str) and a.lower().startswith(f) for a in architectures)]
+    # The longest name an architecture starts with (Gemma2ForCausalLM: gemma2, not gemma).
+    named_ = sorted((f for f in DECODER_FAMILIES
+                     if any(isinstance(a, str) and a.lower().startswith(f)
+                            for a in architectures)), key=len, reverse=True)
     hint = (f"architectures={architectures!r} suggest {named_[0]!r}: add "
             f'"model_type": "{named_[0]}"' if named_ else f"architectures={architectures!r}")
     raise ConfigError(f"{source}: no model_type; goose-jax reads model_type one of "

@@ -11,6 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from goose_jax.core.errors import NonFiniteError
+
+Array = jax.Array
+
 
 def greedy_loop(step, cache, tok_B, finite_B, counts, real_B, max_new_tokens: int, eos_id: int,
                 pad_id: int):
@@ -52,3 +56,20 @@ def greedy_loop(step, cache, tok_B, finite_B, counts, real_B, max_new_tokens: in
     state = (jnp.asarray(1, jnp.int32), out_BT, cache, tok_B, done_B, counts, finite_B)
     state = jax.lax.while_loop(cond, body, state)
     return state[1], state[5], state[6] | ~real_B
+
+
+def greedy_result(tokens_BT: Array, counts: dict, finite_B: Array, *, telemetry: bool,
+                  check_finite: bool):
+    """What every family's greedy generation returns from ``greedy_loop``'s result: the tokens,
+    with ``telemetry`` the pair (tokens, counts).
+
+    Raises:
+      NonFiniteError: with ``check_finite``, when the logits of a real row became NaN or inf
+        before it finished (argmax over NaN would quietly emit token 0); waits for the result.
+    """
+    if check_finite and not bool(jnp.all(finite_B)):
+        bad = int(jnp.sum(~finite_B))
+        raise NonFiniteError(f"greedy generation: the logits of {bad} of {finite_B.shape[0]} rows "
+                             "became NaN or inf (non-finite or overflowing weights in the base "
+                             "model or the adapter, or a dtype too narrow)")
+    return (tokens_BT, counts) if telemetry else tokens_BT

@@ -108,7 +108,7 @@ def expert_batches(cfg, source, tokenizer, tcfg, name: str, examples: int,
     As the family's ``activation_batch`` gives them: on a T5, ``(ids_BL, mask_BL, dec_BT,
     dec_mask_BT)``, the targets teacher-forced (shifted right after the decoder start token); on
     a decoder-only model, ``(ids_BS, mask_BS)``, each example's prompt and target packed into
-    one sequence exactly as decoder-only training packs them (``models.llama.loss``).
+    one sequence exactly as decoder-only training packs them (``models.causal.loss``).
     """
 
     fam = families.of(cfg)

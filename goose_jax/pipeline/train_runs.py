@@ -14,7 +14,7 @@ paper's settings); ``key=value`` overrides change any field, typed by the field'
 Qwen2,
 Mistral) directory, a goose-jax (Orbax) model checkpoint, or ``random:PRESET``
 (``models.base.load_base``). On a decoder-only base the loss is the causal-LM loss of the target
-tokens and the prompts are encoded as ``goose_jax.models.llama.loss`` says; validation scores
+tokens and the prompts are encoded as ``goose_jax.models.causal.loss`` says; validation scores
 the experts as goose-eval scores a decoder-only base (``goose_jax.evaluation.evaluator``). Data
 files
 are JSON lines ``{"input": ..., "target": ...}``: one per expert (``experts``, ``gate``), or

@@ -13,7 +13,7 @@ rest of the model enters the step as frozen arguments:
     "full"     base params                 none                         none
 
 The base is a T5 or a decoder-only model (``goose_jax.models.families``); on a decoder-only one the
-loss is the causal-LM loss of the target tokens (``goose_jax.models.llama.loss``), summed and
+loss is the causal-LM loss of the target tokens (``goose_jax.models.causal.loss``), summed and
 counted as the T5's ``token_nll``, and everything else here is the same.
 
 The optimiser (``make_optimizer``) is ``optax.multi_transform`` with a freeze mask over the
@@ -331,7 +331,7 @@ class Program:
       kind: "expert", "gate" or "full" (see the module doc).
       model: the model config with the dtype policy the frozen trees are stored in: a T5
         (``token_nll``) or a decoder-only model (the causal-LM loss of
-        ``models.llama.loss.causal_nll``).
+        ``models.causal.loss.causal_nll``).
       train: the hyper-parameters.
       steps: total optimiser steps (sets the warm-up length).
       lora_scale: the LoRA scale (ignored for "full").

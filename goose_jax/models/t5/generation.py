@@ -21,10 +21,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from goose_jax.core.errors import ConfigError, NonFiniteError
+from goose_jax.core.errors import ConfigError
 from goose_jax.core.sharding import batch_sharding, put_global
 from goose_jax.models.config import FAST_COMPILE_OPTIONS
-from goose_jax.models.greedy import greedy_loop
+from goose_jax.models.greedy import greedy_loop, greedy_result
 from goose_jax.models.scan import stack_layers, unstack_layers
 from goose_jax.models.sites import (
     TELEMETRY,
@@ -139,9 +139,5 @@ def generate_greedy(cfg: T5Config, params, input_ids_BL, max_new_tokens: int,
     tokens_BT, counts, finite_B = fn(cfg, variables, input_ids_BL, mask,
                                      int(max_new_tokens), adapter=adapter,
                                      telemetry=bool(telemetry))
-    if check_finite and not bool(jnp.all(finite_B)):
-        bad = int(jnp.sum(~finite_B))
-        raise NonFiniteError(f"greedy generation: the logits of {bad} of {finite_B.shape[0]} rows "
-                             "became NaN or inf (non-finite or overflowing weights in the base "
-                             "model or the adapter, or a dtype too narrow)")
-    return (tokens_BT, counts) if telemetry else tokens_BT
+    return greedy_result(tokens_BT, counts, finite_B, telemetry=bool(telemetry),
+                         check_finite=check_finite)

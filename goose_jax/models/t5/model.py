@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goose_jax.models import attention
+from goose_jax.models import attention, layers
 from goose_jax.models.scan import per_layer, run_blocks, stack_layers
 from goose_jax.models.sites import Adapter, resolve_adapter
 from goose_jax.models.t5.config import T5Config
@@ -51,8 +51,9 @@ def _activation(name: str) -> Callable[[Array], Array]:
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def _init_std(module: str, param: str, shape: tuple[int, ...], cfg: T5Config) -> float | None:
-    """T5's initial standard deviation of the base parameter ``param`` of module ``module``.
+def _init_std(cfg: T5Config, module: str, param: str, shape: tuple[int, ...]) -> float | None:
+    """T5's initial standard deviation of the base parameter ``param`` of module ``module``
+    (the ``models.layers.InitRule`` of the family).
 
     Kernels (I, O) draw with std ``I ** -0.5``, and the query kernel with ``(I * K) ** -0.5``:
     T5 folds attention's 1/sqrt(K) into q (transformers' T5 initialises q, k, v, o, wi and wo
@@ -67,108 +68,28 @@ def _init_std(module: str, param: str, shape: tuple[int, ...], cfg: T5Config) ->
     return std * cfg.d_kv**-0.5 if module == "q" else std
 
 
-def _initializer(module: str, param: str, cfg: T5Config):
-    """``_init_std``'s rule as a Flax initializer (what ``T5(cfg).init`` draws)."""
+class Linear(layers.Linear):
+    """A named linear site without bias: ``y = x @ kernel (+ adapter)``, with T5's scales."""
 
-    def init(key, shape, dtype=jnp.float32):
-        std = _init_std(module, param, shape, cfg)
-        if std is None:
-            return jnp.ones(shape, dtype)
-        return std * jax.random.normal(key, shape, dtype)
-
-    return init
+    init_rule: layers.InitRule = _init_std
 
 
-class Linear(nn.Module):
-    """A named linear site without bias: ``y = x @ kernel (+ adapter)``, x (..., I) -> (..., O).
+class Embedding(layers.Embedding):
+    """The shared (V, D) token embedding (``attend``: the tied head), with T5's scales."""
 
-    Attributes:
-      features: output width O.
-      axes: logical axis names of the (I, O) kernel.
-      cfg: the model config (dtype policy).
-      adapter: optional ``Adapter`` applied after the base matmul.
-    """
-
-    features: int
-    axes: tuple[str, str]
-    cfg: T5Config
-    adapter: Any = None
-
-    @property
-    def site(self) -> str:
-        return "/".join(self.path)
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel_IO = self.param(
-            "kernel",
-            nn.with_logical_partitioning(_initializer(self.name, "kernel", self.cfg), self.axes),
-            (x.shape[-1], self.features), self.cfg.dtype.param)
-        compute = self.cfg.dtype.compute
-        y = jnp.dot(x.astype(compute), kernel_IO.astype(compute))
-        if self.adapter is not None:
-            y = self.adapter(self, x, y)
-        return y
+    init_rule: layers.InitRule = _init_std
 
 
-class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, statistics in float32.
+class Head(layers.Head):
+    """The untied output head of T5 v1.1 / FLAN-T5 (not an adapter site)."""
 
-    (B, L, D) (or (B, T, D)) -> the same shape in the compute dtype.
-    """
-
-    cfg: T5Config
-
-    @nn.compact
-    def __call__(self, x_BLD: Array) -> Array:
-        scale_D = self.param(
-            "scale", nn.with_logical_partitioning(_initializer(self.name, "scale", self.cfg),
-                                                  ("embed",)),
-            (x_BLD.shape[-1],), self.cfg.dtype.param)
-        x32_BLD = x_BLD.astype(jnp.float32)
-        var_BL1 = jnp.mean(jnp.square(x32_BLD), axis=-1, keepdims=True)
-        y_BLD = x32_BLD * jax.lax.rsqrt(var_BL1 + self.cfg.layer_norm_epsilon)
-        scale_11D = scale_D.astype(jnp.float32).reshape((1,) * (y_BLD.ndim - 1) + (-1,))
-        return (y_BLD * scale_11D).astype(self.cfg.dtype.compute)
+    init_rule: layers.InitRule = _init_std
 
 
-class Embedding(nn.Module):
-    """The shared (V, D) token embedding: int ids (B, L) (or (B, T)) -> (B, L, D) in the compute
-    dtype. ``attend`` is the tied output head, (B, T, D) -> float32 logits (B, T, V)."""
-
-    cfg: T5Config
-
-    def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(_initializer("shared", "embedding",
-                                                                   self.cfg), ("vocab", "embed")),
-            (self.cfg.vocab_size, self.cfg.d_model), self.cfg.dtype.param)
-
-    def __call__(self, ids_BL: Array) -> Array:
-        return jnp.take(self.embedding, ids_BL, axis=0).astype(self.cfg.dtype.compute)
-
-    def attend(self, x_BTD: Array) -> Array:
-        compute = self.cfg.dtype.compute
-        return jnp.dot(x_BTD.astype(compute), self.embedding.astype(compute).T,
-                       preferred_element_type=jnp.float32)
-
-
-class Head(nn.Module):
-    """The untied output head of T5 v1.1 / FLAN-T5 (not an adapter site): (B, T, D) -> float32
-    logits (B, T, V)."""
-
-    cfg: T5Config
-
-    @nn.compact
-    def __call__(self, x_BTD: Array) -> Array:
-        kernel_DV = self.param(
-            "kernel",
-            nn.with_logical_partitioning(_initializer("lm_head", "kernel", self.cfg),
-                                         ("embed", "vocab")),
-            (self.cfg.d_model, self.cfg.vocab_size), self.cfg.dtype.param)
-        compute = self.cfg.dtype.compute
-        return jnp.dot(x_BTD.astype(compute), kernel_DV.astype(compute),
-                       preferred_element_type=jnp.float32)
+def RMSNorm(cfg: T5Config, *, name: str) -> layers.RMSNorm:  # noqa: N802 (a module)
+    """T5's layer norm: scale only, no mean subtraction, statistics and scale in float32."""
+    return layers.RMSNorm(cfg, eps=cfg.layer_norm_epsilon, float32_scale=True,
+                          init_rule=_init_std, name=name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,8 +132,9 @@ class RelativePositionBias(nn.Module):
         """Returns the bias (1, H, Q, S) in float32 for a (Q, S) bucket matrix."""
         table_PH = self.param(
             "embedding",
-            nn.with_logical_partitioning(_initializer(self.name, "embedding", self.cfg),
-                                         ("relpos_buckets", "heads")),
+            nn.with_logical_partitioning(
+                layers.initializer(_init_std, self.cfg, self.name, "embedding"),
+                ("relpos_buckets", "heads")),
             (self.cfg.relative_attention_num_buckets, self.cfg.num_heads), self.cfg.dtype.param)
         bias_QSH = jnp.take(table_PH.astype(jnp.float32), buckets_QS, axis=0)
         return jnp.transpose(bias_QSH, (2, 0, 1))[None]
@@ -502,21 +424,8 @@ def init_params(cfg: T5Config, rng: Array | int = 0) -> dict:
     """
     if cfg.scan_layers:
         return stack_layers(init_params(per_layer(cfg), rng), cfg)
-    if isinstance(rng, (int, np.integer)):
-        gen = np.random.default_rng(int(rng))
-    else:
-        gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
-    shapes = nn.meta.unbox(abstract_variables(cfg))["params"]
-
-    def draw(path, leaf):
-        module, param = (str(k.key) for k in path[-2:])
-        std = _init_std(module, param, leaf.shape, cfg)
-        if std is None:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        values = gen.standard_normal(leaf.shape, np.float32) * np.float32(std)
-        return jnp.asarray(values.astype(leaf.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return layers.draw_params(nn.meta.unbox(abstract_variables(cfg))["params"], _init_std,
+                              cfg, rng)
 
 
 def param_logical_axes(cfg: T5Config) -> dict:

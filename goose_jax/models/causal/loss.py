@@ -1,4 +1,5 @@
-"""The causal-LM loss of expert and gate training on a decoder-only base (Llama, Qwen2, Mistral).
+"""The causal-LM loss of expert and gate training on a decoder-only base (Llama, Qwen2, Mistral,
+Gemma).
 
 Shapes follow the package legend (the ``goose_jax`` module docstring): L is the prompt length and
 T the target length of a batch, as ``goose_jax.data.batching`` builds it for both families. Also
@@ -43,13 +44,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from goose_jax.models.llama.config import DecoderConfig
-from goose_jax.models.llama.model import Llama, positions_from_mask
+from goose_jax.models.causal.model import positions_from_mask
 
 Array = jax.Array
 
 
-def prompt_bos(cfg: DecoderConfig, tokenizer: Any) -> int | None:
+def prompt_bos(cfg, tokenizer: Any) -> int | None:
     """The BOS id that starts every prompt, or None (see the module doc): the tokenizer's BOS
     when both the config and the tokenizer have one."""
     if cfg.bos_token_id is None:
@@ -60,13 +60,13 @@ def prompt_bos(cfg: DecoderConfig, tokenizer: Any) -> int | None:
     return None if bos is None else int(bos)
 
 
-def prompt_tokens(cfg: DecoderConfig, tokenizer: Any) -> dict[str, Any]:
+def prompt_tokens(cfg, tokenizer: Any) -> dict[str, Any]:
     """How a decoder-only run's batches encode prompts: the ``Batcher`` options ``input_bos``
     (``prompt_bos``) and ``input_eos`` (False)."""
     return {"input_bos": prompt_bos(cfg, tokenizer), "input_eos": False}
 
 
-def loss_config(cfg: DecoderConfig, tokenizer: Any) -> DecoderConfig:
+def loss_config(cfg, tokenizer: Any) -> Any:
     """``cfg`` with the EOS id the tokenizer ends targets with, for ``pack`` / ``causal_nll``.
 
     A ``config.json`` listing several EOS ids keeps the first (Llama 3.1 Instruct: 128001),
@@ -77,7 +77,7 @@ def loss_config(cfg: DecoderConfig, tokenizer: Any) -> DecoderConfig:
     return cfg if eos is None else cfg.replace(eos_token_id=int(eos))
 
 
-def target_weights(cfg: DecoderConfig, targets_BT: Array) -> Array:
+def target_weights(cfg, targets_BT: Array) -> Array:
     """1.0 at target tokens, 0.0 at padding (see the module doc): (B, T) float32."""
     pad_BT = targets_BT == cfg.pad_token_id
     if cfg.eos_token_id is None or cfg.eos_token_id != cfg.pad_token_id:
@@ -87,7 +87,7 @@ def target_weights(cfg: DecoderConfig, targets_BT: Array) -> Array:
     return ((seen_BT == 0) | (pad_BT & (seen_BT == 1))).astype(jnp.float32)
 
 
-def pack(cfg: DecoderConfig, batch: dict) -> tuple[Array, Array, Array]:
+def pack(cfg, batch: dict) -> tuple[Array, Array, Array]:
     """One right-padded sequence per example: its prompt, then its target.
 
     Args:
@@ -118,12 +118,13 @@ def pack(cfg: DecoderConfig, batch: dict) -> tuple[Array, Array, Array]:
     return ids_BS.astype(jnp.int32), mask_BS, target_BS
 
 
-def causal_nll(cfg: DecoderConfig, variables: dict, batch: dict,
+def causal_nll(model: type, cfg, variables: dict, batch: dict,
                adapter=None) -> tuple[Array, Array]:
     """Summed cross-entropy of the target tokens, each predicted from the tokens before it, and
     their number: ``models.t5.loss.token_nll`` for a decoder-only model (see the module doc).
 
     Args:
+      model: the family's model class.
       cfg: the model config.
       variables: ``{"params": ..., "experts": ..., "gates": ...}`` as the adapter needs.
       batch: ``inputs`` (B, L), ``input_mask`` (B, L), ``targets`` (B, T) int arrays.
@@ -133,8 +134,8 @@ def causal_nll(cfg: DecoderConfig, variables: dict, batch: dict,
       (nll_sum, tokens): float32 scalars.
     """
     ids_BS, mask_BS, target_BS = pack(cfg, batch)
-    logits_BSV = Llama(cfg, adapter).apply(variables, ids_BS, positions_from_mask(mask_BS),
-                                             mask_BS)
+    logits_BSV = model(cfg, adapter).apply(variables, ids_BS, positions_from_mask(mask_BS),
+                                           mask_BS)
     # Position s predicts token s + 1: the last position predicts nothing.
     nll_BS = optax.softmax_cross_entropy_with_integer_labels(
         logits_BSV[:, :-1].astype(jnp.float32), ids_BS[:, 1:])

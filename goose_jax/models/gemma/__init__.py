@@ -1,0 +1,2 @@
+"""The Gemma family: Gemma (v1) and Gemma 2.
+"""
