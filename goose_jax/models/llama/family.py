@@ -23,6 +23,7 @@ _LABELS = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
 
 class LlamaFamily(ModelFamily):
+    """The decoder-only family (Llama, Qwen2, Mistral) as the model-family contract describes it."""
     names = FAMILIES
     config_type = DecoderConfig
     decoder_only = True

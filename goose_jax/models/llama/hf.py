@@ -75,6 +75,7 @@ def tensor_map(cfg: DecoderConfig) -> Iterator[tuple[str, tuple[str, ...], bool]
 
 
 def expected_shapes(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Parameter path -> shape of a model of ``cfg``, computed without allocating it."""
     tree = nn.meta.unbox(abstract_variables(cfg))["params"]
     return {tuple(k.key for k in p): tuple(leaf.shape)
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

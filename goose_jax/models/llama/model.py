@@ -359,6 +359,7 @@ class Llama(nn.Module):
 
 
 def abstract_variables(cfg: DecoderConfig) -> dict:
+    """The model's variables as ``jax.ShapeDtypeStruct`` (nothing is allocated)."""
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(Llama(cfg).init, jax.random.key(0), ids, ids, ids)
 
@@ -410,6 +411,8 @@ def site_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
 
 
 def model_variables(cfg, params, collections):
+    """The variables the module applies: ``params`` and ``collections``, layers stacked when
+    ``cfg.scan_layers``."""
     variables = {"params": params, **(collections or {})}
     # Either layout is accepted; a stacked tree passes through unchanged (no copy).
     return stack_layers(variables, cfg) if cfg.scan_layers else variables
