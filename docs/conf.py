@@ -34,11 +34,17 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_timeout = 300
 nb_execution_show_tb = True
+# What the libraries print to stderr while a tutorial runs (progress-bar notices, deprecations of
+# transformers) is left out of the pages.
+nb_output_stderr = "remove"
 
 autosummary_generate = True
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+# Defaults as the source writes them (``os.environ``, a path under the package), not the values
+# they had on the machine that built the site.
+autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # A class's "Attributes:" become fields of its description, not a second description of each
