@@ -57,7 +57,7 @@ docs: $(DOCS_STAMP)
 	@echo "make docs: docs/_build/html/index.html"
 
 # Every Python directory of the checkout.
-LINT_DIRS := goose_jax tests bench configs train eval tools
+LINT_DIRS := goose_jax tests bench configs train eval tools docs
 
 # ruff; the layer contracts of pyproject.toml (each package imports only those below it, the
 # families never each other); and tools/lint_imports.py (no goose_jax import inside a function

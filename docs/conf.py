@@ -78,7 +78,8 @@ def _write_top_level_page(app):
 
 # Docstrings written as plain text rather than reStructuredText (indented continuation lines,
 # ``*`` in formulas) are shown as written, in a preformatted block, instead of failing the build;
-# a verbose build (-v) names them. The rest are rendered as reStructuredText with napoleon's sections.
+# a verbose build (-v) names them. The rest are rendered as reStructuredText, napoleon's sections
+# included.
 _RAW_DOCSTRINGS = {}
 
 
