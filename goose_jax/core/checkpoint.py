@@ -47,6 +47,7 @@ FORMAT_VERSION = 1
 
 
 def absolute(path: str | os.PathLike) -> str:
+    """``path`` as an absolute path, ``~`` expanded."""
     # Orbax resolves relative paths against its own notion of the working directory; give it none.
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
@@ -57,6 +58,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_meta(path: str) -> dict[str, Any]:
+    """The metadata record of the checkpoint at ``path``; raises CheckpointError when it is not
+    one."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint does not exist")
     meta_path = os.path.join(path, META_NAME)
@@ -187,6 +190,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> No
 
 
 def file_sha256(file: str) -> str:
+    """``"sha256:"`` and the hex SHA-256 digest of ``file``'s bytes."""
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -205,6 +209,7 @@ def _tree_files(tree_dir: str) -> dict[str, int]:
 
 
 def reconvert_hint(path: str) -> str:
+    """The message's advice for a damaged checkpoint at ``path``: how to re-create it."""
     return (f"the checkpoint {path} is damaged: re-create it (goose-convert hf-to-orbax SRC "
             f"{path} --overwrite, or the training run that wrote it)")
 
@@ -253,6 +258,7 @@ def _check_files(path: str, meta: dict[str, Any], tree_dir: str, verify: bool) -
 
 
 def abstract_leaf(leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` with ``leaf``'s shape and dtype, placed by ``sharding``."""
     return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
 
 

@@ -37,6 +37,8 @@ class ExampleSource(Protocol):
 
 
 class Tokenizer(Protocol):
+    """What batching needs of a tokenizer: its pad id and ``encode_batch`` (ids and mask, padded to
+    ``max_length``)."""
     pad_id: int
 
     def encode_batch(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -378,6 +378,7 @@ class HFSource:
 
 
 def hf_folder(hf_dir: str, dataset: str) -> str:
+    """The folder of ``dataset``'s saved Hugging Face copy under ``hf_dir``."""
     return os.path.join(os.path.abspath(os.path.expanduser(hf_dir)), *HF_PATHS[dataset])
 
 

@@ -171,6 +171,7 @@ def templates(root: str | os.PathLike, spec: DatasetPrefix,
 
 
 def task_dir(root: str | os.PathLike, task: str) -> str:
+    """The folder of P3 task ``task`` under ``root``; raises DataError when it does not exist."""
     path = os.path.join(data_dir(root), task)
     if not os.path.isdir(path):
         raise DataError(f"{path}: P3 task folder does not exist")
@@ -185,6 +186,8 @@ def splits(path: str) -> list[str]:
 
 
 def pick_split(path: str, preferred: tuple[str, ...]) -> str:
+    """The first of ``preferred`` that has TFRecord shards in ``path``; raises DataError when none
+    has."""
     have = splits(path)
     for s in preferred:
         if s in have:

@@ -96,6 +96,7 @@ def templates_root(folder: str | os.PathLike | None) -> str:
 
 
 def template_file(root: str, dataset: str, subset: str | None = None) -> str:
+    """The path of the templates file of ``dataset`` (and ``subset``) under ``root``."""
     return os.path.join(root, dataset, *([subset] if subset else []), TEMPLATE_FILE)
 
 

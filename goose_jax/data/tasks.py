@@ -244,6 +244,8 @@ def _seqio_name(s: str) -> str:
 
 
 def seqio_vocabulary(vocabulary):
+    """A seqio vocabulary: bytes for None, SentencePiece for a model file's path, else
+    ``vocabulary`` as given."""
     import seqio
 
     if vocabulary is None:

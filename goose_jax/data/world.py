@@ -352,6 +352,8 @@ def make_example(name: str, split: str, index: int, seed: int = 0) -> Example:
 
 
 def get_world_task(name: str) -> WorldTask:
+    """The miniature world's task ``name`` (``world/`` prefix optional); raises DataError for an
+    unknown name."""
     name = name.removeprefix("world/")
     if name not in TASKS:
         raise DataError(f"unknown world task {name!r}; known: {', '.join(TASKS)}")

@@ -164,6 +164,8 @@ def base_family(manifest: dict) -> str:
 
 
 def base_config(manifest: dict, mpath: str) -> families.ModelConfig:
+    """The base model's config recorded in a library manifest (read from ``mpath``); raises
+    LibraryError when the record is bad."""
     name = base_family(manifest)
     where = f"{mpath}: base_model.{config_key(name)}"
     try:

@@ -58,6 +58,8 @@ class ExpertRows:
 
 def stack_on_host(rows: ExpertRows, count: int, key: str,
                   shape: tuple[int, ...]) -> jax.Array:
+    """The first ``count`` experts' rows of tensor ``key`` (each of ``shape``) as one array, then
+    frees them."""
     value = rows.block(key, shape, (slice(0, count),), count)
     rows.release(key)
     return jnp.asarray(value)
@@ -65,6 +67,8 @@ def stack_on_host(rows: ExpertRows, count: int, key: str,
 
 def stack_into(rows: ExpertRows, count: int, sharding: jax.sharding.Sharding, key: str,
                 shape: tuple[int, ...]) -> jax.Array:
+    """The first ``count`` experts' rows of tensor ``key`` (each of ``shape``) as an array laid out
+    by ``sharding``, each device reading only its block; then frees them."""
     # Called once per local device; devices that hold the same rows (replicas over `data`)
     # share the rows read for the first.
     value = jax.make_array_from_callback((count, *shape), sharding,

@@ -33,6 +33,7 @@ _NAMES_SHOWN = 5
 
 
 def names_shown(keys) -> str:
+    """The first few of ``keys``, sorted and comma-separated, with a count of the rest."""
     keys = sorted(keys)
     shown = ", ".join(keys[:_NAMES_SHOWN])
     return shown + (f" (and {len(keys) - _NAMES_SHOWN} more)" if len(keys) > _NAMES_SHOWN else "")
@@ -217,6 +218,8 @@ def write_model_folder(path: str | os.PathLike, weights_name: str,
 
 
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays hold exactly the same values (same shape; the stored bits when the dtypes
+    agree)."""
     # Exact equality of the stored bits: the tie decision must not depend on float tolerance.
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:

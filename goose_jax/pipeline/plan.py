@@ -78,6 +78,8 @@ CHIPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
+    """A TPU slice: its chip, how many chips, and the torus's shape."""
+
     chip: Chip
     chips: int
     shape: tuple[int, ...]  # chips along each axis of the torus
@@ -247,6 +249,7 @@ def routed_collections(cfg, lora, E, mesh, dtype, backend="auto"):
 
 
 def batch_input(shape, mesh, dtype="int32"):
+    """An abstract int batch of ``shape`` sharded over ``mesh``'s batch axes."""
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
 
 
@@ -510,6 +513,7 @@ def check_arguments(built: Built, chip: Chip, where: str, mesh_text: str) -> Non
 
 
 def fmt_gib(n: float) -> str:
+    """``n`` bytes in GiB, two decimals."""
     return f"{n / GIB:.2f}"
 
 
@@ -558,6 +562,7 @@ def plan(run: Run, devices: Sequence, chip: Chip, *, compile_programs: bool = Tr
 
 
 def check_devices(count: int, available: int, what: str) -> None:
+    """Raises UsageError when ``what`` needs more than the ``available`` devices."""
     if count > available:
         raise UsageError(f"{what} needs {count} devices, {available} available")
 

@@ -17,6 +17,8 @@ SITES = r"layers_\d+/(self_attn/[qkvo]|mlp/(gate|up|down))"
 
 
 class GemmaFamily(CausalFamily):
+    """The decoder-only Gemma family (Gemma, Gemma 2) behind the model-family contract."""
+
     names = FAMILIES
     config_type = GemmaConfig
     hf_model_types = FAMILIES

@@ -193,6 +193,7 @@ class Gemma(nn.Module):
 
 
 def abstract_variables(cfg: GemmaConfig) -> dict:
+    """The model's variables as ``jax.ShapeDtypeStruct`` (nothing is allocated)."""
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(Gemma(cfg).init, jax.random.key(0), ids, ids, ids)
 

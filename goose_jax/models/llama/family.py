@@ -17,6 +17,8 @@ SITES = r"layers_\d+/(self_attn/[qkvo]|mlp/(gate|up|down))"
 
 
 class LlamaFamily(CausalFamily):
+    """The decoder-only Llama family (Llama, Qwen2, Mistral) behind the model-family contract."""
+
     names = FAMILIES
     config_type = DecoderConfig
     hf_model_types = FAMILIES

@@ -48,6 +48,7 @@ LAYOUT = causal_hf.HFLayout(tensor_map, abstract_variables, DecoderConfig.from_h
 
 
 def expected_shapes(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Parameter path -> shape of a model of ``cfg``, computed without allocating it."""
     return causal_hf.expected_shapes(LAYOUT, cfg)
 
 

@@ -208,6 +208,7 @@ class Llama(nn.Module):
 
 
 def abstract_variables(cfg: DecoderConfig) -> dict:
+    """The model's variables as ``jax.ShapeDtypeStruct`` (nothing is allocated)."""
     ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
     return jax.eval_shape(Llama(cfg).init, jax.random.key(0), ids, ids, ids)
 

@@ -25,6 +25,7 @@ def reads_encoder_tokens(site: str) -> bool:
 
 
 class T5Family(ModelFamily):
+    """The T5 family (t5, mt5, umt5 checkpoints) as the model-family contract describes it."""
     names = ("t5",)
     config_type = T5Config
     decoder_only = False

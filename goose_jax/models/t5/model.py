@@ -460,12 +460,15 @@ _SITE_ORDER = tuple(f"{a}/{p}" for a in ("self_attn", "cross_attn") for p in "qk
 
 
 def model_variables(cfg, params, collections):
+    """The variables the module applies: ``params`` and ``collections``, layers stacked when
+    ``cfg.scan_layers``."""
     variables = {"params": params, **(collections or {})}
     # Either layout is accepted; a stacked tree passes through unchanged (no copy).
     return stack_layers(variables, cfg) if cfg.scan_layers else variables
 
 
 def ones_mask(ids):
+    """An all-ones int32 attention mask of ``ids``'s shape."""
     return jnp.ones(ids.shape, jnp.int32)
 
 
