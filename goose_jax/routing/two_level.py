@@ -38,14 +38,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goose_jax.core.errors import RoutingError
+from goose_jax.core.errors import LibraryError, RoutingError
+from goose_jax.core.trees import flatten_sites, nest_sites
+from goose_jax.library.clusters import save_clusters
+from goose_jax.library.store import ExpertLibrary
 from goose_jax.routing.backends import sort_by_expert
-from goose_jax.routing.formula import LN_EPS, arrow_temperature
+from goose_jax.routing.formula import LN_EPS, arrow_temperature, prepare_router
 
 Array = jax.Array
 
@@ -55,8 +59,9 @@ DEFAULT_BALANCE = 1.5
 # Bytes of gathered token rows and member rows one scan step scores (as backends._STEP_BYTES).
 _STEP_BYTES = 3 << 20
 
-__all__ = ["DEFAULT_BALANCE", "DEFAULT_ITERATIONS", "SCORINGS", "TwoLevel", "cluster_vectors",
-           "default_clusters", "member_table", "route_recall", "two_level_route"]
+__all__ = ["DEFAULT_BALANCE", "DEFAULT_ITERATIONS", "SCORINGS", "TwoLevel", "check_clusters",
+           "cluster_gates", "cluster_library", "cluster_vectors", "default_clusters",
+           "member_table", "member_vectors", "route_recall", "two_level_route"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +191,59 @@ def cluster_vectors(vectors_EI, num_clusters: int, *, scoring: str = "standardiz
                             num_clusters=int(num_clusters), iterations=int(iterations),
                             axial=scoring == "abs_dot", capacity=int(capacity))
     return np.asarray(cents, np.float32), member_table(np.asarray(assign), int(num_clusters))
+
+
+def cluster_gates(gates: dict, num_clusters: int | None = None, *, seed: int = 0,
+                  iterations: int = DEFAULT_ITERATIONS, balance: float = DEFAULT_BALANCE) -> dict:
+    """Per-site clusters of PHATGOOSE gates (per site ``{"gate": (E, I)}``), standardized as
+    they are scored: per site ``{"centroids": (C, I), "members": (C, M)}``."""
+    out = {}
+    for site, leaf in flatten_sites(gates).items():
+        rows = np.asarray(leaf["gate"], np.float32)
+        count = num_clusters or default_clusters(rows.shape[0])
+        cents, members = cluster_vectors(prepare_router(jnp.asarray(rows)), count, seed=seed,
+                                         iterations=iterations, balance=balance)
+        out[site] = {"centroids": cents, "members": members}
+    return nest_sites(out)
+
+
+def cluster_library(lib: ExpertLibrary, num_clusters: int | None = None, *, seed: int = 0,
+                    iterations: int = DEFAULT_ITERATIONS, balance: float = DEFAULT_BALANCE,
+                    overwrite: bool = False) -> dict:
+    """Clusters a library's gates per site and stores them in it (``library.clusters``; the
+    manifest becomes format version 2). Libraries without clusters route exactly as before.
+
+    Args:
+      lib: an open library whose experts all have gates.
+      num_clusters: C per site (None: ``default_clusters(E)``); at most E.
+      seed, iterations, balance: as ``cluster_vectors``.
+      overwrite: replace clusters the library already holds.
+
+    Returns:
+      what was done: ``experts``, ``sites``, ``num_clusters``, ``max_members`` (largest
+      cluster over the sites), ``seconds`` (loading the gates excluded) and the settings.
+
+    Raises:
+      LibraryError: clusters already there (without ``overwrite``), no experts, or experts
+        without gates.
+    """
+    if "clusters" in lib.manifest and not overwrite:
+        raise LibraryError(f"{lib.path}: the library already has clusters (overwrite=True, or "
+                           "--overwrite, rebuilds them)")
+    _, gates = lib.load(gates=True)
+    count = num_clusters or default_clusters(len(lib))
+    if not 1 <= count <= len(lib):
+        raise LibraryError(f"{lib.path}: num_clusters must be in [1, {len(lib)}] (the library's "
+                           f"experts); found {count}")
+    t0 = time.perf_counter()
+    clusters = cluster_gates(gates, count, seed=seed, iterations=iterations, balance=balance)
+    seconds = time.perf_counter() - t0
+    widest = max(np.shape(v["members"])[1] for v in flatten_sites(clusters).values())
+    info = {"vectors": "standardized gates", "seed": seed, "iterations": iterations,
+            "balance": balance, "seconds": round(seconds, 3)}
+    save_clusters(lib, clusters, lib.names, info)
+    return {"experts": len(lib), "sites": len(lib.sites), "num_clusters": count,
+            "max_members": int(widest), **info}
 
 
 def member_table(assign_E: np.ndarray, num_clusters: int) -> np.ndarray:
