@@ -8,6 +8,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tool
 
 import goose_jax as gj
 from goose_jax.core.errors import LibraryError, LibraryMismatchError
@@ -189,3 +190,16 @@ def test_other_per_token_methods_share_the_path(world, method):
     np.testing.assert_allclose(every, exact, atol=1e-5)
     with pytest.raises(LibraryMismatchError, match="n_probe"):
         build_routed(method, cfg, experts, two_level=TwoLevel(3, num_clusters=2), **kw)
+
+
+def test_goose_train_clusters_stores_them_and_prints_the_cost(world, tmp_path, capsys):
+    path = tmp_path / "lib"
+    shutil.copytree(world / "lib", path)
+    main = tool("goose-train")
+    assert main(["clusters", "--library", str(path), "--clusters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "clustered the gates of 3 experts at 3 sites into 2 clusters" in out and " s;" in out
+    assert ExpertLibrary.open(path).manifest["format_version"] == 2
+    assert main(["clusters", "--library", str(path)]) != 0      # no silent rebuild
+    assert main(["clusters", "--library", str(path), "--overwrite"]) == 0
+    assert json.loads((path / "manifest.json").read_text())["clusters"]["num_clusters"] == 2
