@@ -35,6 +35,8 @@ routing's (weights within 1e-5), and the mean exact weight mass recovered
     python bench/routing.py                                  # E = 36, 166, 1000; dense, grouped
     python bench/routing.py --experts 1000 10000 --backends grouped two_level \
         --n-probe 2 4 8 --gates-from demo_out/library_small_seed0
+    python bench/routing.py --experts 1000 --clusters 100 --backends two_level \
+        --n-probe 2 4 8 16 32 --gates-from demo_out/library_small_seed0 --recall-only
 
 The last line is the E = 166 (or the largest E) ratio of the fastest router. Results:
 bench/README.md.
@@ -166,6 +168,48 @@ def routed_shared(cfg, lib, gates_by_width, adapter, entries_by_width) -> Routed
     return Routed("phatgoose", adapter, {EXPERTS: lib, ROUTER: nest_sites(router)})
 
 
+def site_ratio(args, entries, gn, n_probe: int) -> dict[int, float]:
+    """Per input width I: median over repeats of (routed site time / base matmul time) for one
+    site I -> I of N = batch * (enc + dec) tokens: exact routing (``entries`` None) or two-level,
+    each with the grouped combine; calls interleaved."""
+    out = {}
+    rng = np.random.default_rng(1)
+    N, k, R = args.batch * (args.enc_len + args.dec_len), args.top_k, args.rank
+    for I, gn_EI in gn.items():
+        E = gn_EI.shape[0]
+        x = jnp.asarray(rng.standard_normal((N, I)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((I, I)) / np.sqrt(I), jnp.float32)
+        a = jnp.asarray(rng.normal(0, 0.02, (E, I, R)), jnp.float32)
+        b = jnp.asarray(rng.normal(0, 0.02, (E, R, I)), jnp.float32)
+        base = jax.jit(lambda x, w: x @ w)
+        if entries is None:
+            def route(x, e=gn_EI):
+                return routing.phatgoose_route(x, e, k, gates_normed=True)
+        else:
+            t, c, m = entries[I]["table"], entries[I]["centroids"], entries[I]["members"]
+
+            def route(x, t=t, c=c, m=m):
+                return tl.two_level_route(x, t, c, m, k, n_probe)
+
+        @jax.jit
+        def site(x, w, a, b, route=route):
+            weights, index = route(x)
+            return x @ w + routing.combine_lora(x, a, b, weights, index, 1 / R,
+                                                backend="grouped")
+
+        jax.block_until_ready((base(x, w), site(x, w, a, b)))
+        ratios = []
+        for _ in range(max(args.repeats, 3)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(base(x, w))
+            tb = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(site(x, w, a, b))
+            ratios.append((time.perf_counter() - t0) / tb)
+        out[I] = statistics.median(ratios)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="t5-v1_1-base")
@@ -182,6 +226,12 @@ def main(argv=None):
                     help="a trained library to grow the gates from and measure recall on "
                          "(module doc); default: random gates, no recall")
     ap.add_argument("--recall-tokens", type=int, default=4096)
+    ap.add_argument("--site-only", action="store_true",
+                    help="time one routed site per input width (router + grouped combine over "
+                         "the site's base matmul, batch * (enc + dec) tokens) instead of the "
+                         "whole model: compiles in seconds")
+    ap.add_argument("--recall-only", action="store_true",
+                    help="print two_level's clusters and recall, no timing (needs --gates-from)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--enc-len", type=int, default=256)
     ap.add_argument("--dec-len", type=int, default=256)
@@ -219,6 +269,11 @@ def main(argv=None):
     else:
         print("gates: random normal (cost only; pass --gates-from LIBRARY for recall)")
 
+    if args.site_only:
+        args.recall_only = True   # no whole-model runs; the site timing is printed instead
+    if args.recall_only and seeds is None:
+        raise SystemExit("--recall-only needs --gates-from")
+
     def run(routed):
         gj.t5_logits(cfg, params, ids, dec, mask, routing=routed).block_until_ready()
 
@@ -236,7 +291,8 @@ def main(argv=None):
             routed_t.append(time.perf_counter() - t0)
         return statistics.median(base_t), statistics.median(routed_t), compile_s
 
-    run(None)
+    if not args.recall_only:
+        run(None)
     results = {}
     k = args.top_k
     scale = 1 / args.rank
@@ -247,9 +303,13 @@ def main(argv=None):
         if seeds is not None:
             g_rng = np.random.default_rng(E)
             grown = {I: ocean_gates(seeds[pick[I]], E, g_rng) @ lifts[I] for I in widths}
-        lib, gates = shared_library(cfg, E, args.rank, gates_by_width=grown)
-        gn = {I: routing.prepare_router(flatten_sites(gates)[name]["gate"])
-              for name, (I, _) in gj.site_shapes(cfg).items()}
+        if args.recall_only:   # no LoRA weights needed
+            lib = gates = None
+            gn = {I: routing.prepare_router(jnp.asarray(grown[I])) for I in widths}
+        else:
+            lib, gates = shared_library(cfg, E, args.rank, gates_by_width=grown)
+            gn = {I: routing.prepare_router(flatten_sites(gates)[name]["gate"])
+                  for name, (I, _) in gj.site_shapes(cfg).items()}
         exact_entries = {I: {"vectors": v} for I, v in gn.items()}
         x_tok = exact_route = None
         if tokens is not None:
@@ -258,6 +318,8 @@ def main(argv=None):
             exact_route = {I: routing.phatgoose_route(x_tok[I], gn[I], k, gates_normed=True)
                            for I in widths}
         for backend in args.backends:
+            if backend != "two_level" and args.recall_only:
+                continue
             if backend != "two_level":
                 adapter = RoutedAdapter(scale, k, "standardized", backend)
                 mb, mr, compile_s = timed(routed_shared(cfg, lib, gates, adapter, exact_entries))
@@ -284,13 +346,28 @@ def main(argv=None):
                         x_tok[I], entries[I]["table"], entries[I]["centroids"],
                         entries[I]["members"], k, n_probe), atol=ATOL) for I in widths]
                     recall, mass = min(p[0] for p in pairs), min(p[1] for p in pairs)
+                name = f"two_level C={C} p={n_probe}"
+                if args.site_only:
+                    ratio = site_ratio(args, entries, gn, n_probe)
+                    exact = site_ratio(args, None, gn, 0)
+                    print(f"E={E:5d} {name:22s} site/base by width "
+                          + " ".join(f"{I}: exact {exact[I]:5.2f} two-level {ratio[I]:5.2f}"
+                                     for I in widths)
+                          + f"  recall {recall:.4f} mass {mass:.4f}", flush=True)
+                    continue
+                if args.recall_only:
+                    rows = C + n_probe * biggest
+                    print(f"E={E:5d} {name:22s} scores per token {rows:6d} ({rows / E:5.1%} of E)"
+                          f"  recall {recall:.4f} mass {mass:.4f}", flush=True)
+                    continue
                 adapter = RoutedAdapter(scale, k, "standardized", "grouped", n_probe=n_probe)
                 mb, mr, compile_s = timed(routed_shared(cfg, lib, gates, adapter, entries))
-                name = f"two_level C={C} p={n_probe}"
                 results[(E, name)] = mr / mb
                 print(f"E={E:5d} {name:22s} base {mb:7.2f}s routed {mr:7.2f}s "
                       f"ratio {mr / mb:6.2f}  recall {recall:.4f} mass {mass:.4f}  "
                       f"(first call {compile_s:.1f}s)", flush=True)
+    if not results:
+        return
     key_e = 166 if any(e == 166 for e, _ in results) else args.experts[-1]
     best = min((r, b) for (e, b), r in results.items() if e == key_e)
     print(f"E={key_e} fastest router {best[1]}: routed/base forward time {best[0]:.2f}")

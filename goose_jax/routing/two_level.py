@@ -116,21 +116,25 @@ def _kmeans(unit_EI, key, *, num_clusters, iterations, axial, capacity):
     num_experts = unit_EI.shape[0]
 
     # k-means++ seeding: each new centroid drawn with probability proportional to the squared
-    # chord distance (1 - similarity) to the nearest centroid chosen so far.
+    # chord distance (1 - similarity) to the nearest centroid chosen so far, that distance kept
+    # up to date against each new centroid only (C * E * I work in all).
     first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, num_experts)
     cents = jnp.zeros((num_clusters, unit_EI.shape[1]), jnp.float32).at[0].set(unit_EI[first])
 
-    def seed_step(c, cents):
-        chosen = jnp.arange(num_clusters) < c
-        sim = jnp.where(chosen[None, :], _similarity(unit_EI, cents, axial), -jnp.inf)
-        dist = jnp.maximum(1.0 - jnp.max(sim, axis=1), 0.0)
-        logits = jnp.where(dist > 0, jnp.log(jnp.maximum(dist, 1e-30)), -jnp.inf)
-        # All remaining distances 0 (fewer distinct vectors than clusters): any expert will do.
-        logits = jnp.where(jnp.all(dist <= 0), 0.0, logits)
-        pick = jax.random.categorical(jax.random.fold_in(key, c), logits)
-        return cents.at[c].set(unit_EI[pick])
+    def nearest(dist_E, centroid_I):
+        sim = _similarity(unit_EI, centroid_I[None, :], axial)[:, 0]
+        return jnp.minimum(dist_E, jnp.maximum(1.0 - sim, 0.0))
 
-    cents = jax.lax.fori_loop(1, num_clusters, seed_step, cents)
+    def seed_step(c, carry):
+        cents, dist_E = carry
+        logits = jnp.where(dist_E > 0, jnp.log(jnp.maximum(dist_E, 1e-30)), -jnp.inf)
+        # All remaining distances 0 (fewer distinct vectors than clusters): any expert will do.
+        logits = jnp.where(jnp.all(dist_E <= 0), 0.0, logits)
+        pick = jax.random.categorical(jax.random.fold_in(key, c), logits)
+        return cents.at[c].set(unit_EI[pick]), nearest(dist_E, unit_EI[pick])
+
+    dist_E = nearest(jnp.full((num_experts,), jnp.inf, jnp.float32), cents[0])
+    cents, _ = jax.lax.fori_loop(1, num_clusters, seed_step, (cents, dist_E))
 
     def lloyd(_, cents):
         sim = _similarity(unit_EI, cents, axial)
