@@ -297,7 +297,11 @@ def _entry(field, value):
 @pytest.mark.parametrize("change, parts", [
     (lambda m: [m], ["expected a JSON object, found list"]),
     (lambda m: "{not json", ["cannot read as JSON"]),
-    (lambda m: {**m, "format_version": 2}, ["format_version: expected 1, found 2"]),
+    (lambda m: {**m, "format_version": 3}, ["format_version: expected one of [1, 2], found 3"]),
+    (lambda m: {**m, "format_version": 2}, ["format_version 2 without a clusters record"]),
+    (lambda m: {**m, "clusters": {"file": "clusters.safetensors"}},
+     ["format_version 1 with a clusters record"]),
+    (lambda m: {**m, "format_version": 2, "clusters": {"file": "x"}}, ["clusters: expected"]),
     (lambda m: {**m, "lora": {**m["lora"], "rank": "2"}}, ["lora: expected"]),
     (lambda m: {**m, "sites": {"x": [24]}}, ["sites: expected"]),
     (lambda m: {**m, "experts": {}}, ["experts: expected a list"]),

@@ -209,7 +209,7 @@ def test_unknown_manifest_version_is_refused(lib):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(LibraryError) as e:
         ExpertLibrary.open(lib.path)
-    one_line_error(e, path, "format_version: expected 1, found 99")
+    one_line_error(e, path, "format_version: expected one of [1, 2], found 99")
     open(path, "w").write("{not json")
     with pytest.raises(LibraryError) as e:
         ExpertLibrary.open(lib.path)

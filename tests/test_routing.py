@@ -322,7 +322,7 @@ def test_grouped_sort_keys_and_argsort_agree(monkeypatch, key_limit):
     x, _, lora_a, lora_b = make_site(25, (90,), 8, 6, 5, 3)
     index = rng.integers(0, 5, (90, 2)).astype(np.int32)  # many repeats of each expert
     weights = rng.uniform(0.1, 1.0, (90, 2)).astype(np.float32)
-    _, order, sorted_expert, counts = routing_backends._sort_by_expert(jnp.asarray(index), 5)
+    _, order, sorted_expert, counts = routing_backends.sort_by_expert(jnp.asarray(index), 5)
     np.testing.assert_array_equal(np.asarray(order), np.argsort(index.reshape(-1), kind="stable"))
     np.testing.assert_array_equal(np.asarray(sorted_expert), np.sort(index.reshape(-1)))
     np.testing.assert_array_equal(np.asarray(counts), np.bincount(index.reshape(-1), minlength=5))

@@ -9,6 +9,7 @@
                           (--library LIB | --set multitask_mode=full --out MODEL_DIR)
     goose-train prototypes --base B --library LIB --data a.jsonl ... --names a ...
                           [--examples 1000] [--pooling example|token]
+    goose-train clusters  --library LIB [--clusters C] [--seed S] [--overwrite]
 
 Argument parsing and dispatch only; the runs are ``goose_jax.pipeline.train_runs`` (its docstring
 is the
@@ -25,7 +26,9 @@ from collections.abc import Callable, Sequence
 
 from goose_jax.core import distributed
 from goose_jax.core.tool import run_tool
+from goose_jax.library.store import ExpertLibrary
 from goose_jax.pipeline import prototypes, train_runs
+from goose_jax.routing import two_level
 
 PROG = "goose-train"
 
@@ -104,10 +107,40 @@ def _prototypes_parser(sub) -> None:
     p.set_defaults(run=_run_prototypes)
 
 
+def _run_clusters(args: argparse.Namespace) -> int:
+    done = two_level.cluster_library(
+        ExpertLibrary.open(args.library), args.clusters, seed=args.seed,
+        iterations=args.iterations, balance=args.balance, overwrite=args.overwrite)
+    print(f"{args.library}: clustered the gates of {done['experts']} experts at {done['sites']} "
+          f"sites into {done['num_clusters']} clusters each (largest {done['max_members']} "
+          f"members) in {done['seconds']:.1f} s; stored in clusters.safetensors (library format "
+          "version 2)", flush=True)
+    return 0
+
+
+def _clusters_parser(sub) -> None:
+    help_text = ("cluster each site's PHATGOOSE gates (k-means, seeded) and store the clusters "
+                 "in the library, for two-level routing (routing.two_level)")
+    p = sub.add_parser("clusters", help=help_text, description=help_text)
+    p.add_argument("--library", required=True, help="expert library directory (every expert "
+                   "with a gate)")
+    p.add_argument("--clusters", type=int, default=None,
+                   help="clusters per site (default: round(sqrt(experts)))")
+    p.add_argument("--seed", type=int, default=0, help="k-means++ seed (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=two_level.DEFAULT_ITERATIONS,
+                   help="Lloyd steps (default: %(default)s)")
+    p.add_argument("--balance", type=float, default=two_level.DEFAULT_BALANCE,
+                   help="members per cluster at most balance * experts / clusters "
+                        "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the clusters the library already holds")
+    p.set_defaults(run=_run_clusters)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Train LoRA experts, PHATGOOSE gates and multitask baselines; "
-        "compute average-activation prototypes.")
+        "compute average-activation prototypes; cluster the gates for two-level routing.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     specs = {
         "expert": ("train one LoRA expert", False, train_runs.run_experts),
@@ -139,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "<name>.validation.jsonl beside it. Scored at step 0 and "
                                 "every eval_every steps; each expert keeps its best step")
     _prototypes_parser(sub)
+    _clusters_parser(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Format (strict JSON: no NaN or inf anywhere; a non-finite number is written as null)::
 
-    {"format": "goose-jax-library", "format_version": 1,
+    {"format": "goose-jax-library", "format_version": 1 | 2,   2 exactly when "clusters" is
+                                                     present; a reader takes both
      "base_model": {"family": "t5" | "llama" | "qwen2" | "mistral",   absent: "t5"
                     "t5_config" or "decoder_config": {...},   the HF config dict, without the
                                                      storage dtype, with tie_word_embeddings
@@ -17,7 +18,15 @@ Format (strict JSON: no NaN or inf anywhere; a non-finite number is written as n
         "data": string | null, "steps": int | null, "metrics": object | null,   optional
         ...any other JSON facts the writer gave}],
      "prototypes": {"file": "prototypes.safetensors", "bytes": int >= 0,   optional: written
-                    "sha256": "sha256:<64 hex digits>"}}             with the prototypes file
+                    "sha256": "sha256:<64 hex digits>"},             with the prototypes file
+     "clusters": {"file": "clusters.safetensors", "bytes": int >= 0,       optional (version 2):
+                  "sha256": "sha256:<64 hex digits>",                 the two-level routing
+                  "num_clusters": int > 0, "experts": int > 0}}       clusters of the gates
+
+Versions: a library is written with the lowest version that describes it, so one without
+clusters stays version 1, readable by every goose-jax that reads libraries; adding clusters
+makes it version 2, and dropping them (any expert added, replaced or removed: the clusters were
+built from the old gates) makes it version 1 again.
 
 Reading a manifest checks all of it before anything uses it: the format and its version, each
 required top-level field and its type, the base model's family and config (it must build a
@@ -47,8 +56,11 @@ from goose_jax.models import families
 MANIFEST = "manifest.json"
 EXPERT_DIR = "experts"
 PROTOTYPES_FILE = "prototypes.safetensors"   # the average-activation router vectors
+CLUSTERS_FILE = "clusters.safetensors"       # the two-level routing clusters of the gates
 FORMAT = "goose-jax-library"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # a library without clusters
+CLUSTERS_VERSION = 2          # a library with clusters
+READABLE_VERSIONS = (FORMAT_VERSION, CLUSTERS_VERSION)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -117,10 +129,16 @@ def _check_manifest(manifest: Any, path: str) -> None:
     if manifest.get("format") != FORMAT:
         raise LibraryError(f"{mpath}: format: expected {FORMAT!r}, found "
                            f"{manifest.get('format')!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LibraryError(f"{mpath}: format_version: expected {FORMAT_VERSION}, found "
-                           f"{manifest.get('format_version')!r} (written by another "
-                           "goose-jax version?)")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise LibraryError(f"{mpath}: format_version: expected one of {list(READABLE_VERSIONS)}, "
+                           f"found {version!r} (written by another goose-jax version?)")
+    if ("clusters" in manifest) != (version == CLUSTERS_VERSION):
+        raise LibraryError(f"{mpath}: format_version {version} "
+                           f"{'without' if version == CLUSTERS_VERSION else 'with'} a clusters "
+                           f"record: version {CLUSTERS_VERSION} is exactly a library with "
+                           "clusters; restore the manifest or rebuild the clusters "
+                           "(goose-train clusters)")
     for key, ok, what in _TOP:
         if key not in manifest:
             raise LibraryError(f"{mpath}: manifest lacks {key!r}")
@@ -150,6 +168,21 @@ def _check_manifest(manifest: Any, path: str) -> None:
         raise LibraryError(f"{mpath}: prototypes: expected an object with file "
                            f"{PROTOTYPES_FILE!r}, bytes (int >= 0) and sha256; remove the field "
                            "and recompute the prototypes (goose-train prototypes --overwrite)")
+    record = manifest.get("clusters")
+    if record is not None and not (
+            isinstance(record, dict) and record.get("file") == CLUSTERS_FILE
+            and _is_int(record.get("bytes")) and record["bytes"] >= 0
+            and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])
+            and _is_int(record.get("num_clusters")) and record["num_clusters"] > 0
+            and _is_int(record.get("experts")) and record["experts"] > 0):
+        raise LibraryError(f"{mpath}: clusters: expected an object with file {CLUSTERS_FILE!r}, "
+                           "bytes (int >= 0), sha256, num_clusters and experts (ints > 0); "
+                           "rebuild them (goose-train clusters --overwrite)")
+
+
+def content_version(manifest: dict) -> int:
+    """The format version a manifest is written with: 2 with clusters, else 1."""
+    return CLUSTERS_VERSION if "clusters" in manifest else FORMAT_VERSION
 
 
 def config_key(family: Any) -> str:

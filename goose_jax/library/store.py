@@ -58,6 +58,7 @@ from goose_jax.core.trees import flatten_sites, nest_sites
 from goose_jax.experts.lora import LoRAConfig, select_sites, site_pattern
 from goose_jax.library import prototypes
 from goose_jax.library.manifest import (
+    CLUSTERS_FILE,
     EXPERT_DIR,
     FORMAT,
     FORMAT_VERSION,
@@ -68,6 +69,7 @@ from goose_jax.library.manifest import (
     bytes_sha256,
     check_expert_name,
     config_key,
+    content_version,
     entry_problem,
     expert_file,
     read_manifest,
@@ -328,8 +330,12 @@ class ExpertLibrary:
     def _write_manifest(self) -> None:
         # Strict JSON: a bare NaN is not JSON, and other readers of the manifest would choke.
         self.manifest = strict_json(self.manifest)
+        self.manifest["format_version"] = content_version(self.manifest)
         text = json.dumps(self.manifest, indent=1, sort_keys=False, allow_nan=False) + "\n"
         write_atomic(self._manifest_path, text)
+        if "clusters" not in self.manifest:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.path, CLUSTERS_FILE))
 
     @contextlib.contextmanager
     def _fresh(self) -> Iterator[list[dict]]:
@@ -435,6 +441,7 @@ class ExpertLibrary:
                 self._drop_prototypes([name])   # computed with the expert just replaced
             else:
                 entries.append(entry)
+            self._drop_clusters()   # built from the gates before this one
             self._write_manifest()
         return file
 
@@ -446,6 +453,7 @@ class ExpertLibrary:
                 self.info(name)  # raises, naming the experts there are
             entry = entries.pop(names.index(name))
             self._drop_prototypes([name])
+            self._drop_clusters()
             self._write_manifest()
             try:  # inside the lock: a concurrent add of this name keeps its new file
                 os.remove(os.path.join(self.path, entry["file"]))
@@ -478,6 +486,29 @@ class ExpertLibrary:
             self.manifest.pop("prototypes", None)
         else:
             self.manifest["prototypes"] = record
+
+    # --- clusters (two-level routing; goose_jax.library.clusters) -----------------------------
+
+    def write_clusters(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+                       num_clusters: int) -> str:
+        """Writes ``<library>/clusters.safetensors`` and records it (size, sha256, C and the
+        number of experts) in the manifest, which becomes format version 2. Returns the path."""
+        data = safetensors_bytes(dict(tensors), metadata=dict(metadata))
+        file = os.path.join(self.path, CLUSTERS_FILE)
+        with self._fresh() as entries:
+            write_atomic(file, data)
+            self.manifest["clusters"] = {"file": CLUSTERS_FILE, "bytes": len(data),
+                                         "sha256": bytes_sha256(data),
+                                         "num_clusters": int(num_clusters),
+                                         "experts": len(entries)}
+            self._write_manifest()
+        return file
+
+    def _drop_clusters(self) -> None:
+        """Inside the write lock, before ``_write_manifest``: forgets the clusters (their
+        experts' gates changed); ``_write_manifest`` deletes their file once the manifest no
+        longer names it."""
+        self.manifest.pop("clusters", None)
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def grouped_step_rows(block_size: int, d_in: int, d_out: int) -> int:
     return max(min(max(rows, _MIN_STEP_ROWS), _MAX_STEP_ROWS), block_size)
 
 
-def _sort_by_expert(index_Nk: Array, num_experts: int):
+def sort_by_expert(index_Nk: Array, num_experts: int):
     """Stable sort of the flat assignments by expert: the flat expert ids, the order that sorts
     them, the sorted ids, and the per-expert counts.
 
@@ -163,7 +163,7 @@ def combine_grouped(
     num_blocks = num_steps * per_step
     num_rows = num_blocks * size
 
-    _, order_A, sorted_expert_A, counts_E = _sort_by_expert(index_Nk, num_experts)
+    _, order_A, sorted_expert_A, counts_E = sort_by_expert(index_Nk, num_experts)
     padded_E = (counts_E + size - 1) // size * size
     padded_start_E = jnp.cumsum(padded_E) - padded_E
     start_E = jnp.cumsum(counts_E) - counts_E
@@ -222,7 +222,7 @@ def combine_ragged(x_NI, lora_a_EIR, lora_b_ERO, weights_Nk, index_Nk, scale, pr
     num_experts = lora_a_EIR.shape[0]
     d_out = lora_b_ERO.shape[-1]
     top_k = index_Nk.shape[-1]
-    _, order_A, _, counts_E = _sort_by_expert(index_Nk, num_experts)
+    _, order_A, _, counts_E = sort_by_expert(index_Nk, num_experts)
     dtype = _compute_dtype(x_NI, lora_a_EIR)
     x_AI = x_NI.astype(dtype)[order_A // top_k]
     h_AR = jax.lax.ragged_dot(

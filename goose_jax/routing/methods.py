@@ -52,6 +52,8 @@ from goose_jax.models.families import ModelConfig
 from goose_jax.models.sites import TELEMETRY
 from goose_jax.routing import expert_parallel
 from goose_jax.routing import formula as routing
+from goose_jax.routing import two_level as two_level_routing
+from goose_jax.routing.two_level import TwoLevel
 
 Array = jax.Array
 
@@ -85,6 +87,11 @@ class RoutedAdapter:
     without gathering it (``goose_jax.routing.expert_parallel``); without one, the site runs on
     whatever
     layout jit gives it.
+
+    ``n_probe`` > 0 routes in two levels (``goose_jax.routing.two_level``): the site reads
+    ``router/<site>/centroids`` (C, I), ``members`` (C, M) and ``table`` (C, M, I) instead of
+    ``vectors``, and each token takes its exact top-k among the members of its ``n_probe`` best
+    clusters.
     """
 
     scale: float
@@ -95,6 +102,7 @@ class RoutedAdapter:
     temperature: float | str = 1.0
     num_experts: int = 0
     mesh: Any = None
+    n_probe: int = 0
 
     def __call__(self, module, x: Array, y: Array) -> Array:
         if not module.has_variable(EXPERTS, "lora_a"):
@@ -117,19 +125,30 @@ class RoutedAdapter:
             out = jnp.einsum("bsr,bro->bso", h.astype(x.dtype), b_ERO[idx_B].astype(x.dtype),
                              preferred_element_type=jnp.float32)
             return y + (out * self.scale).astype(y.dtype)
-        vectors_EI = module.get_variable(ROUTER, "vectors")
-        if self.scoring == "standardized":
-            scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
+        if self.n_probe:
+            weights, index = two_level_routing.two_level_route(
+                x, module.get_variable(ROUTER, "table"), module.get_variable(ROUTER, "centroids"),
+                module.get_variable(ROUTER, "members"), self.top_k, self.n_probe,
+                scoring=self.scoring, temperature=self.temperature)
+            # No full score row exists in two levels; telemetry reads only weights and index.
+            route = routing.RouteOutput(weights=weights, index=index, scores=weights)
         else:
-            scores = routing.arrow_scores(x, vectors_EI, temperature=self.temperature)
-        if num_real < a_EIR.shape[0]:
-            scores = expert_parallel.mask_padding(scores, 0, num_real)
-        route = routing.topk_softmax(scores, self.top_k)
+            route = self._exact_route(module, x, a_EIR.shape[0], num_real)
         delta = routing.combine_lora(x, a_EIR, b_ERO, route.weights, route.index, self.scale,
                                      backend=self.backend)
         if self.telemetry:
             _sow_stats(module, route, num_real)
         return y + delta.astype(y.dtype)
+
+    def _exact_route(self, module, x: Array, stacked: int, num_real: int):
+        vectors_EI = module.get_variable(ROUTER, "vectors")
+        if self.scoring == "standardized":
+            scores = routing.phatgoose_scores(x, vectors_EI, gates_normed=True)
+        else:
+            scores = routing.arrow_scores(x, vectors_EI, temperature=self.temperature)
+        if num_real < stacked:
+            scores = expert_parallel.mask_padding(scores, 0, num_real)
+        return routing.topk_softmax(scores, self.top_k)
 
 
 def _sow_stats(module, route, num_experts: int) -> None:
@@ -214,7 +233,7 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
                  gates: dict | None = None, prototypes: dict | None = None, top_k: int = 2,
                  scale: float = 1 / 16, expert: int | None = None, backend: str = "auto",
                  telemetry: bool = False, temperature: float | str = 1.0, mesh=None,
-                 num_experts: int | None = None) -> Routed:
+                 num_experts: int | None = None, two_level: TwoLevel | None = None) -> Routed:
     """Everything ``gj.t5_logits(..., routing=...)`` (or, on a decoder-only model,
     ``gj.decoder_logits`` / ``gj.generate_decoder_greedy``) needs to run ``method``.
 
@@ -243,6 +262,10 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
         gathering the library (``goose_jax.routing.expert_parallel``). None: left where they are.
       num_experts: the real experts of a library whose leading axis is already padded (None:
         every expert of ``experts`` is real).
+      two_level: route ``phatgoose``, ``average_activation`` or ``arrow`` in two levels
+        (``routing.two_level.TwoLevel``: clusters kept per token, and the library's stored
+        clusters or how to cluster the router vectors here). None (the default): exact routing.
+        Not with an ``expert`` mesh axis larger than 1.
 
     Raises:
       LibraryMismatchError: unknown method, bad k, empty or mismatched library, NaN vectors.
@@ -261,6 +284,11 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
         raise LibraryMismatchError(f"num_experts must be an integer in [1, {stacked}] (the "
                                    f"library's stacked experts); found {num_experts!r}")
     X = expert_parallel.expert_axis_size(mesh)
+    if two_level is not None and (X > 1 or method not in ("phatgoose", "average_activation",
+                                                          "arrow")):
+        raise LibraryMismatchError(
+            f"two-level routing is for phatgoose, average_activation and arrow without an "
+            f"expert mesh axis; found method {method!r}, expert axis {X}")
     lib = sharding.pad_experts(experts, X) if X > 1 else experts
     padded = _num_experts(lib) > E
     flat = flatten_sites(lib)
@@ -287,12 +315,18 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
             # routed to (its score is masked), so it only has to exist.
             vectors[name] = {"vectors": _pad_rows(routing.prepare_router(jnp.asarray(rows)),
                                                   np.shape(leaf["lora_a"])[0])}
+        if two_level is not None:
+            vectors = _two_level_router(vectors, two_level, E, top_k, "standardized")
+            routed["n_probe"] = two_level.n_probe
         adapter = RoutedAdapter(scale, top_k, "standardized", backend, telemetry, **routed)
         return _placed(method, adapter, {EXPERTS: lib, ROUTER: nest_sites(vectors)}, mesh)
     if method == "arrow":
         temperature = routing.check_temperature(temperature)
         vectors = {name: {"vectors": _arrow_vectors(leaf["lora_a"], leaf["lora_b"], E)}
                    for name, leaf in flat.items()}
+        if two_level is not None:
+            vectors = _two_level_router(vectors, two_level, E, top_k, "abs_dot")
+            routed["n_probe"] = two_level.n_probe
         adapter = RoutedAdapter(scale, top_k, "abs_dot", backend, telemetry, temperature,
                                 **routed)
         return _placed(method, adapter, {EXPERTS: lib, ROUTER: nest_sites(vectors)}, mesh)
@@ -327,6 +361,45 @@ def build_routed(method: str, cfg: ModelConfig, experts: dict | None = None, *,
     # "example", "retrieval": the caller supplies each example's expert (with_example_index).
     adapter = RoutedAdapter(scale, 1, "example", backend, **routed)
     return _placed(method, adapter, {EXPERTS: lib}, mesh)
+
+
+def _two_level_router(vectors: dict, option: TwoLevel, num_real: int, top_k: int,
+                      scoring: str) -> dict:
+    """Per site the two-level router entries (centroids, members, member table) from the
+    site's router vectors (its first ``num_real`` rows the real experts): the option's stored
+    clusters, checked against the site, or a clustering of the vectors made here."""
+    stored = flatten_sites(option.clusters) if option.clusters is not None else None
+    out = {}
+    for name, entry in vectors.items():
+        real_EI = entry["vectors"][:num_real]
+        if stored is None:
+            count = option.num_clusters or two_level_routing.default_clusters(num_real)
+            try:
+                centroids, members = two_level_routing.cluster_vectors(
+                    real_EI, count, scoring=scoring, seed=option.seed,
+                    iterations=option.iterations, balance=option.balance)
+            except routing.RoutingError as e:
+                raise LibraryMismatchError(f"site {name}: {e}") from None
+        elif name not in stored:
+            raise LibraryMismatchError(f"site {name}: the stored clusters have no entry for it")
+        else:
+            centroids, members = stored[name]["centroids"], stored[name]["members"]
+        try:
+            two_level_routing.check_clusters(centroids, members, num_real, real_EI.shape[1],
+                                             f"site {name}")
+        except routing.RoutingError as e:
+            raise LibraryMismatchError(str(e)) from None
+        sizes = np.sort(np.sum(np.asarray(members) >= 0, axis=1))
+        # Every token's candidates must hold k experts: the n_probe smallest clusters do.
+        if isinstance(option.n_probe, bool) or not isinstance(option.n_probe, int) or \
+                not 1 <= option.n_probe <= len(sizes) or top_k > sizes[:option.n_probe].sum():
+            raise LibraryMismatchError(
+                f"site {name}: n_probe must be an int in [1, C={len(sizes)}] whose smallest "
+                f"clusters hold top_k={top_k} experts; found {option.n_probe!r}")
+        members = jnp.asarray(members, jnp.int32)
+        out[name] = {"centroids": jnp.asarray(centroids, jnp.float32), "members": members,
+                     "table": two_level_routing.member_vectors(real_EI, members)}
+    return out
 
 
 def _pad_rows(x, rows: int):
