@@ -62,7 +62,7 @@ def test_cost_extrapolated_from_one_and_two_blocks_equals_the_compiled_deeper_pr
 def test_a_train_steps_cost_counts_every_microbatch_of_its_accumulation():
     # The accumulation is a scan, whose body XLA counts once. Reference: the same tokens in one
     # microbatch (grad_accum 1, micro_batch 4 x 2), a program with no accumulation loop.
-    cfg = T5Config.preset("tiny").replace(num_encoder_layers=2, num_decoder_layers=2)
+    cfg = T5Config.preset("tiny").replace(num_encoder_layers=1, num_decoder_layers=1)
     devices = jax.devices()[:2]
 
     def run(micro, accum):

@@ -463,14 +463,14 @@ def cost(run: Run, name: str, devices: Sequence) -> dict:
     ``grad_accum`` times instead of once."""
     accum = run.tcfg.grad_accum if name in TRAIN_PROGRAMS else 1
     one_micro = dataclasses.replace(run, tcfg=dataclasses.replace(run.tcfg, grad_accum=1))
+    depth = (run.cfg.num_encoder_layers + run.cfg.num_decoder_layers) / 2
     out = []
-    for layers in (1, 2):
+    for layers in (1, 2) if depth != 1 else (1,):  # one block a side: no extrapolation
         cfg = run.cfg.replace(num_encoder_layers=layers, num_decoder_layers=layers)
         r = measure(build(dataclasses.replace(one_micro, cfg=cfg), name, devices,
                           scan=False)[1], memory=False)
         out.append(r)
-    depth = (run.cfg.num_encoder_layers + run.cfg.num_decoder_layers) / 2
-    one, two = out
+    one, two = out[0], out[-1]
     return {k: accum * (one[k] + (depth - 1) * (two[k] - one[k])) for k in ("flops", "bytes")} | {
         "cost_s": sum(r["lower_s"] + r["compile_s"] for r in out)}
 
